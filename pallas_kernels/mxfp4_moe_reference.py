@@ -1,0 +1,90 @@
+"""Plain-XLA reference of the MXFP4 grouped expert matmul: dequantize, then dot.
+
+This is the path the model takes where the Pallas kernel does not run (CPU, or when forced),
+and the oracle the kernel is tested against. Its rounding points follow OpenAI's torch
+reference: in ``bfloat16`` the matmul output, the bias add and every SwiGLU operation round to
+bfloat16; the routing weight multiplies in float32 so the per-token sum rounds once.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import mxfp4
+from pallas_kernels.expert_routing import expert_of_rows
+
+SWIGLU_LIMIT = 7.0
+SWIGLU_ALPHA = 1.702
+
+Epilogue = Literal["bias", "bias_swiglu"]
+
+
+def clamped_swiglu(
+    gate_up: jax.Array, limit: float = SWIGLU_LIMIT, alpha: float = SWIGLU_ALPHA
+) -> jax.Array:
+    """gpt-oss's activation on interleaved ``[..., 2 * I]`` (gate even, linear odd) -> ``[..., I]``.
+
+    ``min(gate, limit) * sigmoid(alpha * gate) * (clip(linear, -limit, limit) + 1)``, with every
+    operation in the input dtype (the torch reference rounds each one to bfloat16).
+    """
+    gate = jnp.minimum(gate_up[..., 0::2], limit)
+    linear = jnp.clip(gate_up[..., 1::2], -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
+
+
+def _expert_rows(
+    lhs: jax.Array, blocks: jax.Array, scales: jax.Array, bias: jax.Array, epilogue: Epilogue
+) -> jax.Array:
+    """One expert on every row: ``[M, K] x [N, K]^T + bias`` and its epilogue, in lhs.dtype."""
+    weights = mxfp4.dequantize(blocks, scales, lhs.dtype)  # [N, K]
+    product = jnp.dot(lhs, weights.T, preferred_element_type=jnp.float32).astype(lhs.dtype)
+    out = product + bias.astype(lhs.dtype)
+    return clamped_swiglu(out) if epilogue == "bias_swiglu" else out
+
+
+def mxfp4_grouped_matmul_reference(
+    lhs: jax.Array,
+    group_sizes: jax.Array,
+    blocks: jax.Array,
+    scales: jax.Array,
+    bias: jax.Array,
+    *,
+    epilogue: Epilogue = "bias",
+    row_weights: jax.Array | None = None,
+) -> jax.Array:
+    """Grouped matmul of expert-sorted rows with MXFP4 expert weights.
+
+    Args:
+      lhs: ``[M, K]`` rows sorted by expert (bfloat16 or float32; sets the rounding dtype).
+      group_sizes: int32 ``[E]``, rows per expert, in order; rows past their sum come out as 0.
+      blocks: uint8 ``[E, N, K/32, 16]``, the checkpoint's MXFP4 blocks.
+      scales: uint8 ``[E, N, K/32]``.
+      bias: ``[E, N]``.
+      epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
+      row_weights: optional ``[M]`` routing weight of each row; when given the result is the
+        float32 product ``weight * out`` ready for a single-rounding sum over experts.
+
+    Returns:
+      ``[M, N]`` (``[M, N/2]`` with SwiGLU) in lhs.dtype, or float32 with ``row_weights``.
+    """
+    num_experts, n = blocks.shape[:2]
+    rows = lhs.shape[0]
+    out_features = n // 2 if epilogue == "bias_swiglu" else n
+    row_expert = expert_of_rows(group_sizes, rows)
+
+    def accumulate(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
+        def compute(out: jax.Array) -> jax.Array:
+            expert_out = _expert_rows(lhs, blocks[expert], scales[expert], bias[expert], epilogue)
+            return jnp.where((row_expert == expert)[:, None], expert_out, out)
+
+        # Experts without rows (most of them in decode) cost nothing.
+        return jax.lax.cond(group_sizes[expert] > 0, compute, lambda out: out, out), None
+
+    out = jnp.zeros((rows, out_features), lhs.dtype)
+    out, _ = jax.lax.scan(accumulate, out, jnp.arange(num_experts))
+    if row_weights is None:
+        return out
+    return out.astype(jnp.float32) * row_weights.astype(jnp.float32)[:, None]
