@@ -1,0 +1,232 @@
+"""gpt-oss as a Flax NNX model, with the expert weights kept packed in MXFP4.
+
+Names follow OpenAI's ``gpt_oss/torch/model.py`` (``attn.qkv``, ``mlp.mlp1_blocks``...), and so
+do the rounding points: in ``bfloat16`` every matmul accumulates in float32 and rounds its
+result once, and elementwise operations round to bfloat16 as the reference's do. In ``float32``
+the same graph runs without those roundings. Parameters keep the checkpoint's dtypes (bfloat16;
+RMSNorm gains in float32; MXFP4 ``blocks`` and ``scales`` as uint8) whatever the compute dtype.
+
+Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden size, ``E`` experts, ``I`` expert size,
+``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernel_dispatch import KernelChoice, resolve_kernels
+from gptoss_jax.rope import apply_rotary, rotary_cos_sin, yarn_inverse_frequencies
+from pallas_kernels import mxfp4
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.expert_routing import combine_experts, group_by_expert
+from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
+
+PARAM_DTYPE = jnp.bfloat16
+_INIT_STDDEV = 0.02
+# Random MXFP4 weights decode to E2M1 values (mean |v| about 2) times 2**(scale - 127);
+# 2**-7 gives them a spread close to _INIT_STDDEV.
+_INIT_SCALE_BYTE = 120
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
+    return nnx.Param((_INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(PARAM_DTYPE))
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with a torch-layout ``weight [out, in]``, rounded once to x.dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs):
+        self.weight = _normal(rngs, (out_features, in_features))
+        self.bias = _normal(rngs, (out_features,)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding ``weight [V, H]``: a plain row gather, no scaling."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, rngs: nnx.Rngs):
+        self.weight = _normal(rngs, (vocab_size, hidden_size))
+
+    def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return self.weight[...][tokens].astype(dtype)
+
+
+class MXFP4Weight(nnx.Module):
+    """Expert weights ``[E, N, K]`` kept packed: ``blocks`` uint8 ``[E, N, K/32, 16]``, ``scales`` uint8 ``[E, N, K/32]``."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int, *, rngs: nnx.Rngs):
+        groups = in_features // mxfp4.BLOCK_SIZE
+        self.blocks = nnx.Param(
+            jax.random.bits(rngs.params(), (experts, out_features, groups, mxfp4.BYTES_PER_BLOCK), jnp.uint8)
+        )
+        self.scales = nnx.Param(jnp.full((experts, out_features, groups), _INIT_SCALE_BYTE, jnp.uint8))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a float32 gain and no offset: ``[..., H]``."""
+
+    def __init__(self, size: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        t = x.astype(jnp.float32)
+        t = t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + self.eps)
+        return (t * self.scale[...]).astype(x.dtype)
+
+
+class AttentionBlock(nnx.Module):
+    """Pre-norm grouped-query attention with YaRN RoPE, learned sinks and, on even layers, a window."""
+
+    def __init__(self, config: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+        self.config = config
+        self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.qkv = Linear(config.hidden_size, config.qkv_size, rngs=rngs)
+        self.sinks = nnx.Param(jax.random.normal(rngs.params(), (config.num_attention_heads,)).astype(PARAM_DTYPE))
+        self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kernels: str) -> jax.Array:
+        """``x [B, T, H]``, absolute ``positions [B, T]`` -> ``[B, T, H]`` (before the residual add)."""
+        config = self.config
+        batch, length, _ = x.shape
+        qkv = self.qkv(self.norm(x))
+        q_size = config.num_attention_heads * config.head_dim
+        kv_size = config.num_key_value_heads * config.head_dim
+        q = qkv[..., :q_size].reshape(batch, length, config.num_attention_heads, config.head_dim)
+        k = qkv[..., q_size:q_size + kv_size].reshape(batch, length, config.num_key_value_heads, config.head_dim)
+        v = qkv[..., q_size + kv_size:].reshape(batch, length, config.num_key_value_heads, config.head_dim)
+        inverse_frequencies, concentration = yarn_inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling_factor,
+            config.initial_context_length, config.rope_ntk_alpha, config.rope_ntk_beta,
+        )
+        cos, sin = rotary_cos_sin(positions, inverse_frequencies, concentration, x.dtype)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out = attention_reference(
+            q, k, v, self.sinks[...], positions, positions,
+            sliding_window=self.sliding_window, softmax_scale=config.head_dim ** -0.5,
+        )
+        return self.out(out.reshape(batch, length, q_size))
+
+
+class MLPBlock(nnx.Module):
+    """Pre-norm mixture of experts: top-k router, then softmax over the k, MXFP4 experts."""
+
+    def __init__(self, config: GptOssConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        experts, hidden, inner = config.num_experts, config.hidden_size, config.intermediate_size
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
+        self.gate = Linear(hidden, experts, rngs=rngs)
+        # mlp1 maps H to 2I outputs interleaved gate (even) / linear (odd); mlp2 maps I to H.
+        self.mlp1_weight = MXFP4Weight(experts, 2 * inner, hidden, rngs=rngs)
+        self.mlp1_bias = _normal(rngs, (experts, 2 * inner))
+        self.mlp2_weight = MXFP4Weight(experts, hidden, inner, rngs=rngs)
+        self.mlp2_bias = _normal(rngs, (experts, hidden))
+
+    def __call__(self, x: jax.Array, kernels: str) -> jax.Array:
+        """``x [B, T, H]`` -> ``[B, T, H]`` (before the residual add)."""
+        config = self.config
+        batch, length, hidden = x.shape
+        t = self.norm(x).reshape(batch * length, hidden)
+        router_logits = self.gate(t)  # [BT, E]
+        top_logits, expert_indices = jax.lax.top_k(router_logits, config.experts_per_token)
+        routing_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+
+        groups = group_by_expert(expert_indices, config.num_experts)
+        grouped_matmul = _grouped_matmul(kernels)
+        activations = grouped_matmul(
+            t[groups.token_index], groups.group_sizes, self.mlp1_weight.blocks[...],
+            self.mlp1_weight.scales[...], self.mlp1_bias[...], epilogue="bias_swiglu",
+        )
+        weighted = grouped_matmul(
+            activations, groups.group_sizes, self.mlp2_weight.blocks[...],
+            self.mlp2_weight.scales[...], self.mlp2_bias[...], epilogue="bias",
+            row_weights=routing_weights.reshape(-1)[groups.assignment_order],
+        )
+        out = combine_experts(weighted, groups, config.experts_per_token, x.dtype)
+        return out.reshape(batch, length, hidden)
+
+
+class TransformerBlock(nnx.Module):
+    """One layer: attention then mixture of experts, each added to the residual stream."""
+
+    def __init__(self, config: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+        self.attn = AttentionBlock(config, layer, rngs=rngs)
+        self.mlp = MLPBlock(config, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kernels: str) -> jax.Array:
+        x = x + self.attn(x, positions, kernels)
+        return x + self.mlp(x, kernels)
+
+
+class GptOss(nnx.Module):
+    """The gpt-oss transformer.
+
+    Args:
+      config: the hyperparameters.
+      dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
+      kernels: ``auto`` (Pallas on Hopper GPUs, XLA elsewhere), ``pallas`` or ``xla``.
+      rngs: random initialization; use :func:`gptoss_jax.load` for real weights.
+
+    Example::
+
+        model = GptOss(preset("tiny"), rngs=nnx.Rngs(0))
+        logits = model(jnp.array([[1, 2, 3]]))  # float32 [1, 3, vocab]
+    """
+
+    def __init__(
+        self,
+        config: GptOssConfig,
+        *,
+        dtype: jnp.dtype = jnp.bfloat16,
+        kernels: KernelChoice = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
+        resolve_kernels(kernels)  # reject a bad name now rather than at the first call
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.kernels = kernels
+        self.embedding = Embedding(config.vocab_size, config.hidden_size, rngs=rngs)
+        # Named `block` like the reference, so parameter paths read as checkpoint names.
+        self.block = nnx.List([TransformerBlock(config, layer, rngs=rngs) for layer in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.unembedding = Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits for a batch of token sequences.
+
+        Args:
+          tokens: int32 ``[B, T]``.
+          positions: int32 ``[B, T]`` absolute positions; default ``0..T-1``.
+
+        Returns:
+          float32 ``[B, T, V]`` (rounded to the compute dtype first, as the reference does).
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        kernels = resolve_kernels(self.kernels)
+        x = self.embedding(tokens, self.dtype)
+        for block in self.block:
+            x = block(x, positions, kernels)
+        return self.unembedding(self.norm(x)).astype(jnp.float32)
+
+
+def _grouped_matmul(kernels: str):
+    if kernels == "pallas":
+        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+
+        return mxfp4_grouped_matmul
+    return mxfp4_grouped_matmul_reference
