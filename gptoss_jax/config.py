@@ -196,13 +196,14 @@ def _from_hf_dict(raw: dict[str, Any]) -> dict[str, Any]:
 
 def to_hf_dict(config: GptOssConfig) -> dict[str, Any]:
     """The Hugging Face ``config.json`` of a model (used to write test and demo checkpoints)."""
+    # The published ids of <|return|> and <|endoftext|>, where the vocabulary has them.
+    special_ids = {"eos_token_id": 200002, "pad_token_id": 199999}
     return {
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",
         "attention_bias": True,
         "attention_dropout": 0.0,
-        "eos_token_id": 200002,
-        "pad_token_id": 199999,
+        **{key: value for key, value in special_ids.items() if value < config.vocab_size},
         "experts_per_token": config.experts_per_token,
         "num_experts_per_tok": config.experts_per_token,
         "num_local_experts": config.num_experts,
