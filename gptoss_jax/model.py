@@ -118,6 +118,22 @@ class AttentionBlock(nnx.Module):
         return self.out(out.reshape(batch, length, q_size))
 
 
+def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Pick each token's experts: top-k of the logits first, then a softmax over those k only.
+
+    Args:
+      router_logits: ``[tokens, E]``.
+      k: experts per token.
+
+    Returns:
+      ``(weights [tokens, k] in the logits' dtype, expert indices int32 [tokens, k])``, in
+      descending logit order; the weights of a token sum to one.
+    """
+    top_logits, expert_indices = jax.lax.top_k(router_logits, k)
+    weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(router_logits.dtype)
+    return weights, expert_indices
+
+
 class MLPBlock(nnx.Module):
     """Pre-norm mixture of experts: top-k router, then softmax over the k, MXFP4 experts."""
 
@@ -137,9 +153,7 @@ class MLPBlock(nnx.Module):
         config = self.config
         batch, length, hidden = x.shape
         t = self.norm(x).reshape(batch * length, hidden)
-        router_logits = self.gate(t)  # [BT, E]
-        top_logits, expert_indices = jax.lax.top_k(router_logits, config.experts_per_token)
-        routing_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+        routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
 
         groups = group_by_expert(expert_indices, config.num_experts)
         grouped_matmul = _grouped_matmul(kernels)
