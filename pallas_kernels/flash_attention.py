@@ -54,63 +54,65 @@ _SWIZZLE = plgpu.SwizzleTransform(128)
 
 @dataclasses.dataclass(frozen=True)
 class FlashAttentionConfig:
-  """Tile sizes of :func:`flash_attention`.
+    """Tile sizes of :func:`flash_attention`.
 
-  Attributes:
-    block_q: query tokens per CTA; the Q tile has ``block_q * G`` rows (G = Hq // Hkv), which
-      must be a multiple of 64 (one WGMMA M-tile).
-    block_kv: keys per pipelined K/V tile (multiple of 64).
-    max_concurrent_steps: K/V tiles in flight (SMEM stages).
-    interpretable_pv: compute P @ V in the form interpret mode executes: P staged through SMEM
-      and multiplied into a fresh accumulator that is added to the running output, instead of
-      a register-LHS WGMMA accumulating in place. None picks the in-place form when compiling
-      and the interpretable one in interpret mode.
-  """
+    Attributes:
+      block_q: query tokens per CTA; the Q tile has ``block_q * G`` rows (G = Hq // Hkv), which
+        must be a multiple of 64 (one WGMMA M-tile).
+      block_kv: keys per pipelined K/V tile (multiple of 64).
+      max_concurrent_steps: K/V tiles in flight (SMEM stages).
+      interpretable_pv: compute P @ V in the form interpret mode executes: P staged through SMEM
+        and multiplied into a fresh accumulator that is added to the running output, instead of
+        a register-LHS WGMMA accumulating in place. None picks the in-place form when compiling
+        and the interpretable one in interpret mode.
+    """
 
-  block_q: int = 16
-  block_kv: int = 64
-  max_concurrent_steps: int = 2
-  interpretable_pv: bool | None = None
+    block_q: int = 16
+    block_kv: int = 64
+    max_concurrent_steps: int = 2
+    interpretable_pv: bool | None = None
 
-  def __post_init__(self):
-    if self.block_q < 1:
-      raise ValueError(f"{self.block_q=} must be positive")
-    if self.block_kv % 64:
-      raise ValueError(f"{self.block_kv=} must be a multiple of 64")
-    if self.max_concurrent_steps < 1:
-      raise ValueError(f"{self.max_concurrent_steps=} must be at least 1")
+    def __post_init__(self):
+        if self.block_q < 1:
+            raise ValueError(f"{self.block_q=} must be positive")
+        if self.block_kv % 64:
+            raise ValueError(f"{self.block_kv=} must be a multiple of 64")
+        if self.max_concurrent_steps < 1:
+            raise ValueError(f"{self.max_concurrent_steps=} must be at least 1")
 
 
 def kv_block_range(
     q_start: jax.Array, q_end: jax.Array, num_kv_blocks: int, block_kv: int,
     sliding_window: int | None,
 ) -> tuple[jax.Array, jax.Array]:
-  """KV blocks ``[lo, hi)`` that hold a key visible to a query at positions ``[q_start, q_end)``."""
-  hi = jnp.minimum(lax.div(q_end - 1, block_kv) + 1, num_kv_blocks)
-  if sliding_window is None:
-    return jnp.int32(0), hi
-  lo = lax.div(jnp.maximum(q_start - sliding_window + 1, 0), block_kv)
-  return lo, hi
+    """KV blocks ``[lo, hi)`` holding a key visible to a query at positions ``[q_start, q_end)``."""
+    hi = jnp.minimum(lax.div(q_end - 1, block_kv) + 1, num_kv_blocks)
+    if sliding_window is None:
+        return jnp.int32(0), hi
+    lo = lax.div(jnp.maximum(q_start - sliding_window + 1, 0), block_kv)
+    return lo, hi
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, config):
-  batch, seq_len, q_heads, head_dim = q.shape
-  if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
-    raise ValueError(f"k {k.shape} and v {v.shape} do not match q {q.shape}")
-  kv_heads = k.shape[2]
-  if q_heads % kv_heads:
-    raise ValueError(f"{q_heads=} must be a multiple of {kv_heads=}")
-  group = q_heads // kv_heads
-  if group % 8:
-    raise ValueError(f"query heads per KV head ({group}) must be a multiple of 8")
-  if (config.block_q * group) % 64:
-    raise ValueError(f"block_q * heads per group = {config.block_q * group} must be a multiple of 64")
-  if head_dim != 64:
-    raise ValueError(f"{head_dim=}: the SMEM layout is written for head_dim 64")
-  if sinks.shape != (q_heads,):
-    raise ValueError(f"sinks {sinks.shape} must be [{q_heads}]")
-  if not (q.dtype == k.dtype == v.dtype == jnp.bfloat16):
-    raise ValueError(f"q, k, v must be bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, seq_len, q_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
+        raise ValueError(f"k {k.shape} and v {v.shape} do not match q {q.shape}")
+    kv_heads = k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads=} must be a multiple of {kv_heads=}")
+    group = q_heads // kv_heads
+    if group % 8:
+        raise ValueError(f"query heads per KV head ({group}) must be a multiple of 8")
+    if (config.block_q * group) % 64:
+        raise ValueError(
+            f"block_q * heads per group = {config.block_q * group} must be a multiple of 64"
+        )
+    if head_dim != 64:
+        raise ValueError(f"{head_dim=}: the SMEM layout is written for head_dim 64")
+    if sinks.shape != (q_heads,):
+        raise ValueError(f"sinks {sinks.shape} must be [{q_heads}]")
+    if not (q.dtype == k.dtype == v.dtype == jnp.bfloat16):
+        raise ValueError(f"q, k, v must be bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 @functools.partial(
@@ -127,152 +129,152 @@ def flash_attention(
     config: FlashAttentionConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-  """Causal self-attention of a prompt with per-head sinks.
+    """Causal self-attention of a prompt with per-head sinks.
 
-  Args:
-    q: bf16 ``[B, T, Hq, D]``, D = 64, query head h uses KV head ``h // (Hq // Hkv)``.
-    k: bf16 ``[B, T, Hkv, D]``, after RoPE.
-    v: bf16 ``[B, T, Hkv, D]``.
-    sinks: ``[Hq]`` sink logits (any float dtype; not scaled).
-    sliding_window: keys per query including its own (128 on gpt-oss's even layers), or None.
-    softmax_scale: multiplies q.k.
-    config: tile sizes; None for :class:`FlashAttentionConfig` defaults.
-    interpret: run in Mosaic GPU interpret mode (on the CPU).
+    Args:
+      q: bf16 ``[B, T, Hq, D]``, D = 64, query head h uses KV head ``h // (Hq // Hkv)``.
+      k: bf16 ``[B, T, Hkv, D]``, after RoPE.
+      v: bf16 ``[B, T, Hkv, D]``.
+      sinks: ``[Hq]`` sink logits (any float dtype; not scaled).
+      sliding_window: keys per query including its own (128 on gpt-oss's even layers), or None.
+      softmax_scale: multiplies q.k.
+      config: tile sizes; None for :class:`FlashAttentionConfig` defaults.
+      interpret: run in Mosaic GPU interpret mode (on the CPU).
 
-  Returns:
-    bf16 ``[B, T, Hq, D]``.
-  """
-  config = config or FlashAttentionConfig()
-  _check_shapes(q, k, v, sinks, config)
-  batch, seq_len, q_heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  group = q_heads // kv_heads
-  block_q, block_kv = config.block_q, config.block_kv
-  rows = block_q * group
-  interpretable_pv = config.interpretable_pv
-  if interpretable_pv is None:
-    interpretable_pv = interpret
+    Returns:
+      bf16 ``[B, T, Hq, D]``.
+    """
+    config = config or FlashAttentionConfig()
+    _check_shapes(q, k, v, sinks, config)
+    batch, seq_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    block_q, block_kv = config.block_q, config.block_kv
+    rows = block_q * group
+    interpretable_pv = config.interpretable_pv
+    if interpretable_pv is None:
+        interpretable_pv = interpret
 
-  # K/V are padded to whole tiles so that every TMA stays in bounds; a padded key sits at a
-  # position >= T and is only visible to padded query rows, whose output is never stored.
-  # Q needs no padding: rows past T re-read token T-1 and are dropped at the store.
-  num_kv_blocks = pl.cdiv(seq_len, block_kv)
-  kv_pad = num_kv_blocks * block_kv - seq_len
-  if kv_pad:
-    k = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-  num_q_blocks = pl.cdiv(seq_len, block_q)
-  # Row r of a Q tile is head r % G of its group: the sink logit per row, in the exp2 domain.
-  row_sinks = jnp.tile(
-      sinks.astype(jnp.float32).reshape(kv_heads, group) * _LOG2E, (1, block_q)
-  )
-  scale_log2e = softmax_scale * _LOG2E
-
-  def kernel(q_ref, k_ref, v_ref, sink_ref, out_ref, qo_smem, sink_smem, p_smem, in_barrier):
-    # Longest causal rows first: the last query blocks have the most KV blocks to walk.
-    q_block = num_q_blocks - 1 - lax.axis_index("q")
-    kv_head = lax.axis_index("kv_head")
-    b = lax.axis_index("batch")
-    q_start = q_block * block_q
-
-    for t in range(block_q):
-      token = jnp.minimum(q_start + t, seq_len - 1)
-      plgpu.copy_gmem_to_smem(
-          q_ref.at[b, token, pl.ds(kv_head * group, group)],
-          qo_smem.at[pl.ds(t * group, group)],
-          in_barrier,
-      )
-    plgpu.copy_gmem_to_smem(sink_ref.at[kv_head], sink_smem, in_barrier)
-    plgpu.barrier_wait(in_barrier)
-
-    sink_row = plgpu.load(sink_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-    m_init = sink_row
-    l_init = jnp.full((rows,), 1.0, jnp.float32)
-    l_init = plgpu.layout_cast(l_init, plgpu.Layout.WGMMA.reduce(1))
-    acc_init = plgpu.layout_cast(
-        jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA
+    # K/V are padded to whole tiles so that every TMA stays in bounds; a padded key sits at a
+    # position >= T and is only visible to padded query rows, whose output is never stored.
+    # Q needs no padding: rows past T re-read token T-1 and are dropped at the store.
+    num_kv_blocks = pl.cdiv(seq_len, block_kv)
+    kv_pad = num_kv_blocks * block_kv - seq_len
+    if kv_pad:
+        k = jnp.pad(k, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
+    num_q_blocks = pl.cdiv(seq_len, block_q)
+    # Row r of a Q tile is head r % G of its group: the sink logit per row, in the exp2 domain.
+    row_sinks = jnp.tile(
+        sinks.astype(jnp.float32).reshape(kv_heads, group) * _LOG2E, (1, block_q)
     )
+    scale_log2e = softmax_scale * _LOG2E
 
-    lo, hi = kv_block_range(q_start, q_start + block_q, num_kv_blocks, block_kv, sliding_window)
-    row_ids = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0, layout=plgpu.Layout.WGMMA)
-    col_ids = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
-    q_pos = q_start + lax.div(row_ids, group)
+    def kernel(q_ref, k_ref, v_ref, sink_ref, out_ref, qo_smem, sink_smem, p_smem, in_barrier):
+        # Longest causal rows first: the last query blocks have the most KV blocks to walk.
+        q_block = num_q_blocks - 1 - lax.axis_index("q")
+        kv_head = lax.axis_index("kv_head")
+        b = lax.axis_index("batch")
+        q_start = q_block * block_q
 
-    def step(indices, k_smem, v_smem, carry):
-      acc, m_prev, l_prev = carry
-      kv_block = lo + indices[0]
+        for t in range(block_q):
+            token = jnp.minimum(q_start + t, seq_len - 1)
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, token, pl.ds(kv_head * group, group)],
+                qo_smem.at[pl.ds(t * group, group)],
+                in_barrier,
+            )
+        plgpu.copy_gmem_to_smem(sink_ref.at[kv_head], sink_smem, in_barrier)
+        plgpu.barrier_wait(in_barrier)
 
-      def compute_qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, k_smem.transpose((1, 0)))
-        return acc_ref[...]
-
-      s = pl.run_scoped(compute_qk, plgpu.ACC((rows, block_kv), jnp.float32))
-      kv_pos = kv_block * block_kv + col_ids
-      visible = kv_pos <= q_pos
-      if sliding_window is not None:
-        visible &= kv_pos > q_pos - sliding_window
-      s = jnp.where(visible, s * scale_log2e, -jnp.inf)
-      m_new = jnp.maximum(m_prev, s.max(axis=1))
-      alpha = jnp.exp2(m_prev - m_new)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      l_new = l_prev * alpha + p.sum(axis=1)
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      p16 = p.astype(jnp.bfloat16)
-      if interpretable_pv:
-        p_smem[...] = p16
-        plgpu.commit_smem()
-
-        def compute_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_smem, v_smem)
-          return acc_ref[...]
-
-        acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((rows, head_dim), jnp.float32))
-      else:
-
-        def accumulate_pv(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem)
-
-        acc = pl.run_state(accumulate_pv)(plgpu.ACC.init(acc))
-      return acc, m_new, l_new
-
-    kv_spec = plgpu.BlockSpec(
-        (block_kv, head_dim), lambda i: (lo + i, 0), transforms=(_TILING, _SWIZZLE)
-    )
-    acc, _, l_final = plgpu.emit_pipeline(
-        step,
-        grid=(hi - lo,),
-        in_specs=[kv_spec, kv_spec],
-        max_concurrent_steps=config.max_concurrent_steps,
-        init_carry=(acc_init, m_init, l_init),
-    )(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
-
-    out = acc / lax.broadcast_in_dim(l_final, acc.shape, [0])
-    qo_smem[...] = out.astype(jnp.bfloat16)
-    plgpu.commit_smem()
-    for t in range(block_q):
-
-      @pl.when(q_start + t < seq_len)
-      def _store():
-        plgpu.copy_smem_to_gmem(
-            qo_smem.at[pl.ds(t * group, group)],
-            out_ref.at[b, q_start + t, pl.ds(kv_head * group, group)],
+        sink_row = plgpu.load(sink_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+        m_init = sink_row
+        l_init = jnp.full((rows,), 1.0, jnp.float32)
+        l_init = plgpu.layout_cast(l_init, plgpu.Layout.WGMMA.reduce(1))
+        acc_init = plgpu.layout_cast(
+            jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA
         )
 
-    plgpu.wait_smem_to_gmem(0)
+        lo, hi = kv_block_range(q_start, q_start + block_q, num_kv_blocks, block_kv, sliding_window)
+        row_ids = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 0, layout=plgpu.Layout.WGMMA)
+        col_ids = plgpu.broadcasted_iota(jnp.int32, (rows, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        q_pos = q_start + lax.div(row_ids, group)
 
-  tiled = dict(transforms=(_TILING, _SWIZZLE))
-  p_scratch = plgpu.SMEM((rows, block_kv), jnp.bfloat16, **tiled) if interpretable_pv else None
-  return plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_types=[
-          plgpu.SMEM((rows, head_dim), jnp.bfloat16, **tiled),
-          plgpu.SMEM((rows,), jnp.float32),
-          p_scratch,
-          plgpu.Barrier(num_arrivals=block_q + 1),
-      ],
-      grid=(num_q_blocks, kv_heads, batch),
-      grid_names=("q", "kv_head", "batch"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
-  )(q, k, v, row_sinks)
+        def step(indices, k_smem, v_smem, carry):
+            acc, m_prev, l_prev = carry
+            kv_block = lo + indices[0]
+
+            def compute_qk(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(compute_qk, plgpu.ACC((rows, block_kv), jnp.float32))
+            kv_pos = kv_block * block_kv + col_ids
+            visible = kv_pos <= q_pos
+            if sliding_window is not None:
+                visible &= kv_pos > q_pos - sliding_window
+            s = jnp.where(visible, s * scale_log2e, -jnp.inf)
+            m_new = jnp.maximum(m_prev, s.max(axis=1))
+            alpha = jnp.exp2(m_prev - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_new = l_prev * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p16 = p.astype(jnp.bfloat16)
+            if interpretable_pv:
+                p_smem[...] = p16
+                plgpu.commit_smem()
+
+                def compute_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem)
+                    return acc_ref[...]
+
+                acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((rows, head_dim), jnp.float32))
+            else:
+
+                def accumulate_pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem)
+
+                acc = pl.run_state(accumulate_pv)(plgpu.ACC.init(acc))
+            return acc, m_new, l_new
+
+        kv_spec = plgpu.BlockSpec(
+            (block_kv, head_dim), lambda i: (lo + i, 0), transforms=(_TILING, _SWIZZLE)
+        )
+        acc, _, l_final = plgpu.emit_pipeline(
+            step,
+            grid=(hi - lo,),
+            in_specs=[kv_spec, kv_spec],
+            max_concurrent_steps=config.max_concurrent_steps,
+            init_carry=(acc_init, m_init, l_init),
+        )(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head])
+
+        out = acc / lax.broadcast_in_dim(l_final, acc.shape, [0])
+        qo_smem[...] = out.astype(jnp.bfloat16)
+        plgpu.commit_smem()
+        for t in range(block_q):
+
+            @pl.when(q_start + t < seq_len)
+            def _store():
+                plgpu.copy_smem_to_gmem(
+                    qo_smem.at[pl.ds(t * group, group)],
+                    out_ref.at[b, q_start + t, pl.ds(kv_head * group, group)],
+                )
+
+        plgpu.wait_smem_to_gmem(0)
+
+    tiled = dict(transforms=(_TILING, _SWIZZLE))
+    p_scratch = plgpu.SMEM((rows, block_kv), jnp.bfloat16, **tiled) if interpretable_pv else None
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_types=[
+            plgpu.SMEM((rows, head_dim), jnp.bfloat16, **tiled),
+            plgpu.SMEM((rows,), jnp.float32),
+            p_scratch,
+            plgpu.Barrier(num_arrivals=block_q + 1),
+        ],
+        grid=(num_q_blocks, kv_heads, batch),
+        grid_names=("q", "kv_head", "batch"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(q, k, v, row_sinks)

@@ -19,7 +19,7 @@ import pytest
 
 from pallas_kernels.attention_reference import EMPTY_SLOT, attention_reference
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention
-from pallas_kernels.flash_attention import FlashAttentionConfig, flash_attention
+from pallas_kernels.flash_attention import FlashAttentionConfig, flash_attention, kv_block_range
 
 SCALE = 0.125
 # bf16 output rounding (2^-8 relative near 1) plus bf16 probabilities in P @ V.
@@ -28,34 +28,34 @@ MIXED_SINKS = [20.0, -20.0, 0.0, 3.0, -3.0, 8.0, -8.0, 1.0]
 
 
 def reference_f64(q, k, v, sinks, q_positions, kv_positions, window):
-  """float64 attention with sinks, straight from the definition (no running max)."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  group = q.shape[2] // k.shape[2]
-  k = np.repeat(k, group, axis=2)
-  v = np.repeat(v, group, axis=2)
-  scores = np.einsum("bthd,bshd->bhts", q, k) * SCALE
-  qp = np.asarray(q_positions)[:, None, :, None]
-  kp = np.asarray(kv_positions)[:, None, None, :]
-  visible = (kp >= 0) & (kp <= qp)
-  if window is not None:
-    visible &= kp > qp - window
-  sink = np.asarray(sinks, np.float64)[None, :, None, None]
-  top = np.maximum(np.where(visible, scores, -np.inf).max(-1, keepdims=True), sink)
-  weights = np.where(visible, np.exp(scores - top), 0.0)
-  weights /= weights.sum(-1, keepdims=True) + np.exp(sink - top)
-  return np.einsum("bhts,bshd->bthd", weights, v)
+    """float64 attention with sinks, straight from the definition (no running max)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k = np.repeat(k, group, axis=2)
+    v = np.repeat(v, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) * SCALE
+    qp = np.asarray(q_positions)[:, None, :, None]
+    kp = np.asarray(kv_positions)[:, None, None, :]
+    visible = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        visible &= kp > qp - window
+    sink = np.asarray(sinks, np.float64)[None, :, None, None]
+    top = np.maximum(np.where(visible, scores, -np.inf).max(-1, keepdims=True), sink)
+    weights = np.where(visible, np.exp(scores - top), 0.0)
+    weights /= weights.sum(-1, keepdims=True) + np.exp(sink - top)
+    return np.einsum("bhts,bshd->bthd", weights, v)
 
 
 def random_qkv(key, batch, q_len, kv_len, q_heads, kv_heads):
-  kq, kk, kv = jax.random.split(jax.random.key(key), 3)
-  q = jax.random.normal(kq, (batch, q_len, q_heads, 64), jnp.bfloat16)
-  k = jax.random.normal(kk, (batch, kv_len, kv_heads, 64), jnp.bfloat16)
-  v = jax.random.normal(kv, (batch, kv_len, kv_heads, 64), jnp.bfloat16)
-  return q, k, v
+    kq, kk, kv = jax.random.split(jax.random.key(key), 3)
+    q = jax.random.normal(kq, (batch, q_len, q_heads, 64), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, kv_len, kv_heads, 64), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, kv_len, kv_heads, 64), jnp.bfloat16)
+    return q, k, v
 
 
 def as_f32(x):
-  return np.asarray(x.astype(jnp.float32))
+    return np.asarray(x.astype(jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,43 +77,64 @@ def as_f32(x):
 def test_prefill_matches_float64_reference(
     batch, seq_len, q_heads, kv_heads, window, block_q, block_kv
 ):
-  q, k, v = random_qkv(0, batch, seq_len, seq_len, q_heads, kv_heads)
-  sinks = jnp.asarray((MIXED_SINKS * 2)[:q_heads], jnp.bfloat16)
-  config = FlashAttentionConfig(block_q=block_q, block_kv=block_kv)
-  out = flash_attention(
-      q, k, v, sinks, sliding_window=window, softmax_scale=SCALE, config=config, interpret=True
-  )
-  positions = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
-  expected = reference_f64(q, k, v, sinks, positions, positions, window)
-  assert out.shape == q.shape and out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
-  # Heads with sink +20 put almost all weight on the sink: their output must vanish.
-  assert np.abs(as_f32(out)[:, :, 0]).max() < 1e-3
+    q, k, v = random_qkv(0, batch, seq_len, seq_len, q_heads, kv_heads)
+    sinks = jnp.asarray((MIXED_SINKS * 2)[:q_heads], jnp.bfloat16)
+    config = FlashAttentionConfig(block_q=block_q, block_kv=block_kv)
+    out = flash_attention(
+        q, k, v, sinks, sliding_window=window, softmax_scale=SCALE, config=config, interpret=True
+    )
+    positions = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
+    expected = reference_f64(q, k, v, sinks, positions, positions, window)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+    # Heads with sink +20 put almost all weight on the sink: their output must vanish.
+    assert np.abs(as_f32(out)[:, :, 0]).max() < 1e-3
 
 
 def test_prefill_window_counts_keys_exactly():
-  """With equal scores, output = (visible keys per residue class) / (visible keys + 1).
+    """With equal scores, output = (visible keys per residue class) / (visible keys + 1).
 
-  V[s, d] = [s % 64 == d], so a window of 128 keys gives 2/129 in every column, while 127 or
-  129 keys leave one column at 1/128 or 3/130: an off-by-one at the window edge is far
-  outside the tolerance.
-  """
-  seq_len, window = 270, 128
-  q = jnp.zeros((1, seq_len, 8, 64), jnp.bfloat16)
-  k = jnp.zeros((1, seq_len, 1, 64), jnp.bfloat16)
-  v = jax.nn.one_hot(jnp.arange(seq_len) % 64, 64, dtype=jnp.bfloat16)[None, :, None, :]
-  sinks = jnp.zeros((8,), jnp.bfloat16)
-  out = flash_attention(
-      q, k, v, sinks, sliding_window=window, softmax_scale=SCALE,
-      config=FlashAttentionConfig(block_q=8, block_kv=64), interpret=True,
-  )
-  positions = np.arange(seq_len)[None]
-  expected = reference_f64(q, k, v, sinks, positions, positions, window)
-  np.testing.assert_allclose(as_f32(out), expected, atol=1e-3)
-  np.testing.assert_allclose(as_f32(out)[0, window - 1 :], 2 / (window + 1), atol=1e-4)
-  for wrong in (window - 1, window + 1):
-    off_by_one = reference_f64(q, k, v, sinks, positions, positions, wrong)
-    assert np.abs(off_by_one - expected).max() > 5e-3
+    V[s, d] = [s % 64 == d], so a window of 128 keys gives 2/129 in every column, while 127 or
+    129 keys leave one column at 1/128 or 3/130: an off-by-one at the window edge is far
+    outside the tolerance.
+    """
+    seq_len, window = 270, 128
+    q = jnp.zeros((1, seq_len, 8, 64), jnp.bfloat16)
+    k = jnp.zeros((1, seq_len, 1, 64), jnp.bfloat16)
+    v = jax.nn.one_hot(jnp.arange(seq_len) % 64, 64, dtype=jnp.bfloat16)[None, :, None, :]
+    sinks = jnp.zeros((8,), jnp.bfloat16)
+    out = flash_attention(
+        q, k, v, sinks, sliding_window=window, softmax_scale=SCALE,
+        config=FlashAttentionConfig(block_q=8, block_kv=64), interpret=True,
+    )
+    positions = np.arange(seq_len)[None]
+    expected = reference_f64(q, k, v, sinks, positions, positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=1e-3)
+    np.testing.assert_allclose(as_f32(out)[0, window - 1 :], 2 / (window + 1), atol=1e-4)
+    for wrong in (window - 1, window + 1):
+        off_by_one = reference_f64(q, k, v, sinks, positions, positions, wrong)
+        assert np.abs(off_by_one - expected).max() > 5e-3
+
+
+@pytest.mark.parametrize("window", [128, None])
+def test_prefill_walks_only_the_visible_kv_blocks(window):
+    """At 128K tokens each query block's KV range covers its visible keys and, on sliding
+    layers, spans at most ceil((block_q + window - 1) / block_kv) + 1 blocks."""
+    seq_len, block_q, block_kv = 131072, 16, 64
+    num_kv_blocks = seq_len // block_kv
+    q_start = jnp.arange(0, seq_len, block_q, dtype=jnp.int32)
+    q_end = jnp.minimum(q_start + block_q, seq_len)
+    lo, hi = kv_block_range(q_start, q_end, num_kv_blocks, block_kv, window)
+    lo, hi = np.broadcast_to(np.asarray(lo), q_start.shape), np.asarray(hi)
+    first_key = np.maximum(np.asarray(q_start) - (window or seq_len) + 1, 0)
+    assert (lo * block_kv <= first_key).all() and (hi * block_kv >= np.asarray(q_end)).all()
+    assert (hi <= num_kv_blocks).all()
+    if window is None:
+        assert (lo == 0).all()
+    else:
+        assert (hi - lo).max() <= -(-(block_q + window - 1) // block_kv) + 1
+        # Tight: the first walked block holds a visible key for the block's first query.
+        assert ((lo + 1) * block_kv > first_key).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,9 +142,9 @@ def test_prefill_window_counts_keys_exactly():
 
 
 def linear_cache_positions(lengths, cache_len):
-  slots = np.arange(cache_len)[None]
-  lengths = np.asarray(lengths)[:, None]
-  return np.where(slots < lengths, slots, EMPTY_SLOT).astype(np.int32)
+    slots = np.arange(cache_len)[None]
+    lengths = np.asarray(lengths)[:, None]
+    return np.where(slots < lengths, slots, EMPTY_SLOT).astype(np.int32)
 
 
 @pytest.mark.parametrize(
@@ -135,38 +156,38 @@ def linear_cache_positions(lengths, cache_len):
     ],
 )
 def test_decode_ragged_batch_matches_float64_reference(q_len, window, config):
-  cache_len, lengths = 384, [7, 200, 384]
-  q, k, v = random_qkv(1, len(lengths), q_len, cache_len, 16, 2)
-  sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
-  kv_positions = linear_cache_positions(lengths, cache_len)
-  # The newest q_len tokens are already in the cache (written before attention).
-  q_positions = (np.asarray(lengths)[:, None] - q_len + np.arange(q_len)).astype(np.int32)
-  out = decode_attention(
-      q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-      config=config, interpret=True,
-  )
-  expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
-  assert out.shape == q.shape and out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+    cache_len, lengths = 384, [7, 200, 384]
+    q, k, v = random_qkv(1, len(lengths), q_len, cache_len, 16, 2)
+    sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
+    kv_positions = linear_cache_positions(lengths, cache_len)
+    # The newest q_len tokens are already in the cache (written before attention).
+    q_positions = (np.asarray(lengths)[:, None] - q_len + np.arange(q_len)).astype(np.int32)
+    out = decode_attention(
+        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+        config=config, interpret=True,
+    )
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
 def test_decode_wrapped_ring_buffer():
-  """The sliding layers' 128-slot ring: slot i holds the newest position p with p % 128 == i."""
-  ring, window = 128, 128
-  lengths = np.array([1000, 300, 57])  # wrapped many times, wrapped once, not yet full
-  newest = lengths[:, None] - 1
-  slots = np.arange(ring)[None]
-  kv_positions = newest - (newest - slots) % ring
-  kv_positions = np.where(kv_positions >= 0, kv_positions, EMPTY_SLOT).astype(np.int32)
-  q, k, v = random_qkv(2, len(lengths), 1, ring, 16, 2)
-  sinks = jnp.asarray(MIXED_SINKS[::-1] * 2, jnp.bfloat16)
-  q_positions = newest.astype(np.int32)
-  out = decode_attention(
-      q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-      config=DecodeAttentionConfig(block_kv=64), interpret=True,
-  )
-  expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
-  np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+    """The sliding layers' 128-slot ring: slot i holds the newest position p with p % 128 == i."""
+    ring, window = 128, 128
+    lengths = np.array([1000, 300, 57])  # wrapped many times, wrapped once, not yet full
+    newest = lengths[:, None] - 1
+    slots = np.arange(ring)[None]
+    kv_positions = newest - (newest - slots) % ring
+    kv_positions = np.where(kv_positions >= 0, kv_positions, EMPTY_SLOT).astype(np.int32)
+    q, k, v = random_qkv(2, len(lengths), 1, ring, 16, 2)
+    sinks = jnp.asarray(MIXED_SINKS[::-1] * 2, jnp.bfloat16)
+    q_positions = newest.astype(np.int32)
+    out = decode_attention(
+        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+        config=DecodeAttentionConfig(block_kv=64), interpret=True,
+    )
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,76 +197,77 @@ Q_HEADS, KV_HEADS, HEAD_DIM = 64, 8, 64
 
 
 def export_prefill(seq_len, window):
-  def f(q, k, v, sinks):
-    return flash_attention(q, k, v, sinks, sliding_window=window, softmax_scale=SCALE)
+    def f(q, k, v, sinks):
+        return flash_attention(q, k, v, sinks, sliding_window=window, softmax_scale=SCALE)
 
-  bf16 = jnp.bfloat16
-  return jax.export.export(jax.jit(f), platforms=["cuda"])(
-      jax.ShapeDtypeStruct((1, seq_len, Q_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((Q_HEADS,), bf16),
-  )
+    bf16 = jnp.bfloat16
+    return jax.export.export(jax.jit(f), platforms=["cuda"])(
+        jax.ShapeDtypeStruct((1, seq_len, Q_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((Q_HEADS,), bf16),
+    )
 
 
 @pytest.mark.parametrize("seq_len", [4096, 131072])
 @pytest.mark.parametrize("window", [128, None])
 def test_prefill_lowers_for_cuda(seq_len, window):
-  exported = export_prefill(seq_len, window)
-  assert exported.platforms == ("cuda",)
-  assert "mosaic_gpu" in exported.mlir_module()
+    exported = export_prefill(seq_len, window)
+    assert exported.platforms == ("cuda",)
+    assert "mosaic_gpu" in exported.mlir_module()
 
 
 @pytest.mark.parametrize(
     "batch, cache_len, window",
-    [(b, s, None) for b in (1, 64) for s in (4096, 32768, 131072)] + [(1, 128, 128), (64, 128, 128)],
+    [(b, s, None) for b in (1, 64) for s in (4096, 32768, 131072)]
+    + [(1, 128, 128), (64, 128, 128)],
 )
 def test_decode_lowers_for_cuda(batch, cache_len, window):
-  def f(q, k, v, sinks, q_positions, kv_positions):
-    return decode_attention(
-        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
-    )
+    def f(q, k, v, sinks, q_positions, kv_positions):
+        return decode_attention(
+            q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
+        )
 
-  bf16, i32 = jnp.bfloat16, jnp.int32
-  exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
-      jax.ShapeDtypeStruct((batch, 1, Q_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((Q_HEADS,), bf16),
-      jax.ShapeDtypeStruct((batch, 1), i32),
-      jax.ShapeDtypeStruct((batch, cache_len), i32),
-  )
-  assert "mosaic_gpu" in exported.mlir_module()
+    bf16, i32 = jnp.bfloat16, jnp.int32
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
+        jax.ShapeDtypeStruct((batch, 1, Q_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((Q_HEADS,), bf16),
+        jax.ShapeDtypeStruct((batch, 1), i32),
+        jax.ShapeDtypeStruct((batch, cache_len), i32),
+    )
+    assert "mosaic_gpu" in exported.mlir_module()
 
 
 def largest_tensor_elements(mlir_text: str) -> int:
-  """Elements of the largest statically shaped tensor type in a StableHLO module."""
-  shapes = re.findall(r"tensor<((?:\d+x)+)[a-z]", mlir_text)
-  return max(math.prod(int(d) for d in s.rstrip("x").split("x")) for s in shapes)
+    """Elements of the largest statically shaped tensor type in a StableHLO module."""
+    shapes = re.findall(r"tensor<((?:\d+x)+)[a-z]", mlir_text)
+    return max(math.prod(int(d) for d in s.rstrip("x").split("x")) for s in shapes)
 
 
 @pytest.mark.parametrize("window", [128, None])
 def test_prefill_128k_activation_memory_is_not_quadratic(window):
-  """Every array in the exported 128K-token layer is at most the size of q ([T, Hq, D]).
+    """Every array in the exported 128K-token layer is at most the size of q ([T, Hq, D]).
 
-  The XLA reference exported the same way holds a [Hkv, G, T, T] score tensor, so the check
-  does detect quadratic memory.
-  """
-  seq_len = 131072
-  q_elements = seq_len * Q_HEADS * HEAD_DIM
-  assert largest_tensor_elements(export_prefill(seq_len, window).mlir_module()) <= q_elements
+    The XLA reference exported the same way holds a [Hkv, G, T, T] score tensor, so the check
+    does detect quadratic memory.
+    """
+    seq_len = 131072
+    q_elements = seq_len * Q_HEADS * HEAD_DIM
+    assert largest_tensor_elements(export_prefill(seq_len, window).mlir_module()) <= q_elements
 
-  def reference(q, k, v, sinks):
-    positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
-    return attention_reference(
-        q, k, v, sinks, positions, positions, sliding_window=window, softmax_scale=SCALE
-    )
+    def reference(q, k, v, sinks):
+        positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
+        return attention_reference(
+            q, k, v, sinks, positions, positions, sliding_window=window, softmax_scale=SCALE
+        )
 
-  bf16 = jnp.bfloat16
-  reference_module = jax.export.export(jax.jit(reference), platforms=["cuda"])(
-      jax.ShapeDtypeStruct((1, seq_len, Q_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
-      jax.ShapeDtypeStruct((Q_HEADS,), bf16),
-  ).mlir_module()
-  assert largest_tensor_elements(reference_module) >= Q_HEADS * seq_len * seq_len
+    bf16 = jnp.bfloat16
+    reference_module = jax.export.export(jax.jit(reference), platforms=["cuda"])(
+        jax.ShapeDtypeStruct((1, seq_len, Q_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((1, seq_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((Q_HEADS,), bf16),
+    ).mlir_module()
+    assert largest_tensor_elements(reference_module) >= Q_HEADS * seq_len * seq_len

@@ -1,0 +1,168 @@
+"""Attention kernels on a Hopper GPU: prefill TFLOP/s and decode HBM bandwidth.
+
+Measures the Mosaic GPU kernels (``pallas_kernels.flash_attention``, ``.decode_attention``) and
+the plain-XLA reference at gpt-oss attention shapes (64 query heads, 8 KV heads, head_dim 64),
+prints a Markdown table with each figure as a fraction of the device's peak and the largest
+difference between kernel and reference where both ran. It measures; it asserts nothing.
+
+  python benchmarks/attention_kernel.py [--prefill 4096 32768 131072] [--decode 4096 32768 131072]
+
+FLOPs count only visible (query, key) pairs: 4 * D per pair per query head (QK^T and PV), so a
+causal layer does about half and a sliding layer about 128/T of the square. Decode bytes are
+the K and V slots read (occupied slots only) plus q and the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.attention_reference import attention_reference
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+
+Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
+SCALE = HEAD_DIM**-0.5
+# (bf16 dense tensor-core FLOP/s, HBM bytes/s) by device_kind substring.
+PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
+
+
+def device_peaks(kind: str) -> tuple[float, float] | None:
+    for name, peaks in PEAKS.items():
+        if name in kind:
+            return peaks
+    return None
+
+
+def time_call(fn, *args, iters: int) -> float:
+    """Median seconds of ``fn(*args)`` after compilation and a warm-up run."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def fits(nbytes: float) -> bool:
+    stats = jax.devices()[0].memory_stats() or {}
+    return nbytes < 0.6 * stats.get("bytes_limit", 80e9)
+
+
+def visible_pairs(seq_len: int, window: int | None) -> int:
+    keys = np.minimum(np.arange(1, seq_len + 1), window or seq_len)
+    return int(keys.sum())
+
+
+def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (1, seq_len, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    sinks = jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
+    positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
+    kernel = jax.jit(
+        lambda q, k, v, s: flash_attention(q, k, v, s, sliding_window=window, softmax_scale=SCALE)
+    )
+    reference = jax.jit(
+        lambda q, k, v, s: attention_reference(
+            q, k, v, s, positions, positions, sliding_window=window, softmax_scale=SCALE
+        )
+    )
+    flops = 4 * HEAD_DIM * Q_HEADS * visible_pairs(seq_len, window)
+    row = {"case": f"prefill T={seq_len} {'window' if window else 'full'}"}
+    seconds = time_call(kernel, q, k, v, sinks, iters=iters)
+    row["kernel"] = f"{seconds * 1e3:.3f} ms, {flops / seconds / 1e12:.1f} TFLOP/s"
+    row["peak"] = f"{flops / seconds / peaks[0]:.1%}" if peaks else "?"
+    # The reference holds f32 scores, exponentials and bf16 probabilities for every head.
+    if fits(10 * Q_HEADS * seq_len * seq_len):
+        ref_seconds = time_call(reference, q, k, v, sinks, iters=iters)
+        row["xla"] = f"{ref_seconds * 1e3:.3f} ms, {flops / ref_seconds / 1e12:.1f} TFLOP/s"
+        diff = jnp.abs(kernel(q, k, v, sinks).astype(jnp.float32) - reference(q, k, v, sinks))
+        row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
+    else:
+        row["xla"] = "does not fit"
+    return row
+
+
+def bench_decode(cache_len: int, batch: int, window: int | None, peaks, iters: int) -> dict:
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (batch, 1, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, cache_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, cache_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    sinks = jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
+    # Full caches: every slot occupied, slot = position. The ring buffer: wrapped, positions
+    # 10_000 - 128 .. 10_000 - 1 scattered over its slots.
+    if window is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (batch, cache_len))
+        newest = cache_len - 1
+    else:
+        newest = 10_000 - 1
+        slots = jnp.arange(cache_len, dtype=jnp.int32)
+        kv_positions = jnp.broadcast_to(newest - (newest - slots) % cache_len, (batch, cache_len))
+    q_positions = jnp.full((batch, 1), newest, jnp.int32)
+    args = (q, k, v, sinks, q_positions, kv_positions)
+    kernel = jax.jit(
+        lambda *a: decode_attention(*a, sliding_window=window, softmax_scale=SCALE)
+    )
+    reference = jax.jit(
+        lambda *a: attention_reference(*a, sliding_window=window, softmax_scale=SCALE)
+    )
+    nbytes = 2 * k.nbytes + 2 * q.nbytes + kv_positions.nbytes
+    row = {"case": f"decode B={batch} S={cache_len} {'ring' if window else 'full'}"}
+    seconds = time_call(kernel, *args, iters=iters)
+    row["kernel"] = f"{seconds * 1e6:.1f} us, {nbytes / seconds / 1e12:.2f} TB/s"
+    row["peak"] = f"{nbytes / seconds / peaks[1]:.1%}" if peaks else "?"
+    ref_seconds = time_call(reference, *args, iters=iters)
+    row["xla"] = f"{ref_seconds * 1e6:.1f} us, {nbytes / ref_seconds / 1e12:.2f} TB/s"
+    diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
+    row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 32768, 131072])
+    parser.add_argument("--decode", type=int, nargs="*", default=[4096, 32768, 131072])
+    parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        sys.exit(f"attention_kernel.py needs a GPU (sm_90 for Mosaic GPU kernels); found {device}.")
+    peaks = device_peaks(device.device_kind)
+    if peaks:
+        print(f"device: {device.device_kind}; peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
+              f"{peaks[1] / 1e12:.2f} TB/s")
+    else:
+        print(f"device: {device.device_kind}; peaks unknown, fractions of peak left out")
+
+    rows = []
+    for seq_len in args.prefill:
+        for window in (None, WINDOW):
+            rows.append(bench_prefill(seq_len, window, peaks, args.iters))
+            print(rows[-1], flush=True)
+    for batch in args.decode_batch:
+        for cache_len in args.decode:
+            rows.append(bench_decode(cache_len, batch, None, peaks, args.iters))
+            print(rows[-1], flush=True)
+        rows.append(bench_decode(WINDOW, batch, WINDOW, peaks, args.iters))
+        print(rows[-1], flush=True)
+
+    columns = ["case", "kernel", "peak", "xla", "max |kernel - xla|"]
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row.get(c, "") for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
