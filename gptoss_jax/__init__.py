@@ -1,0 +1,32 @@
+"""gpt-oss in JAX: ``load`` a checkpoint, or build ``GptOss`` from a ``GptOssConfig``.
+
+Names resolve on first use, so ``import gptoss_jax`` (and ``gptoss-jax --help``) does not pay
+for importing JAX and Flax.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gptoss_jax.checkpoint import load
+    from gptoss_jax.config import GptOssConfig, preset
+    from gptoss_jax.model import GptOss
+
+__all__ = ["GptOss", "GptOssConfig", "load", "preset"]
+
+_HOME_MODULES = {
+    "GptOss": "gptoss_jax.model",
+    "GptOssConfig": "gptoss_jax.config",
+    "load": "gptoss_jax.checkpoint",
+    "preset": "gptoss_jax.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME_MODULES:
+        raise AttributeError(f"module 'gptoss_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME_MODULES[name]), name)
+    globals()[name] = value  # later look-ups skip this hook
+    return value

@@ -1,0 +1,196 @@
+"""Streaming, validating reader of raw gpt-oss safetensors checkpoints (HF root or ``original/``).
+
+Opening a folder reads only the safetensors headers and checks every tensor name, shape and
+dtype against ``config.json`` before any weight is read, so a bad checkpoint fails at once
+with one :class:`CheckpointError` naming the file and tensor. Then :meth:`parameters` reads
+one model parameter at a time (for HF's split QKV, its three pieces), so host memory stays
+near the largest tensor, never the whole model.
+
+On-disk dtypes: MXFP4 ``blocks``/``scales`` are U8, everything else BF16 (spec section 3).
+RMSNorm gains, float32 in the model, may also be F32 on disk: ``transformers`` keeps them in
+float32 and ``save_pretrained`` writes them so; BF16 ones are upcast (exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from convert.layouts import Layout, detect_layout, parameter_sources, safetensors_files
+from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
+from gptoss_jax.config import GptOssConfig
+
+INDEX_FILENAME = "model.safetensors.index.json"
+
+# Model parameter dtype -> the safetensors dtypes it may be stored as.
+_DISK_DTYPES = {
+    np.dtype(np.uint8): ("U8",),
+    np.dtype("bfloat16"): ("BF16",),
+    np.dtype(np.float32): ("BF16", "F32"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what its header says, known before reading its data."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "BF16", "U8", ...
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    try:
+        with safe_open(file, framework="numpy") as f:
+            return {
+                name: TensorInfo(file, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                for name in f.keys()
+            }
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file names")
+    return weight_map
+
+
+class SafetensorsCheckpoint:
+    """A raw checkpoint folder, validated on construction and read tensor by tensor.
+
+    Attributes:
+      folder: the checkpoint folder.
+      layout: :class:`Layout.HF` or :class:`Layout.ORIGINAL`, detected from ``config.json``.
+      config: the model configuration it holds.
+
+    Raises (on construction):
+      LayoutError: not a gpt-oss checkpoint folder in a known layout.
+      ConfigError: ``config.json`` holds values gpt-oss cannot run with.
+      CheckpointError: a truncated or corrupt file, a missing or unexpected tensor, a wrong
+        shape or dtype; the message names the file and tensor.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.layout: Layout = detect_layout(self.folder)
+        self.config = GptOssConfig.from_json_file(self.folder / CONFIG_FILENAME)
+        self._specs = parameter_specs(self.config)
+        self._sources = parameter_sources(self.config, self.layout)
+        self._tensors = self._scan_headers()
+        self._check_tensors()
+
+    def __len__(self) -> int:
+        """The number of model parameters :meth:`parameters` yields."""
+        return len(self._sources)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all parameters as the model holds them."""
+        return sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in self._specs.values())
+
+    def _scan_headers(self) -> dict[str, TensorInfo]:
+        index_path = self.folder / INDEX_FILENAME
+        weight_map = _read_weight_map(index_path) if index_path.is_file() else None
+        if weight_map is None:
+            files = safetensors_files(self.folder)
+        else:
+            files = [self.folder / name for name in sorted(set(weight_map.values()))]
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(f"{index_path}: lists {file.name}, which does not exist")
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            for name, info in _read_header(file).items():
+                if name in tensors:
+                    raise CheckpointError(f"{file}: tensor {name!r} is also in {tensors[name].file}")
+                if weight_map is not None and name not in weight_map:
+                    raise CheckpointError(f"{file}: unexpected tensor {name!r}, not listed in {index_path.name}")
+                if weight_map is not None and weight_map[name] != file.name:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} is here, but {index_path.name} places it in {weight_map[name]}"
+                    )
+                tensors[name] = info
+        if weight_map is not None:
+            for name, file_name in weight_map.items():
+                if name not in tensors:
+                    raise CheckpointError(
+                        f"{self.folder / file_name}: missing tensor {name!r} (listed in {index_path.name})"
+                    )
+        return tensors
+
+    def _check_tensors(self) -> None:
+        """Every tensor the config needs is present, in its shape and dtype, and nothing else."""
+        expected = {name for names in self._sources.values() for name in names}
+        files = sorted({info.file.name for info in self._tensors.values()})
+        for path, names in self._sources.items():
+            for name in names:
+                if name not in self._tensors:
+                    raise CheckpointError(
+                        f"{self.folder}: missing tensor {name!r} (parameter {path}; "
+                        f"looked in {', '.join(files)})"
+                    )
+            self._check_parameter(path, names)
+        for name, info in self._tensors.items():
+            if name not in expected:
+                raise CheckpointError(
+                    f"{info.file}: unexpected tensor {name!r}, not part of a gpt-oss model "
+                    f"with this config.json"
+                )
+
+    def _check_parameter(self, path: str, names: tuple[str, ...]) -> None:
+        spec = self._specs[path]
+        allowed = _DISK_DTYPES[np.dtype(spec.dtype)]
+        for name in names:
+            info = self._tensors[name]
+            if info.dtype not in allowed:
+                raise CheckpointError(
+                    f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(allowed)}"
+                )
+        pieces = [self._tensors[name] for name in names]
+        # HF splits qkv by output rows; the pieces must rebuild the fused parameter on axis 0.
+        rows = sum(info.shape[0] if info.shape else -1 for info in pieces)
+        for name, info in zip(names, pieces):
+            shape_fits = (
+                info.shape == spec.shape if len(names) == 1
+                else info.shape[1:] == spec.shape[1:] and rows == spec.shape[0]
+            )
+            if not shape_fits:
+                joined = f" (with {' + '.join(n for n in names if n != name)})" if len(names) > 1 else ""
+                raise CheckpointError(
+                    f"{info.file}: tensor {name!r} has shape {list(info.shape)}{joined}, but config.json "
+                    f"needs {list(spec.shape)} for {path}"
+                )
+
+    def _read_tensor(self, name: str) -> np.ndarray:
+        info = self._tensors[name]
+        try:
+            with safe_open(info.file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+
+    def _read_parameter(self, path: str) -> np.ndarray:
+        pieces = [self._read_tensor(name) for name in self._sources[path]]
+        array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+        return array.astype(self._specs[path].dtype, copy=False)
+
+    def parameters(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(parameter path, array)`` one at a time, in the model's shapes and dtypes.
+
+        Paths are the model's (= ``original/`` tensor names), e.g. ``block.0.attn.qkv.weight``
+        ``[qkv_size, H]`` bfloat16. Nothing is kept after it is yielded.
+        """
+        for path in self._sources:
+            yield path, self._read_parameter(path)

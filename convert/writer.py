@@ -1,0 +1,100 @@
+"""Writer of the project's checkpoint (format: :mod:`gptoss_jax.checkpoint`), atomically.
+
+Everything goes into a hidden temporary sibling of the destination, renamed into place only
+when complete; any error, Ctrl-C included, removes it, so the destination either does not
+exist or holds a whole checkpoint. Orbax saves a pytree only from memory as a whole, so each
+parameter group (one layer, the embedding...) is saved as its own item as soon as the
+streaming reader has produced it: host memory stays near one layer, never the whole model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from convert.progress import ProgressBar
+from convert.reader import SafetensorsCheckpoint
+from gptoss_jax.checkpoint import (
+    CONFIG_FILENAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MARKER_FILENAME,
+    PARAMS_DIRNAME,
+    nest,
+    parameter_group,
+    parameter_groups,
+)
+
+TOKENIZER_FILENAME = "tokenizer.json"
+
+
+def _write_parameters(source: SafetensorsCheckpoint, params_dir: Path, progress: bool) -> None:
+    import orbax.checkpoint as ocp  # a second of import time; only writing needs it
+
+    with (
+        ProgressBar("converting", len(source), source.total_bytes, enabled=progress) as bar,
+        ocp.StandardCheckpointer() as checkpointer,
+    ):
+        for group, parameters in itertools.groupby(source.parameters(), key=lambda item: parameter_group(item[0])):
+            arrays = {}
+            for path, array in parameters:
+                arrays[path] = array
+                bar.advance(array.nbytes)
+            checkpointer.save((params_dir / group).absolute(), nest(group, arrays))
+            # Waiting here keeps one group in memory; orbax would otherwise queue them all.
+            checkpointer.wait_until_finished()
+
+
+def _write_metadata(source: SafetensorsCheckpoint, folder: Path) -> None:
+    (folder / CONFIG_FILENAME).write_text(json.dumps(source.config.to_dict(), indent=2) + "\n")
+    marker = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "groups": parameter_groups(source.config),
+        "source_layout": source.layout.value,
+    }
+    (folder / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
+    tokenizer = source.folder / TOKENIZER_FILENAME
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILENAME)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True) -> Path:
+    """Convert a raw gpt-oss safetensors folder (HF root or ``original/``) into DST.
+
+    Args:
+      src: the checkpoint folder; its layout is detected from ``config.json``.
+      dst: the new checkpoint folder; it must not exist, its parent must.
+      progress: draw a progress bar on stderr when stderr is a terminal.
+
+    Returns:
+      ``dst``.
+
+    Raises:
+      FileExistsError: ``dst`` exists (it is left untouched).
+      FileNotFoundError: the parent folder of ``dst`` does not exist.
+      LayoutError, ConfigError, CheckpointError: ``src`` is not a valid checkpoint; nothing
+        is written, since every header is checked before any weight is read.
+    """
+    destination = Path(dst)
+    if destination.exists() or destination.is_symlink():
+        raise FileExistsError(f"{destination} already exists; choose a new destination folder")
+    if not destination.absolute().parent.is_dir():
+        raise FileNotFoundError(f"{destination.absolute().parent}: no such folder to create {destination.name} in")
+    source = SafetensorsCheckpoint(src)
+    staging = destination.absolute().parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        _write_parameters(source, staging / PARAMS_DIRNAME, progress)
+        _write_metadata(source, staging)
+        if destination.exists():
+            raise FileExistsError(f"{destination} appeared while converting; the conversion was discarded")
+        staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination

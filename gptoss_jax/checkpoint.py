@@ -1,0 +1,262 @@
+"""The project's checkpoint format, and building a model from it or from any stream of weights.
+
+A converted checkpoint (written by ``convert.convert_checkpoint``) is a folder::
+
+    config.json                  GptOssConfig.to_dict() (the original/ dialect)
+    gptoss_jax_checkpoint.json   {"format": "gptoss-jax-checkpoint", "version": 1, "groups": [...]}
+    params/<group>/              one orbax (StandardCheckpointer) item per parameter group
+    tokenizer.json               when the source folder had one
+
+A parameter group is one top-level module of the model, with the layer list expanded:
+``embedding``, ``norm``, ``unembedding``, ``block.0`` ... ``block.{L-1}``. Orbax writes a
+pytree only from memory as a whole, so one item per group bounds the converter's host memory
+by one layer (plus the largest single tensor), not the whole model, and restore can place each
+group on its target devices before reading the next. Inside an item the tree is nested dicts
+following the rest of the parameter path (``attn -> qkv -> weight``).
+
+Parameter paths are the model's state paths joined by dots, which are also the tensor names of
+OpenAI's ``original/`` checkpoints (``block.0.mlp.mlp1_weight.blocks``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernel_dispatch import KernelChoice
+from gptoss_jax.model import GptOss
+
+FORMAT_NAME = "gptoss-jax-checkpoint"
+FORMAT_VERSION = 1
+MARKER_FILENAME = "gptoss_jax_checkpoint.json"
+CONFIG_FILENAME = "config.json"
+PARAMS_DIRNAME = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file and, where known, the tensor."""
+
+
+def abstract_model(
+    config: GptOssConfig, *, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto"
+) -> GptOss:
+    """The model with ``jax.ShapeDtypeStruct`` in place of every parameter: nothing is allocated."""
+    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0)))
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(map(str, path))
+
+
+def parameter_specs(config: GptOssConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every parameter path -> the shape and dtype the model holds it in (independent of compute dtype)."""
+    state = nnx.state(abstract_model(config, kernels="xla"), nnx.Param)
+    return {_path_name(path): variable.get_value() for path, variable in nnx.to_flat_state(state)}
+
+
+def parameter_group(path: str) -> str:
+    """The group (one orbax item) a parameter belongs to: ``block.3.attn.sinks`` -> ``block.3``."""
+    parts = path.split(".")
+    return ".".join(parts[:2]) if parts[0] == "block" else parts[0]
+
+
+def parameter_groups(config: GptOssConfig) -> list[str]:
+    """The groups of a model, in the order the converter writes them."""
+    return list(dict.fromkeys(parameter_group(path) for path in parameter_specs(config)))
+
+
+def nest(group: str, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters of one group ``{path: leaf}`` -> the nested dict stored as its orbax item."""
+    tree: dict[str, Any] = {}
+    for path, leaf in arrays.items():
+        *parents, name = path.removeprefix(group + ".").split(".")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = leaf
+    return tree
+
+
+def _flatten(group: str, tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`nest`."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{group}.{key}"
+        flat.update(_flatten(path, value) if isinstance(value, Mapping) else {path: value})
+    return flat
+
+
+def build_model(
+    config: GptOssConfig,
+    parameters: Iterable[tuple[str, np.ndarray | jax.Array]],
+    *,
+    dtype: jnp.dtype = jnp.bfloat16,
+    kernels: KernelChoice = "auto",
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+) -> GptOss:
+    """A model whose parameters come from a stream of ``(parameter path, array)`` pairs.
+
+    Each array goes to its device (``shardings[path]``, else the default device) as it arrives,
+    so a streaming source keeps at most one tensor on the host. The stream must hold every
+    parameter exactly once, in the model's shapes and dtypes.
+    """
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels))
+    variables = {_path_name(path): variable for path, variable in nnx.to_flat_state(state)}
+    filled: set[str] = set()
+    for path, array in parameters:
+        variable = variables.get(path)
+        if variable is None or path in filled:
+            raise CheckpointError(f"unexpected or repeated parameter {path!r}")
+        expected = variable.get_value()
+        if tuple(array.shape) != expected.shape or array.dtype != expected.dtype:
+            raise CheckpointError(
+                f"parameter {path!r}: expected {expected.dtype}{list(expected.shape)}, "
+                f"got {array.dtype}{list(array.shape)}"
+            )
+        sharding = shardings.get(path) if shardings is not None else None
+        variable.set_value(jax.device_put(array, sharding))
+        filled.add(path)
+    missing = [path for path in variables if path not in filled]
+    if missing:
+        raise CheckpointError(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    return nnx.merge(graphdef, state)
+
+
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``convert.convert_checkpoint``."""
+    return (Path(path) / MARKER_FILENAME).is_file()
+
+
+def _read_marker(folder: Path) -> dict[str, Any]:
+    marker_path = folder / MARKER_FILENAME
+    if not marker_path.is_file():
+        raise CheckpointError(
+            f"{folder}: not a converted gptoss-jax checkpoint (no {MARKER_FILENAME}); convert it "
+            f"with `gptoss-jax convert`, or pass a raw safetensors folder to gptoss_jax.load"
+        )
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker_path}: not valid JSON ({e})") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{marker_path}: format is not {FORMAT_NAME!r}")
+    if marker.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{marker_path}: format version {marker.get('version')!r}; this gptoss-jax reads version "
+            f"{FORMAT_VERSION}"
+        )
+    return marker
+
+
+def _restored_parameters(
+    folder: Path, config: GptOssConfig, shardings: Mapping[str, jax.sharding.Sharding] | None
+) -> Iterable[tuple[str, jax.Array]]:
+    """Yield ``(path, array)`` group by group, each array read straight onto its target devices."""
+    import orbax.checkpoint as ocp  # costs a second at import; only restoring needs it
+
+    specs = parameter_specs(config)
+    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    grouped: dict[str, dict[str, jax.ShapeDtypeStruct]] = {}
+    for path, spec in specs.items():
+        sharding = shardings.get(path, default_sharding) if shardings is not None else default_sharding
+        target = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
+        grouped.setdefault(parameter_group(path), {})[path] = target
+    with ocp.StandardCheckpointer() as checkpointer:
+        for group, targets in grouped.items():
+            item_path = (folder / PARAMS_DIRNAME / group).absolute()
+            if not item_path.is_dir():
+                raise CheckpointError(f"{item_path}: missing parameter group {group!r}")
+            _check_item_metadata(checkpointer, item_path, group, targets)
+            try:
+                restored = checkpointer.restore(item_path, nest(group, targets))
+            except (ValueError, OSError, KeyError) as e:
+                raise CheckpointError(f"{item_path}: cannot restore ({' '.join(str(e).split())})") from None
+            yield from _flatten(group, restored).items()
+
+
+def _check_item_metadata(
+    checkpointer: Any, item_path: Path, group: str, targets: Mapping[str, jax.ShapeDtypeStruct]
+) -> None:
+    """Compare an item's stored names, shapes and dtypes with the model's before reading any data."""
+    try:
+        stored = _flatten(group, checkpointer.metadata(item_path).item_metadata.tree)
+    except (ValueError, OSError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{item_path}: unreadable orbax metadata ({' '.join(str(e).split())})") from None
+    mismatched = sorted(set(targets) ^ set(stored))
+    if mismatched:
+        problem = "missing" if mismatched[0] in targets else "unexpected"
+        raise CheckpointError(f"{item_path}: {problem} parameter {mismatched[0]!r}")
+    for path, target in targets.items():
+        shape, dtype = tuple(stored[path].shape), np.dtype(stored[path].dtype)
+        if shape != target.shape or dtype != target.dtype:
+            raise CheckpointError(
+                f"{item_path}: parameter {path!r} is {dtype}{list(shape)}, "
+                f"the config needs {target.dtype}{list(target.shape)}"
+            )
+
+
+def restore(
+    path: str | os.PathLike,
+    *,
+    dtype: jnp.dtype = jnp.bfloat16,
+    kernels: KernelChoice = "auto",
+    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+) -> GptOss:
+    """Load a converted checkpoint into a model; each weight is created once, on its device.
+
+    Args:
+      path: a folder written by ``convert.convert_checkpoint``.
+      dtype: compute dtype of the model (``bfloat16`` or ``float32``); parameters keep theirs.
+      kernels: ``auto``, ``pallas`` or ``xla`` (see :mod:`gptoss_jax.kernel_dispatch`).
+      shardings: parameter path -> target sharding; orbax reads each array straight into it.
+        Parameters not named go to the default device.
+
+    Raises:
+      CheckpointError: the folder is not a converted checkpoint or does not match its config.
+    """
+    folder = Path(path)
+    marker = _read_marker(folder)
+    config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)
+    if marker.get("groups") != parameter_groups(config):
+        raise CheckpointError(
+            f"{folder / MARKER_FILENAME}: its parameter groups do not match {CONFIG_FILENAME} "
+            f"({config.num_hidden_layers} layers)"
+        )
+    return build_model(
+        config, _restored_parameters(folder, config, shardings), dtype=dtype, kernels=kernels,
+        shardings=shardings,
+    )
+
+
+def load(path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto") -> GptOss:
+    """A model from a converted checkpoint or a raw safetensors folder (HF root or ``original/``).
+
+    Args:
+      path: the checkpoint folder.
+      dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
+      kernels: ``auto``, ``pallas`` or ``xla``.
+
+    Returns:
+      The model; ``model(tokens)`` maps int32 ``[B, T]`` to float32 logits ``[B, T, V]``.
+
+    Raises:
+      CheckpointError, convert.layouts.LayoutError, ConfigError: the folder cannot be read as
+      a gpt-oss checkpoint; the message names the file and tensor.
+    """
+    if is_converted_checkpoint(path):
+        return restore(path, dtype=dtype, kernels=kernels)
+    # `load` sits above `convert` like the CLI does: the design's arrows are
+    # convert -> gptoss_jax -> pallas_kernels, so `convert` is imported here, not at module level.
+    from convert.reader import SafetensorsCheckpoint
+
+    source = SafetensorsCheckpoint(path)
+    return build_model(source.config, source.parameters(), dtype=dtype, kernels=kernels)

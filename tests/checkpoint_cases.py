@@ -1,0 +1,171 @@
+"""Tiny random checkpoints and the ways a checkpoint can be broken, shared by the converter and
+loader tests (imported by test_convert.py and test_load.py; pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from convert.export import model_tensors, write_checkpoint
+from convert.layouts import Layout, parameter_sources
+from gptoss_jax.config import preset
+from gptoss_jax.model import GptOss
+
+# Longer than the tiny preset's sliding window (8), so windowed layers are exercised.
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
+TOKENIZER_TEXT = '{"note": "stands in for a tokenizer; the converter copies it byte for byte"}\n'
+# Small enough that the tiny model's HF checkpoint spans several shards.
+SHARD_BYTES = 60_000
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One way of writing a raw checkpoint."""
+
+    name: str
+    layout: Layout
+    max_shard_bytes: int | None
+
+
+SOURCE_KINDS = [
+    SourceKind("hf-sharded", Layout.HF, SHARD_BYTES),
+    SourceKind("hf-single-file", Layout.HF, None),
+    SourceKind("original", Layout.ORIGINAL, None),
+]
+
+
+@functools.cache
+def tiny_model() -> GptOss:
+    """A random tiny model; RMSNorm gains random too (bf16-exact), so swapped norms would show."""
+    model = GptOss(preset("tiny"), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    for index, (path, variable) in enumerate(nnx.to_flat_state(state)):
+        if path[-2:] == ("norm", "scale"):
+            gains = 1 + 0.1 * jax.random.normal(jax.random.key(index), variable.get_value().shape)
+            variable.set_value(gains.astype(jnp.bfloat16).astype(jnp.float32))
+    nnx.update(model, state)
+    return model
+
+
+def model_logits(model: GptOss) -> np.ndarray:
+    """Logits ``[2, 12, 512]`` of the shared token batch."""
+    return np.asarray(_jitted_forward(model, TOKENS))
+
+
+@nnx.jit
+def _jitted_forward(model: GptOss, tokens: jax.Array) -> jax.Array:
+    return model(tokens)
+
+
+def write_source(kind: SourceKind, folder: Path) -> Path:
+    """The tiny model as a raw checkpoint of ``kind`` in ``folder``, with a tokenizer.json."""
+    write_checkpoint(tiny_model(), folder, kind.layout, max_shard_bytes=kind.max_shard_bytes)
+    (folder / "tokenizer.json").write_text(TOKENIZER_TEXT)
+    return folder
+
+
+def assert_same_parameters(model: GptOss, expected: GptOss) -> None:
+    """Every parameter bit-identical, with the same dtype."""
+    actual_tensors, expected_tensors = model_tensors(model), model_tensors(expected)
+    assert actual_tensors.keys() == expected_tensors.keys()
+    for path, tensor in expected_tensors.items():
+        assert actual_tensors[path].dtype == tensor.dtype, path
+        np.testing.assert_array_equal(actual_tensors[path], tensor, err_msg=path)
+
+
+def copy_folder(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def tensor_name(layout: Layout, parameter: str) -> str:
+    """The (first) tensor that holds ``parameter`` in ``layout``."""
+    return parameter_sources(tiny_model().config, layout)[parameter][0]
+
+
+def file_holding(folder: Path, name: str) -> Path:
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="numpy") as f:
+            if name in f.keys():
+                return file
+    raise AssertionError(f"no file in {folder} holds {name}")
+
+
+def _edit_file(file: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+
+
+# Each breaks a raw checkpoint folder of the given layout in place and returns the strings
+# the single error message must contain (the file, and the tensor where one is at fault).
+def truncate_file(folder: Path, layout: Layout) -> list[str]:
+    file = file_holding(folder, tensor_name(layout, "block.1.mlp.mlp2_bias"))
+    file.write_bytes(file.read_bytes()[:-100])
+    return [file.name, "not a readable safetensors file"]
+
+
+def garble_header(folder: Path, layout: Layout) -> list[str]:
+    file = file_holding(folder, tensor_name(layout, "embedding.weight"))
+    file.write_bytes(b"\xff" * 16 + file.read_bytes()[16:])
+    return [file.name, "not a readable safetensors file"]
+
+
+def drop_tensor(folder: Path, layout: Layout) -> list[str]:
+    name = tensor_name(layout, "block.1.mlp.mlp1_weight.scales")
+    # A sharded index still lists it, so that case checks the index against the files.
+    _edit_file(file_holding(folder, name), lambda tensors: tensors.pop(name))
+    return [name, "missing tensor", ".safetensors"]
+
+
+def add_tensor(folder: Path, layout: Layout) -> list[str]:
+    file = file_holding(folder, tensor_name(layout, "norm.scale"))
+    _edit_file(file, lambda tensors: tensors.update({"block.0.attn.extra": np.zeros(3, ml_dtypes.bfloat16)}))
+    return [file.name, "block.0.attn.extra", "unexpected tensor"]
+
+
+def _replace(folder: Path, name: str, make: Callable[[np.ndarray], np.ndarray]) -> Path:
+    file = file_holding(folder, name)
+    _edit_file(file, lambda tensors: tensors.update({name: make(tensors[name])}))
+    return file
+
+
+def reshape_tensor(folder: Path, layout: Layout) -> list[str]:
+    name = tensor_name(layout, "block.0.attn.sinks")
+    file = _replace(folder, name, lambda tensor: np.concatenate([tensor, tensor[:1]]))
+    return [file.name, name, "shape [5]", "[4]"]
+
+
+def change_dtype(folder: Path, layout: Layout) -> list[str]:
+    name = tensor_name(layout, "block.1.attn.out.weight")
+    file = _replace(folder, name, lambda tensor: tensor.astype(np.float16))
+    return [file.name, name, "F16", "BF16"]
+
+
+def unknown_layout(folder: Path, layout: Layout) -> list[str]:
+    (folder / "config.json").write_text(json.dumps({"hidden_dim": 64, "layers": 2}))
+    return ["config.json", "unknown layout"]
+
+
+BREAKAGES: dict[str, Callable[[Path, Layout], list[str]]] = {
+    "truncated-file": truncate_file,
+    "garbled-header": garble_header,
+    "missing-tensor": drop_tensor,
+    "unexpected-tensor": add_tensor,
+    "wrong-shape": reshape_tensor,
+    "wrong-dtype": change_dtype,
+    "unknown-layout": unknown_layout,
+}

@@ -1,0 +1,206 @@
+"""The converter: round trips in every source layout, bad input, atomicity, streaming, progress."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import weakref
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+import convert.reader
+import convert.writer
+from checkpoint_cases import (
+    BREAKAGES,
+    SOURCE_KINDS,
+    TOKENIZER_TEXT,
+    SourceKind,
+    assert_same_parameters,
+    copy_folder,
+    model_logits,
+    tiny_model,
+    write_source,
+)
+from convert import convert_checkpoint
+from convert.layouts import parameter_sources
+from convert.reader import SafetensorsCheckpoint
+from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
+from gptoss_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS}
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, list[str]]:
+    """Exit status, stdout and the stderr lines of ``gptoss-jax ARGV``."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.splitlines()
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
+def test_round_trip_restores_the_exact_model(kind: SourceKind, sources: dict[str, Path], tmp_path: Path):
+    destination = convert_checkpoint(sources[kind.name], tmp_path / "converted", progress=False)
+
+    model = restore(destination)
+    assert_same_parameters(model, tiny_model())
+    np.testing.assert_array_equal(model_logits(model), model_logits(tiny_model()))
+    assert json.loads((destination / "config.json").read_text()) == tiny_model().config.to_dict()
+    assert json.loads((destination / MARKER_FILENAME).read_text())["source_layout"] == kind.layout.value
+    assert (destination / "tokenizer.json").read_text() == TOKENIZER_TEXT
+
+
+def test_cli_converts(capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path):
+    status, out, err = run_cli(capsys, "convert", sources["original"], tmp_path / "converted", "--no-progress")
+
+    assert (status, err) == (0, [])
+    assert out == f"wrote {tmp_path / 'converted'}\n"
+    assert_same_parameters(restore(tmp_path / "converted"), tiny_model())
+
+
+def test_cli_help_explains_the_layouts(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "original/" in help_text and "model.safetensors.index.json" in help_text
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_bad_source_gives_one_error_line_and_leaves_nothing(
+    breakage: str, kind: SourceKind, capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path
+):
+    source = copy_folder(sources[kind.name], tmp_path / "source")
+    expected_parts = BREAKAGES[breakage](source, kind.layout)
+
+    status, _, err = run_cli(capsys, "convert", source, tmp_path / "converted", "--no-progress")
+
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("gptoss-jax: error: "), err
+    for part in expected_parts:
+        assert part in err[0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+def test_existing_destination_is_left_untouched(
+    capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path
+):
+    destination = tmp_path / "converted"
+    destination.mkdir()
+    (destination / "keep.txt").write_text("mine")
+
+    status, _, err = run_cli(capsys, "convert", sources["original"], destination, "--no-progress")
+
+    assert status == 1
+    assert err == [f"gptoss-jax: error: {destination} already exists; choose a new destination folder"]
+    assert [path.name for path in tmp_path.iterdir()] == ["converted"]
+    assert [path.name for path in destination.iterdir()] == ["keep.txt"]
+
+
+def test_missing_destination_parent_is_an_error(
+    capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path
+):
+    status, _, err = run_cli(capsys, "convert", sources["original"], tmp_path / "absent" / "converted")
+
+    assert status == 1 and len(err) == 1 and "no such folder" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "failure, status, message",
+    [(KeyboardInterrupt(), 130, "gptoss-jax: interrupted"),
+     (CheckpointError("disk went away"), 1, "gptoss-jax: error: disk went away")],
+    ids=["interrupt", "error"],
+)
+def test_failure_while_writing_removes_the_partial_checkpoint(
+    failure: BaseException, status: int, message: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path,
+):
+    real_nest = convert.writer.nest
+
+    def nest_then_fail(group, arrays):
+        if group == "block.1":  # after four groups are on disk
+            raise failure
+        return real_nest(group, arrays)
+
+    monkeypatch.setattr(convert.writer, "nest", nest_then_fail)
+    assert run_cli(capsys, "convert", sources["hf-sharded"], tmp_path / "converted", "--no-progress") == (
+        status, "", [message],
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reader_holds_one_parameter_at_a_time(monkeypatch: pytest.MonkeyPatch, sources: dict[str, Path]):
+    reads: list[str] = []
+
+    class CountingSafeOpen:
+        """safe_open that records every tensor read."""
+
+        def __init__(self, *args, **kwargs):
+            self._file = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self._handle = self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc_info):
+            return self._file.__exit__(*exc_info)
+
+        def keys(self):
+            return self._handle.keys()
+
+        def get_slice(self, name):
+            return self._handle.get_slice(name)
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self._handle.get_tensor(name)
+
+    monkeypatch.setattr(convert.reader, "safe_open", CountingSafeOpen)
+    source = SafetensorsCheckpoint(sources["hf-sharded"])
+    assert reads == []  # validation reads headers only
+    tensors_per_parameter = {path: len(names) for path, names in parameter_sources(source.config, source.layout).items()}
+
+    yielded: list[weakref.ref] = []
+    reads_so_far = 0
+    for path, array in source.parameters():
+        reads_so_far += tensors_per_parameter[path]
+        assert len(reads) == reads_so_far, f"read ahead of {path}"
+        assert all(ref() is None for ref in yielded), f"still holding an earlier parameter at {path}"
+        yielded.append(weakref.ref(array))
+        del array
+    assert len(yielded) == len(source) == len(tensors_per_parameter)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "stream, progress, drawn",
+    [(FakeTerminal(), True, True), (FakeTerminal(), False, False), (io.StringIO(), True, False)],
+    ids=["terminal", "disabled", "not-a-terminal"],
+)
+def test_progress_bar_only_on_a_terminal(
+    stream: io.StringIO, progress: bool, drawn: bool, monkeypatch: pytest.MonkeyPatch,
+    sources: dict[str, Path], tmp_path: Path,
+):
+    monkeypatch.setattr(sys, "stderr", stream)
+    convert_checkpoint(sources["original"], tmp_path / "converted", progress=progress)
+
+    output = stream.getvalue()
+    if drawn:
+        total = len(SafetensorsCheckpoint(sources["original"]))
+        assert output.startswith("\rconverting [") and output.endswith("\n")
+        assert f"{total}/{total} tensors" in output.splitlines()[-1].split("\r")[-1]
+    else:
+        assert output == ""
