@@ -18,6 +18,7 @@ from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernel_dispatch import KernelChoice, resolve_kernels
+from gptoss_jax.kv_cache import KVCache, LayerCache
 from gptoss_jax.rope import apply_rotary, rotary_cos_sin, yarn_inverse_frequencies
 from pallas_kernels import mxfp4
 from pallas_kernels.attention_reference import attention_reference
@@ -94,8 +95,20 @@ class AttentionBlock(nnx.Module):
         self.sinks = nnx.Param(jax.random.normal(rngs.params(), (config.num_attention_heads,)).astype(PARAM_DTYPE))
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kernels: str) -> jax.Array:
-        """``x [B, T, H]``, absolute ``positions [B, T]`` -> ``[B, T, H]`` (before the residual add)."""
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attend over the cache and this chunk.
+
+        Args:
+          x: ``[B, T, H]``.
+          positions: int32 ``[B, T]`` absolute positions; negative marks padding.
+          kernels: ``pallas`` or ``xla``.
+          cache: this layer's cache, or None for a forward pass over positions 0..T-1.
+
+        Returns:
+          ``([B, T, H]`` before the residual add, the cache with this chunk written).
+        """
         config = self.config
         batch, length, _ = x.shape
         qkv = self.qkv(self.norm(x))
@@ -111,11 +124,40 @@ class AttentionBlock(nnx.Module):
         cos, sin = rotary_cos_sin(positions, inverse_frequencies, concentration, x.dtype)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out = attention_reference(
-            q, k, v, self.sinks[...], positions, positions,
-            sliding_window=self.sliding_window, softmax_scale=config.head_dim ** -0.5,
-        )
-        return self.out(out.reshape(batch, length, q_size))
+        out, cache = self._attend(q, k, v, positions, kernels, cache)
+        return self.out(out.reshape(batch, length, q_size)), cache
+
+    def _attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, kernels: str,
+        cache: LayerCache | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
+        sinks = self.sinks[...].astype(jnp.float32)
+        use_kernels = kernels == "pallas" and q.dtype == jnp.bfloat16
+        if cache is None:
+            if use_kernels:
+                from pallas_kernels.flash_attention import flash_attention
+
+                return flash_attention(q, k, v, sinks, **options), None
+            return attention_reference(q, k, v, sinks, positions, positions, **options), None
+        if q.shape[1] == 1:
+            # One new token: its write only evicts a key that left its window, so write first.
+            cache = cache.write(k, v, positions)
+            if use_kernels:
+                from pallas_kernels.decode_attention import decode_attention
+
+                attend = decode_attention
+            else:
+                attend = attention_reference
+            out = attend(q, cache.keys, cache.values, sinks, positions, cache.positions, **options)
+            return out, cache
+        # A chunk: its own writes could evict keys its earlier tokens still see in a ring, so
+        # attend over the cache as it was plus the chunk, then write.
+        keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
+        values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
+        key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+        out = attention_reference(q, keys.astype(q.dtype), values.astype(q.dtype), sinks, positions, key_positions, **options)
+        return out, cache.write(k, v, positions)
 
 
 def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -177,9 +219,12 @@ class TransformerBlock(nnx.Module):
         self.attn = AttentionBlock(config, layer, rngs=rngs)
         self.mlp = MLPBlock(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, kernels: str) -> jax.Array:
-        x = x + self.attn(x, positions, kernels)
-        return x + self.mlp(x, kernels)
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        attended, cache = self.attn(x, positions, kernels, cache)
+        x = x + attended
+        return x + self.mlp(x, kernels), cache
 
 
 class GptOss(nnx.Module):
@@ -217,25 +262,52 @@ class GptOss(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """Logits for a batch of token sequences.
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits of whole sequences (positions 0..T-1), without a cache.
 
         Args:
           tokens: int32 ``[B, T]``.
-          positions: int32 ``[B, T]`` absolute positions; default ``0..T-1``.
 
         Returns:
           float32 ``[B, T, V]`` (rounded to the compute dtype first, as the reference does).
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x, _ = self._blocks(tokens, positions, None)
+        return self.unembedding(self.norm(x)).astype(jnp.float32)
+
+    def with_cache(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, logits_index: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Run a chunk of new tokens against a KV cache (prefill chunks and decode steps).
+
+        Args:
+          tokens: int32 ``[B, T]``.
+          positions: int32 ``[B, T]`` absolute positions; negative marks padding, which is
+            neither cached nor attended to.
+          cache: the cache holding every earlier position.
+          logits_index: optional int32 ``[B]``: return only the logits at this index of each
+            row (``[B, V]``), which spares the unembedding of a whole prompt.
+
+        Returns:
+          (float32 logits ``[B, T, V]`` or ``[B, V]``, the cache with the chunk written).
+        """
+        x, cache = self._blocks(tokens, positions, cache)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
+        return self.unembedding(self.norm(x)).astype(jnp.float32), cache
+
+    def _blocks(
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None]:
         kernels = resolve_kernels(self.kernels)
         x = self.embedding(tokens, self.dtype)
-        for block in self.block:
-            x = block(x, positions, kernels)
-        return self.unembedding(self.norm(x)).astype(jnp.float32)
+        layer_caches = []
+        for layer, block in enumerate(self.block):
+            x, layer_cache = block(x, positions, kernels, None if cache is None else cache.layers[layer])
+            layer_caches.append(layer_cache)
+        return x, None if cache is None else KVCache(tuple(layer_caches))
 
 
 def _grouped_matmul(kernels: str):

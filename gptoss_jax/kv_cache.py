@@ -1,0 +1,76 @@
+"""The KV cache: keys (after RoPE) and values of every layer, addressed by absolute position.
+
+Full-attention layers hold ``max_length`` slots, one per position. Sliding-window layers hold a
+ring of ``sliding_window`` slots (128 in gpt-oss): a key at position p lives in slot
+``p % window`` and is overwritten once it has left every later query's window, so these layers'
+memory does not grow with the context. Each slot records the position it holds
+(:data:`EMPTY_SLOT` when none), which is all attention needs to mask it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_jax.config import GptOssConfig
+from pallas_kernels.attention_reference import EMPTY_SLOT
+
+
+class LayerCache(NamedTuple):
+    """One layer's cache: ``keys, values [B, slots, Hkv, D]`` and ``positions int32 [B, slots]``."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+
+    @property
+    def slots(self) -> int:
+        return self.positions.shape[1]
+
+    def write(self, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
+        """Store new ``keys, values [B, T, Hkv, D]`` at ``positions [B, T]`` (negative: padding).
+
+        When a chunk is longer than a ring, only each sequence's last ``slots`` tokens are
+        written, so no two tokens of a chunk land in the same slot.
+        """
+        newest = jnp.max(positions, axis=1, keepdims=True)
+        kept = (positions >= 0) & (positions > newest - self.slots)
+        slot = jnp.where(kept, positions % self.slots, self.slots)  # out of range: dropped
+        batch_index = jnp.arange(positions.shape[0])[:, None]
+        return LayerCache(
+            self.keys.at[batch_index, slot].set(keys.astype(self.keys.dtype), mode="drop"),
+            self.values.at[batch_index, slot].set(values.astype(self.values.dtype), mode="drop"),
+            self.positions.at[batch_index, slot].set(positions, mode="drop"),
+        )
+
+
+class KVCache(NamedTuple):
+    """Every layer's :class:`LayerCache`, in layer order."""
+
+    layers: tuple[LayerCache, ...]
+
+    @property
+    def max_length(self) -> int:
+        """Positions the full-attention layers can hold."""
+        return max(layer.slots for layer in self.layers)
+
+    @classmethod
+    def create(
+        cls, config: GptOssConfig, batch: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16
+    ) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_length`` positions."""
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}"
+            )
+        layers = []
+        for layer in range(config.num_hidden_layers):
+            slots = min(config.sliding_window, max_length) if config.is_sliding(layer) else max_length
+            shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+            layers.append(LayerCache(
+                jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                jnp.full((batch, slots), EMPTY_SLOT, jnp.int32),
+            ))
+        return cls(tuple(layers))
