@@ -1,0 +1,429 @@
+"""The gpt-oss tokenizer: a byte-level BPE (o200k_harmony) with the Harmony special tokens.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` loaded from a checkpoint's `tokenizer.json`.
+`build_demo_tokenizer` makes a small tokenizer of the same kind on the spot, trained on a
+built-in English text, for tests and for the embedded demo model; nothing is downloaded.
+
+Special tokens are looked up by name (`special_token_id("<|return|>")`), never by a fixed
+id, because the demo tokenizer places them differently from o200k_harmony (see
+`build_demo_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Iterable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from types import MappingProxyType
+from typing import Literal
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+
+TOKENIZER_FILENAME = "tokenizer.json"
+
+O200K_HARMONY_VOCAB_SIZE = 201088
+"""Ids in o200k_harmony, and rows in gpt-oss's embedding table (spec section 4.1)."""
+
+HARMONY_SPECIAL_TOKEN_IDS: Mapping[str, int] = MappingProxyType(
+    {
+        "<|startoftext|>": 199998,
+        "<|endoftext|>": 199999,
+        "<|reserved_200000|>": 200000,
+        "<|reserved_200001|>": 200001,
+        "<|return|>": 200002,
+        "<|constrain|>": 200003,
+        "<|reserved_200004|>": 200004,
+        "<|channel|>": 200005,
+        "<|start|>": 200006,
+        "<|end|>": 200007,
+        "<|message|>": 200008,
+        "<|reserved_200009|>": 200009,
+        "<|reserved_200010|>": 200010,
+        "<|reserved_200011|>": 200011,
+        "<|call|>": 200012,
+    }
+)
+"""The contiguous block of o200k_harmony special tokens that carries every named Harmony token
+(spec section 4.1). Ids 200013..201087 above it are reserved."""
+
+_FIRST_RESERVED_ABOVE_BLOCK = 200013
+# Hugging Face's tokenizer.json keeps o200k_base's name for this reserved id (spec section 4.1).
+_HF_ENDOFPROMPT_ID = 200018
+
+O200K_SPLIT_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+"""o200k's pre-tokenization regex (tiktoken `openai_public.py`); the demo tokenizer uses it too so
+that it splits text the way gpt-oss's tokenizer does."""
+
+AllowedSpecial = Literal["all"] | Collection[str]
+
+
+class UnknownSpecialTokenError(KeyError):
+    """A special-token name that the tokenizer does not have."""
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ shows the repr of its argument; show the sentence instead.
+        return str(self.args[0])
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: each byte value as the printable character that stands for it.
+
+    Printable Latin-1 bytes stand for themselves; the others are shifted to code points from 256
+    up, in byte order (GPT-2's `bytes_to_unicode`, which every byte-level BPE vocabulary uses).
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    next_code_point = 256
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(next_code_point)
+            next_code_point += 1
+    return mapping
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in _byte_to_unicode().items()}
+
+
+@lru_cache(maxsize=32)
+def _special_token_regex(names: frozenset[str]) -> re.Pattern[str]:
+    # Longest first so that a name that is a prefix of another never wins the alternation.
+    alternatives = sorted(names, key=len, reverse=True)
+    return re.compile("|".join(re.escape(name) for name in alternatives))
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with named special tokens (o200k_harmony or the demo one).
+
+    Wraps a `tokenizers.Tokenizer`. Special tokens are the added tokens marked special in
+    `tokenizer.json`. Decoding works on bytes (`decode_bytes`) so that a caller streaming
+    tokens can join partial UTF-8 sequences itself; `decode` replaces invalid UTF-8 with U+FFFD.
+    """
+
+    def __init__(self, backend: BackendTokenizer) -> None:
+        """Wrap `backend`, which must be a byte-level BPE; the wrapper takes it over.
+
+        Raises:
+            ValueError: the backend does not decode with the byte-level decoder.
+        """
+        if not isinstance(backend.decoder, decoders.ByteLevel):
+            raise ValueError(
+                "only byte-level BPE tokenizers (like gpt-oss's o200k_harmony) are supported; "
+                f"this tokenizer's decoder is {type(backend.decoder).__name__}"
+            )
+        # `encode` finds the allowed special tokens itself; the backend must treat every other
+        # occurrence of a special token's text as ordinary text.
+        backend.encode_special_tokens = True
+        self._backend = backend
+        self._special_ids = MappingProxyType(
+            {
+                token.content: token_id
+                for token_id, token in sorted(backend.get_added_tokens_decoder().items())
+                if token.special
+            }
+        )
+        self._token_bytes: list[bytes] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load a `tokenizer.json` file.
+
+        Raises:
+            FileNotFoundError: there is no file at `path`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        return cls(BackendTokenizer.from_file(str(path)))
+
+    @classmethod
+    def from_pretrained_dir(cls, directory: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` from a checkpoint folder.
+
+        Raises:
+            FileNotFoundError: the folder has no `tokenizer.json`.
+        """
+        directory = Path(directory)
+        path = directory / TOKENIZER_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {TOKENIZER_FILENAME} in checkpoint folder {directory}; the folder must hold "
+                "the tokenizer beside the weights (as gpt-oss's Hugging Face repository does)"
+            )
+        return cls.from_file(path)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` into `directory` (created if needed) and return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILENAME
+        self._backend.save(str(path))
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> Mapping[str, int]:
+        """Every special token, name to id, in id order (read-only)."""
+        return self._special_ids
+
+    def special_token_id(self, name: str) -> int:
+        """The id of the special token `name`, e.g. `"<|return|>"`.
+
+        Raises:
+            UnknownSpecialTokenError: (a `KeyError`) the tokenizer has no special token `name`.
+        """
+        try:
+            return self._special_ids[name]
+        except KeyError:
+            harmony_names = ", ".join(n for n in HARMONY_SPECIAL_TOKEN_IDS if "reserved" not in n)
+            raise UnknownSpecialTokenError(
+                f"unknown special token {name!r}; special tokens are written like "
+                f"'<|return|>' (the Harmony ones: {harmony_names})"
+            ) from None
+
+    def encode(self, text: str, allowed_special: AllowedSpecial = ()) -> list[int]:
+        """Token ids of `text`; no BOS is added.
+
+        Args:
+            text: the text to encode.
+            allowed_special: names of the special tokens that become their single id where their
+                text occurs, or `"all"`. Every other occurrence of a special token's text is
+                encoded as ordinary text, so user-supplied text cannot inject a control token.
+
+        Raises:
+            UnknownSpecialTokenError: `allowed_special` names a token the tokenizer lacks.
+        """
+        if allowed_special == "all":
+            allowed = frozenset(self._special_ids)
+        else:
+            allowed = frozenset(allowed_special)
+            for name in allowed:
+                self.special_token_id(name)
+        if not allowed:
+            return self._encode_ordinary(text)
+        ids: list[int] = []
+        position = 0
+        for match in _special_token_regex(allowed).finditer(text):
+            ids += self._encode_ordinary(text[position : match.start()])
+            ids.append(self._special_ids[match.group()])
+            position = match.end()
+        ids += self._encode_ordinary(text[position:])
+        return ids
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes that `ids` stand for; a special token gives its own text.
+
+        Raises:
+            ValueError: an id is outside the vocabulary.
+        """
+        table = self._bytes_by_id()
+        pieces = []
+        for token_id in ids:
+            if not 0 <= token_id < len(table):
+                raise ValueError(f"token id {token_id} is outside the vocabulary (size {len(table)})")
+            pieces.append(table[token_id])
+        return b"".join(pieces)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD.
+
+        Raises:
+            ValueError: an id is outside the vocabulary.
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _bytes_by_id(self) -> list[bytes]:
+        # Built on first use: o200k_harmony has 201088 entries, and a caller that only encodes
+        # should not pay for it.
+        if self._token_bytes is None:
+            table = [b""] * self.vocab_size
+            for token, token_id in self._backend.get_vocab(with_added_tokens=False).items():
+                table[token_id] = bytes(_UNICODE_TO_BYTE[char] for char in token)
+            for token_id, token in self._backend.get_added_tokens_decoder().items():
+                table[token_id] = token.content.encode("utf-8")
+            self._token_bytes = table
+        return self._token_bytes
+
+
+def _demo_special_token_names(vocab_size: int) -> list[str]:
+    """Special tokens of the demo tokenizer, in id order, ending at the top of the vocabulary."""
+    block = list(HARMONY_SPECIAL_TOKEN_IDS)
+    if vocab_size != O200K_HARMONY_VOCAB_SIZE:
+        return block
+    reserved = [
+        "<|endofprompt|>" if token_id == _HF_ENDOFPROMPT_ID else f"<|reserved_{token_id}|>"
+        for token_id in range(_FIRST_RESERVED_ABOVE_BLOCK, O200K_HARMONY_VOCAB_SIZE)
+    ]
+    return block + reserved
+
+
+def build_demo_tokenizer(vocab_size: int) -> Tokenizer:
+    """Build a small byte-level BPE tokenizer with the Harmony special tokens; no download.
+
+    The BPE merges are trained (deterministically, in milliseconds) on a built-in English text
+    and the numbers 0..999, with o200k's pre-tokenization regex. Layout of the ids:
+
+    - `vocab_size == 201088` (o200k_harmony's size): the special tokens sit at exactly their
+      o200k_harmony ids, 199998..201087 (`<|return|>` = 200002, `<|call|>` = 200012, ...;
+      200018 is `<|endofprompt|>` as in Hugging Face's tokenizer.json).
+    - any other size (the compact placement): the 15-token block 199998..200012 of
+      `HARMONY_SPECIAL_TOKEN_IDS` moves to the top of the vocabulary, keeping its order, so its
+      first token `<|startoftext|>` has id `vocab_size - 15` and `<|call|>` has id
+      `vocab_size - 1`.
+
+    Below the special tokens: the 256 byte tokens, then the learned merges. When the built-in text
+    yields fewer merges than there are slots, the remaining slots hold placeholder tokens
+    `<|unused_ID|>` that encoding never produces (they decode to their own text).
+
+    Raises:
+        ValueError: `vocab_size` leaves no room for the 256 byte tokens and the special tokens.
+    """
+    special_names = _demo_special_token_names(vocab_size)
+    regular_size = vocab_size - len(special_names)
+    if regular_size < 256:
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: the demo tokenizer needs 256 byte tokens "
+            f"and {len(special_names)} special tokens (at least {256 + len(special_names)})"
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainee = BackendTokenizer(models.BPE())
+    trainee.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(O200K_SPLIT_PATTERN), behavior="isolated"), byte_level]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=regular_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Every 1-3 digit number is a token in o200k; training on them all gives the demo the same
+    # property and about a thousand more merges than the prose alone.
+    numbers = " ".join(str(n) for n in range(1000))
+    trainee.train_from_iterator([_DEMO_CORPUS, numbers], trainer=trainer)
+    vocab = dict(trainee.get_vocab(with_added_tokens=False))
+    merges = [tuple(pair) for pair in json.loads(trainee.to_str())["model"]["merges"]]
+    for token_id in range(len(vocab), regular_size):
+        vocab[f"<|unused_{token_id}|>"] = token_id
+
+    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = trainee.pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special_names])
+    return Tokenizer(backend)
+
+
+# The demo tokenizer's training text: original prose, plus the words that Harmony prompts repeat
+# (roles, channels, the default system message) so that those become single tokens.
+_DEMO_CORPUS = """\
+You are ChatGPT, a large language model trained by OpenAI.
+Knowledge cutoff: 2024-06
+Current date: 2025-06-28
+
+Reasoning: low
+Reasoning: medium
+Reasoning: high
+
+# Valid channels: analysis, commentary, final. Channel must be included for every message.
+Calls to these tools must go to the commentary channel: 'functions'.
+
+# Instructions
+
+Answer the user's questions clearly and briefly. Use a friendly tone.
+
+# Tools
+
+## functions
+
+namespace functions {
+
+// Gets the current weather in the provided location.
+type get_current_weather = (_: {
+// The city and state, e.g. San Francisco, CA
+location: string,
+format?: "celsius" | "fahrenheit", // default: celsius
+}) => any;
+
+} // namespace functions
+
+system developer user assistant tool
+analysis commentary final
+to=functions.get_current_weather json {"location": "San Francisco", "temperature": 20, "sunny": true}
+
+User asks: "What is the weather in Tokyo?" We need to use the weather tool.
+The user wants a short answer. Let me think about the question step by step.
+The answer is 4. Two plus two equals four. Nine divided by two is four and a half.
+
+The morning was cold and clear. A thin layer of frost covered the grass in the park, and the
+river moved slowly under the old stone bridge. People walked to work with their hands in their
+pockets, talking about the weather, the news, and the small plans they had for the weekend.
+A baker opened the door of his shop and the smell of fresh bread filled the street.
+
+In the library, a student read about the history of numbers. The first people to count used
+their fingers, then small stones, then marks cut into wood and bone. Later, merchants needed to
+write down prices and debts, and so writing itself grew from the need to keep records. The idea
+of zero came much later, and it changed mathematics for ever.
+
+Computers store every number as a pattern of bits. A byte holds eight bits, which is enough for
+two hundred and fifty six different values. Text is stored as a sequence of bytes, and a
+tokenizer splits that text into pieces that a language model can read. Common words become a
+single token, while rare words are built from several smaller pieces.
+
+A language model predicts the next token from the tokens before it. It does this again and again,
+one token at a time, until it reaches a stop token or a limit on the length of the answer. The
+model does not see letters; it sees token ids, and each id has a vector of numbers that the
+model learned during training. Attention lets each position look back at earlier positions, and
+a mixture of experts sends each token to a few small networks chosen by a router.
+
+Good questions are specific. Instead of asking "How is the weather?", ask "Will it rain in Paris
+tomorrow afternoon?" The more context a question carries, the better the answer can be. When the
+answer needs a calculation, it helps to write the steps down: first the numbers, then the
+operation, then the result, and finally a check that the result makes sense.
+
+The garden behind the house had apple trees, a few rows of beans, and a bench where the old
+woman liked to sit in the evening. She watched the birds and the light changing on the hills.
+Her grandchildren visited on Sundays; they played games, told stories, and helped her pick the
+fruit when it was ripe. Every year she made jam and gave jars of it to the neighbours.
+
+Travel teaches patience. Trains are late, roads are closed, and plans change. A traveller learns
+to read maps, to ask for directions, and to enjoy the unexpected: a quiet village, a market full
+of colour, a conversation with a stranger who becomes a friend for an afternoon.
+
+Science moves forward by testing ideas against the world. A good experiment changes one thing at
+a time and measures the effect carefully. Results are shared so that others can repeat them, and
+a claim that cannot be repeated is treated with doubt until better evidence arrives.
+
+Here is a simple list:
+1. Read the question.
+2. Think about what is being asked.
+3. Write a clear answer.
+4. Check the answer again.
+
+def add(a, b):
+    return a + b
+
+print(add(2, 2))
+"""

@@ -1,0 +1,174 @@
+"""Tests for gptoss_jax.tokenizer: the Tokenizer wrapper and the demo tokenizer built on the spot."""
+
+import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from gptoss_jax.tokenizer import (
+    HARMONY_SPECIAL_TOKEN_IDS,
+    O200K_HARMONY_VOCAB_SIZE,
+    TOKENIZER_FILENAME,
+    Tokenizer,
+    UnknownSpecialTokenError,
+    build_demo_tokenizer,
+)
+
+DEMO_VOCAB_SIZE = 1024
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return build_demo_tokenizer(DEMO_VOCAB_SIZE)
+
+
+def test_demo_tokenizer_puts_the_harmony_block_at_the_top_of_a_small_vocab(tokenizer):
+    assert tokenizer.vocab_size == DEMO_VOCAB_SIZE
+    first = DEMO_VOCAB_SIZE - len(HARMONY_SPECIAL_TOKEN_IDS)
+    for name, real_id in HARMONY_SPECIAL_TOKEN_IDS.items():
+        assert tokenizer.special_token_id(name) == first + real_id - 199998
+    assert tokenizer.special_token_id("<|call|>") == DEMO_VOCAB_SIZE - 1
+    assert dict(tokenizer.special_tokens) == {
+        name: first + real_id - 199998 for name, real_id in HARMONY_SPECIAL_TOKEN_IDS.items()
+    }
+
+
+def test_demo_tokenizer_at_o200k_harmony_size_uses_the_real_ids():
+    tokenizer = build_demo_tokenizer(O200K_HARMONY_VOCAB_SIZE)
+    assert tokenizer.vocab_size == 201088
+    expected = {
+        "<|startoftext|>": 199998,
+        "<|endoftext|>": 199999,
+        "<|return|>": 200002,
+        "<|constrain|>": 200003,
+        "<|channel|>": 200005,
+        "<|start|>": 200006,
+        "<|end|>": 200007,
+        "<|message|>": 200008,
+        "<|call|>": 200012,
+        "<|reserved_200013|>": 200013,
+        "<|endofprompt|>": 200018,
+        "<|reserved_201087|>": 201087,
+    }
+    for name, token_id in expected.items():
+        assert tokenizer.special_token_id(name) == token_id
+    assert len(tokenizer.special_tokens) == 201088 - 199998
+    text = "Hello world"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_demo_tokenizer_is_deterministic(tmp_path):
+    first = build_demo_tokenizer(512).save(tmp_path / "a")
+    second = build_demo_tokenizer(512).save(tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_demo_tokenizer_learned_merges(tokenizer):
+    # A trained BPE, not bytes only: common words of its text are single tokens.
+    assert len(tokenizer.encode(" language")) == 1
+    assert len(tokenizer.encode("123")) == 1
+
+
+def test_demo_tokenizer_rejects_a_vocab_without_room():
+    with pytest.raises(ValueError, match="too small"):
+        build_demo_tokenizer(256)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Hello, world!", "  leading spaces\nand\ttabs\n\n", "naïve café, Привет, 你好, 😊👋🏾", ""],
+)
+def test_encode_decode_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_token_text_is_ordinary_text_unless_allowed(tokenizer):
+    start = tokenizer.special_token_id("<|start|>")
+    text = "<|start|>user<|message|>hi<|end|>"
+    ordinary = tokenizer.encode(text)
+    assert start not in ordinary
+    assert tokenizer.decode(ordinary) == text
+
+    all_special = tokenizer.encode(text, allowed_special="all")
+    assert all_special[0] == start
+    assert tokenizer.special_token_id("<|message|>") in all_special
+    assert all_special[-1] == tokenizer.special_token_id("<|end|>")
+    assert tokenizer.decode(all_special) == text
+
+    only_start = tokenizer.encode(text, allowed_special={"<|start|>"})
+    assert only_start[0] == start
+    assert tokenizer.special_token_id("<|end|>") not in only_start
+    assert tokenizer.decode(only_start) == text
+
+
+def test_the_longest_special_token_wins_where_names_overlap():
+    backend = BackendTokenizer(models.BPE({char: i for i, char in enumerate(pre_tokenizers.ByteLevel.alphabet())}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken("<x>", special=True), AddedToken("<x>>", special=True)])
+    tokenizer = Tokenizer(backend)
+    assert tokenizer.encode("<x>><x>", allowed_special="all") == [257, 256]
+
+
+def test_encode_adds_no_bos(tokenizer):
+    ids = tokenizer.encode("Hi", allowed_special="all")
+    assert tokenizer.special_token_id("<|startoftext|>") not in ids
+    assert tokenizer.decode(ids) == "Hi"
+
+
+def test_decode_bytes_keeps_partial_utf8(tokenizer):
+    ids = tokenizer.encode("😊")
+    assert len(ids) > 1  # the demo vocabulary has no emoji token
+    pieces = [tokenizer.decode_bytes([token_id]) for token_id in ids]
+    assert b"".join(pieces) == "😊".encode()
+    assert tokenizer.decode(ids[:1]) == "\ufffd"
+
+
+def test_decode_rejects_an_id_outside_the_vocabulary(tokenizer):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.decode([DEMO_VOCAB_SIZE])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tokenizer.decode([-1])
+
+
+def test_unknown_special_token_name_is_a_clear_key_error(tokenizer):
+    with pytest.raises(KeyError) as error:
+        tokenizer.special_token_id("<|stop|>")
+    assert isinstance(error.value, UnknownSpecialTokenError)
+    assert "unknown special token '<|stop|>'" in str(error.value)
+    assert "<|return|>" in str(error.value)
+    with pytest.raises(UnknownSpecialTokenError, match="return"):
+        tokenizer.special_token_id("return")
+    with pytest.raises(UnknownSpecialTokenError, match="<|bogus|>"):
+        tokenizer.encode("x", allowed_special={"<|bogus|>"})
+
+
+def test_save_and_load_from_a_checkpoint_folder(tokenizer, tmp_path):
+    path = tokenizer.save(tmp_path / "checkpoint")
+    assert path == tmp_path / "checkpoint" / TOKENIZER_FILENAME
+    loaded = Tokenizer.from_pretrained_dir(tmp_path / "checkpoint")
+    assert loaded.vocab_size == tokenizer.vocab_size
+    assert dict(loaded.special_tokens) == dict(tokenizer.special_tokens)
+    text = "<|start|>assistant<|channel|>final<|message|>The answer is 4.<|return|>"
+    assert loaded.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+    assert Tokenizer.from_file(path).encode("abc") == tokenizer.encode("abc")
+
+
+def test_saved_file_reads_special_tokens_the_hugging_face_way(tokenizer, tmp_path):
+    # Plain `tokenizers` (as transformers uses it) must see the special tokens as added tokens.
+    backend = BackendTokenizer.from_file(str(tokenizer.save(tmp_path)))
+    assert backend.encode("<|start|>", add_special_tokens=False).ids == [tokenizer.special_token_id("<|start|>")]
+    assert backend.decode(tokenizer.encode("Hello world")) == "Hello world"
+
+
+def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json in checkpoint folder"):
+        Tokenizer.from_pretrained_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+
+
+def test_rejects_a_tokenizer_that_is_not_byte_level():
+    backend = BackendTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    with pytest.raises(ValueError, match="only byte-level BPE"):
+        Tokenizer(backend)
