@@ -107,7 +107,7 @@ def decode_attention(
     sliding_window: int | None,
     softmax_scale: float,
     config: DecodeAttentionConfig | None = None,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """Attention of ``Tq`` new queries per sequence against a KV cache, with per-head sinks.
 
@@ -122,7 +122,8 @@ def decode_attention(
       sliding_window: keys per query including its own, or None for full attention.
       softmax_scale: multiplies q.k.
       config: tiling; None for :class:`DecodeAttentionConfig` defaults.
-      interpret: run in Mosaic GPU interpret mode (on the CPU).
+      interpret: run in Mosaic GPU interpret mode (on the CPU); a
+        ``plgpu.InterpretGPUParams`` sets its options (race detection, for one).
 
     Returns:
       bf16 ``[B, Tq, Hq, D]``.
@@ -142,7 +143,7 @@ def decode_attention(
     num_splits = pl.cdiv(num_blocks, blocks_per_split)
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
-        interpretable_pv = interpret
+        interpretable_pv = bool(interpret)
 
     # Rows ordered (token, head within group); padding rows get position -1 (see no key).
     pad_rows = rows - q_len * group
@@ -271,7 +272,7 @@ def decode_attention(
         grid=(num_splits, kv_heads, batch),
         grid_names=("split", "kv_head", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
     )(q_rows, k_cache, v_cache, kv_positions, row_positions, row_sinks, occupied_blocks)
 
     # Merge the splits (exp2 domain); every split's max starts at the sink, so it is finite and

@@ -127,7 +127,7 @@ def flash_attention(
     sliding_window: int | None,
     softmax_scale: float,
     config: FlashAttentionConfig | None = None,
-    interpret: bool = False,
+    interpret: bool | plgpu.InterpretGPUParams = False,
 ) -> jax.Array:
     """Causal self-attention of a prompt with per-head sinks.
 
@@ -139,7 +139,8 @@ def flash_attention(
       sliding_window: keys per query including its own (128 on gpt-oss's even layers), or None.
       softmax_scale: multiplies q.k.
       config: tile sizes; None for :class:`FlashAttentionConfig` defaults.
-      interpret: run in Mosaic GPU interpret mode (on the CPU).
+      interpret: run in Mosaic GPU interpret mode (on the CPU); a
+        ``plgpu.InterpretGPUParams`` sets its options (race detection, for one).
 
     Returns:
       bf16 ``[B, T, Hq, D]``.
@@ -153,7 +154,7 @@ def flash_attention(
     rows = block_q * group
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
-        interpretable_pv = interpret
+        interpretable_pv = bool(interpret)
 
     # K/V are padded to whole tiles so that every TMA stays in bounds; a padded key sits at a
     # position >= T and is only visible to padded query rows, whose output is never stored.
@@ -276,5 +277,5 @@ def flash_attention(
         grid=(num_q_blocks, kv_heads, batch),
         grid_names=("q", "kv_head", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
     )(q, k, v, row_sinks)

@@ -13,9 +13,13 @@ import math
 import re
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# The race detector's verdict has no public accessor in jax 0.11.2.
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
 from pallas_kernels.attention_reference import EMPTY_SLOT, attention_reference
 from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention
@@ -25,6 +29,7 @@ SCALE = 0.125
 # bf16 output rounding (2^-8 relative near 1) plus bf16 probabilities in P @ V.
 ATOL = 1.6e-2
 MIXED_SINKS = [20.0, -20.0, 0.0, 3.0, -3.0, 8.0, -8.0, 1.0]
+RACE_CHECKED = plgpu.InterpretGPUParams(detect_races=True)
 
 
 def reference_f64(q, k, v, sinks, q_positions, kv_positions, window):
@@ -63,26 +68,31 @@ def as_f32(x):
 
 
 @pytest.mark.parametrize(
-    "batch, seq_len, q_heads, kv_heads, window, block_q, block_kv",
+    "batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, interpret",
     [
         # Window edges: every query past 129 has keys at distance 127, 128 and 129; T is not a
         # multiple of either block; query blocks of 8 tokens straddle the window's start.
-        (2, 300, 16, 2, 128, 8, 64),
+        (2, 300, 16, 2, 128, 8, 64, True),
         # Full causal, KV tile of 128, query block of 16 tokens.
-        (1, 200, 8, 1, None, 16, 128),
-        # Window shorter than one KV tile and close to the query block.
-        (1, 100, 8, 1, 20, 16, 64),
+        (1, 200, 8, 1, None, 16, 128, True),
+        # Window shorter than one KV tile and close to the query block; TMA, barrier and
+        # SMEM accesses checked for races.
+        (1, 100, 8, 1, 20, 16, 64, RACE_CHECKED),
     ],
 )
 def test_prefill_matches_float64_reference(
-    batch, seq_len, q_heads, kv_heads, window, block_q, block_kv
+    batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, interpret
 ):
     q, k, v = random_qkv(0, batch, seq_len, seq_len, q_heads, kv_heads)
     sinks = jnp.asarray((MIXED_SINKS * 2)[:q_heads], jnp.bfloat16)
     config = FlashAttentionConfig(block_q=block_q, block_kv=block_kv)
     out = flash_attention(
-        q, k, v, sinks, sliding_window=window, softmax_scale=SCALE, config=config, interpret=True
+        q, k, v, sinks, sliding_window=window, softmax_scale=SCALE, config=config,
+        interpret=interpret,
     )
+    if interpret is RACE_CHECKED:
+        jax.block_until_ready(out)
+        assert not gpu_callbacks.get_races().races_found
     positions = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
     expected = reference_f64(q, k, v, sinks, positions, positions, window)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
@@ -184,8 +194,10 @@ def test_decode_wrapped_ring_buffer():
     q_positions = newest.astype(np.int32)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-        config=DecodeAttentionConfig(block_kv=64), interpret=True,
+        config=DecodeAttentionConfig(block_kv=64), interpret=RACE_CHECKED,
     )
+    jax.block_until_ready(out)
+    assert not gpu_callbacks.get_races().races_found
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
