@@ -54,7 +54,7 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
                 for name in f.keys()
             }
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:

@@ -225,6 +225,8 @@ def restore(
     """
     folder = Path(path)
     marker = _read_marker(folder)
+    if not (folder / CONFIG_FILENAME).is_file():
+        raise CheckpointError(f"{folder}: converted checkpoint without {CONFIG_FILENAME}")
     config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)
     if marker.get("groups") != parameter_groups(config):
         raise CheckpointError(

@@ -115,13 +115,13 @@ def _edit_file(file: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> Non
 def truncate_file(folder: Path, layout: Layout) -> list[str]:
     file = file_holding(folder, tensor_name(layout, "block.1.mlp.mlp2_bias"))
     file.write_bytes(file.read_bytes()[:-100])
-    return [file.name, "not a readable safetensors file"]
+    return [file.name, "truncated or corrupt safetensors file"]
 
 
 def garble_header(folder: Path, layout: Layout) -> list[str]:
     file = file_holding(folder, tensor_name(layout, "embedding.weight"))
     file.write_bytes(b"\xff" * 16 + file.read_bytes()[16:])
-    return [file.name, "not a readable safetensors file"]
+    return [file.name, "truncated or corrupt safetensors file"]
 
 
 def drop_tensor(folder: Path, layout: Layout) -> list[str]:
