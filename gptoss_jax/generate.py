@@ -1,0 +1,306 @@
+"""Jit-compiled generation: chunked prefill into a KV cache, then a decode loop on the device.
+
+Prompts of different lengths share one batch: they are right-padded, and padding carries
+position -1, so it is neither cached nor attended to. The prompt is prefilled in fixed-size
+chunks (bounded activation memory for long prompts), then a ``lax.while_loop`` samples and
+feeds back one token per step with no host round trip. With a ``streamer`` the same loop hands
+each step's tokens to the host through an ordered ``io_callback``, without recompiling.
+
+Shapes are bucketed (prompt chunk, cache length, output buffer: powers of two), so a new prompt
+compiles only when it lands in a new bucket.
+
+Example::
+
+    import gptoss_jax
+    model = gptoss_jax.load("gpt-oss-20b/")
+    out = gptoss_jax.generate(model, [[200006, 17360, 200008]], max_new_tokens=64, temperature=0)
+    out.tokens[0]                     # generated ids, the stop token included if one was hit
+    out.stats.decode_tokens_per_second
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+from gptoss_jax.kv_cache import KVCache
+from gptoss_jax.model import GptOss
+from gptoss_jax.sampling import SamplingConfig, sample, token_logprobs
+
+Streamer = Callable[[np.ndarray, np.ndarray], None]
+"""Called once per decode step with (tokens int32 [B], active bool [B]): a row is inactive once
+it has produced a stop token; its later tokens are not part of the output."""
+
+_MIN_BUCKET = 16
+_MIN_CACHE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """Token counts and wall-clock seconds of one :func:`generate` call (compilation apart)."""
+
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    compile_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What :func:`generate` returns.
+
+    Attributes:
+      tokens: per prompt, the generated token ids (a stop token, when hit, is the last one).
+      logprobs: per prompt, the log-probability of each generated token under the untempered
+        distribution, or None unless ``return_logprobs``.
+      stats: throughput figures.
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]] | None
+    stats: GenerationStats
+
+
+def _bucket(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+class _DecodeState(NamedTuple):
+    step: jax.Array
+    key: jax.Array
+    cache: KVCache
+    logits: jax.Array  # [B, V] of the next token
+    positions: jax.Array  # [B] position of the next token
+    active: jax.Array  # [B] no stop token yet
+    generated: jax.Array  # [B] tokens produced while active
+    tokens: jax.Array  # [B, buffer]
+    logprobs: jax.Array  # [B, buffer]
+
+
+def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_last, logits):
+    """Run one prompt chunk; keep the logits of rows whose last prompt token is in it."""
+    model = nnx.merge(graphdef, state)
+    chunk_logits, cache = model.with_cache(tokens, positions, cache, last_index)
+    return jnp.where(has_last[:, None], chunk_logits, logits), cache
+
+
+# The compiled loop calls back into this module; generate() points it at the caller's streamer.
+_streamer: Streamer | None = None
+
+
+def _emit(tokens: np.ndarray, active: np.ndarray) -> None:
+    if _streamer is not None:
+        _streamer(np.asarray(tokens), np.asarray(active))
+
+
+def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, *,
+            sampling: SamplingConfig, buffer: int, stream: bool):
+    """Sample up to ``max_new_tokens`` tokens per row in a device loop."""
+    model = nnx.merge(graphdef, state)
+    batch = logits.shape[0]
+
+    def keep_going(carry: _DecodeState) -> jax.Array:
+        return (carry.step < max_new_tokens) & jnp.any(carry.active)
+
+    def step(carry: _DecodeState) -> _DecodeState:
+        token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
+        if stream:
+            io_callback(_emit, None, token, carry.active, ordered=True)
+        logprob = token_logprobs(carry.logits, token)
+        logits, cache = model.with_cache(token[:, None], carry.positions[:, None], carry.cache)
+        return _DecodeState(
+            step=carry.step + 1,
+            key=carry.key,
+            cache=cache,
+            logits=logits[:, 0],
+            positions=carry.positions + 1,
+            active=carry.active & ~jnp.isin(token, stop_tokens),
+            generated=carry.generated + carry.active,
+            tokens=carry.tokens.at[:, carry.step].set(token),
+            logprobs=carry.logprobs.at[:, carry.step].set(logprob),
+        )
+
+    initial = _DecodeState(
+        step=jnp.int32(0), key=key, cache=cache, logits=logits, positions=positions,
+        active=jnp.ones((batch,), bool), generated=jnp.zeros((batch,), jnp.int32),
+        tokens=jnp.zeros((batch, buffer), jnp.int32), logprobs=jnp.zeros((batch, buffer), jnp.float32),
+    )
+    final = jax.lax.while_loop(keep_going, step, initial)
+    return final.tokens, final.logprobs, final.generated
+
+
+class _Compiled:
+    """Ahead-of-time compiled functions by argument shapes, so compile time is measured apart."""
+
+    def __init__(self, function: Callable, donate: tuple[str, ...], static: tuple[str, ...]):
+        self._jitted = jax.jit(function, static_argnames=("graphdef", *static), donate_argnames=donate)
+        self._executables: dict[Any, Any] = {}
+        self.compile_seconds = 0.0
+
+    def __call__(self, graphdef, *args, **static):
+        signature = (graphdef, tuple(sorted(static.items())),
+                     jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+        executable = self._executables.get(signature)
+        if executable is None:
+            start = time.perf_counter()
+            executable = self._jitted.lower(graphdef, *args, **static).compile()
+            self.compile_seconds += time.perf_counter() - start
+            self._executables[signature] = executable
+        return executable(*args)
+
+
+def _donated() -> tuple[str, ...]:
+    # The CPU backend cannot reuse donated buffers and warns when asked to.
+    return () if jax.default_backend() == "cpu" else ("cache",)
+
+
+_compiled_prefill: _Compiled | None = None
+_compiled_decode: _Compiled | None = None
+
+
+def _compiled() -> tuple[_Compiled, _Compiled]:
+    global _compiled_prefill, _compiled_decode
+    if _compiled_prefill is None:
+        _compiled_prefill = _Compiled(_prefill_chunk, _donated(), ())
+        _compiled_decode = _Compiled(_decode, _donated(), ("sampling", "buffer", "stream"))
+    return _compiled_prefill, _compiled_decode
+
+
+def _validate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+        raise TypeError("prompts must be a sequence of token-id sequences, e.g. [[1, 2, 3]]")
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    config = model.config
+    arrays = []
+    for index, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"prompt {index} must be a flat sequence of token ids")
+        if ids.size == 0:
+            raise ValueError(f"prompt {index} is empty: generation needs at least one token")
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {config.vocab_size})")
+        if ids.size + max_new_tokens > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt {index} ({ids.size} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's context of {config.max_position_embeddings} tokens"
+            )
+        arrays.append(ids.astype(np.int32))
+    return arrays
+
+
+def generate(
+    model: GptOss,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    return_logprobs: bool = False,
+    streamer: Streamer | None = None,
+    prefill_chunk_size: int = 512,
+) -> GenerationOutput:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+      model: the model (``gptoss_jax.load`` or ``GptOss``).
+      prompts: token ids per prompt; lengths may differ.
+      max_new_tokens: the most tokens to generate per prompt.
+      temperature: 0 for greedy decoding; OpenAI recommends 1.0 with top_p 1.0.
+      top_k: sample among the k most likely tokens only.
+      top_p: sample among the most likely tokens holding probability top_p.
+      seed: the same seed gives the same tokens.
+      stop_tokens: a row ends after producing one of these (it is kept in the output). For
+        Harmony chats use ``<|return|>`` and ``<|call|>``, not ``<|end|>``.
+      return_logprobs: also return each generated token's log-probability.
+      streamer: called with each step's tokens as they come (see :data:`Streamer`).
+      prefill_chunk_size: prompt tokens per prefill step; bounds activation memory.
+
+    Returns:
+      A :class:`GenerationOutput`.
+    """
+    arrays = _validate(model, prompts, max_new_tokens)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    if prefill_chunk_size < 1:
+        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+    batch = len(arrays)
+    lengths = np.array([a.size for a in arrays], np.int32)
+    if max_new_tokens == 0:
+        return GenerationOutput([[] for _ in arrays], [[] for _ in arrays] if return_logprobs else None,
+                                GenerationStats(0, 0.0, 0, 0.0, 0.0))
+    config = model.config
+    longest = int(lengths.max())
+    chunk = min(_bucket(prefill_chunk_size, _MIN_BUCKET), _bucket(longest, _MIN_BUCKET))
+    padded_length = -(-longest // chunk) * chunk
+    cache_length = min(_bucket(longest + max_new_tokens, _MIN_CACHE), config.max_position_embeddings)
+    tokens = np.zeros((batch, padded_length), np.int32)
+    for row, ids in enumerate(arrays):
+        tokens[row, :ids.size] = ids
+    columns = np.arange(padded_length, dtype=np.int32)
+    positions = np.where(columns[None] < lengths[:, None], columns[None], -1).astype(np.int32)
+
+    prefill, decode = _compiled()
+    compile_before = prefill.compile_seconds + decode.compile_seconds
+    graphdef, state = nnx.split(model)
+    cache = KVCache.create(config, batch, cache_length, model.dtype)
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+    prefill_seconds = 0.0
+    for start in range(0, padded_length, chunk):
+        last = lengths - 1 - start
+        has_last = (last >= 0) & (last < chunk)
+        arguments = (state, jnp.asarray(tokens[:, start:start + chunk]), jnp.asarray(positions[:, start:start + chunk]),
+                     cache, jnp.asarray(np.clip(last, 0, chunk - 1)), jnp.asarray(has_last), logits)
+        begin = time.perf_counter()
+        compile_mark = prefill.compile_seconds
+        logits, cache = prefill(graphdef, *arguments)
+        jax.block_until_ready(logits)
+        prefill_seconds += time.perf_counter() - begin - (prefill.compile_seconds - compile_mark)
+
+    global _streamer
+    _streamer = streamer
+    try:
+        begin = time.perf_counter()
+        compile_mark = decode.compile_seconds
+        generated_tokens, logprobs, generated = decode(
+            graphdef, state, cache, logits, jnp.asarray(lengths), jax.random.key(seed),
+            jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
+            sampling=sampling, buffer=_bucket(max_new_tokens, _MIN_BUCKET), stream=streamer is not None,
+        )
+        generated_tokens, logprobs, generated = jax.device_get((generated_tokens, logprobs, generated))
+        decode_seconds = time.perf_counter() - begin - (decode.compile_seconds - compile_mark)
+    finally:
+        _streamer = None
+
+    stats = GenerationStats(
+        prefill_tokens=int(lengths.sum()), prefill_seconds=prefill_seconds,
+        decode_tokens=int(generated.sum()), decode_seconds=decode_seconds,
+        compile_seconds=prefill.compile_seconds + decode.compile_seconds - compile_before,
+    )
+    return GenerationOutput(
+        tokens=[generated_tokens[row, :n].tolist() for row, n in enumerate(generated)],
+        logprobs=[logprobs[row, :n].tolist() for row, n in enumerate(generated)] if return_logprobs else None,
+        stats=stats,
+    )

@@ -1,0 +1,69 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Log-probabilities are those of the untempered distribution, as OpenAI's reference reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens (Hugging Face's names).
+
+    Attributes:
+      temperature: 0 picks the most likely token (greedy); otherwise logits are divided by it.
+      top_k: keep only the k most likely tokens (None: all).
+      top_p: keep the smallest set of most likely tokens whose probability reaches p (None or 1: all).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _top_p_mask(sorted_logits: jax.Array, top_p: float) -> jax.Array:
+    """Keep mask over logits sorted in descending order: the prefix whose mass reaches top_p."""
+    probabilities = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probabilities, axis=-1) - probabilities
+    return mass_before < top_p  # the most likely token always stays
+
+
+def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Pick one token per row of float32 ``logits [B, V]``; returns int32 ``[B]``."""
+    if config.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / config.temperature
+    use_top_p = config.top_p is not None and config.top_p < 1
+    if config.top_k is None and not use_top_p:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if config.top_k is not None:
+        candidate_logits, candidates = jax.lax.top_k(logits, min(config.top_k, logits.shape[-1]))
+    else:
+        candidates = jnp.argsort(-logits, axis=-1)
+        candidate_logits = jnp.take_along_axis(logits, candidates, axis=-1)
+    if use_top_p:
+        candidate_logits = jnp.where(_top_p_mask(candidate_logits, config.top_p), candidate_logits, -jnp.inf)
+    choice = jax.random.categorical(key, candidate_logits, axis=-1)
+    return jnp.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log p(token) under the untempered ``logits [B, V]`` for ``tokens [B]``; float32 ``[B]``."""
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
