@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gptoss_jax.checkpoint import load
     from gptoss_jax.config import GptOssConfig, preset
+    from gptoss_jax.generate import generate
     from gptoss_jax.model import GptOss
 
-__all__ = ["GptOss", "GptOssConfig", "load", "preset"]
+__all__ = ["GptOss", "GptOssConfig", "generate", "load", "preset"]
 
 _HOME_MODULES = {
     "GptOss": "gptoss_jax.model",
     "GptOssConfig": "gptoss_jax.config",
+    "generate": "gptoss_jax.generate",
     "load": "gptoss_jax.checkpoint",
     "preset": "gptoss_jax.config",
 }

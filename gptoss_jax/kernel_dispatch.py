@@ -1,8 +1,9 @@
 """Choice between the Pallas Mosaic-GPU kernels and their plain-XLA references.
 
-``auto`` takes the kernels on Hopper-or-newer NVIDIA GPUs and the references elsewhere. The
-environment variable ``GPTOSS_JAX_KERNELS`` (``pallas`` or ``xla``) overrides ``auto``; an
-explicit ``kernels=`` argument overrides both.
+``auto`` takes the kernels on Hopper-or-newer NVIDIA GPUs and the references elsewhere;
+``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
+mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
+``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import os
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
-KernelChoice = Literal["auto", "pallas", "xla"]
+from gptoss_jax.config import GptOssConfig
+
+KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 ENV_VAR = "GPTOSS_JAX_KERNELS"
-_CHOICES = ("auto", "pallas", "xla")
+_CHOICES = ("auto", "pallas", "xla", "interpret")
 _MIN_COMPUTE_CAPABILITY = 9.0  # WGMMA and TMA
 
 
@@ -28,7 +32,7 @@ def _has_hopper_gpu() -> bool:
         return False
 
 
-def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla"]:
+def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla", "interpret"]:
     """Turn ``auto`` into ``pallas`` or ``xla``; reject unknown names."""
     if choice not in _CHOICES:
         raise ValueError(f"kernels must be one of {_CHOICES}, got {choice!r}")
@@ -39,3 +43,13 @@ def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla"]:
     if choice == "auto":
         return "pallas" if _has_hopper_gpu() else "xla"
     return choice
+
+
+def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype, cache_slots: int | None = None) -> bool:
+    """Whether the Pallas attention kernels take these shapes (gpt-oss's own always fit).
+
+    They are written for bfloat16, head_dim 64 and groups of 8 query heads per KV head (one
+    64-row WGMMA tile holds 8 heads of 8 tokens); decode reads the cache in 64-slot tiles.
+    """
+    fits = jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
+    return fits and (cache_slots is None or cache_slots % 64 == 0)

@@ -12,12 +12,14 @@ Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden size, ``E`` experts, ``I`` exper
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kernel_dispatch import KernelChoice, resolve_kernels
+from gptoss_jax.kernel_dispatch import KernelChoice, attention_kernel_fits, resolve_kernels
 from gptoss_jax.kv_cache import KVCache, LayerCache
 from gptoss_jax.rope import apply_rotary, rotary_cos_sin, yarn_inverse_frequencies
 from pallas_kernels import mxfp4
@@ -103,7 +105,7 @@ class AttentionBlock(nnx.Module):
         Args:
           x: ``[B, T, H]``.
           positions: int32 ``[B, T]`` absolute positions; negative marks padding.
-          kernels: ``pallas`` or ``xla``.
+          kernels: ``pallas``, ``xla`` or ``interpret``.
           cache: this layer's cache, or None for a forward pass over positions 0..T-1.
 
         Returns:
@@ -133,12 +135,14 @@ class AttentionBlock(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
         sinks = self.sinks[...].astype(jnp.float32)
-        use_kernels = kernels == "pallas" and q.dtype == jnp.bfloat16
+        use_kernels = kernels != "xla" and attention_kernel_fits(
+            self.config, q.dtype, None if cache is None else cache.slots
+        )
         if cache is None:
             if use_kernels:
                 from pallas_kernels.flash_attention import flash_attention
 
-                return flash_attention(q, k, v, sinks, **options), None
+                return flash_attention(q, k, v, sinks, interpret=kernels == "interpret", **options), None
             return attention_reference(q, k, v, sinks, positions, positions, **options), None
         if q.shape[1] == 1:
             # One new token: its write only evicts a key that left its window, so write first.
@@ -146,7 +150,7 @@ class AttentionBlock(nnx.Module):
             if use_kernels:
                 from pallas_kernels.decode_attention import decode_attention
 
-                attend = decode_attention
+                attend = functools.partial(decode_attention, interpret=kernels == "interpret")
             else:
                 attend = attention_reference
             out = attend(q, cache.keys, cache.values, sinks, positions, cache.positions, **options)
@@ -198,7 +202,7 @@ class MLPBlock(nnx.Module):
         routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
 
         groups = group_by_expert(expert_indices, config.num_experts)
-        grouped_matmul = _grouped_matmul(kernels)
+        grouped_matmul = _grouped_matmul(kernels, x.dtype)
         activations = grouped_matmul(
             t[groups.token_index], groups.group_sizes, self.mlp1_weight.blocks[...],
             self.mlp1_weight.scales[...], self.mlp1_bias[...], epilogue="bias_swiglu",
@@ -233,7 +237,8 @@ class GptOss(nnx.Module):
     Args:
       config: the hyperparameters.
       dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
-      kernels: ``auto`` (Pallas on Hopper GPUs, XLA elsewhere), ``pallas`` or ``xla``.
+      kernels: ``auto`` (Pallas on Hopper GPUs, XLA elsewhere), ``pallas``, ``xla``, or
+        ``interpret`` (the Pallas kernels in Mosaic GPU interpret mode, on the CPU).
       rngs: random initialization; use :func:`gptoss_jax.load` for real weights.
 
     Example::
@@ -310,9 +315,10 @@ class GptOss(nnx.Module):
         return x, None if cache is None else KVCache(tuple(layer_caches))
 
 
-def _grouped_matmul(kernels: str):
-    if kernels == "pallas":
-        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+def _grouped_matmul(kernels: str, dtype: jnp.dtype):
+    """The expert matmul: the Pallas kernel (bfloat16 only) or its XLA reference."""
+    if kernels == "xla" or dtype != jnp.bfloat16:
+        return mxfp4_grouped_matmul_reference
+    from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
 
-        return mxfp4_grouped_matmul
-    return mxfp4_grouped_matmul_reference
+    return functools.partial(mxfp4_grouped_matmul, interpret=kernels == "interpret")
