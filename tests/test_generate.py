@@ -1,0 +1,150 @@
+"""generate: cache consistency, sampling, streaming, log-probabilities, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_jax.config import preset
+from gptoss_jax.generate import generate
+from gptoss_jax.model import GptOss
+from gptoss_jax.sampling import SamplingConfig, sample
+
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GptOss(preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    # Lengths differ; the longest plus the new tokens passes the 8-slot ring several times.
+    return [rng.integers(0, 512, n).tolist() for n in (5, 11, 3)]
+
+
+@nnx.jit
+def full_forward(model, tokens):
+    return model(tokens)
+
+
+def greedy_by_full_forward(model, prompt, steps):
+    """The argmax continuation, recomputing the whole sequence without a cache at every step.
+
+    The sequence sits in a fixed-size buffer (one compilation); causal attention keeps the
+    zeros after it from changing any logit up to its end.
+    """
+    buffer = np.zeros((1, len(prompt) + steps), np.int32)
+    buffer[0, :len(prompt)] = prompt
+    for end in range(len(prompt), len(prompt) + steps):
+        buffer[0, end] = int(jnp.argmax(full_forward(model, jnp.asarray(buffer))[0, end - 1]))
+    return buffer[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def greedy_output(model, prompts):
+    # A 4-token prefill chunk: prompts span several chunks and chunks outgrow nothing.
+    return generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=4,
+                    return_logprobs=True)
+
+
+def test_cached_greedy_equals_full_recomputation(model, prompts, greedy_output):
+    assert len(prompts[1]) + NEW_TOKENS > 2 * model.config.sliding_window
+    for prompt, tokens in zip(prompts, greedy_output.tokens):
+        assert tokens == greedy_by_full_forward(model, prompt, NEW_TOKENS)
+
+
+def test_logprobs_are_those_of_the_full_forward(model, prompts, greedy_output):
+    prompt, tokens = prompts[0], greedy_output.tokens[0]
+    logits = full_forward(model, jnp.asarray([prompt + tokens]))[0, len(prompt) - 1:-1]
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tokens)[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(greedy_output.logprobs[0], np.asarray(expected), atol=1e-5)
+
+
+def test_stats_count_tokens(prompts, greedy_output):
+    stats = greedy_output.stats
+    assert stats.prefill_tokens == sum(map(len, prompts))
+    assert stats.decode_tokens == NEW_TOKENS * len(prompts)
+    assert stats.decode_tokens_per_second > 0 and stats.prefill_tokens_per_second > 0
+
+
+def test_stop_token_ends_a_row_and_is_kept(model, prompts, greedy_output):
+    stop = greedy_output.tokens[0][3]
+    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, stop_tokens=[stop])
+    for full, stopped in zip(greedy_output.tokens, out.tokens):
+        expected = full[:full.index(stop) + 1] if stop in full else full
+        assert stopped == expected
+
+
+def test_streamer_sees_every_token_in_order(model, prompts, greedy_output):
+    steps = []
+    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0,
+                   streamer=lambda tokens, active: steps.append((tokens.tolist(), active.tolist())))
+    assert out.tokens == greedy_output.tokens
+    assert [tokens for tokens, _ in steps] == np.array(out.tokens).T.tolist()
+    assert all(all(active) for _, active in steps)
+
+
+def test_same_seed_same_tokens(model, prompts):
+    def run(seed):
+        return generate(model, prompts, max_new_tokens=8, temperature=1.0, seed=seed).tokens
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_zero_new_tokens(model, prompts):
+    out = generate(model, prompts, max_new_tokens=0)
+    assert out.tokens == [[], [], []]
+
+
+def test_top_k_and_top_p_stay_in_their_sets():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.standard_normal((4, 50)) * 3, jnp.float32)
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    probabilities = np.asarray(jax.nn.softmax(logits))
+    order = np.argsort(-probabilities, axis=-1)
+    mass_before = np.cumsum(np.take_along_axis(probabilities, order, -1), -1) - np.take_along_axis(probabilities, order, -1)
+    nucleus = [set(order[row][mass_before[row] < 0.6]) for row in range(4)]
+    seen_k, seen_p = [set() for _ in range(4)], [set() for _ in range(4)]
+    for step in range(200):
+        key = jax.random.key(step)
+        for row, token in enumerate(np.asarray(sample(logits, key, SamplingConfig(temperature=2.0, top_k=3)))):
+            seen_k[row].add(token)
+        for row, token in enumerate(np.asarray(sample(logits, key, SamplingConfig(temperature=1.0, top_p=0.6)))):
+            seen_p[row].add(token)
+    for row in range(4):
+        assert seen_k[row] <= set(top3[row]) and len(seen_k[row]) > 1
+        assert seen_p[row] <= nucleus[row]
+
+
+def test_temperature_zero_is_greedy():
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((3, 20)), jnp.float32)
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), SamplingConfig(temperature=0)),
+                                  np.argmax(np.asarray(logits), -1))
+
+
+@pytest.mark.parametrize(
+    "prompts_, kwargs, message",
+    [
+        ([[]], {}, "prompt 0 is empty"),
+        ([], {}, "no prompts"),
+        ([[1, 2]], {"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
+        ([[1, 512]], {}, "outside the vocabulary"),
+        ([[1] * 131072], {"max_new_tokens": 1}, "exceeds the model's context of 131072"),
+        ([[1]], {"top_p": 1.5}, "top_p must be in"),
+        ([[1]], {"temperature": -1.0}, "temperature must be >= 0"),
+        ([[1]], {"top_k": 0}, "top_k must be >= 1"),
+    ],
+)
+def test_bad_input_is_a_clear_error(model, prompts_, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompts_, **kwargs)
+
+
+def test_a_string_is_not_a_prompt_list(model):
+    with pytest.raises(TypeError, match="sequence of token-id sequences"):
+        generate(model, "hello")
