@@ -1,21 +1,56 @@
 """The ``gptoss-jax`` command line.
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and
-sets ``run`` to the function doing the work; add new ones to ``SUBCOMMANDS``. Work functions
-import what they need themselves, so ``--help`` stays instant. Expected failures (a bad
-checkpoint, an existing destination...) print one line ``gptoss-jax: error: ...`` and exit 1;
-argparse's usage errors exit 2.
+sets ``run`` to the function doing the work; add new ones to ``SUBCOMMANDS``. Arguments shared
+by several subcommands are declared by small ``_add_*_arguments(parser)`` helpers. Work
+functions import what they need themselves, so ``--help`` stays instant. Expected failures (a
+bad checkpoint, an existing destination, an empty prompt...) print one line
+``gptoss-jax: error: ...`` and exit 1; argparse's usage errors exit 2.
+
+Generated text goes to stdout; progress, notes and throughput go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from gptoss_jax.generate import GenerationStats
+    from gptoss_jax.harmony import Conversation, Message
+    from gptoss_jax.model import GptOss
+    from gptoss_jax.tokenizer import Tokenizer
 
 PROG = "gptoss-jax"
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+
+DEMO_MESSAGE = "What is the capital of France? Answer in one sentence."
+DEMO_MAX_NEW_TOKENS = 48
+RANDOM_WEIGHTS_NOTE = (
+    "note: the embedded demo model has random weights, so its text is gibberish; "
+    "pass --checkpoint for a real gpt-oss checkpoint"
+)
+# Stops of a raw completion: the end of a document, and of a Harmony answer.
+COMPLETION_STOP_TOKENS = ("<|endoftext|>", "<|return|>")
+
+
+class InputError(ValueError):
+    """Bad command-line input, reported as one line."""
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# convert
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -47,7 +82,342 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_convert)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+# ----------------------------------------------------------------------------------------------
+# Arguments shared by generate, chat and demo
+
+
+def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", metavar="DIR",
+        help="checkpoint folder with tokenizer.json: converted, HF root or original/ "
+             "(default: the embedded demo model, made on the spot)",
+    )
+
+
+def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="compute dtype (default: bfloat16)")
+    parser.add_argument("--kernels", choices=("auto", "pallas", "xla"), default="auto",
+                        help="Pallas kernels on a GPU that has them (auto), always, or plain XLA")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                        help=f"the most tokens to generate (default: {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                        help="sampling temperature; 0 for greedy decoding (default: 1.0)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="sample among the most likely tokens holding probability P")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
+
+
+def _add_harmony_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
+                        help="the system message's reasoning effort (default: medium)")
+    parser.add_argument("--developer", "--system", dest="developer", metavar="TEXT",
+                        help="instructions (what other chat formats call the system prompt), "
+                             "sent as Harmony's developer message")
+    parser.add_argument("--date", metavar="YYYY-MM-DD", default=datetime.date.today().isoformat(),
+                        help="the system message's current date (default: today)")
+
+
+def _check_generation_arguments(args: argparse.Namespace) -> None:
+    """Reject bad sampling arguments before any model is loaded."""
+    from gptoss_jax.sampling import SamplingConfig
+
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:
+        raise InputError(f"--{str(e).replace('_', '-')}") from None
+
+
+def _checked_text(text: str, what: str) -> str:
+    if not text.strip():
+        raise InputError(f"the {what} is empty")
+    return text
+
+
+def _text_from_stdin(what: str) -> str:
+    """The whole of stdin, which must not be a terminal (then the text was expected as an argument)."""
+    if sys.stdin.isatty():
+        raise InputError(f"no {what} given: pass it as an argument or pipe it to stdin")
+    return _checked_text(sys.stdin.read().rstrip("\n"), what)
+
+
+def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokenizer]:
+    """The model and tokenizer of ``--checkpoint``, or of the embedded demo checkpoint."""
+    import jax.numpy as jnp
+
+    import gptoss_jax
+    from gptoss_jax.demo import ensure_demo_checkpoint
+    from gptoss_jax.tokenizer import Tokenizer
+
+    if args.checkpoint is None:
+        folder = ensure_demo_checkpoint(
+            on_create=lambda path: _status(f"writing the embedded demo checkpoint to {path}")
+        )
+        _status(RANDOM_WEIGHTS_NOTE)
+    else:
+        folder = Path(args.checkpoint)
+        if not folder.is_dir():
+            raise InputError(f"checkpoint folder not found: {folder}")
+    start = time.perf_counter()
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels)
+    tokenizer = Tokenizer.from_pretrained_dir(folder)
+    _status(f"loaded {folder} ({args.dtype}, kernels {args.kernels}) in {time.perf_counter() - start:.1f} s")
+    return model, tokenizer
+
+
+def _generate(
+    model: GptOss, prompt: list[int], args: argparse.Namespace, stop_tokens: Sequence[int],
+    on_token: Callable[[int], None],
+) -> GenerationStats:
+    """Generate from one prompt, handing each token to ``on_token`` as it comes."""
+    from gptoss_jax.generate import generate
+
+    def streamer(tokens, active) -> None:
+        if active[0]:
+            on_token(int(tokens[0]))
+
+    try:
+        output = generate(
+            model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
+        )
+    except ValueError as e:  # generate's own checks (e.g. prompt longer than the context)
+        raise InputError(str(e)) from None
+    return output.stats
+
+
+def _report_throughput(stats: GenerationStats) -> None:
+    _status(
+        f"prefill: {stats.prefill_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tokens/s | "
+        f"decode: {stats.decode_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s | "
+        f"compile: {stats.compile_seconds:.1f} s"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import codecs
+
+    prompt = _checked_text(args.prompt, "prompt") if args.prompt is not None else _text_from_stdin("prompt")
+    _check_generation_arguments(args)
+    model, tokenizer = _load_model_and_tokenizer(args)
+    stops = [tokenizer.special_tokens[name] for name in COMPLETION_STOP_TOKENS if name in tokenizer.special_tokens]
+    # Tokens can split a UTF-8 character; the incremental decoder holds the bytes until it is whole.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def show(token: int) -> None:
+        if token not in stops:
+            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
+            sys.stdout.flush()
+
+    stats = _generate(model, tokenizer.encode(prompt), args, stops, show)
+    print(utf8.decode(b"", final=True))
+    _report_throughput(stats)
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a text (raw completion, no chat format)",
+        description=(
+            "Continue PROMPT (or stdin) with the model and stream the new text to stdout. No chat "
+            "format is applied; generation stops at <|endoftext|> or <|return|>. Prefill and "
+            "decode throughput go to stderr at the end."
+        ),
+    )
+    parser.add_argument("prompt", nargs="?", metavar="PROMPT", help="the text to continue (default: stdin)")
+    _add_checkpoint_argument(parser)
+    _add_sampling_arguments(parser, max_new_tokens=128)
+    _add_runtime_arguments(parser)
+    parser.set_defaults(run=_run_generate)
+
+
+# ----------------------------------------------------------------------------------------------
+# chat
+
+
+class _ReplyPrinter:
+    """Parses a Harmony reply token by token and writes its text in sections by channel.
+
+    Sections are labelled ``analysis:``, ``final:``...; on a terminal the labels are bold and
+    the analysis (chain of thought) is dim, elsewhere the text is plain. A message without a
+    channel (only malformed output has one) is shown as the answer. Parsing is lenient: a model
+    may emit anything (the random demo model does), and the chat shows it rather than fail.
+    """
+
+    _BOLD, _DIM, _RESET = "\033[1m", "\033[2m", "\033[0m"
+
+    def __init__(self, tokenizer: Tokenizer, stream: TextIO) -> None:
+        from gptoss_jax.harmony import StreamParser
+
+        self._parser = StreamParser(tokenizer, strict=False)
+        self._stream = stream
+        self._styled = stream.isatty() and "NO_COLOR" not in os.environ
+        self._section: str | None = None
+
+    def process(self, token: int) -> None:
+        """Parse one generated token and write the text it adds."""
+        messages_before = len(self._parser.messages)
+        delta = self._parser.process(token)
+        self._write(self._delta_channel(messages_before), delta)
+
+    def finish(self) -> tuple[Message, ...]:
+        """Complete a reply cut off by the token limit; returns the reply's messages."""
+        messages_before = len(self._parser.messages)
+        self._parser.process_eos()
+        self._write(self._delta_channel(messages_before), self._parser.last_content_delta)
+        self._end_section()
+        self._stream.flush()
+        return self._parser.messages
+
+    def _delta_channel(self, messages_before: int) -> str | None:
+        # The text just returned may have ended a message; then it belongs to that message.
+        if len(self._parser.messages) > messages_before:
+            return self._parser.messages[-1].channel
+        return self._parser.current_channel
+
+    def _write(self, channel: str | None, text: str) -> None:
+        if not text:
+            return
+        section = channel or "final"
+        if section != self._section:
+            self._end_section()
+            label = f"{section}:"
+            self._stream.write(f"{self._BOLD}{label}{self._RESET} " if self._styled else f"{label} ")
+            if self._styled and section == "analysis":
+                self._stream.write(self._DIM)
+            self._section = section
+        self._stream.write(text)
+        self._stream.flush()
+
+    def _end_section(self) -> None:
+        if self._section is None:
+            return
+        if self._styled:
+            self._stream.write(self._RESET)
+        self._stream.write("\n")
+        self._section = None
+
+
+def _chat_preamble(reasoning_effort: str, developer: str | None, date: str) -> Conversation:
+    """The system message (and the developer message when there are instructions)."""
+    from gptoss_jax.harmony import Conversation, DeveloperContent, Message, Role, SystemContent
+
+    try:
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise InputError(f"--date must be YYYY-MM-DD, got {date!r}") from None
+    messages = [Message(Role.SYSTEM, SystemContent(reasoning_effort=reasoning_effort, conversation_start_date=date))]
+    if developer is not None:
+        messages.append(Message(Role.DEVELOPER, DeveloperContent(instructions=developer)))
+    return Conversation(tuple(messages))
+
+
+def _chat_turn(
+    model: GptOss, tokenizer: Tokenizer, conversation: Conversation, user_message: str,
+    args: argparse.Namespace,
+) -> Conversation:
+    """Answer ``user_message``, streaming the reply to stdout; returns the longer conversation."""
+    from gptoss_jax.harmony import Message, Role, encode_for_completion, stop_token_ids
+
+    conversation = conversation.extended([Message(Role.USER, user_message)])
+    printer = _ReplyPrinter(tokenizer, sys.stdout)
+    stats = _generate(model, encode_for_completion(conversation, tokenizer), args,
+                      sorted(stop_token_ids(tokenizer)), printer.process)
+    reply = printer.finish()
+    _report_throughput(stats)
+    # The rendering of the next prompt drops this turn's analysis once a user message follows
+    # its final answer (Harmony's rule), so every message goes into the history.
+    return conversation.extended(reply)
+
+
+def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Conversation, args: argparse.Namespace) -> None:
+    _status("type a message and press Enter; Ctrl-D to quit")
+    while True:
+        try:
+            message = input(">>> ")
+        except EOFError:
+            print()
+            return
+        if message.strip():
+            conversation = _chat_turn(model, tokenizer, conversation, message, args)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    interactive = args.message is None and sys.stdin.isatty()
+    message = None
+    if not interactive:
+        message = _checked_text(args.message, "message") if args.message is not None else _text_from_stdin("message")
+    _check_generation_arguments(args)
+    conversation = _chat_preamble(args.reasoning_effort, args.developer, args.date)
+    model, tokenizer = _load_model_and_tokenizer(args)
+    if interactive:
+        _interactive_chat(model, tokenizer, conversation, args)
+    else:
+        _chat_turn(model, tokenizer, conversation, message, args)
+    return 0
+
+
+def _add_chat(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "chat",
+        help="chat in the Harmony format, showing the reasoning apart from the answer",
+        description=(
+            "Answer MESSAGE in the Harmony chat format and stream the reply to stdout: the "
+            "analysis channel (the model's reasoning) apart from the final answer. Generation "
+            "stops at <|return|> or <|call|>. Without MESSAGE, reads the message from stdin, or "
+            "on a terminal chats turn after turn (Ctrl-D quits). Prefill and decode throughput "
+            "go to stderr after each reply."
+        ),
+    )
+    parser.add_argument("message", nargs="?", metavar="MESSAGE", help="the user's message (default: stdin)")
+    _add_checkpoint_argument(parser)
+    _add_harmony_arguments(parser)
+    _add_sampling_arguments(parser, max_new_tokens=1024)
+    _add_runtime_arguments(parser)
+    parser.set_defaults(run=_run_chat)
+
+
+# ----------------------------------------------------------------------------------------------
+# demo
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _check_generation_arguments(args)
+    conversation = _chat_preamble("low", None, datetime.date.today().isoformat())
+    model, tokenizer = _load_model_and_tokenizer(args)
+    _status(f"user: {DEMO_MESSAGE}")
+    _chat_turn(model, tokenizer, conversation, DEMO_MESSAGE, args)
+    return 0
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="one chat turn on the embedded demo model (no download)",
+        description=(
+            "Run the whole pipeline on a fresh machine: write a small gpt-oss-shaped checkpoint "
+            "with random weights (once; it is cached), load it, answer a fixed message in the "
+            "Harmony chat format with streaming, and print the throughput. The weights are "
+            "random, so the reply is gibberish."
+        ),
+    )
+    _add_sampling_arguments(parser, max_new_tokens=DEMO_MAX_NEW_TOKENS)
+    _add_runtime_arguments(parser)
+    parser.set_defaults(run=_run_demo, checkpoint=None)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_generate, _add_chat, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +435,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from gptoss_jax.checkpoint import CheckpointError
     from gptoss_jax.config import ConfigError
 
-    return CheckpointError, LayoutError, ConfigError, OSError
+    return InputError, CheckpointError, LayoutError, ConfigError, OSError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
