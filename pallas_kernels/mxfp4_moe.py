@@ -18,27 +18,30 @@ Structure:
   and the activations are split into even and odd columns once per call (in XLA), so each byte
   tile feeds two WGMMAs and nothing is interleaved in registers. An E8M0 scale covers 16 bytes,
   i.e. 16 columns of each half, so it broadcasts over aligned 16-column slices.
-* **Tasks.** Rows are sorted by expert. A task is one expert's run of at most ``block_m``
-  consecutive rows; the grid is ``(tasks, N / block_n)``. Task row windows start exactly at the
-  group's first row, so with decode-sized groups every expert has one task and each active
-  expert's weights are read once per call; larger groups re-read their weights once per
-  ``block_m`` rows (from L2 when the tasks run together). One extra pseudo-group covers the
-  rows past ``sum(group_sizes)``: its tasks write zeros, so those rows come out as 0 like the
-  reference's.
+* **Tasks.** Rows are sorted by expert. A task is a window of ``block_m`` rows holding part of
+  one expert's group; the grid is ``(tasks, N / 64)``, tasks fastest. A window starts at its
+  group's first row rounded down to a multiple of 8 (TMA into the 8-row tiled activation
+  tile), so a group of up to ``block_m - 7`` rows has one task: at decode sizes each active
+  expert's weights are read once per call. Larger groups re-read their weights once per
+  ``block_m`` rows, from L2 when neighbouring tasks run together. One extra pseudo-group covers
+  the rows past ``sum(group_sizes)``: its tasks write zeros, so those rows come out as 0 like
+  the reference's.
 * **Epilogues, fused.** ``"bias"``: ``bf16(acc) + bias`` in bf16. ``"bias_swiglu"``: the gate
   (even) and linear (odd) weight rows are read as two strided views of the same blocks (no
   repack) into two accumulators, and the clamped SwiGLU runs on the tile, rounding to bf16 after
   each operation like the reference. ``row_weights`` multiplies the bf16 result in float32.
 * **Partial tiles.** N is tiled by 64 (2880 = 45 * 64, 5760 = 90 * 64) and K/2 by ``block_kb``
-  bytes (1440 = 15 * 96), so gpt-oss sizes need no masking. Token tiles may read up to
-  ``block_m - 1`` rows past a group: the activations are padded by ``block_m`` rows in XLA so the
-  reads stay in bounds, and stores write only each task's rows (power-of-two TMA stores).
+  bytes (1440 = 15 * 96), so gpt-oss sizes need no masking. Row windows reach up to
+  ``block_m - 1`` rows past the last row: the activations are padded by ``block_m`` rows (to a
+  multiple of 8) in XLA so every read stays in bounds, and stores write only each task's own
+  rows (power-of-two TMA stores), so the output is exactly ``[M, N]``.
 
 Scales: the checkpoint's ``[E, N, K/32]`` rows are 90 bytes for K = 2880, not a multiple of 16,
 so TMA cannot copy them. Each thread loads the scales of its own accumulator rows from global
-memory (a few bytes per 16-column slice, L1/L2 resident). A one-time repack of the scales to
-``[E, K/32, N]`` would let TMA stream them like tokamax's quantized kernel does; see the notes in
-``benchmarks/moe_kernel.py``.
+memory (2 bytes per 16-byte slice, one pipeline step ahead so the latency hides behind the
+current step). A one-time repack of the scales to ``[E, K/32, N]`` in the converter would let
+TMA stream them with the bytes, as tokamax's quantized kernel does; it is not done (the
+checkpoint layout is kept) until a GPU measurement shows the loads matter.
 
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except WGMMA with a
 register LHS, which the interpreter refuses: :class:`Config.decoded_lhs` switches between
@@ -105,7 +108,9 @@ class Config:
       raise ValueError(f"decoded_lhs={self.decoded_lhs!r} must be 'registers' or 'smem'")
 
 
-def _swizzled(dtype: jnp.dtype, swizzle: int) -> tuple[plgpu.TilingTransform, plgpu.SwizzleTransform]:
+def _swizzled(
+    dtype: jnp.dtype, swizzle: int
+) -> tuple[plgpu.TilingTransform, plgpu.SwizzleTransform]:
   bits = jnp.dtype(dtype).itemsize * 8
   return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
@@ -241,7 +246,9 @@ def mxfp4_grouped_matmul(
   if block_bytes != _BYTES_PER_SCALE or k_blocks * mxfp4.BLOCK_SIZE != k:
     raise ValueError(f"blocks {blocks.shape} do not match lhs {lhs.shape}")
   if scales.shape != (num_experts, n, k_blocks) or bias.shape != (num_experts, n):
-    raise ValueError(f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}")
+    raise ValueError(
+        f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}"
+    )
   if group_sizes.shape != (num_experts,):
     raise ValueError(f"group_sizes {group_sizes.shape} must be [{num_experts}]")
   if epilogue not in ("bias", "bias_swiglu"):
@@ -347,30 +354,37 @@ def _kernel(
   # Activation tiles and decoded weight tiles (smem variant) are bf16 [rows, block_kb].
   bf16_tile = _swizzled(jnp.bfloat16, plgpu.find_swizzle(block_kb * 16, "lhs"))
 
-  def decoded_tiles(step, w_smem, half):
+  def load_scales(step):
+    """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
+    scales = []
+    for half in range(halves):
+      for s in range(scales_per_step):
+        scale_bytes = plgpu.load(
+            scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
+            layout=_ROW,
+            optimized=False,
+        )
+        # The E8M0 byte is exactly the exponent field of the bf16 power of two.
+        scales.append(lax.bitcast_convert_type(scale_bytes.astype(jnp.uint16) << 7, jnp.bfloat16))
+    return tuple(scales)
+
+  def decoded_tiles(w_smem, scales):
     """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
-    slices = []
-    for s in range(scales_per_step):
-      scale_bytes = plgpu.load(
-          scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
-          layout=_ROW,
-          optimized=False,
-      )
-      # E8M0 byte s -> bf16 2**(s - 127): the byte is the bf16 exponent field.
-      scale = lax.bitcast_convert_type(scale_bytes.astype(jnp.uint16) << 7, jnp.bfloat16)
-      slices.append(lax.broadcast_in_dim(scale, (BLOCK_N, _BYTES_PER_SCALE), (0,)))
+    slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
     scale = jnp.concatenate(slices, axis=1)
     codes = w_smem[...].astype(jnp.uint16)
     return _decode_e2m1(codes & 0xF) * scale, _decode_e2m1(codes >> 4) * scale
 
   def compute(*accs):
-    def body(idx, *refs):
-      (step,) = idx
+    def body(step, refs, lhs_smems, scales):
       w_smems = refs[:halves]
-      x_even, x_odd = refs[halves : halves + 2]
-      lhs_smems = refs[halves + 2 :]
+      x_even, x_odd = refs[halves:]
+      # The scales are per-thread global loads: issue the next step's now so their latency
+      # hides behind this step's decode and WGMMAs (the last step reloads its own).
+      next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
       for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
-        even, odd = decoded_tiles(step, w_smem, half)
+        half_scales = scales[half * scales_per_step : (half + 1) * scales_per_step]
+        even, odd = decoded_tiles(w_smem, half_scales)
         if config.decoded_lhs == "registers":
           plgpu.wgmma(acc, even, x_even.T)
           plgpu.wgmma(acc, odd, x_odd.T)
@@ -382,16 +396,18 @@ def _kernel(
           plgpu.wgmma(acc, even_smem, x_even.T)
           plgpu.wgmma(acc, odd_smem, x_odd.T)
       plgpu.wgmma_wait(0)
+      return next_scales
 
-    if config.decoded_lhs == "smem":
-      lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)] * (
-          2 * halves
+    def pipeline_body(idx, *refs_and_scales):
+      (step,) = idx
+      *refs, scales = refs_and_scales
+      if config.decoded_lhs == "registers":
+        return body(step, refs, (), scales)
+      lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)]
+      return pl.run_scoped(
+          lambda *scratch: body(step, refs, scratch, scales), *lhs_scratch * (2 * halves)
       )
-      pipeline_body = lambda idx, *refs: pl.run_scoped(
-          lambda *scratch: body(idx, *refs, *scratch), *lhs_scratch
-      )
-    else:
-      pipeline_body = body
+
     w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
     x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
     plgpu.emit_pipeline(
@@ -399,6 +415,7 @@ def _kernel(
         grid=(k_steps,),
         in_specs=[w_spec] * halves + [x_spec, x_spec],
         max_concurrent_steps=stages,
+        init_carry=load_scales(0),
     )(
         *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
         lhs_even_gmem.at[rows],
