@@ -13,8 +13,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptoss_jax.config import GptOssConfig
+from pallas_kernels import mxfp4_moe
 
 KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 ENV_VAR = "GPTOSS_JAX_KERNELS"
@@ -53,3 +55,22 @@ def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype, cache_slots: i
     """
     fits = jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
     return fits and (cache_slots is None or cache_slots % 64 == 0)
+
+
+def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
+    """Whether the Pallas MXFP4 expert kernel takes these sizes (gpt-oss's 2880 does).
+
+    It reads weights in 64-row tiles and K in ``block_kb``-byte steps, for both expert
+    matmuls (K = hidden size, then K = expert size).
+    """
+    step = 2 * mxfp4_moe.Config().block_kb  # K values per pipeline step
+    return (
+        jnp.dtype(dtype) == jnp.bfloat16
+        and all(size % step == 0 and size % mxfp4_moe.BLOCK_N == 0
+                for size in (config.hidden_size, config.intermediate_size))
+    )
+
+
+def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:
+    """The kernels' ``interpret`` argument for a resolved kernel choice."""
+    return plgpu.InterpretGPUParams() if kernels == "interpret" else None

@@ -1,0 +1,91 @@
+"""The model's kernel path (Pallas kernels in Mosaic GPU interpret mode) against its XLA path.
+
+The config has gpt-oss's attention geometry (head_dim 64, 8 query heads per KV head) and expert
+sizes the MXFP4 kernel tiles (multiples of 192), at a size interpret mode runs in seconds.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_jax.config import preset
+from gptoss_jax.kernel_dispatch import (
+    attention_kernel_fits,
+    moe_kernel_fits,
+    resolve_kernels,
+)
+from gptoss_jax.kv_cache import KVCache
+from gptoss_jax.model import GptOss
+
+KERNEL_CONFIG = dataclasses.replace(
+    preset("tiny"), hidden_size=192, intermediate_size=384, head_dim=64,
+    num_attention_heads=8, num_key_value_heads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokens():
+    model = GptOss(KERNEL_CONFIG, kernels="xla", rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, KERNEL_CONFIG.vocab_size, (2, 20)), jnp.int32)
+    return model, tokens
+
+
+def errors_against_float32(model, run):
+    """(kernel path error, XLA bfloat16 path error), each against the float32 XLA path."""
+    model.dtype, model.kernels = jnp.dtype(jnp.float32), "xla"
+    reference = np.asarray(run(model))
+    model.dtype = jnp.dtype(jnp.bfloat16)
+    xla = np.asarray(run(model))
+    model.kernels = "interpret"
+    kernel = np.asarray(run(model))
+    model.kernels = "xla"
+    return np.abs(kernel - reference).max(), np.abs(xla - reference).max()
+
+
+def test_the_kernels_fit_this_config_and_gpt_oss():
+    for config in (KERNEL_CONFIG, preset("gpt-oss-20b"), preset("gpt-oss-120b")):
+        assert attention_kernel_fits(config, jnp.bfloat16, cache_slots=128)
+        assert moe_kernel_fits(config, jnp.bfloat16)
+    assert not moe_kernel_fits(preset("tiny"), jnp.bfloat16)  # 64 is not a multiple of 192
+    assert not attention_kernel_fits(preset("tiny"), jnp.bfloat16)  # head_dim 16
+    assert not moe_kernel_fits(KERNEL_CONFIG, jnp.float32)
+
+
+def test_forward_with_kernels_matches_the_xla_path(model_and_tokens):
+    model, tokens = model_and_tokens
+    kernel_error, xla_error = errors_against_float32(model, lambda m: m(tokens))
+    assert 0 < kernel_error <= 2 * xla_error
+
+
+def test_cached_decode_step_with_kernels_matches_the_xla_path(model_and_tokens):
+    model, tokens = model_and_tokens
+    length = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
+
+    def decode_last_token(m):
+        # Prefill all but the last token, then one decode step (the decode-attention kernel).
+        cache = KVCache.create(KERNEL_CONFIG, tokens.shape[0], 256, m.dtype)
+        _, cache = m.with_cache(tokens[:, :-1], positions[:, :-1], cache)
+        logits, _ = m.with_cache(tokens[:, -1:], positions[:, -1:], cache)
+        return logits
+
+    kernel_error, xla_error = errors_against_float32(model, decode_last_token)
+    assert 0 < kernel_error <= 2 * xla_error
+    assert length - 1 > KERNEL_CONFIG.sliding_window  # the ring has wrapped
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv("GPTOSS_JAX_KERNELS", raising=False)
+    assert resolve_kernels("auto") == "xla"  # no GPU here
+    assert resolve_kernels("interpret") == "interpret"
+    monkeypatch.setenv("GPTOSS_JAX_KERNELS", "pallas")
+    assert resolve_kernels("auto") == "pallas"
+    assert resolve_kernels("xla") == "xla"  # an explicit choice beats the environment
+    monkeypatch.setenv("GPTOSS_JAX_KERNELS", "triton")
+    with pytest.raises(ValueError, match="GPTOSS_JAX_KERNELS must be one of"):
+        resolve_kernels("auto")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        GptOss(KERNEL_CONFIG, kernels="cuda", rngs=nnx.Rngs(0))
