@@ -47,172 +47,172 @@ L2_FLUSH_BYTES = 256 << 20
 
 
 def device_peaks(kind: str) -> tuple[float, float] | None:
-  for name, peaks in PEAKS.items():
-    if name in kind:
-      return peaks
-  return None
+    for name, peaks in PEAKS.items():
+        if name in kind:
+            return peaks
+    return None
 
 
 def routed_problem(tokens: int, experts: int, n: int, seed: int):
-  """Random MXFP4 experts and top-4 routing of ``tokens``, rows sorted by expert."""
-  keys = jax.random.split(jax.random.key(seed), 6)
-  blocks = jax.random.randint(keys[0], (experts, n, HIDDEN // 32, 16), 0, 256, jnp.int32)
-  scales = jax.random.randint(keys[1], (experts, n, HIDDEN // 32), 118, 123, jnp.int32)
-  bias = jax.random.normal(keys[2], (experts, n), jnp.bfloat16)
-  x = jax.random.normal(keys[3], (tokens, HIDDEN), jnp.bfloat16)
-  # Top-4 of random logits: distinct experts per token, like the router.
-  _, expert_indices = jax.lax.top_k(jax.random.normal(keys[4], (tokens, experts)), TOP_K)
-  groups = group_by_expert(expert_indices, experts)
-  row_weights = jax.random.uniform(keys[5], (tokens * TOP_K,), jnp.float32)
-  return dict(
-      lhs=x[groups.token_index],
-      group_sizes=groups.group_sizes,
-      blocks=blocks.astype(jnp.uint8),
-      scales=scales.astype(jnp.uint8),
-      bias=bias,
-  ), row_weights
+    """Random MXFP4 experts and top-4 routing of ``tokens``, rows sorted by expert."""
+    keys = jax.random.split(jax.random.key(seed), 6)
+    blocks = jax.random.randint(keys[0], (experts, n, HIDDEN // 32, 16), 0, 256, jnp.int32)
+    scales = jax.random.randint(keys[1], (experts, n, HIDDEN // 32), 118, 123, jnp.int32)
+    bias = jax.random.normal(keys[2], (experts, n), jnp.bfloat16)
+    x = jax.random.normal(keys[3], (tokens, HIDDEN), jnp.bfloat16)
+    # Top-4 of random logits: distinct experts per token, like the router.
+    _, expert_indices = jax.lax.top_k(jax.random.normal(keys[4], (tokens, experts)), TOP_K)
+    groups = group_by_expert(expert_indices, experts)
+    row_weights = jax.random.uniform(keys[5], (tokens * TOP_K,), jnp.float32)
+    return dict(
+        lhs=x[groups.token_index],
+        group_sizes=groups.group_sizes,
+        blocks=blocks.astype(jnp.uint8),
+        scales=scales.astype(jnp.uint8),
+        bias=bias,
+    ), row_weights
 
 
 def gpu_seconds(fn, *args, iters: int) -> float:
-  """Median GPU time of ``fn(*args)`` (all its kernels, via CUPTI), L2 flushed before each."""
-  from jax.experimental.mosaic.gpu import profiler
+    """Median GPU time of ``fn(*args)`` (all its kernels, via CUPTI), L2 flushed before each."""
+    from jax.experimental.mosaic.gpu import profiler
 
-  flush = jax.jit(lambda b: b + 1)
-  buffer = jnp.zeros((L2_FLUSH_BYTES // 4,), jnp.float32)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    buffer = jax.block_until_ready(flush(buffer))
-    _, ms = profiler.measure(fn)(*args)
-    times.append(ms / 1e3)
-  return statistics.median(times)
+    flush = jax.jit(lambda b: b + 1)
+    buffer = jnp.zeros((L2_FLUSH_BYTES // 4,), jnp.float32)
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        buffer = jax.block_until_ready(flush(buffer))
+        _, ms = profiler.measure(fn)(*args)
+        times.append(ms / 1e3)
+    return statistics.median(times)
 
 
 def bf16_grouped_matmul(lhs, group_sizes, weights_bf16):
-  """jax's Mosaic GPU ragged dot, weights ``[E, N, K]`` bf16 (no epilogue)."""
-  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    """jax's Mosaic GPU ragged dot, weights ``[E, N, K]`` bf16 (no epilogue)."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-  block = 64  # divides 2880, 5760 and K=2880; rows are padded to it for whole TMA tiles
-  rows = lhs.shape[0]
-  padded = jnp.pad(lhs, ((0, -rows % block), (0, 0)))
-  out = ragged_dot_mgpu.ragged_dot(
-      padded, weights_bf16, group_sizes=group_sizes, block_m=block, block_n=block, block_k=block,
-      max_concurrent_steps=4, grid_block_n=1, transpose_rhs=True,
-  )
-  return out[:rows]
+    block = 64  # divides 2880, 5760 and K=2880; rows are padded to it for whole TMA tiles
+    rows = lhs.shape[0]
+    padded = jnp.pad(lhs, ((0, -rows % block), (0, 0)))
+    out = ragged_dot_mgpu.ragged_dot(
+        padded, weights_bf16, group_sizes=group_sizes, block_m=block, block_n=block, block_k=block,
+        max_concurrent_steps=4, grid_block_n=1, transpose_rhs=True,
+    )
+    return out[:rows]
 
 
 def bench(model: str, tokens: int, matmul: str, iters: int) -> dict:
-  experts = EXPERTS[model]
-  n, epilogue = (2 * HIDDEN, "bias_swiglu") if matmul == "mlp1" else (HIDDEN, "bias")
-  problem, row_weights = routed_problem(tokens, experts, n, seed=tokens)
-  weights = row_weights if matmul == "mlp2" else None
-  rows = tokens * TOP_K
-  active = int(jnp.count_nonzero(problem["group_sizes"]))
-  out_n = n // 2 if epilogue == "bias_swiglu" else n
-  out_bytes = rows * out_n * (4 if weights is not None else 2)
-  io_bytes = rows * HIDDEN * 2 + active * n * 2 + out_bytes  # activations, bias, output
-  packed_bytes = active * n * (HIDDEN // 2 + HIDDEN // 32)
-  flops = 2 * rows * n * HIDDEN
-  row = dict(model=model, tokens=tokens, matmul=matmul, rows=rows, active=active)
+    experts = EXPERTS[model]
+    n, epilogue = (2 * HIDDEN, "bias_swiglu") if matmul == "mlp1" else (HIDDEN, "bias")
+    problem, row_weights = routed_problem(tokens, experts, n, seed=tokens)
+    weights = row_weights if matmul == "mlp2" else None
+    rows = tokens * TOP_K
+    active = int(jnp.count_nonzero(problem["group_sizes"]))
+    out_n = n // 2 if epilogue == "bias_swiglu" else n
+    out_bytes = rows * out_n * (4 if weights is not None else 2)
+    io_bytes = rows * HIDDEN * 2 + active * n * 2 + out_bytes  # activations, bias, output
+    packed_bytes = active * n * (HIDDEN // 2 + HIDDEN // 32)
+    flops = 2 * rows * n * HIDDEN
+    row = dict(model=model, tokens=tokens, matmul=matmul, rows=rows, active=active)
 
-  kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=epilogue))
-  reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=epilogue))
-  args = tuple(problem.values()) + (weights,)
-  out = kernel(*args[:5], row_weights=weights)
-  row["kernel"] = (gpu_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
-                   packed_bytes + io_bytes)
+    kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=epilogue))
+    reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=epilogue))
+    args = tuple(problem.values()) + (weights,)
+    out = kernel(*args[:5], row_weights=weights)
+    row["kernel"] = (gpu_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
+                     packed_bytes + io_bytes)
 
-  if 2 * rows * n * HIDDEN * active <= XLA_FLOP_LIMIT:
-    call = lambda *a: reference(*a[:5], row_weights=a[5])
-    row["xla"] = (gpu_seconds(call, *args, iters=iters), packed_bytes + io_bytes)
-    ref = call(*args)
-    row["max_abs_diff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+    if 2 * rows * n * HIDDEN * active <= XLA_FLOP_LIMIT:
+        call = lambda *a: reference(*a[:5], row_weights=a[5])
+        row["xla"] = (gpu_seconds(call, *args, iters=iters), packed_bytes + io_bytes)
+        ref = call(*args)
+        row["max_abs_diff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
 
-  weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
-  try:
-    seconds = gpu_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
-                          weights_bf16, iters=iters)
-    row["bf16"] = (seconds, active * n * HIDDEN * 2 + io_bytes)
-  except Exception as error:  # report the baseline's failure, keep measuring the rest
-    row["bf16_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-  del weights_bf16
-  row["flops"] = flops
-  return row
+    weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
+    try:
+        seconds = gpu_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
+                              weights_bf16, iters=iters)
+        row["bf16"] = (seconds, active * n * HIDDEN * 2 + io_bytes)
+    except Exception as error:  # report the baseline's failure, keep measuring the rest
+        row["bf16_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    del weights_bf16
+    row["flops"] = flops
+    return row
 
 
 def print_table(results: list[dict], peaks) -> None:
-  flop_peak, hbm_peak = peaks
-  print("| model | tokens | matmul | active experts | path | time (us) | MB moved | GB/s | "
-        "% HBM peak | TFLOP/s | % bf16 peak |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for r in results:
-    for path in ("kernel", "xla", "bf16"):
-      if path not in r:
-        continue
-      seconds, nbytes = r[path]
-      bandwidth, tflops = nbytes / seconds, r["flops"] / seconds / 1e12
-      print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | {path} | "
-            f"{seconds * 1e6:.1f} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
-            f"{100 * bandwidth / hbm_peak:.0f}% | {tflops:.1f} | "
-            f"{100 * tflops * 1e12 / flop_peak:.1f}% |")
-    if "bf16_error" in r:
-      print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | bf16 | "
-            f"failed: {r['bf16_error']} | | | | | |")
-  print()
-  for r in results:
-    if "max_abs_diff" in r:
-      print(f"{r['model']} tokens={r['tokens']} {r['matmul']}: "
-            f"max |kernel - xla| = {r['max_abs_diff']:.3g}")
+    flop_peak, hbm_peak = peaks
+    print("| model | tokens | matmul | active experts | path | time (us) | MB moved | GB/s | "
+          "% HBM peak | TFLOP/s | % bf16 peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for path in ("kernel", "xla", "bf16"):
+            if path not in r:
+                continue
+            seconds, nbytes = r[path]
+            bandwidth, tflops = nbytes / seconds, r["flops"] / seconds / 1e12
+            print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | {path} | "
+                  f"{seconds * 1e6:.1f} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
+                  f"{100 * bandwidth / hbm_peak:.0f}% | {tflops:.1f} | "
+                  f"{100 * tflops * 1e12 / flop_peak:.1f}% |")
+        if "bf16_error" in r:
+            print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | bf16 | "
+                  f"failed: {r['bf16_error']} | | | | | |")
+    print()
+    for r in results:
+        if "max_abs_diff" in r:
+            print(f"{r['model']} tokens={r['tokens']} {r['matmul']}: "
+                  f"max |kernel - xla| = {r['max_abs_diff']:.3g}")
 
 
 def interpret_smoke() -> None:
-  """The kernel at a tiny shape in Mosaic GPU interpret mode, against the reference (CPU)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
+    """The kernel at a tiny shape in Mosaic GPU interpret mode, against the reference (CPU)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
 
-  rng = np.random.default_rng(0)
-  experts, n, k, rows = 4, 128, 192, 10
-  problem = dict(
-      lhs=jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16),
-      group_sizes=jnp.asarray([3, 0, 6, 1], jnp.int32),
-      blocks=jnp.asarray(rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)),
-      scales=jnp.asarray(rng.integers(118, 130, (experts, n, k // 32), dtype=np.uint8)),
-      bias=jnp.asarray(rng.standard_normal((experts, n)), jnp.bfloat16),
-  )
-  for epilogue in ("bias", "bias_swiglu"):
-    out = mxfp4_grouped_matmul(**problem, epilogue=epilogue, config=Config(block_kb=32,
-                               decoded_lhs="smem"), interpret=plgpu.InterpretGPUParams())
-    ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue)
-    diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-    print(f"interpret {epilogue}: out {out.shape} {out.dtype}, max |kernel - xla| = {diff:.3g}")
+    rng = np.random.default_rng(0)
+    experts, n, k, rows = 4, 128, 192, 10
+    problem = dict(
+        lhs=jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16),
+        group_sizes=jnp.asarray([3, 0, 6, 1], jnp.int32),
+        blocks=jnp.asarray(rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)),
+        scales=jnp.asarray(rng.integers(118, 130, (experts, n, k // 32), dtype=np.uint8)),
+        bias=jnp.asarray(rng.standard_normal((experts, n)), jnp.bfloat16),
+    )
+    for epilogue in ("bias", "bias_swiglu"):
+        out = mxfp4_grouped_matmul(**problem, epilogue=epilogue, config=Config(block_kb=32,
+                                   decoded_lhs="smem"), interpret=plgpu.InterpretGPUParams())
+        ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue)
+        diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        print(f"interpret {epilogue}: out {out.shape} {out.dtype}, max |kernel - xla| = {diff:.3g}")
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 4096])
-  parser.add_argument("--models", nargs="+", choices=sorted(EXPERTS), default=["20b", "120b"])
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run instead")
-  args = parser.parse_args()
-  if args.interpret:
-    interpret_smoke()
-    return
-  device = jax.devices()[0]
-  if device.platform != "gpu":
-    sys.exit(f"moe_kernel.py needs a GPU (found {device.platform}); use --interpret on a CPU.")
-  peaks = device_peaks(device.device_kind)
-  if peaks is None:
-    sys.exit(f"no peak figures for {device.device_kind!r}; add them to PEAKS")
-  print(f"device: {device.device_kind}, peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
-        f"{peaks[1] / 1e12:.2f} TB/s HBM; jax {jax.__version__}\n")
-  results = [
-      bench(model, tokens, matmul, args.iters)
-      for model in args.models
-      for tokens in args.tokens
-      for matmul in ("mlp1", "mlp2")
-  ]
-  print_table(results, peaks)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 4096])
+    parser.add_argument("--models", nargs="+", choices=sorted(EXPERTS), default=["20b", "120b"])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run instead")
+    args = parser.parse_args()
+    if args.interpret:
+        interpret_smoke()
+        return
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        sys.exit(f"moe_kernel.py needs a GPU (found {device.platform}); use --interpret on a CPU.")
+    peaks = device_peaks(device.device_kind)
+    if peaks is None:
+        sys.exit(f"no peak figures for {device.device_kind!r}; add them to PEAKS")
+    print(f"device: {device.device_kind}, peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
+          f"{peaks[1] / 1e12:.2f} TB/s HBM; jax {jax.__version__}\n")
+    results = [
+        bench(model, tokens, matmul, args.iters)
+        for model in args.models
+        for tokens in args.tokens
+        for matmul in ("mlp1", "mlp2")
+    ]
+    print_table(results, peaks)
 
 
 if __name__ == "__main__":
-  main()
+    main()

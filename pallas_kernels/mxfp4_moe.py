@@ -79,129 +79,129 @@ _ALPHA_BF16 = float(jnp.bfloat16(SWIGLU_ALPHA))  # the reference multiplies a bf
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Tuning knobs of :func:`mxfp4_grouped_matmul`.
+    """Tuning knobs of :func:`mxfp4_grouped_matmul`.
 
-  Attributes:
-    block_m: the most rows (tokens) one tile holds, WGMMA's N: a multiple of 8, at most 256.
-      A call with fewer rows uses the smallest power of two >= 8 that holds them.
-    block_kb: packed bytes of K per pipeline step (2 * block_kb weight columns); a multiple
-      of 32 (the 64-byte swizzle of the bf16 activation tiles) dividing K/2.
-    max_concurrent_steps: pipeline depth (TMA copies in flight).
-    decoded_lhs: ``"registers"`` feeds the decoded weight tile to WGMMA from registers (the
-      GPU path); ``"smem"`` stores it to swizzled shared memory first (the path interpret mode
-      can run).
-  """
+    Attributes:
+      block_m: the most rows (tokens) one tile holds, WGMMA's N: a multiple of 8, at most 256.
+        A call with fewer rows uses the smallest power of two >= 8 that holds them.
+      block_kb: packed bytes of K per pipeline step (2 * block_kb weight columns); a multiple
+        of 32 (the 64-byte swizzle of the bf16 activation tiles) dividing K/2.
+      max_concurrent_steps: pipeline depth (TMA copies in flight).
+      decoded_lhs: ``"registers"`` feeds the decoded weight tile to WGMMA from registers (the
+        GPU path); ``"smem"`` stores it to swizzled shared memory first (the path interpret mode
+        can run).
+    """
 
-  block_m: int = 64
-  block_kb: int = 96
-  max_concurrent_steps: int = 4
-  decoded_lhs: Literal["registers", "smem"] = "registers"
+    block_m: int = 64
+    block_kb: int = 96
+    max_concurrent_steps: int = 4
+    decoded_lhs: Literal["registers", "smem"] = "registers"
 
-  def __post_init__(self):
-    if self.block_m % _MIN_BLOCK_M or not _MIN_BLOCK_M <= self.block_m <= 256:
-      raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
-    if self.block_kb % 32:
-      raise ValueError(f"block_kb={self.block_kb} must be a multiple of 32")
-    if self.max_concurrent_steps < 1:
-      raise ValueError("max_concurrent_steps must be positive")
-    if self.decoded_lhs not in ("registers", "smem"):
-      raise ValueError(f"decoded_lhs={self.decoded_lhs!r} must be 'registers' or 'smem'")
+    def __post_init__(self):
+        if self.block_m % _MIN_BLOCK_M or not _MIN_BLOCK_M <= self.block_m <= 256:
+            raise ValueError(f"block_m={self.block_m} must be a multiple of 8 in [8, 256]")
+        if self.block_kb % 32:
+            raise ValueError(f"block_kb={self.block_kb} must be a multiple of 32")
+        if self.max_concurrent_steps < 1:
+            raise ValueError("max_concurrent_steps must be positive")
+        if self.decoded_lhs not in ("registers", "smem"):
+            raise ValueError(f"decoded_lhs={self.decoded_lhs!r} must be 'registers' or 'smem'")
 
 
 def _swizzled(
     dtype: jnp.dtype, swizzle: int
 ) -> tuple[plgpu.TilingTransform, plgpu.SwizzleTransform]:
-  bits = jnp.dtype(dtype).itemsize * 8
-  return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+    bits = jnp.dtype(dtype).itemsize * 8
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
 def _decode_e2m1(codes: jax.Array) -> jax.Array:
-  """uint16 E2M1 codes (low 4 bits) -> exact bf16 values, with integer ops only.
+    """uint16 E2M1 codes (low 4 bits) -> exact bf16 values, with integer ops only.
 
-  For a magnitude code c >= 2 (exponent field e >= 1) the bf16 bits are exponent e + 126 and
-  mantissa bit m, i.e. ``(c << 6) + 0x3F00``. Codes 0 and 1 (0 and 0.5) are selected directly,
-  which avoids the subnormal intermediate of the usual multiply-by-2**126 trick (XLA on the
-  CPU flushes it to zero, so interpret mode would decode 0.5 as 0).
-  """
-  magnitude = codes & 7
-  bits = jnp.where(magnitude >= 2, (magnitude << 6) + 0x3F00, magnitude * 0x3F00)
-  bits = bits | ((codes & 8) << 12)
-  return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+    For a magnitude code c >= 2 (exponent field e >= 1) the bf16 bits are exponent e + 126 and
+    mantissa bit m, i.e. ``(c << 6) + 0x3F00``. Codes 0 and 1 (0 and 0.5) are selected directly,
+    which avoids the subnormal intermediate of the usual multiply-by-2**126 trick (XLA on the
+    CPU flushes it to zero, so interpret mode would decode 0.5 as 0).
+    """
+    magnitude = codes & 7
+    bits = jnp.where(magnitude >= 2, (magnitude << 6) + 0x3F00, magnitude * 0x3F00)
+    bits = bits | ((codes & 8) << 12)
+    return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
 
 
 def _round(x: jax.Array) -> jax.Array:
-  """Round a float32 tile to bf16 and back: one rounding point of the bf16 reference."""
-  return x.astype(jnp.bfloat16).astype(jnp.float32)
+    """Round a float32 tile to bf16 and back: one rounding point of the bf16 reference."""
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
 def _clamped_swiglu(gate: jax.Array, linear: jax.Array) -> jax.Array:
-  """The reference's bf16 clamped SwiGLU on bf16-valued float32 tiles, same rounding points.
+    """The reference's bf16 clamped SwiGLU on bf16-valued float32 tiles, same rounding points.
 
-  XLA expands the bf16 logistic into ``1 / (1 + exp(-x))`` with each operation rounded to
-  bf16, and rounds alpha to bf16 first; Mosaic GPU has no logistic primitive, so spelling it
-  out here reproduces the reference bit for bit (up to the last bit of ``exp``).
-  """
-  gate = jnp.minimum(gate, SWIGLU_LIMIT)
-  linear = jnp.clip(linear, -SWIGLU_LIMIT, SWIGLU_LIMIT)
-  scaled = _round(_ALPHA_BF16 * gate)
-  sigmoid = _round(1.0 / _round(1.0 + _round(jnp.exp(-scaled))))
-  return _round(_round(gate * sigmoid) * _round(linear + 1.0))
+    XLA expands the bf16 logistic into ``1 / (1 + exp(-x))`` with each operation rounded to
+    bf16, and rounds alpha to bf16 first; Mosaic GPU has no logistic primitive, so spelling it
+    out here reproduces the reference bit for bit (up to the last bit of ``exp``).
+    """
+    gate = jnp.minimum(gate, SWIGLU_LIMIT)
+    linear = jnp.clip(linear, -SWIGLU_LIMIT, SWIGLU_LIMIT)
+    scaled = _round(_ALPHA_BF16 * gate)
+    sigmoid = _round(1.0 / _round(1.0 + _round(jnp.exp(-scaled))))
+    return _round(_round(gate * sigmoid) * _round(linear + 1.0))
 
 
 class _Tasks:
-  """Per-task metadata (int32 ``[num_tasks]`` each), computed in XLA.
+    """Per-task metadata (int32 ``[num_tasks]`` each), computed in XLA.
 
-  A task's row window starts at its group's first row rounded down to a multiple of 8 (the
-  TMA copy into the swizzled activation tile needs an 8-row aligned start), plus whole
-  ``block_m`` steps; rows of the window outside the group are computed and not stored.
-  """
+    A task's row window starts at its group's first row rounded down to a multiple of 8 (the
+    TMA copy into the swizzled activation tile needs an 8-row aligned start), plus whole
+    ``block_m`` steps; rows of the window outside the group are computed and not stored.
+    """
 
-  def __init__(self, group_sizes: jax.Array, rows: int, block_m: int):
-    num_experts = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), rows)
-    # The last pseudo-group (index num_experts) holds the rows past sum(group_sizes).
-    ends = jnp.concatenate([ends, jnp.array([rows], jnp.int32)])
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    aligned_starts = starts // _ROW_ALIGN * _ROW_ALIGN
-    tasks_per_group = jnp.where(ends > starts, pl.cdiv(ends - aligned_starts, block_m), 0)
-    task_ends = jnp.cumsum(tasks_per_group)
-    # Each nonempty group spans at most size + 7 aligned rows, and
-    # sum(ceil(a_i / b)) <= ceil(sum(a_i) / b) + (number of terms - 1).
-    nonempty = min(num_experts + 1, rows)
-    self.num_tasks = pl.cdiv(rows + (_ROW_ALIGN - 1) * nonempty, block_m) + nonempty - 1
-    task = jnp.arange(self.num_tasks, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right"), num_experts)
-    first_task = task_ends[group] - tasks_per_group[group]
-    self.group = group.astype(jnp.int32)
-    self.block_start = aligned_starts[group] + (task - first_task) * block_m
-    # Rows [block_start + offset, block_start + offset + count) of the window are the group's.
-    valid_start = jnp.maximum(self.block_start, starts[group])
-    valid_end = jnp.minimum(self.block_start + block_m, ends[group])
-    self.offset = jnp.clip(valid_start - self.block_start, 0, block_m)
-    self.count = jnp.where(task < task_ends[-1], jnp.maximum(valid_end - valid_start, 0), 0)
+    def __init__(self, group_sizes: jax.Array, rows: int, block_m: int):
+        num_experts = group_sizes.shape[0]
+        sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+        ends = jnp.minimum(jnp.cumsum(sizes), rows)
+        # The last pseudo-group (index num_experts) holds the rows past sum(group_sizes).
+        ends = jnp.concatenate([ends, jnp.array([rows], jnp.int32)])
+        starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+        aligned_starts = starts // _ROW_ALIGN * _ROW_ALIGN
+        tasks_per_group = jnp.where(ends > starts, pl.cdiv(ends - aligned_starts, block_m), 0)
+        task_ends = jnp.cumsum(tasks_per_group)
+        # Each nonempty group spans at most size + 7 aligned rows, and
+        # sum(ceil(a_i / b)) <= ceil(sum(a_i) / b) + (number of terms - 1).
+        nonempty = min(num_experts + 1, rows)
+        self.num_tasks = pl.cdiv(rows + (_ROW_ALIGN - 1) * nonempty, block_m) + nonempty - 1
+        task = jnp.arange(self.num_tasks, dtype=jnp.int32)
+        group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right"), num_experts)
+        first_task = task_ends[group] - tasks_per_group[group]
+        self.group = group.astype(jnp.int32)
+        self.block_start = aligned_starts[group] + (task - first_task) * block_m
+        # Rows [block_start + offset, block_start + offset + count) of the window are the group's.
+        valid_start = jnp.maximum(self.block_start, starts[group])
+        valid_end = jnp.minimum(self.block_start + block_m, ends[group])
+        self.offset = jnp.clip(valid_start - self.block_start, 0, block_m)
+        self.count = jnp.where(task < task_ends[-1], jnp.maximum(valid_end - valid_start, 0), 0)
 
 
 def _store_rows(o_smem, o_gmem, block_start, offset, count, col_start, max_rows: int) -> None:
-  """Copy rows ``[offset, offset + count)`` of ``o_smem`` to the same rows from ``block_start``.
+    """Copy rows ``[offset, offset + count)`` of ``o_smem`` to the same rows from ``block_start``.
 
-  TMA boxes are static, so the count is decomposed into powers of two.
-  """
-  size = 1 << (max_rows.bit_length() - 1)
-  while size:
+    TMA boxes are static, so the count is decomposed into powers of two.
+    """
+    size = 1 << (max_rows.bit_length() - 1)
+    while size:
 
-    @pl.when((count & size) != 0)
-    def _store(offset=offset, size=size):
-      plgpu.copy_smem_to_gmem(
-          o_smem.at[pl.ds(offset, size)],
-          o_gmem.at[pl.ds(block_start + offset, size), pl.ds(col_start, BLOCK_N)],
-          commit_group=False,
-      )
+        @pl.when((count & size) != 0)
+        def _store(offset=offset, size=size):
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[pl.ds(offset, size)],
+                o_gmem.at[pl.ds(block_start + offset, size), pl.ds(col_start, BLOCK_N)],
+                commit_group=False,
+            )
 
-    offset = offset + (count & size)
-    size //= 2
-  plgpu.commit_smem_to_gmem_group()
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        offset = offset + (count & size)
+        size //= 2
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def mxfp4_grouped_matmul(
@@ -216,108 +216,108 @@ def mxfp4_grouped_matmul(
     config: Config | None = None,
     interpret: plgpu.InterpretGPUParams | None = None,
 ) -> jax.Array:
-  """Grouped matmul of expert-sorted rows with MXFP4 expert weights (Pallas Mosaic GPU).
+    """Grouped matmul of expert-sorted rows with MXFP4 expert weights (Pallas Mosaic GPU).
 
-  Same contract as :func:`~pallas_kernels.mxfp4_moe_reference.mxfp4_grouped_matmul_reference`.
+    Same contract as :func:`~pallas_kernels.mxfp4_moe_reference.mxfp4_grouped_matmul_reference`.
 
-  Args:
-    lhs: bfloat16 ``[M, K]`` rows sorted by expert.
-    group_sizes: int32 ``[E]``, rows per expert, in order; rows past their sum come out as 0.
-    blocks: uint8 ``[E, N, K/32, 16]``, the checkpoint's MXFP4 blocks.
-    scales: uint8 ``[E, N, K/32]`` E8M0 scales, each in 1..254 (a scale byte 0, 2**-127, is
-      flushed to zero; 255, NaN in E8M0, is not supported).
-    bias: ``[E, N]``, rounded to bfloat16.
-    epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
-    row_weights: optional ``[M]`` routing weight of each row; when given the result is the
-      float32 product ``weight * out``.
-    config: tuning; ``None`` picks :class:`Config` defaults with the decoded tile in registers
-      on the GPU and in shared memory in interpret mode.
-    interpret: ``plgpu.InterpretGPUParams()`` runs the kernel in Mosaic GPU interpret mode.
+    Args:
+      lhs: bfloat16 ``[M, K]`` rows sorted by expert.
+      group_sizes: int32 ``[E]``, rows per expert, in order; rows past their sum come out as 0.
+      blocks: uint8 ``[E, N, K/32, 16]``, the checkpoint's MXFP4 blocks.
+      scales: uint8 ``[E, N, K/32]`` E8M0 scales, each in 1..254 (a scale byte 0, 2**-127, is
+        flushed to zero; 255, NaN in E8M0, is not supported).
+      bias: ``[E, N]``, rounded to bfloat16.
+      epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
+      row_weights: optional ``[M]`` routing weight of each row; when given the result is the
+        float32 product ``weight * out``.
+      config: tuning; ``None`` picks :class:`Config` defaults with the decoded tile in registers
+        on the GPU and in shared memory in interpret mode.
+      interpret: ``plgpu.InterpretGPUParams()`` runs the kernel in Mosaic GPU interpret mode.
 
-  Returns:
-    ``[M, N]`` (``[M, N/2]`` with SwiGLU) bfloat16, or float32 with ``row_weights``.
-  """
-  if config is None:
-    config = Config(decoded_lhs="registers" if interpret is None else "smem")
-  rows, k = lhs.shape
-  num_experts, n, k_blocks, block_bytes = blocks.shape
-  if lhs.dtype != jnp.bfloat16:
-    raise NotImplementedError(f"lhs must be bfloat16, got {lhs.dtype}")
-  if block_bytes != _BYTES_PER_SCALE or k_blocks * mxfp4.BLOCK_SIZE != k:
-    raise ValueError(f"blocks {blocks.shape} do not match lhs {lhs.shape}")
-  if scales.shape != (num_experts, n, k_blocks) or bias.shape != (num_experts, n):
-    raise ValueError(
-        f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}"
+    Returns:
+      ``[M, N]`` (``[M, N/2]`` with SwiGLU) bfloat16, or float32 with ``row_weights``.
+    """
+    if config is None:
+        config = Config(decoded_lhs="registers" if interpret is None else "smem")
+    rows, k = lhs.shape
+    num_experts, n, k_blocks, block_bytes = blocks.shape
+    if lhs.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"lhs must be bfloat16, got {lhs.dtype}")
+    if block_bytes != _BYTES_PER_SCALE or k_blocks * mxfp4.BLOCK_SIZE != k:
+        raise ValueError(f"blocks {blocks.shape} do not match lhs {lhs.shape}")
+    if scales.shape != (num_experts, n, k_blocks) or bias.shape != (num_experts, n):
+        raise ValueError(
+            f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}"
+        )
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(f"group_sizes {group_sizes.shape} must be [{num_experts}]")
+    if epilogue not in ("bias", "bias_swiglu"):
+        raise ValueError(f"unknown epilogue {epilogue!r}")
+    halves = 2 if epilogue == "bias_swiglu" else 1
+    out_n = n // halves
+    if out_n % BLOCK_N:
+        raise NotImplementedError(f"output features {out_n} must be a multiple of {BLOCK_N}")
+    half_k = k // 2
+    block_kb = config.block_kb
+    if half_k % block_kb:
+        raise NotImplementedError(f"K/2={half_k} must be a multiple of block_kb={block_kb}")
+    out_dtype = jnp.float32 if row_weights is not None else jnp.bfloat16
+
+    block_m = min(config.block_m, max(_MIN_BLOCK_M, pl.next_power_of_2(rows)))
+    stages = min(config.max_concurrent_steps, half_k // block_kb)
+    smem_bytes = stages * (halves * BLOCK_N * block_kb + 2 * block_m * block_kb * 2)
+    smem_bytes += block_m * BLOCK_N * jnp.dtype(out_dtype).itemsize
+    if config.decoded_lhs == "smem":
+        smem_bytes += 2 * halves * BLOCK_N * block_kb * 2
+    if smem_bytes > _SMEM_BYTES:
+        raise ValueError(f"{config} needs {smem_bytes} bytes of shared memory, more than {_SMEM_BYTES}")
+    tasks = _Tasks(group_sizes, rows, block_m)
+    # Even and odd columns of the activations, padded so a tile starting at any row stays in
+    # bounds. One XLA fusion, [rows, K] read once.
+    # (The TMA descriptor's row count must be a multiple of the 8-row smem tiling.)
+    padded_rows = pl.cdiv(rows + block_m, _ROW_ALIGN) * _ROW_ALIGN
+    pad = ((0, padded_rows - rows), (0, 0))
+    lhs_even = jnp.pad(lhs[:, 0::2], pad)
+    lhs_odd = jnp.pad(lhs[:, 1::2], pad)
+    if row_weights is not None:
+        weights = jnp.pad(row_weights.astype(jnp.float32), (0, padded_rows - rows))
+    # Gate (even) and linear (odd) rows are strided views of the same bytes: [E, N/h, h, K/2].
+    packed = blocks.reshape(num_experts, out_n, halves, half_k)
+    scales_h = scales.reshape(num_experts, out_n, halves, k_blocks)
+    bias_h = bias.astype(jnp.bfloat16).reshape(num_experts, out_n, halves)
+
+    kernel = functools.partial(
+        _kernel,
+        num_experts=num_experts,
+        halves=halves,
+        block_m=block_m,
+        block_kb=block_kb,
+        k_steps=half_k // block_kb,
+        stages=stages,
+        config=config,
+        apply_weights=row_weights is not None,
     )
-  if group_sizes.shape != (num_experts,):
-    raise ValueError(f"group_sizes {group_sizes.shape} must be [{num_experts}]")
-  if epilogue not in ("bias", "bias_swiglu"):
-    raise ValueError(f"unknown epilogue {epilogue!r}")
-  halves = 2 if epilogue == "bias_swiglu" else 1
-  out_n = n // halves
-  if out_n % BLOCK_N:
-    raise NotImplementedError(f"output features {out_n} must be a multiple of {BLOCK_N}")
-  half_k = k // 2
-  block_kb = config.block_kb
-  if half_k % block_kb:
-    raise NotImplementedError(f"K/2={half_k} must be a multiple of block_kb={block_kb}")
-  out_dtype = jnp.float32 if row_weights is not None else jnp.bfloat16
-
-  block_m = min(config.block_m, max(_MIN_BLOCK_M, pl.next_power_of_2(rows)))
-  stages = min(config.max_concurrent_steps, half_k // block_kb)
-  smem_bytes = stages * (halves * BLOCK_N * block_kb + 2 * block_m * block_kb * 2)
-  smem_bytes += block_m * BLOCK_N * jnp.dtype(out_dtype).itemsize
-  if config.decoded_lhs == "smem":
-    smem_bytes += 2 * halves * BLOCK_N * block_kb * 2
-  if smem_bytes > _SMEM_BYTES:
-    raise ValueError(f"{config} needs {smem_bytes} bytes of shared memory, more than {_SMEM_BYTES}")
-  tasks = _Tasks(group_sizes, rows, block_m)
-  # Even and odd columns of the activations, padded so a tile starting at any row stays in
-  # bounds. One XLA fusion, [rows, K] read once.
-  # (The TMA descriptor's row count must be a multiple of the 8-row smem tiling.)
-  padded_rows = pl.cdiv(rows + block_m, _ROW_ALIGN) * _ROW_ALIGN
-  pad = ((0, padded_rows - rows), (0, 0))
-  lhs_even = jnp.pad(lhs[:, 0::2], pad)
-  lhs_odd = jnp.pad(lhs[:, 1::2], pad)
-  if row_weights is not None:
-    weights = jnp.pad(row_weights.astype(jnp.float32), (0, padded_rows - rows))
-  # Gate (even) and linear (odd) rows are strided views of the same bytes: [E, N/h, h, K/2].
-  packed = blocks.reshape(num_experts, out_n, halves, half_k)
-  scales_h = scales.reshape(num_experts, out_n, halves, k_blocks)
-  bias_h = bias.astype(jnp.bfloat16).reshape(num_experts, out_n, halves)
-
-  kernel = functools.partial(
-      _kernel,
-      num_experts=num_experts,
-      halves=halves,
-      block_m=block_m,
-      block_kb=block_kb,
-      k_steps=half_k // block_kb,
-      stages=stages,
-      config=config,
-      apply_weights=row_weights is not None,
-  )
-  # A 64-column bf16 output row is one 128-byte swizzle span; a float32 row (256 bytes) is
-  # wider than any swizzle, and row-sliced stores rule out column tiling: it stays linear.
-  out_transforms = (plgpu.SwizzleTransform(128),) if out_dtype == jnp.bfloat16 else ()
-  call = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((rows, out_n), out_dtype),
-      grid=(tasks.num_tasks, out_n // BLOCK_N),
-      grid_names=("task", "n"),
-      scratch_types=dict(
-          o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype, transforms=out_transforms),
-      ),
-      compiler_params=plgpu.CompilerParams(
-          lowering_semantics=plgpu.LoweringSemantics.Warpgroup
-      ),
-      interpret=interpret,
-  )
-  operands = [tasks.group, tasks.block_start, tasks.offset, tasks.count]
-  operands += [lhs_even, lhs_odd, packed, scales_h, bias_h]
-  if row_weights is not None:
-    operands.append(weights)
-  return call(*operands)
+    # A 64-column bf16 output row is one 128-byte swizzle span; a float32 row (256 bytes) is
+    # wider than any swizzle, and row-sliced stores rule out column tiling: it stays linear.
+    out_transforms = (plgpu.SwizzleTransform(128),) if out_dtype == jnp.bfloat16 else ()
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((rows, out_n), out_dtype),
+        grid=(tasks.num_tasks, out_n // BLOCK_N),
+        grid_names=("task", "n"),
+        scratch_types=dict(
+            o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype, transforms=out_transforms),
+        ),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup
+        ),
+        interpret=interpret,
+    )
+    operands = [tasks.group, tasks.block_start, tasks.offset, tasks.count]
+    operands += [lhs_even, lhs_odd, packed, scales_h, bias_h]
+    if row_weights is not None:
+        operands.append(weights)
+    return call(*operands)
 
 
 def _kernel(
@@ -341,108 +341,108 @@ def _kernel(
     config: Config,
     apply_weights: bool,
 ):
-  *maybe_weights_gmem, out_gmem = weights_and_out
-  task = lax.axis_index("task")
-  n_start = lax.axis_index("n") * BLOCK_N
-  expert = group_gmem[task]
-  block_start = pl.multiple_of(block_start_gmem[task], _ROW_ALIGN)
-  offset = offset_gmem[task]
-  count = count_gmem[task]
-  rows = pl.ds(block_start, block_m)
-  n_rows = pl.ds(n_start, BLOCK_N)
-  scales_per_step = block_kb // _BYTES_PER_SCALE
-  # Activation tiles and decoded weight tiles (smem variant) are bf16 [rows, block_kb].
-  bf16_tile = _swizzled(jnp.bfloat16, plgpu.find_swizzle(block_kb * 16, "lhs"))
+    *maybe_weights_gmem, out_gmem = weights_and_out
+    task = lax.axis_index("task")
+    n_start = lax.axis_index("n") * BLOCK_N
+    expert = group_gmem[task]
+    block_start = pl.multiple_of(block_start_gmem[task], _ROW_ALIGN)
+    offset = offset_gmem[task]
+    count = count_gmem[task]
+    rows = pl.ds(block_start, block_m)
+    n_rows = pl.ds(n_start, BLOCK_N)
+    scales_per_step = block_kb // _BYTES_PER_SCALE
+    # Activation tiles and decoded weight tiles (smem variant) are bf16 [rows, block_kb].
+    bf16_tile = _swizzled(jnp.bfloat16, plgpu.find_swizzle(block_kb * 16, "lhs"))
 
-  def load_scales(step):
-    """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
-    scales = []
-    for half in range(halves):
-      for s in range(scales_per_step):
-        scale_bytes = plgpu.load(
-            scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
-            layout=_ROW,
-            optimized=False,
+    def load_scales(step):
+        """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
+        scales = []
+        for half in range(halves):
+            for s in range(scales_per_step):
+                scale_bytes = plgpu.load(
+                    scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
+                    layout=_ROW,
+                    optimized=False,
+                )
+                # The E8M0 byte is exactly the exponent field of the bf16 power of two.
+                scales.append(lax.bitcast_convert_type(scale_bytes.astype(jnp.uint16) << 7, jnp.bfloat16))
+        return tuple(scales)
+
+    def decoded_tiles(w_smem, scales):
+        """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
+        slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
+        scale = jnp.concatenate(slices, axis=1)
+        codes = w_smem[...].astype(jnp.uint16)
+        return _decode_e2m1(codes & 0xF) * scale, _decode_e2m1(codes >> 4) * scale
+
+    def compute(*accs):
+        def body(step, refs, lhs_smems, scales):
+            w_smems = refs[:halves]
+            x_even, x_odd = refs[halves:]
+            # The scales are per-thread global loads: issue the next step's now so their latency
+            # hides behind this step's decode and WGMMAs (the last step reloads its own).
+            next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
+            for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
+                half_scales = scales[half * scales_per_step : (half + 1) * scales_per_step]
+                even, odd = decoded_tiles(w_smem, half_scales)
+                if config.decoded_lhs == "registers":
+                    plgpu.wgmma(acc, even, x_even.T)
+                    plgpu.wgmma(acc, odd, x_odd.T)
+                else:
+                    even_smem, odd_smem = lhs_smems[2 * half : 2 * half + 2]
+                    even_smem[...] = even
+                    odd_smem[...] = odd
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc, even_smem, x_even.T)
+                    plgpu.wgmma(acc, odd_smem, x_odd.T)
+            plgpu.wgmma_wait(0)
+            return next_scales
+
+        def pipeline_body(idx, *refs_and_scales):
+            (step,) = idx
+            *refs, scales = refs_and_scales
+            if config.decoded_lhs == "registers":
+                return body(step, refs, (), scales)
+            lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)]
+            return pl.run_scoped(
+                lambda *scratch: body(step, refs, scratch, scales), *lhs_scratch * (2 * halves)
+            )
+
+        w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
+        x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
+        plgpu.emit_pipeline(
+            pipeline_body,
+            grid=(k_steps,),
+            in_specs=[w_spec] * halves + [x_spec, x_spec],
+            max_concurrent_steps=stages,
+            init_carry=load_scales(0),
+        )(
+            *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
+            lhs_even_gmem.at[rows],
+            lhs_odd_gmem.at[rows],
         )
-        # The E8M0 byte is exactly the exponent field of the bf16 power of two.
-        scales.append(lax.bitcast_convert_type(scale_bytes.astype(jnp.uint16) << 7, jnp.bfloat16))
-    return tuple(scales)
+        return tuple(acc[...] for acc in accs)
 
-  def decoded_tiles(w_smem, scales):
-    """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
-    slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
-    scale = jnp.concatenate(slices, axis=1)
-    codes = w_smem[...].astype(jnp.uint16)
-    return _decode_e2m1(codes & 0xF) * scale, _decode_e2m1(codes >> 4) * scale
+    def store(out: jax.Array) -> None:
+        o_smem.T[...] = plgpu.layout_cast(out.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
+        plgpu.commit_smem()
+        _store_rows(o_smem, out_gmem, block_start, offset, count, n_start, block_m)
 
-  def compute(*accs):
-    def body(step, refs, lhs_smems, scales):
-      w_smems = refs[:halves]
-      x_even, x_odd = refs[halves:]
-      # The scales are per-thread global loads: issue the next step's now so their latency
-      # hides behind this step's decode and WGMMAs (the last step reloads its own).
-      next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
-      for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
-        half_scales = scales[half * scales_per_step : (half + 1) * scales_per_step]
-        even, odd = decoded_tiles(w_smem, half_scales)
-        if config.decoded_lhs == "registers":
-          plgpu.wgmma(acc, even, x_even.T)
-          plgpu.wgmma(acc, odd, x_odd.T)
-        else:
-          even_smem, odd_smem = lhs_smems[2 * half : 2 * half + 2]
-          even_smem[...] = even
-          odd_smem[...] = odd
-          plgpu.commit_smem()
-          plgpu.wgmma(acc, even_smem, x_even.T)
-          plgpu.wgmma(acc, odd_smem, x_odd.T)
-      plgpu.wgmma_wait(0)
-      return next_scales
+    @pl.when((count > 0) & (expert < num_experts))
+    def _matmul():
+        accs = pl.run_scoped(compute, *[plgpu.ACC((BLOCK_N, block_m))] * halves)
+        outs = []
+        for half, acc in enumerate(accs):
+            bias = plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ROW, optimized=False)
+            bias = lax.broadcast_in_dim(bias.astype(jnp.float32), (BLOCK_N, block_m), (0,))
+            outs.append(_round(_round(acc) + bias))
+        out = _clamped_swiglu(*outs) if halves == 2 else outs[0]
+        if apply_weights:
+            (weights_gmem,) = maybe_weights_gmem
+            weights = plgpu.load(weights_gmem.at[rows], layout=_COL, optimized=False)
+            out = out * lax.broadcast_in_dim(weights, (BLOCK_N, block_m), (1,))
+        store(out)
 
-    def pipeline_body(idx, *refs_and_scales):
-      (step,) = idx
-      *refs, scales = refs_and_scales
-      if config.decoded_lhs == "registers":
-        return body(step, refs, (), scales)
-      lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)]
-      return pl.run_scoped(
-          lambda *scratch: body(step, refs, scratch, scales), *lhs_scratch * (2 * halves)
-      )
-
-    w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
-    x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
-    plgpu.emit_pipeline(
-        pipeline_body,
-        grid=(k_steps,),
-        in_specs=[w_spec] * halves + [x_spec, x_spec],
-        max_concurrent_steps=stages,
-        init_carry=load_scales(0),
-    )(
-        *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
-        lhs_even_gmem.at[rows],
-        lhs_odd_gmem.at[rows],
-    )
-    return tuple(acc[...] for acc in accs)
-
-  def store(out: jax.Array) -> None:
-    o_smem.T[...] = plgpu.layout_cast(out.astype(o_smem.dtype), plgpu.Layout.WGMMA_TRANSPOSED)
-    plgpu.commit_smem()
-    _store_rows(o_smem, out_gmem, block_start, offset, count, n_start, block_m)
-
-  @pl.when((count > 0) & (expert < num_experts))
-  def _matmul():
-    accs = pl.run_scoped(compute, *[plgpu.ACC((BLOCK_N, block_m))] * halves)
-    outs = []
-    for half, acc in enumerate(accs):
-      bias = plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ROW, optimized=False)
-      bias = lax.broadcast_in_dim(bias.astype(jnp.float32), (BLOCK_N, block_m), (0,))
-      outs.append(_round(_round(acc) + bias))
-    out = _clamped_swiglu(*outs) if halves == 2 else outs[0]
-    if apply_weights:
-      (weights_gmem,) = maybe_weights_gmem
-      weights = plgpu.load(weights_gmem.at[rows], layout=_COL, optimized=False)
-      out = out * lax.broadcast_in_dim(weights, (BLOCK_N, block_m), (1,))
-    store(out)
-
-  @pl.when((count > 0) & (expert == num_experts))
-  def _zeros():
-    store(plgpu.layout_cast(jnp.zeros((BLOCK_N, block_m), jnp.float32), plgpu.Layout.WGMMA))
+    @pl.when((count > 0) & (expert == num_experts))
+    def _zeros():
+        store(plgpu.layout_cast(jnp.zeros((BLOCK_N, block_m), jnp.float32), plgpu.Layout.WGMMA))

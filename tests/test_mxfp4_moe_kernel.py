@@ -28,132 +28,132 @@ INTERPRET = plgpu.InterpretGPUParams()
 
 
 def _problem(rows, k, n, group_sizes, *, scale_range=(122, 132), seed=0):
-  rng = np.random.default_rng(seed)
-  experts = len(group_sizes)
-  blocks = rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)
-  scales = rng.integers(*scale_range, (experts, n, k // 32), dtype=np.uint8)
-  bias = rng.standard_normal((experts, n)).astype(np.float32)
-  lhs = rng.standard_normal((rows, k)).astype(np.float32)
-  row_weights = rng.random(rows).astype(np.float32)
-  return dict(
-      lhs=jnp.asarray(lhs, jnp.bfloat16),
-      group_sizes=jnp.asarray(group_sizes, jnp.int32),
-      blocks=jnp.asarray(blocks),
-      scales=jnp.asarray(scales),
-      bias=jnp.asarray(bias, jnp.bfloat16),
-  ), jnp.asarray(row_weights)
+    rng = np.random.default_rng(seed)
+    experts = len(group_sizes)
+    blocks = rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)
+    scales = rng.integers(*scale_range, (experts, n, k // 32), dtype=np.uint8)
+    bias = rng.standard_normal((experts, n)).astype(np.float32)
+    lhs = rng.standard_normal((rows, k)).astype(np.float32)
+    row_weights = rng.random(rows).astype(np.float32)
+    return dict(
+        lhs=jnp.asarray(lhs, jnp.bfloat16),
+        group_sizes=jnp.asarray(group_sizes, jnp.int32),
+        blocks=jnp.asarray(blocks),
+        scales=jnp.asarray(scales),
+        bias=jnp.asarray(bias, jnp.bfloat16),
+    ), jnp.asarray(row_weights)
 
 
 def _check(problem, *, config, epilogue="bias", row_weights=None):
-  """Run the kernel in interpret mode and compare with the reference; returns the output."""
-  out = mxfp4_grouped_matmul(
-      **problem, epilogue=epilogue, row_weights=row_weights, config=config, interpret=INTERPRET
-  )
-  ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue, row_weights=row_weights)
-  assert out.shape == ref.shape and out.dtype == ref.dtype
-  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
-  # Same bf16 rounding points as the reference: only the float32 summation order (and, for
-  # SwiGLU, the last bit of exp) differ, so results agree to one bf16 ulp.
-  np.testing.assert_allclose(out, ref, rtol=2**-7, atol=1e-30)
-  assert np.mean(out == ref) > 0.99
-  return out
+    """Run the kernel in interpret mode and compare with the reference; returns the output."""
+    out = mxfp4_grouped_matmul(
+        **problem, epilogue=epilogue, row_weights=row_weights, config=config, interpret=INTERPRET
+    )
+    ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue, row_weights=row_weights)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    # Same bf16 rounding points as the reference: only the float32 summation order (and, for
+    # SwiGLU, the last bit of exp) differ, so results agree to one bf16 ulp.
+    np.testing.assert_allclose(out, ref, rtol=2**-7, atol=1e-30)
+    assert np.mean(out == ref) > 0.99
+    return out
 
 
 def test_decode_e2m1_is_exact_for_every_code():
-  codes = jnp.arange(16, dtype=jnp.uint16)
-  decoded = np.asarray(jax.jit(_decode_e2m1)(codes), np.float32)
-  np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES)
-  assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES))
+    codes = jnp.arange(16, dtype=jnp.uint16)
+    decoded = np.asarray(jax.jit(_decode_e2m1)(codes), np.float32)
+    np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES)
+    assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES))
 
 
 def test_ragged_groups_with_empty_experts_and_rows_past_the_groups():
-  # 3 pipeline steps along K; 4 rows past sum(group_sizes) must come out as 0.
-  problem, _ = _problem(21, 192, 128, [5, 0, 9, 0, 3])
-  out = _check(problem, config=Config(block_kb=32, decoded_lhs="smem"))
-  assert np.all(out[17:] == 0)
+    # 3 pipeline steps along K; 4 rows past sum(group_sizes) must come out as 0.
+    problem, _ = _problem(21, 192, 128, [5, 0, 9, 0, 3])
+    out = _check(problem, config=Config(block_kb=32, decoded_lhs="smem"))
+    assert np.all(out[17:] == 0)
 
 
 def test_single_token():
-  problem, _ = _problem(1, 192, 128, [0, 0, 1, 0])
-  _check(problem, config=Config(decoded_lhs="smem"), epilogue="bias_swiglu")
+    problem, _ = _problem(1, 192, 128, [0, 0, 1, 0])
+    _check(problem, config=Config(decoded_lhs="smem"), epilogue="bias_swiglu")
 
 
 @pytest.mark.parametrize("group_sizes", [[0, 40, 0], [3, 37, 0]], ids=["aligned", "unaligned"])
 def test_all_rows_on_one_expert_over_several_row_tiles(group_sizes):
-  # block_m=16: the expert's rows span 3 row tiles (4 when its first row is not 8-aligned).
-  problem, row_weights = _problem(40, 192, 128, group_sizes)
-  _check(
-      problem, config=Config(block_m=16, block_kb=32, decoded_lhs="smem"), row_weights=row_weights
-  )
+    # block_m=16: the expert's rows span 3 row tiles (4 when its first row is not 8-aligned).
+    problem, row_weights = _problem(40, 192, 128, group_sizes)
+    _check(
+        problem, config=Config(block_m=16, block_kb=32, decoded_lhs="smem"), row_weights=row_weights
+    )
 
 
 def test_wide_scale_range_with_swiglu_and_row_weights():
-  problem, row_weights = _problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
-  _check(
-      problem,
-      config=Config(block_kb=32, decoded_lhs="smem"),
-      epilogue="bias_swiglu",
-      row_weights=row_weights,
-  )
+    problem, row_weights = _problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
+    _check(
+        problem,
+        config=Config(block_kb=32, decoded_lhs="smem"),
+        epilogue="bias_swiglu",
+        row_weights=row_weights,
+    )
 
 
 def test_gpt_oss_first_expert_matmul_shape():
-  # K=2880, N=5760 (gate and linear interleaved), 2 experts, one of them empty.
-  problem, _ = _problem(2, HIDDEN, 2 * HIDDEN, [0, 2], seed=2)
-  _check(
-      problem,
-      config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
-      epilogue="bias_swiglu",
-  )
+    # K=2880, N=5760 (gate and linear interleaved), 2 experts, one of them empty.
+    problem, _ = _problem(2, HIDDEN, 2 * HIDDEN, [0, 2], seed=2)
+    _check(
+        problem,
+        config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
+        epilogue="bias_swiglu",
+    )
 
 
 def test_gpt_oss_second_expert_matmul_shape():
-  # K=2880, N=2880, 2 experts (the second one empty), routing weights.
-  problem, row_weights = _problem(3, HIDDEN, HIDDEN, [3, 0], seed=3)
-  _check(
-      problem,
-      config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
-      row_weights=row_weights,
-  )
+    # K=2880, N=2880, 2 experts (the second one empty), routing weights.
+    problem, row_weights = _problem(3, HIDDEN, HIDDEN, [3, 0], seed=3)
+    _check(
+        problem,
+        config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
+        row_weights=row_weights,
+    )
 
 
 def test_rejects_what_it_cannot_run():
-  problem, _ = _problem(4, 192, 128, [4])
-  with pytest.raises(NotImplementedError, match="multiple of block_kb"):
-    mxfp4_grouped_matmul(**problem, config=Config(block_kb=64))
-  with pytest.raises(NotImplementedError, match="bfloat16"):
-    mxfp4_grouped_matmul(**{**problem, "lhs": problem["lhs"].astype(jnp.float32)})
-  big, _ = _problem(256, HIDDEN, 128, [256])
-  with pytest.raises(ValueError, match="shared memory"):
-    jax.eval_shape(
-        lambda p: mxfp4_grouped_matmul(**p, config=Config(block_m=256, max_concurrent_steps=8)), big
-    )
-  with pytest.raises(ValueError, match="multiple of 8"):
-    Config(block_m=12)
+    problem, _ = _problem(4, 192, 128, [4])
+    with pytest.raises(NotImplementedError, match="multiple of block_kb"):
+        mxfp4_grouped_matmul(**problem, config=Config(block_kb=64))
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        mxfp4_grouped_matmul(**{**problem, "lhs": problem["lhs"].astype(jnp.float32)})
+    big, _ = _problem(256, HIDDEN, 128, [256])
+    with pytest.raises(ValueError, match="shared memory"):
+        jax.eval_shape(
+            lambda p: mxfp4_grouped_matmul(**p, config=Config(block_m=256, max_concurrent_steps=8)), big
+        )
+    with pytest.raises(ValueError, match="multiple of 8"):
+        Config(block_m=12)
 
 
 def _export(experts, n, rows, epilogue, config=None):
-  shapes = [
-      jax.ShapeDtypeStruct((rows, HIDDEN), jnp.bfloat16),
-      jax.ShapeDtypeStruct((experts,), jnp.int32),
-      jax.ShapeDtypeStruct((experts, n, HIDDEN // 32, 16), jnp.uint8),
-      jax.ShapeDtypeStruct((experts, n, HIDDEN // 32), jnp.uint8),
-      jax.ShapeDtypeStruct((experts, n), jnp.bfloat16),
-  ]
-  with_weights = epilogue == "bias"  # the second expert matmul takes the routing weights
-  if with_weights:
-    shapes.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
+    shapes = [
+        jax.ShapeDtypeStruct((rows, HIDDEN), jnp.bfloat16),
+        jax.ShapeDtypeStruct((experts,), jnp.int32),
+        jax.ShapeDtypeStruct((experts, n, HIDDEN // 32, 16), jnp.uint8),
+        jax.ShapeDtypeStruct((experts, n, HIDDEN // 32), jnp.uint8),
+        jax.ShapeDtypeStruct((experts, n), jnp.bfloat16),
+    ]
+    with_weights = epilogue == "bias"  # the second expert matmul takes the routing weights
+    if with_weights:
+        shapes.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
 
-  def fn(lhs, group_sizes, blocks, scales, bias, row_weights=None):
-    return mxfp4_grouped_matmul(
-        lhs, group_sizes, blocks, scales, bias,
-        epilogue=epilogue, row_weights=row_weights, config=config,
-    )
+    def fn(lhs, group_sizes, blocks, scales, bias, row_weights=None):
+        return mxfp4_grouped_matmul(
+            lhs, group_sizes, blocks, scales, bias,
+            epilogue=epilogue, row_weights=row_weights, config=config,
+        )
 
-  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*shapes)
-  out_n = n // 2 if epilogue == "bias_swiglu" else n
-  assert exported.out_avals[0].shape == (rows, out_n)
-  assert exported.out_avals[0].dtype == (jnp.float32 if with_weights else jnp.bfloat16)
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*shapes)
+    out_n = n // 2 if epilogue == "bias_swiglu" else n
+    assert exported.out_avals[0].shape == (rows, out_n)
+    assert exported.out_avals[0].dtype == (jnp.float32 if with_weights else jnp.bfloat16)
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 64, 4096], ids=lambda t: f"tokens{t}")
@@ -162,8 +162,8 @@ def _export(experts, n, rows, epilogue, config=None):
     "n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"]
 )
 def test_lowers_for_cuda_at_gpt_oss_shapes(tokens, experts, n, epilogue):
-  _export(experts, n, tokens * 4, epilogue)  # top-4 routing: 4 rows per token
+    _export(experts, n, tokens * 4, epilogue)  # top-4 routing: 4 rows per token
 
 
 def test_interpret_variant_lowers_for_cuda_too():
-  _export(32, 2 * HIDDEN, 8 * 4, "bias_swiglu", Config(decoded_lhs="smem"))
+    _export(32, 2 * HIDDEN, 8 * 4, "bias_swiglu", Config(decoded_lhs="smem"))
