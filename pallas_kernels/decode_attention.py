@@ -38,6 +38,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.flash_attention import online_softmax_update
+
 _LOG2E = math.log2(math.e)
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
@@ -191,7 +193,6 @@ def decode_attention(
         last = jnp.minimum(first + blocks_per_split, blocks_smem[0])
 
         def step(_, k_smem, v_smem, kv_pos_smem, carry):
-            acc, m_prev, l_prev = carry
 
             def compute_qk(acc_ref):
                 plgpu.wgmma(acc_ref, q_smem, k_smem.transpose((1, 0)))
@@ -204,29 +205,9 @@ def decode_attention(
             visible = (kv_pos >= 0) & (kv_pos <= q_pos)
             if sliding_window is not None:
                 visible &= kv_pos > q_pos - sliding_window
-            s = jnp.where(visible, s * scale_log2e, -jnp.inf)
-            m_new = jnp.maximum(m_prev, s.max(axis=1))
-            alpha = jnp.exp2(m_prev - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_new = l_prev * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(jnp.bfloat16)
-            if interpretable_pv:
-                p_smem[...] = p16
-                plgpu.commit_smem()
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem)
-                    return acc_ref[...]
-
-                acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((rows, head_dim), jnp.float32))
-            else:
-
-                def accumulate_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem)
-
-                acc = pl.run_state(accumulate_pv)(plgpu.ACC.init(acc))
-            return acc, m_new, l_new
+            return online_softmax_update(
+                s, visible, carry, v_smem, p_smem if interpretable_pv else None, scale_log2e
+            )
 
         kv_spec = plgpu.BlockSpec(
             (block_kv, head_dim), lambda i: (first + i, 0), transforms=(_TILING, _SWIZZLE)

@@ -93,6 +93,53 @@ def kv_block_range(
     return lo, hi
 
 
+
+def online_softmax_update(
+    s: jax.Array,
+    visible: jax.Array,
+    carry: tuple[jax.Array, jax.Array, jax.Array],
+    v_smem,
+    p_smem,
+    scale_log2e: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One key tile of the online softmax, shared by the prefill and decode kernels.
+
+    Args:
+      s: float32 ``[rows, block_kv]`` raw q.k scores (WGMMA layout).
+      visible: bool ``[rows, block_kv]``: which keys each row may attend to.
+      carry: ``(acc [rows, D], running max [rows], running sum [rows])``, in the exp2 domain.
+      v_smem: bf16 ``[block_kv, D]`` value tile in shared memory.
+      p_smem: None to feed P to the P @ V WGMMA from registers (the GPU form); a bf16
+        ``[rows, block_kv]`` shared-memory buffer to stage it there, the form interpret mode runs.
+      scale_log2e: softmax scale times log2(e).
+
+    Returns:
+      The updated carry.
+    """
+    acc, m_prev, l_prev = carry
+    rows, head_dim = acc.shape
+    s = jnp.where(visible, s * scale_log2e, -jnp.inf)
+    m_new = jnp.maximum(m_prev, s.max(axis=1))
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l_new = l_prev * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    p16 = p.astype(jnp.bfloat16)
+    if p_smem is not None:
+        p_smem[...] = p16
+        plgpu.commit_smem()
+
+        def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_smem)
+            return acc_ref[...]
+
+        return acc + pl.run_scoped(compute_pv, plgpu.ACC((rows, head_dim), jnp.float32)), m_new, l_new
+
+    def accumulate_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem)
+
+    return pl.run_state(accumulate_pv)(plgpu.ACC.init(acc)), m_new, l_new
+
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, config):
     batch, seq_len, q_heads, head_dim = q.shape
     if k.shape != v.shape or k.shape[:2] != (batch, seq_len) or k.shape[3] != head_dim:
@@ -202,7 +249,6 @@ def flash_attention(
         q_pos = q_start + lax.div(row_ids, group)
 
         def step(indices, k_smem, v_smem, carry):
-            acc, m_prev, l_prev = carry
             kv_block = lo + indices[0]
 
             def compute_qk(acc_ref):
@@ -214,29 +260,9 @@ def flash_attention(
             visible = kv_pos <= q_pos
             if sliding_window is not None:
                 visible &= kv_pos > q_pos - sliding_window
-            s = jnp.where(visible, s * scale_log2e, -jnp.inf)
-            m_new = jnp.maximum(m_prev, s.max(axis=1))
-            alpha = jnp.exp2(m_prev - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_new = l_prev * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p16 = p.astype(jnp.bfloat16)
-            if interpretable_pv:
-                p_smem[...] = p16
-                plgpu.commit_smem()
-
-                def compute_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p_smem, v_smem)
-                    return acc_ref[...]
-
-                acc = acc + pl.run_scoped(compute_pv, plgpu.ACC((rows, head_dim), jnp.float32))
-            else:
-
-                def accumulate_pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem)
-
-                acc = pl.run_state(accumulate_pv)(plgpu.ACC.init(acc))
-            return acc, m_new, l_new
+            return online_softmax_update(
+                s, visible, carry, v_smem, p_smem if interpretable_pv else None, scale_log2e
+            )
 
         kv_spec = plgpu.BlockSpec(
             (block_kv, head_dim), lambda i: (lo + i, 0), transforms=(_TILING, _SWIZZLE)
