@@ -39,7 +39,28 @@ DEFAULT_VALID_CHANNELS = ("analysis", "commentary", "final")
 FUNCTIONS_NAMESPACE = "functions"
 
 
-class Role(StrEnum):
+class _NamedChoice(StrEnum):
+    """A closed set of names that user input is checked against."""
+
+    def __init_subclass__(cls, what: str, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._what = what  # how an error message calls the set
+
+    @classmethod
+    def parse(cls, value: str) -> _NamedChoice:
+        """The member named `value`.
+
+        Raises:
+            ValueError: `value` names no member; the message lists the valid names.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(member.value for member in cls)
+            raise ValueError(f"unknown {cls._what} {value!r}; expected one of {names}") from None
+
+
+class Role(_NamedChoice, what="role"):
     """Who wrote a message; also the order of authority (system first)."""
 
     SYSTEM = "system"
@@ -48,39 +69,13 @@ class Role(StrEnum):
     ASSISTANT = "assistant"
     TOOL = "tool"
 
-    @classmethod
-    def parse(cls, value: Role | str) -> Role:
-        """The role named `value`.
 
-        Raises:
-            ValueError: `value` is not one of the five Harmony roles.
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(role.value for role in cls)
-            raise ValueError(f"unknown role {value!r}; Harmony roles are {names}") from None
-
-
-class ReasoningEffort(StrEnum):
+class ReasoningEffort(_NamedChoice, what="reasoning effort"):
     """How long the model reasons; the `Reasoning: ...` line of the system message."""
 
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
-
-    @classmethod
-    def parse(cls, value: ReasoningEffort | str) -> ReasoningEffort:
-        """The effort named `value`.
-
-        Raises:
-            ValueError: `value` is not low, medium or high.
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(effort.value for effort in cls)
-            raise ValueError(f"invalid reasoning effort {value!r}; expected one of {names}") from None
 
 
 @dataclass(frozen=True)

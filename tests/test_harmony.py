@@ -1026,12 +1026,12 @@ def test_lenient_parser_accepts_any_token_stream(tokenizer):
 
 
 def test_invalid_reasoning_effort():
-    with pytest.raises(ValueError, match="invalid reasoning effort 'extreme'; expected one of low, medium, high"):
+    with pytest.raises(ValueError, match="unknown reasoning effort 'extreme'; expected one of low, medium, high"):
         SystemContent(reasoning_effort="extreme")
 
 
 def test_unknown_role():
-    with pytest.raises(ValueError, match="unknown role 'robot'; Harmony roles are system, developer, user"):
+    with pytest.raises(ValueError, match="unknown role 'robot'; expected one of system, developer, user, assistant, tool"):
         Message("robot", "beep")
     with pytest.raises(ValueError, match="unknown role 'robot'"):
         render_for_completion([Message("user", "hi")], next_role="robot")
