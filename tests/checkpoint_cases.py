@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import pytest
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -76,6 +77,13 @@ def write_source(kind: SourceKind, folder: Path) -> Path:
     (folder / "tokenizer.json").write_text(TOKENIZER_TEXT)
     return folder
 
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One folder per source kind, written once per test module."""
+    root = tmp_path_factory.mktemp("sources")
+    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS}
 
 def assert_same_parameters(model: GptOss, expected: GptOss) -> None:
     """Every parameter bit-identical, with the same dtype."""

@@ -22,6 +22,7 @@ from checkpoint_cases import (
     assert_same_parameters,
     copy_folder,
     model_logits,
+    sources,
     tiny_model,
     write_source,
 )
@@ -30,12 +31,6 @@ from convert.layouts import parameter_sources
 from convert.reader import SafetensorsCheckpoint
 from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
 from gptoss_jax.cli import main
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS}
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, list[str]]:

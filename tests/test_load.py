@@ -20,18 +20,13 @@ from checkpoint_cases import (
     assert_same_parameters,
     copy_folder,
     model_logits,
+    sources,
     tiny_model,
     write_source,
 )
 from convert import convert_checkpoint
 from convert.layouts import LayoutError
 from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("sources")
-    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS}
 
 
 @pytest.fixture(scope="module")
