@@ -438,9 +438,23 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return InputError, CheckpointError, LayoutError, ConfigError, OSError
 
 
+def _enable_compilation_cache() -> None:
+    """Keep compiled programs on disk between runs (compiling dominates a short CPU run).
+
+    A cache folder the user configured for JAX is left as it is.
+    """
+    import jax
+
+    from gptoss_jax.demo import cache_root
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax-compilation"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script passes it to exit)."""
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         return args.run(args)
     except KeyboardInterrupt:
