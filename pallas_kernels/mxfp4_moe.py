@@ -204,6 +204,9 @@ def _store_rows(o_smem, o_gmem, block_start, offset, count, col_start, max_rows:
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+# Jitted with its options static: the model calls it with the same shapes in every layer, and
+# each call would otherwise go through the whole Mosaic GPU lowering again.
+@functools.partial(jax.jit, static_argnames=("epilogue", "config", "interpret"))
 def mxfp4_grouped_matmul(
     lhs: jax.Array,
     group_sizes: jax.Array,
