@@ -2,7 +2,9 @@
 
 The model is built abstractly with ``nnx.eval_shape``: nothing is allocated and no weights are
 needed, so this runs anywhere. The goals (design.md) leave room for a KV cache: 20b under
-14 GB (a 16 GB card) and 120b under 66 GB (one 80 GB H100).
+14 GB (a 16 GB card) and 120b under 66 GB (one 80 GB H100). Per-device bytes on 1, 2, 4 and 8
+GPUs follow from the partition rules of ``gptoss_jax.sharding`` on the default mesh: each
+parameter's shard shape is its shape divided by the mesh axes its PartitionSpec names.
 
     python benchmarks/memory.py [--json PATH]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 
 import jax.numpy as jnp
@@ -19,15 +22,22 @@ from flax import nnx
 
 from gptoss_jax.config import preset
 from gptoss_jax.model import GptOss
+from gptoss_jax.sharding import AXES, default_mesh_shape, partition_spec
+
+DEVICE_COUNTS = (1, 2, 4, 8)
 
 GOALS_GB = {"gpt-oss-20b": 14.0, "gpt-oss-120b": 66.0}
 
 
+def _abstract_parameters(name: str) -> list[tuple[tuple, nnx.Variable]]:
+    abstract = nnx.eval_shape(lambda: GptOss(preset(name), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    return nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+
+
 def parameter_bytes(name: str) -> dict[str, int]:
     """Bytes of each kind of parameter of a preset: MXFP4 experts, expert biases, the rest."""
-    abstract = nnx.eval_shape(lambda: GptOss(preset(name), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     totals: dict[str, int] = defaultdict(int)
-    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    for path, variable in _abstract_parameters(name):
         leaf = variable.get_value()
         size = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         key = ".".join(map(str, path))
@@ -40,6 +50,20 @@ def parameter_bytes(name: str) -> dict[str, int]:
         else:
             totals["attention, router, norms"] += size
     return dict(totals)
+
+
+def per_device_bytes(name: str, mesh_shape: dict[str, int]) -> int:
+    """Parameter bytes one device holds on a mesh of these axis sizes (the largest shard, if uneven)."""
+    total = 0
+    for _, variable in _abstract_parameters(name):
+        leaf = variable.get_value()
+        spec = partition_spec(*variable.get_metadata().get("out_sharding", ()))
+        shard_shape = list(leaf.shape)
+        for dim, mesh_axes in enumerate(spec):
+            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
+            shard_shape[dim] = -(-shard_shape[dim] // math.prod(mesh_shape[axis] for axis in mesh_axes))
+        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
 
 
 def main() -> None:
@@ -55,6 +79,13 @@ def main() -> None:
               f"{'met' if total / 1e9 < goal else 'MISSED'})")
         for part, size in parts.items():
             print(f"  {part:34s} {size / 1e9:7.2f} GB")
+        report[name]["per_device_bytes"] = {}
+        for count in DEVICE_COUNTS:
+            shape = default_mesh_shape(count)
+            per_device = per_device_bytes(name, shape)
+            report[name]["per_device_bytes"][count] = per_device
+            mesh = ",".join(f"{axis}={shape[axis]}" for axis in AXES)
+            print(f"  on {count} GPU{'s' if count > 1 else ' '} ({mesh}): {per_device / 1e9:7.2f} GB per device")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -15,13 +15,14 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.layouts import Layout, parameter_sources
+from convert.layouts import Layout, parameter_sources, to_checkpoint_rows
 from gptoss_jax.config import GptOssConfig, to_hf_dict
 from gptoss_jax.model import GptOss
 
 
 def model_tensors(model: GptOss) -> dict[str, np.ndarray]:
-    """The model's parameters as host arrays, keyed by parameter path (= original/ names)."""
+    """The model's parameters as host arrays, keyed by parameter path (= original/ names), in the model's
+    row order (see ``convert.layouts.to_model_rows``)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(map(str, path)): np.asarray(variable[...]) for path, variable in flat}
 
@@ -32,7 +33,7 @@ def _split_sources(
     """Rename (and for HF, split QKV) into the layout's tensor names, in the checkpoint dtypes."""
     out = {}
     for path, names in parameter_sources(config, layout).items():
-        tensor = tensors[path]
+        tensor = to_checkpoint_rows(config, path, tensors[path])
         if path.endswith("norm.scale"):
             tensor = tensor.astype(np.asarray(tensors["embedding.weight"]).dtype)  # bf16 on disk
         if len(names) == 1:

@@ -3,7 +3,9 @@
 The model's parameter paths (``block.3.attn.qkv.weight``...) are the names of OpenAI's
 ``original/`` layout, so that layout maps one to one. Hugging Face's layout renames every
 tensor and splits the fused QKV projection into q, k and v, which are concatenated back along
-the output axis. MXFP4 ``blocks``/``scales`` are byte-identical in both (spec section 3).
+the output axis. MXFP4 ``blocks``/``scales`` are byte-identical in both (spec section 3). The
+model groups the fused QKV rows by KV head (so a tensor-parallel split keeps query groups with
+their keys and values): :func:`to_model_rows` and :func:`to_checkpoint_rows` convert.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.model import fused_qkv_order
 
 
 class Layout(enum.Enum):
@@ -61,6 +66,21 @@ def parameter_sources(config: GptOssConfig, layout: Layout) -> dict[str, tuple[s
         for path, names in layer_names.items():
             sources[f"block.{layer}.{path}"] = tuple(prefix.format(layer) + name for name in names)
     return sources
+
+
+def _reorders_rows(path: str) -> bool:
+    return path.endswith(("attn.qkv.weight", "attn.qkv.bias"))
+
+
+def to_model_rows(config: GptOssConfig, path: str, array: np.ndarray) -> np.ndarray:
+    """A parameter as the checkpoints hold it -> as the model does: the fused QKV's rows are
+    grouped by KV head (``gptoss_jax.model.fused_qkv_order``); every other parameter is as is."""
+    return array[fused_qkv_order(config)] if _reorders_rows(path) else array
+
+
+def to_checkpoint_rows(config: GptOssConfig, path: str, array: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_model_rows`."""
+    return array[np.argsort(fused_qkv_order(config))] if _reorders_rows(path) else array
 
 
 def detect_layout(folder: str | os.PathLike) -> Layout:

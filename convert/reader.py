@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from convert.layouts import Layout, detect_layout, parameter_sources, safetensors_files
+from convert.layouts import Layout, detect_layout, parameter_sources, safetensors_files, to_model_rows
 from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
 from gptoss_jax.config import GptOssConfig
 
@@ -184,13 +184,14 @@ class SafetensorsCheckpoint:
     def _read_parameter(self, path: str) -> np.ndarray:
         pieces = [self._read_tensor(name) for name in self._sources[path]]
         array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-        return array.astype(self._specs[path].dtype, copy=False)
+        return to_model_rows(self.config, path, array).astype(self._specs[path].dtype, copy=False)
 
     def parameters(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(parameter path, array)`` one at a time, in the model's shapes and dtypes.
 
         Paths are the model's (= ``original/`` tensor names), e.g. ``block.0.attn.qkv.weight``
-        ``[qkv_size, H]`` bfloat16. Nothing is kept after it is yielded.
+        ``[qkv_size, H]`` bfloat16, its rows in the model's order (:func:`to_model_rows`).
+        Nothing is kept after it is yielded.
         """
         for path in self._sources:
             yield path, self._read_parameter(path)

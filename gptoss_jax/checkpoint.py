@@ -15,7 +15,9 @@ group on its target devices before reading the next. Inside an item the tree is 
 following the rest of the parameter path (``attn -> qkv -> weight``).
 
 Parameter paths are the model's state paths joined by dots, which are also the tensor names of
-OpenAI's ``original/`` checkpoints (``block.0.mlp.mlp1_weight.blocks``).
+OpenAI's ``original/`` checkpoints (``block.0.mlp.mlp1_weight.blocks``). Arrays are stored as the
+model holds them: version 2 groups the fused QKV rows by KV head (``model.fused_qkv_order``), so
+a tensor-parallel restore reads each device's heads straight from disk.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax import sharding as sharding_rules
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernel_dispatch import KernelChoice
 from gptoss_jax.model import GptOss
 
 FORMAT_NAME = "gptoss-jax-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILENAME = "gptoss_jax_checkpoint.json"
 CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"
@@ -47,10 +50,18 @@ class CheckpointError(ValueError):
 
 
 def abstract_model(
-    config: GptOssConfig, *, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto"
+    config: GptOssConfig, *, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GptOss:
     """The model with ``jax.ShapeDtypeStruct`` in place of every parameter: nothing is allocated."""
-    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, kernels=kernels, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, kernels=kernels, mesh=mesh, rngs=nnx.Rngs(0)))
+
+
+def parameter_shardings(config: GptOssConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
+    """Every parameter path -> its sharding on ``mesh`` (:mod:`gptoss_jax.sharding`'s rules)."""
+    state = nnx.state(abstract_model(config, kernels="xla"), nnx.Param)
+    return {_path_name(path): sharding.get_value()
+            for path, sharding in nnx.to_flat_state(sharding_rules.parameter_shardings(state, mesh))}
 
 
 def _path_name(path: tuple[Any, ...]) -> str:
@@ -102,15 +113,19 @@ def build_model(
     dtype: jnp.dtype = jnp.bfloat16,
     kernels: KernelChoice = "auto",
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GptOss:
     """A model whose parameters come from a stream of ``(parameter path, array)`` pairs.
 
-    Each array goes to its device (``shardings[path]``, else the default device) as it arrives,
-    so a streaming source keeps at most one tensor on the host. The stream must hold every
+    Each array goes to its devices (``shardings[path]``, else the mesh's partition rules, else
+    the default device) as it arrives, so a streaming source keeps at most one tensor on the
+    host; a host array is cut into this process's shards only. The stream must hold every
     parameter exactly once, in the model's shapes and dtypes.
     """
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels))
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels, mesh=mesh))
     variables = {_path_name(path): variable for path, variable in nnx.to_flat_state(state)}
+    if mesh is not None:
+        shardings = {**parameter_shardings(config, mesh), **(shardings or {})}
     filled: set[str] = set()
     for path, array in parameters:
         variable = variables.get(path)
@@ -123,12 +138,20 @@ def build_model(
                 f"got {array.dtype}{list(array.shape)}"
             )
         sharding = shardings.get(path) if shardings is not None else None
-        variable.set_value(jax.device_put(array, sharding))
+        variable.set_value(_place(array, sharding))
         filled.add(path)
     missing = [path for path in variables if path not in filled]
     if missing:
         raise CheckpointError(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return nnx.merge(graphdef, state)
+
+
+def _place(array: np.ndarray | jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None or isinstance(array, jax.Array):
+        return jax.device_put(array, sharding)
+    # Slices of the host array for this process's devices only: device_put would need every
+    # device of a multi-process sharding to be addressable.
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
@@ -210,15 +233,18 @@ def restore(
     dtype: jnp.dtype = jnp.bfloat16,
     kernels: KernelChoice = "auto",
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> GptOss:
-    """Load a converted checkpoint into a model; each weight is created once, on its device.
+    """Load a converted checkpoint into a model; each weight is created once, on its devices.
 
     Args:
       path: a folder written by ``convert.convert_checkpoint``.
       dtype: compute dtype of the model (``bfloat16`` or ``float32``); parameters keep theirs.
       kernels: ``auto``, ``pallas`` or ``xla`` (see :mod:`gptoss_jax.kernel_dispatch`).
-      shardings: parameter path -> target sharding; orbax reads each array straight into it.
-        Parameters not named go to the default device.
+      shardings: parameter path -> target sharding; orbax reads each array straight into it,
+        each process only the shards its devices hold. Parameters not named follow ``mesh``'s
+        partition rules, or go to the default device without a mesh.
+      mesh: a mesh from :func:`gptoss_jax.sharding.make_mesh`; the model runs sharded on it.
 
     Raises:
       CheckpointError: the folder is not a converted checkpoint or does not match its config.
@@ -233,19 +259,26 @@ def restore(
             f"{folder / MARKER_FILENAME}: its parameter groups do not match {CONFIG_FILENAME} "
             f"({config.num_hidden_layers} layers)"
         )
+    if mesh is not None:
+        shardings = {**parameter_shardings(config, mesh), **(shardings or {})}  # for orbax too
     return build_model(
         config, _restored_parameters(folder, config, shardings), dtype=dtype, kernels=kernels,
-        shardings=shardings,
+        shardings=shardings, mesh=mesh,
     )
 
 
-def load(path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto") -> GptOss:
+def load(
+    path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+) -> GptOss:
     """A model from a converted checkpoint or a raw safetensors folder (HF root or ``original/``).
 
     Args:
       path: the checkpoint folder.
       dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
       kernels: ``auto``, ``pallas`` or ``xla``.
+      mesh: shard the model over this mesh (:func:`gptoss_jax.sharding.make_mesh`); each
+        process reads and places only its devices' shards, one tensor at a time.
 
     Returns:
       The model; ``model(tokens)`` maps int32 ``[B, T]`` to float32 logits ``[B, T, V]``.
@@ -255,10 +288,10 @@ def load(path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: Kern
       a gpt-oss checkpoint; the message names the file and tensor.
     """
     if is_converted_checkpoint(path):
-        return restore(path, dtype=dtype, kernels=kernels)
+        return restore(path, dtype=dtype, kernels=kernels, mesh=mesh)
     # `load` sits above `convert` like the CLI does: the design's arrows are
     # convert -> gptoss_jax -> pallas_kernels, so `convert` is imported here, not at module level.
     from convert.reader import SafetensorsCheckpoint
 
     source = SafetensorsCheckpoint(path)
-    return build_model(source.config, source.parameters(), dtype=dtype, kernels=kernels)
+    return build_model(source.config, source.parameters(), dtype=dtype, kernels=kernels, mesh=mesh)

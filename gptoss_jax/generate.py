@@ -246,11 +246,15 @@ def generate(
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     if prefill_chunk_size < 1:
         raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
-    batch = len(arrays)
-    lengths = np.array([a.size for a in arrays], np.int32)
+    prompt_count = len(arrays)
     if max_new_tokens == 0:
         return GenerationOutput([[] for _ in arrays], [[] for _ in arrays] if return_logprobs else None,
                                 GenerationStats(0, 0.0, 0, 0.0, 0.0))
+    if model.mesh is not None:
+        # Rows split evenly over the data axis; the extra rows repeat prompt 0 and are dropped.
+        arrays += [arrays[0]] * (-prompt_count % model.mesh.shape["data"])
+    batch = len(arrays)
+    lengths = np.array([a.size for a in arrays], np.int32)
     config = model.config
     longest = int(lengths.max())
     chunk = min(_bucket(prefill_chunk_size, _MIN_BUCKET), _bucket(longest, _MIN_BUCKET))
@@ -265,7 +269,7 @@ def generate(
     prefill, decode = _compiled()
     compile_before = prefill.compile_seconds + decode.compile_seconds
     graphdef, state = nnx.split(model)
-    cache = KVCache.create(config, batch, cache_length, model.dtype)
+    cache = KVCache.create(config, batch, cache_length, model.dtype, model.mesh)
     logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
     prefill_seconds = 0.0
     for start in range(0, padded_length, chunk):
@@ -290,12 +294,13 @@ def generate(
             sampling=sampling, buffer=_bucket(max_new_tokens, _MIN_BUCKET), stream=streamer is not None,
         )
         generated_tokens, logprobs, generated = jax.device_get((generated_tokens, logprobs, generated))
+        generated = generated[:prompt_count]
         decode_seconds = time.perf_counter() - begin - (decode.compile_seconds - compile_mark)
     finally:
         _streamer = None
 
     stats = GenerationStats(
-        prefill_tokens=int(lengths.sum()), prefill_seconds=prefill_seconds,
+        prefill_tokens=int(lengths[:prompt_count].sum()), prefill_seconds=prefill_seconds,
         decode_tokens=int(generated.sum()), decode_seconds=decode_seconds,
         compile_seconds=prefill.compile_seconds + decode.compile_seconds - compile_before,
     )

@@ -5,6 +5,9 @@ ring of ``sliding_window`` slots (128 in gpt-oss): a key at position p lives in 
 ``p % window`` and is overwritten once it has left every later query's window, so these layers'
 memory does not grow with the context. Each slot records the position it holds
 (:data:`EMPTY_SLOT` when none), which is all attention needs to mask it.
+
+On a mesh the cache is split like the attention that reads it: rows over ``data``, KV heads over
+``tensor`` (:mod:`gptoss_jax.sharding`), so each device holds only its heads' keys and values.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.sharding import BATCH, HEADS, named_sharding
 from pallas_kernels.attention_reference import EMPTY_SLOT
 
 
@@ -58,19 +63,25 @@ class KVCache(NamedTuple):
 
     @classmethod
     def create(
-        cls, config: GptOssConfig, batch: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16
+        cls, config: GptOssConfig, batch: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16,
+        mesh: Mesh | None = None,
     ) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``max_length`` positions."""
+        """An empty cache for ``batch`` sequences of up to ``max_length`` positions, sharded over ``mesh`` if given."""
         if max_length > config.max_position_embeddings:
             raise ValueError(
                 f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}"
             )
+        if mesh is None:
+            heads_sharding = rows_sharding = None
+        else:
+            heads_sharding = named_sharding(mesh, BATCH, None, HEADS, None)
+            rows_sharding = named_sharding(mesh, BATCH, None)
         layers = []
         for layer in range(config.num_hidden_layers):
             slots = min(config.sliding_window, max_length) if config.is_sliding(layer) else max_length
             shape = (batch, slots, config.num_key_value_heads, config.head_dim)
             layers.append(LayerCache(
-                jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                jnp.full((batch, slots), EMPTY_SLOT, jnp.int32),
+                jnp.zeros(shape, dtype, device=heads_sharding), jnp.zeros(shape, dtype, device=heads_sharding),
+                jnp.full((batch, slots), EMPTY_SLOT, jnp.int32, device=rows_sharding),
             ))
         return cls(tuple(layers))

@@ -7,7 +7,15 @@ the same graph runs without those roundings. Parameters keep the checkpoint's dt
 RMSNorm gains in float32; MXFP4 ``blocks`` and ``scales`` as uint8) whatever the compute dtype.
 
 Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden size, ``E`` experts, ``I`` expert size,
-``V`` vocabulary.
+``V`` vocabulary, ``D`` head size, ``Hq``/``Hkv`` query/KV heads.
+
+One departure from the checkpoint's layout: the rows of the fused ``attn.qkv`` projection are
+grouped by KV head (see :func:`fused_qkv_order`), so that splitting them over the mesh's tensor
+axis gives every device whole query groups with their keys and values.
+
+Every parameter names its logical axes in its ``out_sharding`` metadata (``vocab``, ``experts``,
+``heads``); :mod:`gptoss_jax.sharding` maps them onto a mesh. A model built with a ``mesh``
+holds its parameters sharded so, and runs attention and the experts under ``shard_map``.
 """
 
 from __future__ import annotations
@@ -16,12 +24,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.kernel_dispatch import KernelChoice, attention_kernel_fits, resolve_kernels
+from gptoss_jax.kernel_dispatch import (
+    KernelChoice,
+    attention_kernel_fits,
+    interpret_params,
+    moe_kernel_fits,
+    resolve_kernels,
+)
 from gptoss_jax.kv_cache import KVCache, LayerCache
 from gptoss_jax.rope import apply_rotary, rotary_cos_sin, yarn_inverse_frequencies
+from gptoss_jax.sharding import (
+    BATCH, EXPERT_SHARDS, EXPERTS, HEADS, VOCAB, LogicalAxes, check_mesh, partition_spec, shard_parameters,
+)
 from pallas_kernels import mxfp4
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.expert_routing import combine_experts, group_by_expert
@@ -34,16 +53,47 @@ _INIT_STDDEV = 0.02
 _INIT_SCALE_BYTE = 120
 
 
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...]) -> nnx.Param:
-    return nnx.Param((_INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(PARAM_DTYPE))
+def _param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
+    """A parameter whose logical axes are ``axes``; GptOss places it on its mesh (if any) once
+    built, rather than Flax as each one is made, which would need a mesh for every module."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
+    return _param((_INIT_STDDEV * jax.random.normal(rngs.params(), shape)).astype(PARAM_DTYPE), axes)
+
+
+def fused_qkv_order(config: GptOssConfig) -> np.ndarray:
+    """Where the model's fused QKV rows come from in the checkpoint's.
+
+    The checkpoint orders the rows ``[q heads | k heads | v heads]``. The model orders them by
+    KV head ``g``: its ``q_per_kv`` query heads ``g * q_per_kv ...``, then key head ``g``, then
+    value head ``g``. Row ``i`` of the model's ``attn.qkv.weight`` (and ``.bias``) is row
+    ``order[i]`` of the checkpoint's; ``np.argsort(order)`` goes back.
+
+    Returns:
+      int64 ``[(Hq + 2 Hkv) * D]``.
+    """
+    kv_heads, group, head_dim = config.num_key_value_heads, config.q_per_kv, config.head_dim
+    q_heads = np.arange(config.num_attention_heads).reshape(kv_heads, group)
+    k_heads = config.num_attention_heads + np.arange(kv_heads)[:, None]
+    v_heads = k_heads + kv_heads
+    heads = np.concatenate([q_heads, k_heads, v_heads], axis=1).reshape(-1)
+    return (heads[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
 
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T + bias`` with a torch-layout ``weight [out, in]``, rounded once to x.dtype."""
+    """``y = x @ weight.T + bias`` with a torch-layout ``weight [out, in]``, rounded once to x.dtype.
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True, rngs: nnx.Rngs):
-        self.weight = _normal(rngs, (out_features, in_features))
-        self.bias = _normal(rngs, (out_features,)) if use_bias else None
+    ``out_axis`` is the logical axis the outputs are split on, ``in_axis`` the inputs'.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, *, use_bias: bool = True, out_axis: str | None = None,
+        in_axis: str | None = None, rngs: nnx.Rngs,
+    ):
+        self.weight = _normal(rngs, (out_features, in_features), (out_axis, in_axis))
+        self.bias = _normal(rngs, (out_features,), (out_axis,)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -56,7 +106,7 @@ class Embedding(nnx.Module):
     """Token embedding ``weight [V, H]``: a plain row gather, no scaling."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, rngs: nnx.Rngs):
-        self.weight = _normal(rngs, (vocab_size, hidden_size))
+        self.weight = _normal(rngs, (vocab_size, hidden_size), (VOCAB, None))
 
     def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
         return self.weight[...][tokens].astype(dtype)
@@ -67,17 +117,18 @@ class MXFP4Weight(nnx.Module):
 
     def __init__(self, experts: int, out_features: int, in_features: int, *, rngs: nnx.Rngs):
         groups = in_features // mxfp4.BLOCK_SIZE
-        self.blocks = nnx.Param(
-            jax.random.bits(rngs.params(), (experts, out_features, groups, mxfp4.BYTES_PER_BLOCK), jnp.uint8)
+        self.blocks = _param(
+            jax.random.bits(rngs.params(), (experts, out_features, groups, mxfp4.BYTES_PER_BLOCK), jnp.uint8),
+            (EXPERTS, None, None, None),
         )
-        self.scales = nnx.Param(jnp.full((experts, out_features, groups), _INIT_SCALE_BYTE, jnp.uint8))
+        self.scales = _param(jnp.full((experts, out_features, groups), _INIT_SCALE_BYTE, jnp.uint8), (EXPERTS, None, None))
 
 
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a float32 gain and no offset: ``[..., H]``."""
 
     def __init__(self, size: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((size,), jnp.float32))
+        self.scale = _param(jnp.ones((size,), jnp.float32), (None,))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -89,13 +140,14 @@ class RMSNorm(nnx.Module):
 class AttentionBlock(nnx.Module):
     """Pre-norm grouped-query attention with YaRN RoPE, learned sinks and, on even layers, a window."""
 
-    def __init__(self, config: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, layer: int, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
         self.config = config
+        self.mesh = mesh
         self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.qkv = Linear(config.hidden_size, config.qkv_size, rngs=rngs)
-        self.sinks = nnx.Param(jax.random.normal(rngs.params(), (config.num_attention_heads,)).astype(PARAM_DTYPE))
-        self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, rngs=rngs)
+        self.qkv = Linear(config.hidden_size, config.qkv_size, out_axis=HEADS, rngs=rngs)
+        self.sinks = _param(jax.random.normal(rngs.params(), (config.num_attention_heads,)).astype(PARAM_DTYPE), (HEADS,))
+        self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, in_axis=HEADS, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
@@ -113,12 +165,11 @@ class AttentionBlock(nnx.Module):
         """
         config = self.config
         batch, length, _ = x.shape
-        qkv = self.qkv(self.norm(x))
-        q_size = config.num_attention_heads * config.head_dim
-        kv_size = config.num_key_value_heads * config.head_dim
-        q = qkv[..., :q_size].reshape(batch, length, config.num_attention_heads, config.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].reshape(batch, length, config.num_key_value_heads, config.head_dim)
-        v = qkv[..., q_size + kv_size:].reshape(batch, length, config.num_key_value_heads, config.head_dim)
+        kv_heads, group, head_dim = config.num_key_value_heads, config.q_per_kv, config.head_dim
+        qkv = self.qkv(self.norm(x)).reshape(batch, length, kv_heads, group + 2, head_dim)  # fused_qkv_order
+        q = qkv[:, :, :, :group].reshape(batch, length, config.num_attention_heads, head_dim)
+        k = qkv[:, :, :, group]
+        v = qkv[:, :, :, group + 1]
         inverse_frequencies, concentration = yarn_inverse_frequencies(
             config.head_dim, config.rope_theta, config.rope_scaling_factor,
             config.initial_context_length, config.rope_ntk_alpha, config.rope_ntk_beta,
@@ -126,15 +177,27 @@ class AttentionBlock(nnx.Module):
         cos, sin = rotary_cos_sin(positions, inverse_frequencies, concentration, x.dtype)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out, cache = self._attend(q, k, v, positions, kernels, cache)
-        return self.out(out.reshape(batch, length, q_size)), cache
+        attend = functools.partial(self._attend, kernels=kernels)
+        sinks = self.sinks[...].astype(jnp.float32)
+        if self.mesh is None:
+            out, cache = attend(q, k, v, sinks, positions, cache)
+        else:
+            # Heads and their cache stay on their tensor shard, rows on their data shard: the
+            # attention kernels see a whole, smaller problem.
+            heads = partition_spec(BATCH, None, HEADS, None)
+            rows = partition_spec(BATCH, None)
+            cache_spec = None if cache is None else LayerCache(heads, heads, rows)
+            out, cache = jax.shard_map(
+                attend, mesh=self.mesh, in_specs=(heads, heads, heads, partition_spec(HEADS), rows, cache_spec),
+                out_specs=(heads, cache_spec), check_vma=False,
+            )(q, k, v, sinks, positions, cache)
+        return self.out(out.reshape(batch, length, config.num_attention_heads * head_dim)), cache
 
     def _attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, kernels: str,
-        cache: LayerCache | None,
+        self, q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
+        cache: LayerCache | None, *, kernels: str,
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
-        sinks = self.sinks[...].astype(jnp.float32)
         use_kernels = kernels != "xla" and attention_kernel_fits(
             self.config, q.dtype, None if cache is None else cache.slots
         )
@@ -142,7 +205,7 @@ class AttentionBlock(nnx.Module):
             if use_kernels:
                 from pallas_kernels.flash_attention import flash_attention
 
-                return flash_attention(q, k, v, sinks, interpret=kernels == "interpret", **options), None
+                return flash_attention(q, k, v, sinks, interpret=interpret_params(kernels), **options), None
             return attention_reference(q, k, v, sinks, positions, positions, **options), None
         if q.shape[1] == 1:
             # One new token: its write only evicts a key that left its window, so write first.
@@ -150,7 +213,7 @@ class AttentionBlock(nnx.Module):
             if use_kernels:
                 from pallas_kernels.decode_attention import decode_attention
 
-                attend = functools.partial(decode_attention, interpret=kernels == "interpret")
+                attend = functools.partial(decode_attention, interpret=interpret_params(kernels))
             else:
                 attend = attention_reference
             out = attend(q, cache.keys, cache.values, sinks, positions, cache.positions, **options)
@@ -183,16 +246,17 @@ def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 class MLPBlock(nnx.Module):
     """Pre-norm mixture of experts: top-k router, then softmax over the k, MXFP4 experts."""
 
-    def __init__(self, config: GptOssConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GptOssConfig, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
         self.config = config
+        self.mesh = mesh
         experts, hidden, inner = config.num_experts, config.hidden_size, config.intermediate_size
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.gate = Linear(hidden, experts, rngs=rngs)
         # mlp1 maps H to 2I outputs interleaved gate (even) / linear (odd); mlp2 maps I to H.
         self.mlp1_weight = MXFP4Weight(experts, 2 * inner, hidden, rngs=rngs)
-        self.mlp1_bias = _normal(rngs, (experts, 2 * inner))
+        self.mlp1_bias = _normal(rngs, (experts, 2 * inner), (EXPERTS, None))
         self.mlp2_weight = MXFP4Weight(experts, hidden, inner, rngs=rngs)
-        self.mlp2_bias = _normal(rngs, (experts, hidden))
+        self.mlp2_bias = _normal(rngs, (experts, hidden), (EXPERTS, None))
 
     def __call__(self, x: jax.Array, kernels: str) -> jax.Array:
         """``x [B, T, H]`` -> ``[B, T, H]`` (before the residual add)."""
@@ -200,28 +264,73 @@ class MLPBlock(nnx.Module):
         batch, length, hidden = x.shape
         t = self.norm(x).reshape(batch * length, hidden)
         routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
+        experts = functools.partial(_local_experts, grouped_matmul=_grouped_matmul(kernels, self.config, x.dtype))
+        weights = (self.mlp1_weight.blocks[...], self.mlp1_weight.scales[...], self.mlp1_bias[...],
+                   self.mlp2_weight.blocks[...], self.mlp2_weight.scales[...], self.mlp2_bias[...])
+        if self.mesh is None:
+            out = experts(t, routing_weights, expert_indices, *weights, first_expert=0)
+        else:
+            out = jax.shard_map(
+                functools.partial(_expert_parallel, experts=experts), mesh=self.mesh,
+                in_specs=(partition_spec(BATCH, None),) * 3 + (partition_spec(EXPERTS),) * 6,
+                out_specs=partition_spec(BATCH, None), check_vma=False,
+            )(t, routing_weights, expert_indices, *weights)
+        return out.astype(x.dtype).reshape(batch, length, hidden)
 
-        groups = group_by_expert(expert_indices, config.num_experts)
-        grouped_matmul = _grouped_matmul(kernels, x.dtype)
-        activations = grouped_matmul(
-            t[groups.token_index], groups.group_sizes, self.mlp1_weight.blocks[...],
-            self.mlp1_weight.scales[...], self.mlp1_bias[...], epilogue="bias_swiglu",
-        )
-        weighted = grouped_matmul(
-            activations, groups.group_sizes, self.mlp2_weight.blocks[...],
-            self.mlp2_weight.scales[...], self.mlp2_bias[...], epilogue="bias",
-            row_weights=routing_weights.reshape(-1)[groups.assignment_order],
-        )
-        out = combine_experts(weighted, groups, config.experts_per_token, x.dtype)
-        return out.reshape(batch, length, hidden)
+
+def _local_experts(
+    tokens: jax.Array, routing_weights: jax.Array, expert_indices: jax.Array, mlp1_blocks: jax.Array,
+    mlp1_scales: jax.Array, mlp1_bias: jax.Array, mlp2_blocks: jax.Array, mlp2_scales: jax.Array,
+    mlp2_bias: jax.Array, *, first_expert: jax.Array | int, grouped_matmul,
+) -> jax.Array:
+    """The experts ``first_expert ... first_expert + E_local - 1`` held here, on the tokens routed to them.
+
+    Args:
+      tokens: ``[N, H]`` normed hidden states.
+      routing_weights: ``[N, k]``; expert_indices: int32 ``[N, k]`` global expert ids.
+      mlp1_*, mlp2_*: the local experts' weights, ``E_local`` on their leading axis.
+      first_expert: the global id of local expert 0.
+      grouped_matmul: the Pallas kernel or its XLA reference.
+
+    Returns:
+      float32 ``[N, H]``: each token's weighted sum over those of its experts held here.
+    """
+    local_experts = mlp1_blocks.shape[0]
+    local_indices = expert_indices - first_expert
+    # Assignments to other devices' experts sort last, past the local groups, where the grouped
+    # matmul writes zeros.
+    local_indices = jnp.where((local_indices >= 0) & (local_indices < local_experts), local_indices, local_experts)
+    groups = group_by_expert(local_indices, local_experts + 1)
+    group_sizes = groups.group_sizes[:local_experts]
+    activations = grouped_matmul(
+        tokens[groups.token_index], group_sizes, mlp1_blocks, mlp1_scales, mlp1_bias, epilogue="bias_swiglu",
+    )
+    weighted = grouped_matmul(
+        activations, group_sizes, mlp2_blocks, mlp2_scales, mlp2_bias, epilogue="bias",
+        row_weights=routing_weights.reshape(-1)[groups.assignment_order],
+    )
+    return combine_experts(weighted, groups, expert_indices.shape[1], jnp.float32)
+
+
+def _expert_parallel(tokens: jax.Array, routing_weights: jax.Array, expert_indices: jax.Array, *weights: jax.Array,
+                     experts) -> jax.Array:
+    """One device's share of the MoE: its experts on its data shard's tokens, summed over the experts' devices.
+
+    Every device of an expert group holds the same tokens (attention leaves them replicated
+    there), so no token has to travel: each computes only the rows routed to its experts, and one
+    float32 all-reduce adds the partial sums, which then round once as on a single device.
+    """
+    first_expert = jax.lax.axis_index(EXPERT_SHARDS) * weights[0].shape[0]
+    partial_sums = experts(tokens, routing_weights, expert_indices, *weights, first_expert=first_expert)
+    return jax.lax.psum(partial_sums, EXPERT_SHARDS)
 
 
 class TransformerBlock(nnx.Module):
     """One layer: attention then mixture of experts, each added to the residual stream."""
 
-    def __init__(self, config: GptOssConfig, layer: int, *, rngs: nnx.Rngs):
-        self.attn = AttentionBlock(config, layer, rngs=rngs)
-        self.mlp = MLPBlock(config, rngs=rngs)
+    def __init__(self, config: GptOssConfig, layer: int, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
+        self.attn = AttentionBlock(config, layer, mesh=mesh, rngs=rngs)
+        self.mlp = MLPBlock(config, mesh=mesh, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
@@ -239,6 +348,8 @@ class GptOss(nnx.Module):
       dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
       kernels: ``auto`` (Pallas on Hopper GPUs, XLA elsewhere), ``pallas``, ``xla``, or
         ``interpret`` (the Pallas kernels in Mosaic GPU interpret mode, on the CPU).
+      mesh: a mesh from :func:`gptoss_jax.sharding.make_mesh`: the parameters are placed on it
+        by their sharding metadata, and attention and the experts run sharded. None: one device.
       rngs: random initialization; use :func:`gptoss_jax.load` for real weights.
 
     Example::
@@ -253,19 +364,27 @@ class GptOss(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.bfloat16,
         kernels: KernelChoice = "auto",
+        mesh: Mesh | None = None,
         rngs: nnx.Rngs,
     ):
         if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
             raise ValueError(f"dtype must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
         resolve_kernels(kernels)  # reject a bad name now rather than at the first call
+        if mesh is not None:
+            check_mesh(mesh, config)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.kernels = kernels
+        self.mesh = mesh
         self.embedding = Embedding(config.vocab_size, config.hidden_size, rngs=rngs)
         # Named `block` like the reference, so parameter paths read as checkpoint names.
-        self.block = nnx.List([TransformerBlock(config, layer, rngs=rngs) for layer in range(config.num_hidden_layers)])
+        self.block = nnx.List([
+            TransformerBlock(config, layer, mesh=mesh, rngs=rngs) for layer in range(config.num_hidden_layers)
+        ])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.unembedding = Linear(config.hidden_size, config.vocab_size, use_bias=False, rngs=rngs)
+        self.unembedding = Linear(config.hidden_size, config.vocab_size, use_bias=False, out_axis=VOCAB, rngs=rngs)
+        if mesh is not None:
+            shard_parameters(self, mesh)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """Logits of whole sequences (positions 0..T-1), without a cache.
@@ -307,6 +426,10 @@ class GptOss(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None
     ) -> tuple[jax.Array, KVCache | None]:
         kernels = resolve_kernels(self.kernels)
+        if self.mesh is not None and tokens.shape[0] % self.mesh.shape["data"]:
+            raise ValueError(
+                f"batch {tokens.shape[0]} does not divide over the mesh's data axis of {self.mesh.shape['data']}"
+            )
         x = self.embedding(tokens, self.dtype)
         layer_caches = []
         for layer, block in enumerate(self.block):
@@ -315,10 +438,10 @@ class GptOss(nnx.Module):
         return x, None if cache is None else KVCache(tuple(layer_caches))
 
 
-def _grouped_matmul(kernels: str, dtype: jnp.dtype):
+def _grouped_matmul(kernels: str, config: GptOssConfig, dtype: jnp.dtype):
     """The expert matmul: the Pallas kernel (bfloat16 only) or its XLA reference."""
-    if kernels == "xla" or dtype != jnp.bfloat16:
+    if kernels == "xla" or not moe_kernel_fits(config, dtype):
         return mxfp4_grouped_matmul_reference
     from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
 
-    return functools.partial(mxfp4_grouped_matmul, interpret=kernels == "interpret")
+    return functools.partial(mxfp4_grouped_matmul, interpret=interpret_params(kernels))

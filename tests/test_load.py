@@ -26,7 +26,7 @@ from checkpoint_cases import (
 )
 from convert import convert_checkpoint
 from convert.layouts import LayoutError
-from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
+from gptoss_jax.checkpoint import FORMAT_VERSION, MARKER_FILENAME, CheckpointError, restore
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,11 @@ def test_restore_rejects_a_config_that_does_not_match(converted: Path, tmp_path:
 def test_restore_rejects_a_newer_format(converted: Path, tmp_path: Path):
     checkpoint = copy_folder(converted, tmp_path / "tiny")
     marker = json.loads((checkpoint / MARKER_FILENAME).read_text())
-    (checkpoint / MARKER_FILENAME).write_text(json.dumps({**marker, "version": 2}))
+    (checkpoint / MARKER_FILENAME).write_text(json.dumps({**marker, "version": FORMAT_VERSION + 1}))
 
-    with pytest.raises(CheckpointError, match="format version 2; this gptoss-jax reads version 1"):
+    with pytest.raises(
+        CheckpointError, match=f"format version {FORMAT_VERSION + 1}; this gptoss-jax reads version {FORMAT_VERSION}"
+    ):
         restore(checkpoint)
 
 
