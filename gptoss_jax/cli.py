@@ -13,6 +13,7 @@ Generated text goes to stdout; progress, notes and throughput go to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
+    import jax
+
     from gptoss_jax.generate import GenerationStats
     from gptoss_jax.harmony import Conversation, Message
     from gptoss_jax.model import GptOss
@@ -99,6 +102,15 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: bfloat16)")
     parser.add_argument("--kernels", choices=("auto", "pallas", "xla"), default="auto",
                         help="Pallas kernels on a GPU that has them (auto), always, or plain XLA")
+    parser.add_argument("--mesh", metavar="SPEC",
+                        help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all devices, "
+                             "up to 8 on tensor, the rest on expert)")
+    distributed = parser.add_argument_group(
+        "multi-host", "run one process per host (JAX's distributed runtime); the JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables work too")
+    distributed.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    distributed.add_argument("--num-processes", type=int, metavar="N", help="processes in all")
+    distributed.add_argument("--process-id", type=int, metavar="I", help="this process's index")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
@@ -147,6 +159,26 @@ def _text_from_stdin(what: str) -> str:
     return _checked_text(sys.stdin.read().rstrip("\n"), what)
 
 
+def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh | None:
+    """``--mesh``, or the default mesh when there are several devices, else none."""
+    import jax
+
+    from gptoss_jax.sharding import make_mesh
+
+    if args.mesh is None and jax.device_count() == 1:
+        return None
+    return make_mesh(args.mesh)
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join JAX's distributed runtime when asked to, before anything touches a device."""
+    asked = any(getattr(args, name, None) is not None for name in ("coordinator", "num_processes", "process_id"))
+    if asked or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        from gptoss_jax.sharding import initialize_distributed
+
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+
 def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokenizer]:
     """The model and tokenizer of ``--checkpoint``, or of the embedded demo checkpoint."""
     import jax.numpy as jnp
@@ -155,6 +187,7 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokeniz
     from gptoss_jax.demo import ensure_demo_checkpoint
     from gptoss_jax.tokenizer import Tokenizer
 
+    mesh = _mesh(args)  # a bad --mesh fails before anything is written or read
     if args.checkpoint is None:
         folder = ensure_demo_checkpoint(
             on_create=lambda path: _status(f"writing the embedded demo checkpoint to {path}")
@@ -165,7 +198,7 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokeniz
         if not folder.is_dir():
             raise InputError(f"checkpoint folder not found: {folder}")
     start = time.perf_counter()
-    model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels)
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels, mesh=mesh)
     tokenizer = Tokenizer.from_pretrained_dir(folder)
     _status(f"loaded {folder} ({args.dtype}, kernels {args.kernels}) in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
@@ -434,8 +467,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from convert.layouts import LayoutError
     from gptoss_jax.checkpoint import CheckpointError
     from gptoss_jax.config import ConfigError
+    from gptoss_jax.sharding import MeshError
 
-    return InputError, CheckpointError, LayoutError, ConfigError, OSError
+    return InputError, CheckpointError, LayoutError, ConfigError, MeshError, OSError
 
 
 def _enable_compilation_cache() -> None:
@@ -451,11 +485,22 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax-compilation"))
 
 
+def _is_secondary_process() -> bool:
+    import jax
+
+    return jax.process_count() > 1 and jax.process_index() != 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script passes it to exit)."""
     args = build_parser().parse_args(argv)
     _enable_compilation_cache()
     try:
+        _start_distributed(args)
+        if _is_secondary_process():
+            # Every process runs the same program; one of them speaks.
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                return args.run(args)
         return args.run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

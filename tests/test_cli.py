@@ -81,6 +81,8 @@ def test_reply_printer_shows_analysis_apart_from_the_final_answer():
         (["generate", "hello", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["chat", "hello", "--date", "yesterday"], "--date must be YYYY-MM-DD"),
         (["chat", "hello", "--checkpoint", "{missing}"], "checkpoint folder not found"),
+        (["generate", "hello", "--mesh", "expert=3"], "needs 3 devices, but there are 1"),
+        (["generate", "hello", "--mesh", "pipeline=2"], "pipeline"),
     ],
 )
 def test_bad_input_gives_one_error_line(argv, complaint, tmp_path, capsys):
