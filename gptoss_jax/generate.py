@@ -94,10 +94,10 @@ class _DecodeState(NamedTuple):
     logprobs: jax.Array  # [B, buffer]
 
 
-def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_last, logits):
+def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_last, logits, *, first: bool):
     """Run one prompt chunk; keep the logits of rows whose last prompt token is in it."""
     model = nnx.merge(graphdef, state)
-    chunk_logits, cache = model.with_cache(tokens, positions, cache, last_index)
+    chunk_logits, cache = model.with_cache(tokens, positions, cache, last_index, cache_is_empty=first)
     return jnp.where(has_last[:, None], chunk_logits, logits), cache
 
 
@@ -178,7 +178,7 @@ _compiled_decode: _Compiled | None = None
 def _compiled() -> tuple[_Compiled, _Compiled]:
     global _compiled_prefill, _compiled_decode
     if _compiled_prefill is None:
-        _compiled_prefill = _Compiled(_prefill_chunk, _donated(), ())
+        _compiled_prefill = _Compiled(_prefill_chunk, _donated(), ("first",))
         _compiled_decode = _Compiled(_decode, _donated(), ("sampling", "buffer", "stream"))
     return _compiled_prefill, _compiled_decode
 
@@ -279,7 +279,7 @@ def generate(
                      cache, jnp.asarray(np.clip(last, 0, chunk - 1)), jnp.asarray(has_last), logits)
         begin = time.perf_counter()
         compile_mark = prefill.compile_seconds
-        logits, cache = prefill(graphdef, *arguments)
+        logits, cache = prefill(graphdef, *arguments, first=start == 0)
         jax.block_until_ready(logits)
         prefill_seconds += time.perf_counter() - begin - (prefill.compile_seconds - compile_mark)
 

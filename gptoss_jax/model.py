@@ -150,7 +150,8 @@ class AttentionBlock(nnx.Module):
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, in_axis=HEADS, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
+        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None,
+        cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attend over the cache and this chunk.
 
@@ -159,6 +160,8 @@ class AttentionBlock(nnx.Module):
           positions: int32 ``[B, T]`` absolute positions; negative marks padding.
           kernels: ``pallas``, ``xla`` or ``interpret``.
           cache: this layer's cache, or None for a forward pass over positions 0..T-1.
+          cache_is_empty: the cache holds nothing yet and this chunk starts at position 0 (a
+            prompt's first chunk), so it attends within itself only, like a forward pass.
 
         Returns:
           ``([B, T, H]`` before the residual add, the cache with this chunk written).
@@ -177,7 +180,7 @@ class AttentionBlock(nnx.Module):
         cos, sin = rotary_cos_sin(positions, inverse_frequencies, concentration, x.dtype)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        attend = functools.partial(self._attend, kernels=kernels)
+        attend = functools.partial(self._attend, kernels=kernels, cache_is_empty=cache_is_empty)
         sinks = self.sinks[...].astype(jnp.float32)
         if self.mesh is None:
             out, cache = attend(q, k, v, sinks, positions, cache)
@@ -195,18 +198,21 @@ class AttentionBlock(nnx.Module):
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
-        cache: LayerCache | None, *, kernels: str,
+        cache: LayerCache | None, *, kernels: str, cache_is_empty: bool,
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
         use_kernels = kernels != "xla" and attention_kernel_fits(
             self.config, q.dtype, None if cache is None else cache.slots
         )
-        if cache is None:
+        if cache is None or cache_is_empty:
+            # Right-padding needs no mask here: a padded key comes after every real query.
             if use_kernels:
                 from pallas_kernels.flash_attention import flash_attention
 
-                return flash_attention(q, k, v, sinks, interpret=interpret_params(kernels), **options), None
-            return attention_reference(q, k, v, sinks, positions, positions, **options), None
+                out = flash_attention(q, k, v, sinks, interpret=interpret_params(kernels), **options)
+            else:
+                out = attention_reference(q, k, v, sinks, positions, positions, **options)
+            return out, None if cache is None else cache.write(k, v, positions)
         if q.shape[1] == 1:
             # One new token: its write only evicts a key that left its window, so write first.
             cache = cache.write(k, v, positions)
@@ -333,9 +339,10 @@ class TransformerBlock(nnx.Module):
         self.mlp = MLPBlock(config, mesh=mesh, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None
+        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None,
+        cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
-        attended, cache = self.attn(x, positions, kernels, cache)
+        attended, cache = self.attn(x, positions, kernels, cache, cache_is_empty)
         x = x + attended
         return x + self.mlp(x, kernels), cache
 
@@ -402,7 +409,8 @@ class GptOss(nnx.Module):
         return self.unembedding(self.norm(x)).astype(jnp.float32)
 
     def with_cache(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, logits_index: jax.Array | None = None
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache, logits_index: jax.Array | None = None,
+        cache_is_empty: bool = False,
     ) -> tuple[jax.Array, KVCache]:
         """Run a chunk of new tokens against a KV cache (prefill chunks and decode steps).
 
@@ -413,17 +421,19 @@ class GptOss(nnx.Module):
           cache: the cache holding every earlier position.
           logits_index: optional int32 ``[B]``: return only the logits at this index of each
             row (``[B, V]``), which spares the unembedding of a whole prompt.
+          cache_is_empty: (static) the cache is fresh and the chunk starts at position 0, so
+            attention stays within the chunk, where the prefill kernel runs.
 
         Returns:
           (float32 logits ``[B, T, V]`` or ``[B, V]``, the cache with the chunk written).
         """
-        x, cache = self._blocks(tokens, positions, cache)
+        x, cache = self._blocks(tokens, positions, cache, cache_is_empty)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]
         return self.unembedding(self.norm(x)).astype(jnp.float32), cache
 
     def _blocks(
-        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None
+        self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, cache_is_empty: bool = False
     ) -> tuple[jax.Array, KVCache | None]:
         kernels = resolve_kernels(self.kernels)
         if self.mesh is not None and tokens.shape[0] % self.mesh.shape["data"]:
@@ -433,7 +443,8 @@ class GptOss(nnx.Module):
         x = self.embedding(tokens, self.dtype)
         layer_caches = []
         for layer, block in enumerate(self.block):
-            x, layer_cache = block(x, positions, kernels, None if cache is None else cache.layers[layer])
+            layer_cache = None if cache is None else cache.layers[layer]
+            x, layer_cache = block(x, positions, kernels, layer_cache, cache_is_empty)
             layer_caches.append(layer_cache)
         return x, None if cache is None else KVCache(tuple(layer_caches))
 

@@ -66,9 +66,10 @@ def test_cached_decode_step_with_kernels_matches_the_xla_path(model_and_tokens):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), tokens.shape)
 
     def decode_last_token(m):
-        # Prefill all but the last token, then one decode step (the decode-attention kernel).
+        # Prefill all but the last token into a fresh cache (the prefill kernel), then one
+        # decode step (the decode-attention kernel).
         cache = KVCache.create(KERNEL_CONFIG, tokens.shape[0], 256, m.dtype)
-        _, cache = m.with_cache(tokens[:, :-1], positions[:, :-1], cache)
+        _, cache = m.with_cache(tokens[:, :-1], positions[:, :-1], cache, cache_is_empty=True)
         logits, _ = m.with_cache(tokens[:, -1:], positions[:, -1:], cache)
         return logits
 
