@@ -122,6 +122,15 @@ class MXFP4Weight(nnx.Module):
             (EXPERTS, None, None, None),
         )
         self.scales = _param(jnp.full((experts, out_features, groups), _INIT_SCALE_BYTE, jnp.uint8), (EXPERTS, None, None))
+        self.decoded: DecodedExperts | None = nnx.data(None)
+
+    def decode(self, dtype: jnp.dtype) -> None:
+        """Keep a decoded copy ``[E, N, K]`` that the XLA path reads instead of the packed bytes."""
+        self.decoded = DecodedExperts(mxfp4.dequantize(self.blocks[...], self.scales[...], dtype))
+
+
+class DecodedExperts(nnx.Variable):
+    """Expert weights decoded from MXFP4: a transient copy, never a parameter (never saved)."""
 
 
 class RMSNorm(nnx.Module):
@@ -270,7 +279,11 @@ class MLPBlock(nnx.Module):
         batch, length, hidden = x.shape
         t = self.norm(x).reshape(batch * length, hidden)
         routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
-        experts = functools.partial(_local_experts, grouped_matmul=_grouped_matmul(kernels, self.config, x.dtype))
+        mlp1_matmul = mlp2_matmul = _grouped_matmul(kernels, self.config, x.dtype)
+        if self.mlp1_weight.decoded is not None and mlp1_matmul is mxfp4_grouped_matmul_reference:
+            mlp1_matmul = functools.partial(mlp1_matmul, decoded=self.mlp1_weight.decoded[...])
+            mlp2_matmul = functools.partial(mlp2_matmul, decoded=self.mlp2_weight.decoded[...])
+        experts = functools.partial(_local_experts, mlp1_matmul=mlp1_matmul, mlp2_matmul=mlp2_matmul)
         weights = (self.mlp1_weight.blocks[...], self.mlp1_weight.scales[...], self.mlp1_bias[...],
                    self.mlp2_weight.blocks[...], self.mlp2_weight.scales[...], self.mlp2_bias[...])
         if self.mesh is None:
@@ -287,7 +300,7 @@ class MLPBlock(nnx.Module):
 def _local_experts(
     tokens: jax.Array, routing_weights: jax.Array, expert_indices: jax.Array, mlp1_blocks: jax.Array,
     mlp1_scales: jax.Array, mlp1_bias: jax.Array, mlp2_blocks: jax.Array, mlp2_scales: jax.Array,
-    mlp2_bias: jax.Array, *, first_expert: jax.Array | int, grouped_matmul,
+    mlp2_bias: jax.Array, *, first_expert: jax.Array | int, mlp1_matmul, mlp2_matmul,
 ) -> jax.Array:
     """The experts ``first_expert ... first_expert + E_local - 1`` held here, on the tokens routed to them.
 
@@ -296,7 +309,7 @@ def _local_experts(
       routing_weights: ``[N, k]``; expert_indices: int32 ``[N, k]`` global expert ids.
       mlp1_*, mlp2_*: the local experts' weights, ``E_local`` on their leading axis.
       first_expert: the global id of local expert 0.
-      grouped_matmul: the Pallas kernel or its XLA reference.
+      mlp1_matmul, mlp2_matmul: the grouped matmul of each (the Pallas kernel or its XLA reference).
 
     Returns:
       float32 ``[N, H]``: each token's weighted sum over those of its experts held here.
@@ -308,10 +321,10 @@ def _local_experts(
     local_indices = jnp.where((local_indices >= 0) & (local_indices < local_experts), local_indices, local_experts)
     groups = group_by_expert(local_indices, local_experts + 1)
     group_sizes = groups.group_sizes[:local_experts]
-    activations = grouped_matmul(
+    activations = mlp1_matmul(
         tokens[groups.token_index], group_sizes, mlp1_blocks, mlp1_scales, mlp1_bias, epilogue="bias_swiglu",
     )
-    weighted = grouped_matmul(
+    weighted = mlp2_matmul(
         activations, group_sizes, mlp2_blocks, mlp2_scales, mlp2_bias, epilogue="bias",
         row_weights=routing_weights.reshape(-1)[groups.assignment_order],
     )
@@ -407,6 +420,20 @@ class GptOss(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x, _ = self._blocks(tokens, positions, None)
         return self.unembedding(self.norm(x)).astype(jnp.float32)
+
+    def decode_experts(self) -> None:
+        """Keep a decoded copy of every expert's weights for the XLA path.
+
+        The XLA path otherwise decodes the MXFP4 bytes of each active expert at every call, which
+        dominates a CPU decode step. The copy costs 4x (bfloat16) or 8x (float32) the experts'
+        packed bytes, so :func:`gptoss_jax.generate` takes it only on the CPU, inside its compiled
+        functions (it lasts one call); the Pallas kernels never read it.
+        """
+        if self.mesh is not None:
+            raise ValueError("decoded experts are for a single device; a sharded model keeps them packed")
+        for block in self.block:
+            block.mlp.mlp1_weight.decode(self.dtype)
+            block.mlp.mlp2_weight.decode(self.dtype)
 
     def with_cache(
         self, tokens: jax.Array, positions: jax.Array, cache: KVCache, logits_index: jax.Array | None = None,

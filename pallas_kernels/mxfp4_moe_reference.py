@@ -35,11 +35,8 @@ def clamped_swiglu(
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
-def _expert_rows(
-    lhs: jax.Array, blocks: jax.Array, scales: jax.Array, bias: jax.Array, epilogue: Epilogue
-) -> jax.Array:
+def _expert_rows(lhs: jax.Array, weights: jax.Array, bias: jax.Array, epilogue: Epilogue) -> jax.Array:
     """One expert on every row: ``[M, K] x [N, K]^T + bias`` and its epilogue, in lhs.dtype."""
-    weights = mxfp4.dequantize(blocks, scales, lhs.dtype)  # [N, K]
     product = jnp.dot(lhs, weights.T, preferred_element_type=jnp.float32).astype(lhs.dtype)
     out = product + bias.astype(lhs.dtype)
     return clamped_swiglu(out) if epilogue == "bias_swiglu" else out
@@ -54,6 +51,7 @@ def mxfp4_grouped_matmul_reference(
     *,
     epilogue: Epilogue = "bias",
     row_weights: jax.Array | None = None,
+    decoded: jax.Array | None = None,
 ) -> jax.Array:
     """Grouped matmul of expert-sorted rows with MXFP4 expert weights.
 
@@ -66,6 +64,8 @@ def mxfp4_grouped_matmul_reference(
       epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
       row_weights: optional ``[M]`` routing weight of each row; when given the result is the
         float32 product ``weight * out`` ready for a single-rounding sum over experts.
+      decoded: optional ``[E, N, K]``, the same weights already decoded to lhs.dtype
+        (:func:`mxfp4.dequantize`), read instead of decoding blocks and scales at every call.
 
     Returns:
       ``[M, N]`` (``[M, N/2]`` with SwiGLU) in lhs.dtype, or float32 with ``row_weights``.
@@ -77,7 +77,11 @@ def mxfp4_grouped_matmul_reference(
 
     def accumulate(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
         def compute(out: jax.Array) -> jax.Array:
-            expert_out = _expert_rows(lhs, blocks[expert], scales[expert], bias[expert], epilogue)
+            if decoded is None:
+                weights = mxfp4.dequantize(blocks[expert], scales[expert], lhs.dtype)  # [N, K]
+            else:
+                weights = decoded[expert].astype(lhs.dtype)
+            expert_out = _expert_rows(lhs, weights, bias[expert], epilogue)
             return jnp.where((row_expert == expert)[:, None], expert_out, out)
 
         # Experts without rows (most of them in decode) cost nothing.
