@@ -35,10 +35,9 @@ def clamped_swiglu(
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
-def _expert_rows(lhs: jax.Array, weights: jax.Array, bias: jax.Array, epilogue: Epilogue) -> jax.Array:
-    """One expert on every row: ``[M, K] x [N, K]^T + bias`` and its epilogue, in lhs.dtype."""
-    product = jnp.dot(lhs, weights.T, preferred_element_type=jnp.float32).astype(lhs.dtype)
-    out = product + bias.astype(lhs.dtype)
+def _epilogue(product: jax.Array, bias: jax.Array, epilogue: Epilogue, dtype: jnp.dtype) -> jax.Array:
+    """Round the float32 ``product [M, N]``, add ``bias`` (``[N]`` or ``[M, N]``), then SwiGLU if asked."""
+    out = product.astype(dtype) + bias.astype(dtype)
     return clamped_swiglu(out) if epilogue == "bias_swiglu" else out
 
 
@@ -75,20 +74,32 @@ def mxfp4_grouped_matmul_reference(
     out_features = n // 2 if epilogue == "bias_swiglu" else n
     row_expert = expert_of_rows(group_sizes, rows)
 
-    def accumulate(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
-        def compute(out: jax.Array) -> jax.Array:
-            if decoded is None:
-                weights = mxfp4.dequantize(blocks[expert], scales[expert], lhs.dtype)  # [N, K]
-            else:
-                weights = decoded[expert].astype(lhs.dtype)
-            expert_out = _expert_rows(lhs, weights, bias[expert], epilogue)
-            return jnp.where((row_expert == expert)[:, None], expert_out, out)
+    def weights_of(experts: jax.Array) -> jax.Array:
+        """``[..., N, K]`` weights of ``experts [...]`` in lhs.dtype."""
+        if decoded is None:
+            return mxfp4.dequantize(blocks[experts], scales[experts], lhs.dtype)
+        return decoded[experts].astype(lhs.dtype)
 
-        # Experts without rows (most of them in decode) cost nothing.
-        return jax.lax.cond(group_sizes[expert] > 0, compute, lambda out: out, out), None
+    if rows <= num_experts:
+        # Few rows (decode): each row reads its own expert's weights in one gathered product;
+        # a loop over experts would cost more per iteration than its matmul does.
+        expert = jnp.minimum(row_expert, num_experts - 1)
+        product = jnp.einsum("mk,mnk->mn", lhs, weights_of(expert), preferred_element_type=jnp.float32)
+        out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
+        out = jnp.where((row_expert < num_experts)[:, None], out, 0)
+    else:
 
-    out = jnp.zeros((rows, out_features), lhs.dtype)
-    out, _ = jax.lax.scan(accumulate, out, jnp.arange(num_experts))
+        def accumulate(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
+            def compute(out: jax.Array) -> jax.Array:
+                product = jnp.dot(lhs, weights_of(expert).T, preferred_element_type=jnp.float32)
+                expert_out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
+                return jnp.where((row_expert == expert)[:, None], expert_out, out)
+
+            # Experts without rows cost nothing.
+            return jax.lax.cond(group_sizes[expert] > 0, compute, lambda out: out, out), None
+
+        out = jnp.zeros((rows, out_features), lhs.dtype)
+        out, _ = jax.lax.scan(accumulate, out, jnp.arange(num_experts))
     if row_weights is None:
         return out
     return out.astype(jnp.float32) * row_weights.astype(jnp.float32)[:, None]
