@@ -3,8 +3,9 @@
 One mid-size gpt-oss-shaped model with random weights (``BENCH_CONFIG``: 8 layers, 16 experts
 top-4, hidden 512, expert size 768, 8 query / 2 KV heads of 64, vocabulary 8192, window 128;
 about 14 M parameters per layer before MXFP4 packing) is written once as a Hugging Face
-checkpoint (MXFP4 experts). This project loads it with ``gptoss_jax.load``; transformers loads
-the same files with ``GptOssForCausalLM`` and ``Mxfp4Config(dequantize=True)``. Both decode
+checkpoint (MXFP4 experts). This project loads it with ``gptoss_jax.load`` and decodes the
+experts once (``model.decode_experts()``, a bfloat16 copy); transformers loads the same files
+with ``GptOssForCausalLM`` and ``Mxfp4Config(dequantize=True)``, which dequantizes them at load. Both decode
 greedily, in the same dtype, from the same prompt for the same number of new tokens, with their
 KV caches, after a warm-up run each.
 
@@ -71,6 +72,8 @@ def write_random_checkpoint(folder: Path) -> None:
 def ours(folder: Path, prompt: list[int], new_tokens: int, dtype: str, repeats: int) -> tuple[float, float, list[int]]:
     """(decode tokens/s, compile seconds, tokens) of gptoss_jax.generate."""
     model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels="xla")
+    # transformers dequantizes the MXFP4 experts when it loads them on the CPU; do the same.
+    model.decode_experts()
     warm_up = gptoss_jax.generate(model, [prompt], max_new_tokens=new_tokens, temperature=0)
     rates = []
     for _ in range(repeats):

@@ -31,7 +31,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from gptoss_jax.kernel_dispatch import resolve_kernels
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample, token_logprobs
@@ -95,17 +94,9 @@ class _DecodeState(NamedTuple):
     logprobs: jax.Array  # [B, buffer]
 
 
-def _merge(graphdef, state) -> GptOss:
-    """The model inside a compiled function; on the CPU its experts decoded once for the call."""
-    model = nnx.merge(graphdef, state)
-    if jax.default_backend() == "cpu" and resolve_kernels(model.kernels) == "xla" and model.mesh is None:
-        model.decode_experts()
-    return model
-
-
 def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_last, logits, *, first: bool):
     """Run one prompt chunk; keep the logits of rows whose last prompt token is in it."""
-    model = _merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
     chunk_logits, cache = model.with_cache(tokens, positions, cache, last_index, cache_is_empty=first)
     return jnp.where(has_last[:, None], chunk_logits, logits), cache
 
@@ -122,7 +113,7 @@ def _emit(tokens: np.ndarray, active: np.ndarray) -> None:
 def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, *,
             sampling: SamplingConfig, buffer: int, stream: bool):
     """Sample up to ``max_new_tokens`` tokens per row in a device loop."""
-    model = _merge(graphdef, state)
+    model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
 
     def keep_going(carry: _DecodeState) -> jax.Array:

@@ -426,11 +426,12 @@ class GptOss(nnx.Module):
         return self.unembedding(self.norm(x)).astype(jnp.float32)
 
     def decode_experts(self) -> None:
-        """Keep a decoded copy of every expert's weights for the XLA path.
+        """Keep a decoded copy of every expert's weights, which the XLA path then reads.
 
-        The XLA path otherwise decodes the MXFP4 bytes of each active expert at every call, which
-        dominates a CPU decode step. The bfloat16 copy costs about 4x the experts' packed bytes, so :func:`gptoss_jax.generate` takes it only on the CPU, inside its compiled
-        functions (it lasts one call); the Pallas kernels never read it.
+        Opt-in, for CPU runs: the XLA path otherwise decodes the MXFP4 bytes of each active expert
+        at every step, which dominates a CPU decode step. The bfloat16 copy costs about 4x the
+        experts' packed bytes (what transformers holds after dequantizing MXFP4 on the CPU); the
+        Pallas kernels never read it.
         """
         if self.mesh is not None:
             raise ValueError("decoded experts are for a single device; a sharded model keeps them packed")

@@ -148,3 +148,19 @@ def test_bad_input_is_a_clear_error(model, prompts_, kwargs, message):
 def test_a_string_is_not_a_prompt_list(model):
     with pytest.raises(TypeError, match="sequence of token-id sequences"):
         generate(model, "hello")
+
+
+def test_decoded_experts_change_nothing_but_speed(prompts, greedy_output):
+    model = GptOss(preset("tiny"), dtype=jnp.float32, rngs=nnx.Rngs(0))  # the fixture's weights
+    tokens = jnp.asarray([prompts[1]])
+    packed_logits = np.asarray(full_forward(model, tokens))
+    model.decode_experts()
+    assert model.block[0].mlp.mlp1_weight.decoded[...].shape == (4, 192, 64)
+    np.testing.assert_array_equal(np.asarray(full_forward(model, tokens)), packed_logits)
+    # The XLA path reads the decoded copy, not the packed bytes: wiping those changes nothing.
+    for block in model.block:
+        for weight in (block.mlp.mlp1_weight, block.mlp.mlp2_weight):
+            weight.blocks[...] = jnp.zeros_like(weight.blocks[...])
+    np.testing.assert_array_equal(np.asarray(full_forward(model, tokens)), packed_logits)
+    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=4)
+    assert out.tokens == greedy_output.tokens
