@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.layouts import Layout, parameter_sources, to_checkpoint_rows
+from convert.layouts import Layout, parameter_sources, qkv_split_rows, to_checkpoint_rows
 from gptoss_jax.config import GptOssConfig, to_hf_dict
 from gptoss_jax.model import GptOss
 
@@ -39,9 +39,8 @@ def _split_sources(
         if len(names) == 1:
             out[names[0]] = tensor
             continue
-        q_rows = config.num_attention_heads * config.head_dim
-        kv_rows = config.num_key_value_heads * config.head_dim
-        for name, piece in zip(names, np.split(tensor, [q_rows, q_rows + kv_rows], axis=0)):
+        boundaries = np.cumsum(qkv_split_rows(config))[:-1]
+        for name, piece in zip(names, np.split(tensor, boundaries, axis=0)):
             out[name] = np.ascontiguousarray(piece)
     return out
 

@@ -68,6 +68,20 @@ def parameter_sources(config: GptOssConfig, layout: Layout) -> dict[str, tuple[s
     return sources
 
 
+def qkv_split_rows(config: GptOssConfig) -> tuple[int, int, int]:
+    """Rows of Hugging Face's q, k and v projections, which concatenate into the fused QKV."""
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    return q_rows, kv_rows, kv_rows
+
+
+def source_shapes(config: GptOssConfig, names: tuple[str, ...], shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shape of each tensor in ``names`` that concatenate (axis 0) to a parameter of ``shape``."""
+    if len(names) == 1:
+        return [tuple(shape)]
+    return [(rows, *shape[1:]) for rows in qkv_split_rows(config)]
+
+
 def _reorders_rows(path: str) -> bool:
     return path.endswith(("attn.qkv.weight", "attn.qkv.bias"))
 

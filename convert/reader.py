@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from convert.layouts import Layout, detect_layout, parameter_sources, safetensors_files, to_model_rows
+from convert.layouts import (
+    Layout,
+    detect_layout,
+    parameter_sources,
+    safetensors_files,
+    source_shapes,
+    to_model_rows,
+)
 from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
 from gptoss_jax.config import GptOssConfig
 
@@ -158,19 +165,13 @@ class SafetensorsCheckpoint:
                 raise CheckpointError(
                     f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(allowed)}"
                 )
-        pieces = [self._tensors[name] for name in names]
-        # HF splits qkv by output rows; the pieces must rebuild the fused parameter on axis 0.
-        rows = sum(info.shape[0] if info.shape else -1 for info in pieces)
-        for name, info in zip(names, pieces):
-            shape_fits = (
-                info.shape == spec.shape if len(names) == 1
-                else info.shape[1:] == spec.shape[1:] and rows == spec.shape[0]
-            )
-            if not shape_fits:
-                joined = f" (with {' + '.join(n for n in names if n != name)})" if len(names) > 1 else ""
+        # HF splits qkv by output rows into q, k and v, each of a known size.
+        for name, expected in zip(names, source_shapes(self.config, names, spec.shape)):
+            info = self._tensors[name]
+            if tuple(info.shape) != expected:
                 raise CheckpointError(
-                    f"{info.file}: tensor {name!r} has shape {list(info.shape)}{joined}, but config.json "
-                    f"needs {list(spec.shape)} for {path}"
+                    f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
+                    f"needs {list(expected)} for {path}"
                 )
 
     def _read_tensor(self, name: str) -> np.ndarray:

@@ -157,6 +157,17 @@ def reshape_tensor(folder: Path, layout: Layout) -> list[str]:
     return [file.name, name, "shape [5]", "[4]"]
 
 
+def move_qkv_rows(folder: Path) -> list[str]:
+    """HF layout only: move rows from q_proj to k_proj, so the fused QKV still adds up."""
+    q_name, k_name, _ = parameter_sources(tiny_model().config, Layout.HF)["block.0.attn.qkv.weight"]
+    moved = 16
+    q_file, k_file = file_holding(folder, q_name), file_holding(folder, k_name)
+    q = load_file(q_file)[q_name]
+    _replace(folder, k_name, lambda k: np.concatenate([q[-moved:], k]))
+    _replace(folder, q_name, lambda tensor: tensor[:-moved])
+    return [q_file.name, q_name, f"shape [{q.shape[0] - moved}, {q.shape[1]}]", f"[{q.shape[0]}, {q.shape[1]}]"]
+
+
 def change_dtype(folder: Path, layout: Layout) -> list[str]:
     name = tensor_name(layout, "block.1.attn.out.weight")
     file = _replace(folder, name, lambda tensor: tensor.astype(np.float16))

@@ -20,12 +20,13 @@ from checkpoint_cases import (
     assert_same_parameters,
     copy_folder,
     model_logits,
+    move_qkv_rows,
     sources,
     tiny_model,
     write_source,
 )
 from convert import convert_checkpoint
-from convert.layouts import LayoutError
+from convert.layouts import Layout, LayoutError
 from gptoss_jax.checkpoint import FORMAT_VERSION, MARKER_FILENAME, CheckpointError, restore
 
 
@@ -96,6 +97,17 @@ def test_restore_rejects_a_newer_format(converted: Path, tmp_path: Path):
 def test_load_missing_folder(tmp_path: Path):
     with pytest.raises(LayoutError, match="not a folder"):
         gptoss_jax.load(tmp_path / "absent")
+
+
+@pytest.mark.parametrize("kind", [kind for kind in SOURCE_KINDS if kind.layout is Layout.HF], ids=lambda kind: kind.name)
+def test_hf_qkv_pieces_of_the_wrong_sizes_are_caught(kind: SourceKind, sources: dict[str, Path], tmp_path: Path):
+    # The pieces still add up to the fused QKV's rows; each piece's own size is what is wrong.
+    source = copy_folder(sources[kind.name], tmp_path / "source")
+    expected_parts = move_qkv_rows(source)
+    with pytest.raises(CheckpointError) as error_info:
+        gptoss_jax.load(source)
+    for part in expected_parts:
+        assert part in str(error_info.value)
 
 
 @pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
