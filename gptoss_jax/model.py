@@ -1,6 +1,6 @@
 """gpt-oss as a Flax NNX model, with the expert weights kept packed in MXFP4.
 
-Names follow OpenAI's ``gpt_oss/torch/model.py`` (``attn.qkv``, ``mlp.mlp1_blocks``...), and so
+Names follow OpenAI's ``gpt_oss/torch/model.py`` (``attn.qkv``, ``mlp.mlp1_weight.blocks``...), and so
 do the rounding points: in ``bfloat16`` every matmul accumulates in float32 and rounds its
 result once, and elementwise operations round to bfloat16 as the reference's do. In ``float32``
 the same graph runs without those roundings. Parameters keep the checkpoint's dtypes (bfloat16;
@@ -134,7 +134,7 @@ class MXFP4Weight(nnx.Module):
 
 
 class DecodedExperts(nnx.Variable):
-    """Expert weights decoded from MXFP4: a transient copy, never a parameter (never saved)."""
+    """Expert weights decoded from MXFP4 (:meth:`GptOss.decode_experts`): a copy, never a parameter (never saved)."""
 
 
 class RMSNorm(nnx.Module):
