@@ -6,10 +6,14 @@ prints a Markdown table with each figure as a fraction of the device's peak and 
 difference between kernel and reference where both ran. It measures; it asserts nothing.
 
   python benchmarks/attention_kernel.py [--prefill 4096 32768 131072] [--decode 4096 32768 131072]
+      [--chunk 4096] [--chunk-after 28672]
 
-FLOPs count only visible (query, key) pairs: 4 * D per pair per query head (QK^T and PV), so a
-causal layer does about half and a sliding layer about 128/T of the square. Decode bytes are
-the K and V slots read (occupied slots only) plus q and the output.
+Prefill is a prompt's first chunk (the flash-attention kernel); "chunk" is a later prefill chunk
+of ``--chunk`` tokens after ``--chunk-after`` cached ones on a full layer (the decode-attention
+kernel, written to the cache first as the model does). FLOPs count only visible (query, key)
+pairs: 4 * D per pair per query head (QK^T and PV), so a causal layer does about half and a
+sliding layer about 128/T of the square. Decode bytes are the K and V slots read (occupied
+slots only) plus q and the output.
 """
 
 from __future__ import annotations
@@ -62,12 +66,17 @@ def visible_pairs(seq_len: int, window: int | None) -> int:
     return int(keys.sum())
 
 
+def random_inputs(seed: int, batch: int, q_len: int, kv_len: int) -> tuple[jax.Array, ...]:
+    """bf16 ``q [B, Tq, Hq, D], k, v [B, S, Hkv, D]`` and sinks ``[Hq]``."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (batch, q_len, Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (batch, kv_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (batch, kv_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    return q, k, v, jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
+
+
 def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (1, seq_len, Q_HEADS, HEAD_DIM), jnp.bfloat16)
-    k = jax.random.normal(kk, (1, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    v = jax.random.normal(kv, (1, seq_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    sinks = jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
+    q, k, v, sinks = random_inputs(0, 1, seq_len, seq_len)
     positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
     kernel = jax.jit(
         lambda q, k, v, s: flash_attention(q, k, v, s, sliding_window=window, softmax_scale=SCALE)
@@ -93,12 +102,34 @@ def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
     return row
 
 
+def bench_chunk(chunk: int, cached: int, peaks, iters: int) -> dict:
+    """A later prefill chunk on a full layer: positions cached..cached+chunk-1 against a cache
+    holding positions 0..cached+chunk-1 (the chunk written first), one slot per position."""
+    cache_len = cached + chunk
+    q, k, v, sinks = random_inputs(2, 1, chunk, cache_len)
+    q_positions = jnp.arange(cached, cache_len, dtype=jnp.int32)[None]
+    kv_positions = jnp.arange(cache_len, dtype=jnp.int32)[None]
+    args = (q, k, v, sinks, q_positions, kv_positions)
+    kernel = jax.jit(lambda *a: decode_attention(*a, sliding_window=None, softmax_scale=SCALE))
+    reference = jax.jit(lambda *a: attention_reference(*a, sliding_window=None, softmax_scale=SCALE))
+    pairs = visible_pairs(cache_len, None) - visible_pairs(cached, None)
+    flops = 4 * HEAD_DIM * Q_HEADS * pairs
+    row = {"case": f"chunk T={chunk} after {cached} full"}
+    seconds = time_call(kernel, *args, iters=iters)
+    row["kernel"] = f"{seconds * 1e3:.3f} ms, {flops / seconds / 1e12:.1f} TFLOP/s"
+    row["peak"] = f"{flops / seconds / peaks[0]:.1%}" if peaks else "?"
+    if fits(10 * Q_HEADS * chunk * cache_len):
+        ref_seconds = time_call(reference, *args, iters=iters)
+        row["xla"] = f"{ref_seconds * 1e3:.3f} ms, {flops / ref_seconds / 1e12:.1f} TFLOP/s"
+        diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
+        row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
+    else:
+        row["xla"] = "does not fit"
+    return row
+
+
 def bench_decode(cache_len: int, batch: int, window: int | None, peaks, iters: int) -> dict:
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(kq, (batch, 1, Q_HEADS, HEAD_DIM), jnp.bfloat16)
-    k = jax.random.normal(kk, (batch, cache_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    v = jax.random.normal(kv, (batch, cache_len, KV_HEADS, HEAD_DIM), jnp.bfloat16)
-    sinks = jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
+    q, k, v, sinks = random_inputs(1, batch, 1, cache_len)
     # Full caches: every slot occupied, slot = position. The ring buffer: wrapped, positions
     # 10_000 - 128 .. 10_000 - 1 scattered over its slots.
     if window is None:
@@ -133,6 +164,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 32768, 131072])
     parser.add_argument("--decode", type=int, nargs="*", default=[4096, 32768, 131072])
     parser.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--chunk", type=int, nargs="*", default=[4096])
+    parser.add_argument("--chunk-after", type=int, default=28672)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
 
@@ -151,6 +184,9 @@ def main() -> None:
         for window in (None, WINDOW):
             rows.append(bench_prefill(seq_len, window, peaks, args.iters))
             print(rows[-1], flush=True)
+    for chunk in args.chunk:
+        rows.append(bench_chunk(chunk, args.chunk_after, peaks, args.iters))
+        print(rows[-1], flush=True)
     for batch in args.decode_batch:
         for cache_len in args.decode:
             rows.append(bench_decode(cache_len, batch, None, peaks, args.iters))

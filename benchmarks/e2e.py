@@ -88,9 +88,10 @@ _EXPERT_PARTS = ("experts (MXFP4 blocks + scales)", "expert biases (bf16)")
 _DENSE_PART = "attention, router, norms"
 _EMBEDDING_TABLES_PART = "embedding + unembedding (bf16)"
 
-# Prompt tokens of all rows per prefill step, by default. The chunked prefill attends through the
-# XLA reference, whose float32 scores are [B, Hq, chunk, cache + chunk]: at batch 64, 512-token
-# chunks and a 2K cache that is 21 GB, 120b's weights are 65 GB, and an H100 holds 80.
+# Prompt tokens of all rows per prefill step, by default, so that the kernels and the XLA path
+# run the same schedule. The XLA path bounds it: its float32 attention scores are
+# [B, Hq, chunk, cache + chunk], at batch 64, 512-token chunks and a 2K cache 21 GB, where 120b's
+# weights are 65 GB of an H100's 80. The kernels hold no scores.
 PREFILL_TOKENS_PER_STEP = 8192
 
 # XLA's GPU allocator takes 75% of the card unless told otherwise: 60 GB of an H100, less than

@@ -47,14 +47,13 @@ def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla", "
     return choice
 
 
-def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype, cache_slots: int | None = None) -> bool:
+def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
     """Whether the Pallas attention kernels take these shapes (gpt-oss's own always fit).
 
     They are written for bfloat16, head_dim 64 and groups of 8 query heads per KV head (one
-    64-row WGMMA tile holds 8 heads of 8 tokens); decode reads the cache in 64-slot tiles.
+    64-row WGMMA tile holds 8 heads of 8 tokens).
     """
-    fits = jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
-    return fits and (cache_slots is None or cache_slots % 64 == 0)
+    return jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
 
 
 def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:

@@ -214,9 +214,7 @@ class AttentionBlock(nnx.Module):
         cache: LayerCache | None, *, kernels: str, cache_is_empty: bool,
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
-        use_kernels = kernels != "xla" and attention_kernel_fits(
-            self.config, q.dtype, None if cache is None else cache.slots
-        )
+        use_kernels = kernels != "xla" and attention_kernel_fits(self.config, q.dtype)
         if cache is None or cache_is_empty:
             # Right-padding needs no mask here: a padded key comes after every real query.
             if use_kernels:
@@ -226,24 +224,26 @@ class AttentionBlock(nnx.Module):
             else:
                 out = attention_reference(q, k, v, sinks, positions, positions, **options)
             return out, None if cache is None else cache.write(k, v, positions)
-        if q.shape[1] == 1:
-            # One new token: its write only evicts a key that left its window, so write first.
+        if q.shape[1] == 1 or self.sliding_window is None:
+            # A full layer's cache has a slot for every position, and one new token evicts only
+            # a key that has left its window: write first, then attend over the cache.
             cache = cache.write(k, v, positions)
-            if use_kernels:
-                from pallas_kernels.decode_attention import decode_attention
+            keys, values, key_positions = cache
+        else:
+            # A chunk in a ring: its own writes could evict keys its earlier tokens still see,
+            # so attend over the ring as it was plus the chunk, then write.
+            keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
+            values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
+            key_positions = jnp.concatenate([cache.positions, positions], axis=1)
+            cache = cache.write(k, v, positions)
+        if use_kernels:
+            from pallas_kernels.decode_attention import decode_attention
 
-                attend = functools.partial(decode_attention, interpret=interpret_params(kernels))
-            else:
-                attend = attention_reference
-            out = attend(q, cache.keys, cache.values, sinks, positions, cache.positions, **options)
-            return out, cache
-        # A chunk: its own writes could evict keys its earlier tokens still see in a ring, so
-        # attend over the cache as it was plus the chunk, then write.
-        keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
-        values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-        key_positions = jnp.concatenate([cache.positions, positions], axis=1)
-        out = attention_reference(q, keys.astype(q.dtype), values.astype(q.dtype), sinks, positions, key_positions, **options)
-        return out, cache.write(k, v, positions)
+            attend = functools.partial(decode_attention, interpret=interpret_params(kernels))
+        else:
+            attend = attention_reference
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+        return attend(q, keys, values, sinks, positions, key_positions, **options), cache
 
 
 def route(router_logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

@@ -1,23 +1,27 @@
-"""Decode attention for Hopper (Pallas Mosaic GPU): new queries against a KV cache, with sinks.
+"""Attention of new queries against a KV cache (Pallas Mosaic GPU), with sinks: decode steps and
+the prefill chunks that follow a prompt's first.
 
 Semantics are exactly :func:`pallas_kernels.attention_reference.attention_reference`: keys are
 addressed by the absolute positions stored beside the cache slots, so ragged batch lengths
-(empty slots carry ``EMPTY_SLOT``), a full-length cache and the sliding layers' wrapped
-128-slot ring buffer all go through the same code.
+(empty slots carry ``EMPTY_SLOT``), a full-length cache, the sliding layers' wrapped 128-slot
+ring buffer and a ring followed by a chunk's own keys all go through the same code.
 
-Layout of the work. Decode is bound by reading the cache, so each K/V tile must be read once
-for all G = Hq // Hkv query heads that share it: the ``Tq * G`` queries of one (sequence, KV
-head) become the rows of one WGMMA tile (ordered (token, head), padded to a multiple of 64;
-padded rows have position -1 and see no key). Flash-decoding splits the cache into
-``num_splits`` contiguous ranges, one CTA per (split, KV head, sequence), so a batch of one
-still fills the GPU. Each CTA streams its K/V tiles and their positions through
+Layout of the work. Reading the cache dominates, so each K/V tile must be read once for all
+G = Hq // Hkv query heads that share it: ``block_q`` query tokens of one (sequence, KV head)
+become the ``block_q * G`` rows of one WGMMA tile (ordered (token, head), padded to a multiple
+of 64; padded rows have position -1 and see no key). A decode step is one such query block; a
+prefill chunk of T tokens is ``T / block_q`` of them. Flash-decoding splits each query block's
+keys into ``num_splits`` contiguous ranges, one CTA each, so a batch of one decode step still
+fills the GPU. Each CTA streams its K/V tiles and their positions through
 ``plgpu.emit_pipeline`` and writes a partial (unnormalized output, running max, running sum);
 an XLA epilogue merges the splits and adds the sink to the denominator once.
 
-Tiles past a sequence's last occupied slot are not read: the wrapper computes, per sequence,
-the number of tiles up to the last slot whose position is not ``EMPTY_SLOT`` (a reduction
-over the int32 positions, 1/512 of the cache's bytes at gpt-oss shapes), so a 4K-token
-sequence in a 128K-slot cache reads 4K slots.
+Only tiles that hold a key visible to the query block are read: the wrapper reduces the int32
+positions (1/512 of the cache's bytes at gpt-oss shapes) to the smallest and largest position
+of every K/V tile and of every query block, and each query block walks the tiles ``[lo, hi)``
+from its first to its last visible one. A 4K-token sequence in a 128K-slot cache reads 4K
+slots; a chunk's early query blocks skip its later keys (causality), and on a sliding layer a
+query block past the first ``window`` tokens of its chunk skips the ring.
 
 Interpret mode (jax 0.11.2) cannot run a WGMMA with a register LHS nor ``pl.run_state`` over
 an accumulator; :attr:`DecodeAttentionConfig.interpretable_pv` swaps the P @ V step for an
@@ -38,13 +42,17 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.attention_reference import EMPTY_SLOT
 from pallas_kernels.flash_attention import online_softmax_update
 
 _LOG2E = math.log2(math.e)
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
+_TILE_ROWS = 64  # one WGMMA M-tile
 # Enough CTAs to cover an H100's 132 SMs twice, so a small batch still streams from every SM.
 _TARGET_CTAS = 2 * 132
+# Each CTA's (first tile, end tile, tiles per split, unused) row is one 16-byte TMA, the minimum.
+_RANGE_FIELDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +60,28 @@ class DecodeAttentionConfig:
     """Tiling of :func:`decode_attention`.
 
     Attributes:
-      block_kv: cache slots per pipelined tile (multiple of 64, dividing the cache length; the
-        wrapper shrinks it to the cache length when the cache is shorter).
+      block_q: query tokens per CTA (fewer when the call has fewer); ``block_q * G`` rows make
+        one WGMMA tile, padded to a multiple of 64.
+      block_kv: cache slots per pipelined tile (multiple of 64; the wrapper shrinks it to a
+        shorter cache). A cache whose length is not a multiple of it is padded, which copies
+        it: keep long caches at a multiple.
       max_concurrent_steps: tiles in flight per CTA (SMEM stages).
-      num_splits: cache ranges processed by separate CTAs; None picks enough splits that
-        ``batch * kv_heads * num_splits`` covers the GPU twice.
+      num_splits: key ranges per query block processed by separate CTAs; None picks enough
+        splits that ``batch * kv_heads * query blocks * num_splits`` covers the GPU twice.
       interpretable_pv: compute P @ V in the form interpret mode executes (see the module
         docstring). None picks the in-place register form when compiling and the interpretable
         one in interpret mode.
     """
 
+    block_q: int = 8
     block_kv: int = 128
     max_concurrent_steps: int = 4
     num_splits: int | None = None
     interpretable_pv: bool | None = None
 
     def __post_init__(self):
+        if self.block_q < 1:
+            raise ValueError(f"{self.block_q=} must be positive")
         if self.block_kv % 64:
             raise ValueError(f"{self.block_kv=} must be a multiple of 64")
         if self.max_concurrent_steps < 1:
@@ -85,14 +99,45 @@ def _check_shapes(q, k_cache, v_cache, sinks, q_positions, kv_positions):
         raise ValueError(f"{q_heads=} must be a multiple of {kv_heads=}")
     if head_dim != 64:
         raise ValueError(f"{head_dim=}: the SMEM layout is written for head_dim 64")
-    if cache_len % 64:
-        raise ValueError(f"cache length {cache_len} must be a multiple of 64")
     if sinks.shape != (q_heads,):
         raise ValueError(f"sinks {sinks.shape} must be [{q_heads}]")
     if q_positions.shape != (batch, q_len) or kv_positions.shape != (batch, cache_len):
         raise ValueError(f"positions {q_positions.shape}, {kv_positions.shape} do not match")
     if not (q.dtype == k_cache.dtype == v_cache.dtype == jnp.bfloat16):
         raise ValueError(f"q and caches must be bfloat16, got {q.dtype}, {k_cache.dtype}")
+
+
+def visible_tile_ranges(
+    q_positions: jax.Array, kv_positions: jax.Array, block_q: int, block_kv: int,
+    sliding_window: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """K/V tiles ``[lo, hi)`` from the first to the last one a query block can see.
+
+    Args:
+      q_positions: int32 ``[B, Tq]``, Tq a multiple of ``block_q``; negative: padding.
+      kv_positions: int32 ``[B, S]``, S a multiple of ``block_kv``; negative: empty slot.
+
+    Returns:
+      int32 ``lo, hi``, each ``[B, Tq / block_q]``; ``lo == hi == 0`` where no tile is visible.
+    """
+    batch = q_positions.shape[0]
+    none = jnp.iinfo(jnp.int32).max
+    tiles = kv_positions.reshape(batch, -1, block_kv)
+    kv_max = tiles.max(axis=2)[:, None, :]  # negative: an empty tile
+    kv_min = jnp.where(tiles >= 0, tiles, none).min(axis=2)[:, None, :]
+    blocks = q_positions.reshape(batch, -1, block_q)
+    q_max = blocks.max(axis=2)[:, :, None]  # negative: a block of padding
+    q_min = jnp.where(blocks >= 0, blocks, none).min(axis=2)[:, :, None]
+    # A tile is visible when some key is at or before the last query and, with a window, after
+    # the window's start of the first query; that bounds, and the kernel's mask decides exactly.
+    visible = (kv_max >= 0) & (kv_min <= q_max)
+    if sliding_window is not None:
+        visible &= kv_max > q_min - sliding_window
+    num_tiles = tiles.shape[1]
+    lo = jnp.argmax(visible, axis=2)
+    hi = num_tiles - jnp.argmax(visible[:, :, ::-1], axis=2)
+    found = visible.any(axis=2)
+    return jnp.where(found, lo, 0).astype(jnp.int32), jnp.where(found, hi, 0).astype(jnp.int32)
 
 
 @functools.partial(
@@ -115,10 +160,11 @@ def decode_attention(
 
     Args:
       q: bf16 ``[B, Tq, Hq, D]``, D = 64; query head h uses KV head ``h // (Hq // Hkv)``.
-      k_cache: bf16 ``[B, S, Hkv, D]``, S a multiple of 64.
+      k_cache: bf16 ``[B, S, Hkv, D]``.
       v_cache: bf16 ``[B, S, Hkv, D]``.
       sinks: ``[Hq]`` sink logits (not scaled).
-      q_positions: int32 ``[B, Tq]`` absolute positions of the queries.
+      q_positions: int32 ``[B, Tq]`` absolute positions of the queries; negative: padding (its
+        output is zero).
       kv_positions: int32 ``[B, S]`` absolute position held by each slot, ``EMPTY_SLOT`` (-1)
         for none.
       sliding_window: keys per query including its own, or None for full attention.
@@ -135,51 +181,59 @@ def decode_attention(
     batch, q_len, q_heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    rows = pl.cdiv(q_len * group, 64) * 64
-    block_kv = min(config.block_kv, cache_len)
-    if cache_len % block_kv:
-        raise ValueError(f"cache length {cache_len} must be a multiple of {block_kv=}")
-    num_blocks = cache_len // block_kv
-    num_splits = config.num_splits or pl.cdiv(_TARGET_CTAS, batch * kv_heads)
-    blocks_per_split = pl.cdiv(num_blocks, min(num_splits, num_blocks))
-    num_splits = pl.cdiv(num_blocks, blocks_per_split)
+    block_q = min(config.block_q, q_len)
+    num_q_blocks = pl.cdiv(q_len, block_q)
+    q_rows = block_q * group  # real rows of a tile
+    rows = pl.cdiv(q_rows, _TILE_ROWS) * _TILE_ROWS
+    block_kv = min(config.block_kv, pl.cdiv(cache_len, 64) * 64)
+    num_tiles = pl.cdiv(cache_len, block_kv)
+    num_splits = config.num_splits or pl.cdiv(_TARGET_CTAS, batch * kv_heads * num_q_blocks)
+    num_splits = min(num_splits, num_tiles)
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
         interpretable_pv = bool(interpret)
 
-    # Rows ordered (token, head within group); padding rows get position -1 (see no key).
-    pad_rows = rows - q_len * group
-    q_rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
-    q_rows = jnp.pad(
-        q_rows.reshape(batch, kv_heads, q_len * group, head_dim),
-        ((0, 0), (0, 0), (0, pad_rows), (0, 0)),
+    # Padded slots are empty: no query sees them, and no TMA reads past the cache.
+    slot_pad = num_tiles * block_kv - cache_len
+    if slot_pad:
+        k_cache = jnp.pad(k_cache, ((0, 0), (0, slot_pad), (0, 0), (0, 0)))
+        v_cache = jnp.pad(v_cache, ((0, 0), (0, slot_pad), (0, 0), (0, 0)))
+    kv_positions = jnp.pad(
+        kv_positions.astype(jnp.int32), ((0, 0), (0, slot_pad)), constant_values=EMPTY_SLOT
     )
-    row_positions = jnp.pad(
-        jnp.repeat(q_positions.astype(jnp.int32), group, axis=1),
-        ((0, 0), (0, pad_rows)),
+    q_positions = jnp.pad(
+        q_positions.astype(jnp.int32), ((0, 0), (0, num_q_blocks * block_q - q_len)),
         constant_values=-1,
     )
+
+    # Tile rows ordered (token, head within group); padding rows get position -1 (see no key).
+    q_tiles = jnp.pad(q, ((0, 0), (0, num_q_blocks * block_q - q_len), (0, 0), (0, 0)))
+    q_tiles = q_tiles.reshape(batch, num_q_blocks, block_q, kv_heads, group, head_dim)
+    q_tiles = q_tiles.transpose(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, num_q_blocks, q_rows, head_dim)
+    q_tiles = jnp.pad(q_tiles, ((0, 0), (0, 0), (0, 0), (0, rows - q_rows), (0, 0)))
+    row_positions = jnp.repeat(q_positions, group, axis=1).reshape(batch, num_q_blocks, q_rows)
+    row_positions = jnp.pad(row_positions, ((0, 0), (0, 0), (0, rows - q_rows)), constant_values=-1)
     sink_log2 = sinks.astype(jnp.float32).reshape(kv_heads, group) * _LOG2E
-    row_sinks = jnp.pad(jnp.tile(sink_log2, (1, q_len)), ((0, 0), (0, pad_rows)))
-    kv_positions = kv_positions.astype(jnp.int32)
-    slot_ids = jnp.arange(1, cache_len + 1, dtype=jnp.int32)
-    occupied_len = jnp.max(jnp.where(kv_positions >= 0, slot_ids, 0), axis=1)
-    # [B, 4] so that each sequence's row is one 16-byte TMA (the minimum transfer).
-    occupied_blocks = jnp.broadcast_to(pl.cdiv(occupied_len, block_kv)[:, None], (batch, 4))
+    row_sinks = jnp.pad(jnp.tile(sink_log2, (1, block_q)), ((0, 0), (0, rows - q_rows)))
+    lo, hi = visible_tile_ranges(q_positions, kv_positions, block_q, block_kv, sliding_window)
+    per_split = pl.cdiv(hi - lo, num_splits)
+    tile_ranges = jnp.stack([lo, hi, per_split, jnp.zeros_like(lo)], axis=2)
     scale_log2e = softmax_scale * _LOG2E
 
     def kernel(
-        q_ref, k_ref, v_ref, kv_pos_ref, q_pos_ref, sink_ref, blocks_ref,
+        q_ref, k_ref, v_ref, kv_pos_ref, q_pos_ref, sink_ref, ranges_ref,
         acc_out_ref, m_out_ref, l_out_ref,
-        q_smem, q_pos_smem, sink_smem, blocks_smem, p_smem, acc_smem, m_smem, l_smem, in_barrier,
+        q_smem, q_pos_smem, sink_smem, range_smem, p_smem, acc_smem, m_smem, l_smem, in_barrier,
     ):
-        split = lax.axis_index("split")
+        # Later query blocks of a chunk see more keys: start them first.
+        q_block = num_q_blocks - 1 - lax.div(lax.axis_index("work"), num_splits)
+        split = lax.rem(lax.axis_index("work"), num_splits)
         kv_head = lax.axis_index("kv_head")
         b = lax.axis_index("batch")
-        plgpu.copy_gmem_to_smem(q_ref.at[b, kv_head], q_smem, in_barrier)
-        plgpu.copy_gmem_to_smem(q_pos_ref.at[b], q_pos_smem, in_barrier)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, kv_head, q_block], q_smem, in_barrier)
+        plgpu.copy_gmem_to_smem(q_pos_ref.at[b, q_block], q_pos_smem, in_barrier)
         plgpu.copy_gmem_to_smem(sink_ref.at[kv_head], sink_smem, in_barrier)
-        plgpu.copy_gmem_to_smem(blocks_ref.at[b], blocks_smem, in_barrier)
+        plgpu.copy_gmem_to_smem(ranges_ref.at[b, q_block], range_smem, in_barrier)
         plgpu.barrier_wait(in_barrier)
 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -189,8 +243,8 @@ def decode_attention(
         q_pos = lax.broadcast_in_dim(
             plgpu.load(q_pos_smem, layout=row_layout), (rows, block_kv), [0]
         )
-        first = split * blocks_per_split
-        last = jnp.minimum(first + blocks_per_split, blocks_smem[0])
+        first = range_smem[0] + split * range_smem[2]
+        last = jnp.minimum(first + range_smem[2], range_smem[1])
 
         def step(_, k_smem, v_smem, kv_pos_smem, carry):
 
@@ -225,13 +279,13 @@ def decode_attention(
         m_smem[...] = m_final
         l_smem[...] = l_final
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem, acc_out_ref.at[b, kv_head, split])
-        plgpu.copy_smem_to_gmem(m_smem, m_out_ref.at[b, kv_head, split])
-        plgpu.copy_smem_to_gmem(l_smem, l_out_ref.at[b, kv_head, split])
+        plgpu.copy_smem_to_gmem(acc_smem, acc_out_ref.at[b, kv_head, q_block, split])
+        plgpu.copy_smem_to_gmem(m_smem, m_out_ref.at[b, kv_head, q_block, split])
+        plgpu.copy_smem_to_gmem(l_smem, l_out_ref.at[b, kv_head, q_block, split])
         plgpu.wait_smem_to_gmem(0)
 
     tiled = dict(transforms=(_TILING, _SWIZZLE))
-    partial_shape = (batch, kv_heads, num_splits, rows)
+    partial_shape = (batch, kv_heads, num_q_blocks, num_splits, rows)
     acc_parts, m_parts, l_parts = plgpu.kernel(
         kernel,
         out_type=(
@@ -243,24 +297,25 @@ def decode_attention(
             plgpu.SMEM((rows, head_dim), jnp.bfloat16, **tiled),
             plgpu.SMEM((rows,), jnp.int32),
             plgpu.SMEM((rows,), jnp.float32),
-            plgpu.SMEM((4,), jnp.int32),
+            plgpu.SMEM((_RANGE_FIELDS,), jnp.int32),
             plgpu.SMEM((rows, block_kv), jnp.bfloat16, **tiled) if interpretable_pv else None,
             plgpu.SMEM((rows, head_dim), jnp.float32),
             plgpu.SMEM((rows,), jnp.float32),
             plgpu.SMEM((rows,), jnp.float32),
             plgpu.Barrier(num_arrivals=4),
         ],
-        grid=(num_splits, kv_heads, batch),
-        grid_names=("split", "kv_head", "batch"),
+        grid=(num_q_blocks * num_splits, kv_heads, batch),
+        grid_names=("work", "kv_head", "batch"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-    )(q_rows, k_cache, v_cache, kv_positions, row_positions, row_sinks, occupied_blocks)
+    )(q_tiles, k_cache, v_cache, kv_positions, row_positions, row_sinks, tile_ranges)
 
     # Merge the splits (exp2 domain); every split's max starts at the sink, so it is finite and
     # the sink enters the denominator exactly once, here.
-    m_all = jnp.max(m_parts, axis=2)
-    weights = jnp.exp2(m_parts - m_all[:, :, None])
-    denominator = jnp.sum(l_parts * weights, axis=2) + jnp.exp2(row_sinks[None] - m_all)
-    out = jnp.sum(acc_parts * weights[..., None], axis=2) / denominator[..., None]
-    out = out[:, :, : q_len * group].reshape(batch, kv_heads, q_len, group, head_dim)
-    return out.transpose(0, 2, 1, 3, 4).reshape(q.shape).astype(q.dtype)
+    m_all = jnp.max(m_parts, axis=3)
+    weights = jnp.exp2(m_parts - m_all[:, :, :, None])
+    denominator = jnp.sum(l_parts * weights, axis=3) + jnp.exp2(row_sinks[None, :, None] - m_all)
+    out = jnp.sum(acc_parts * weights[..., None], axis=3) / denominator[..., None]
+    out = out[:, :, :, :q_rows].reshape(batch, kv_heads, num_q_blocks, block_q, group, head_dim)
+    out = out.transpose(0, 2, 3, 1, 4, 5).reshape(batch, num_q_blocks * block_q, q_heads, head_dim)
+    return out[:, :q_len].astype(q.dtype)

@@ -21,8 +21,12 @@ import pytest
 # The race detector's verdict has no public accessor in jax 0.11.2.
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
-from pallas_kernels.attention_reference import EMPTY_SLOT, attention_reference
-from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_attention
+from pallas_kernels.attention_reference import EMPTY_SLOT, attention_reference, visible_keys
+from pallas_kernels.decode_attention import (
+    DecodeAttentionConfig,
+    decode_attention,
+    visible_tile_ranges,
+)
 from pallas_kernels.flash_attention import FlashAttentionConfig, flash_attention, kv_block_range
 
 SCALE = 0.125
@@ -157,6 +161,19 @@ def linear_cache_positions(lengths, cache_len):
     return np.where(slots < lengths, slots, EMPTY_SLOT).astype(np.int32)
 
 
+def ring_positions(lengths, ring):
+    """Slot i of a ring holds the newest position p < length with p % ring == i."""
+    newest = np.asarray(lengths)[:, None] - 1
+    positions = newest - (newest - np.arange(ring)[None]) % ring
+    return np.where(positions >= 0, positions, EMPTY_SLOT).astype(np.int32)
+
+
+def chunk_positions(start, chunk, lengths):
+    """Positions start..start+chunk-1 of each row, -1 past the row's length (right padding)."""
+    columns = start + np.arange(chunk)[None]
+    return np.where(columns < np.asarray(lengths)[:, None], columns, -1).astype(np.int32)
+
+
 @pytest.mark.parametrize(
     "q_len, window, config",
     [
@@ -185,13 +202,10 @@ def test_decode_wrapped_ring_buffer():
     """The sliding layers' 128-slot ring: slot i holds the newest position p with p % 128 == i."""
     ring, window = 128, 128
     lengths = np.array([1000, 300, 57])  # wrapped many times, wrapped once, not yet full
-    newest = lengths[:, None] - 1
-    slots = np.arange(ring)[None]
-    kv_positions = newest - (newest - slots) % ring
-    kv_positions = np.where(kv_positions >= 0, kv_positions, EMPTY_SLOT).astype(np.int32)
+    kv_positions = ring_positions(lengths, ring)
     q, k, v = random_qkv(2, len(lengths), 1, ring, 16, 2)
     sinks = jnp.asarray(MIXED_SINKS[::-1] * 2, jnp.bfloat16)
-    q_positions = newest.astype(np.int32)
+    q_positions = (lengths[:, None] - 1).astype(np.int32)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
         config=DecodeAttentionConfig(block_kv=64), interpret=RACE_CHECKED,
@@ -200,6 +214,78 @@ def test_decode_wrapped_ring_buffer():
     assert not gpu_callbacks.get_races().races_found
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "window, config",
+    [
+        (None, DecodeAttentionConfig(block_q=8, block_kv=64, num_splits=2)),
+        (100, DecodeAttentionConfig(block_q=16, block_kv=128, num_splits=1)),
+    ],
+)
+def test_prefill_chunk_against_a_linear_cache(window, config):
+    """A later prefill chunk of a full layer: the chunk is written to the cache first, then its
+    40 queries (several query blocks, the last one partial) attend over the cache. Row 1 ends
+    inside the chunk (right padding), row 2 ended before it (all padding, output zero)."""
+    cache_len, start, chunk, lengths = 384, 150, 40, [190, 171, 120]
+    q, k, v = random_qkv(3, len(lengths), chunk, cache_len, 16, 2)
+    sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
+    kv_positions = linear_cache_positions(lengths, cache_len)
+    q_positions = chunk_positions(start, chunk, lengths)
+    out = decode_attention(
+        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+        config=config, interpret=True,
+    )
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+    assert not as_f32(out)[2].any()
+
+
+def test_prefill_chunk_against_a_ring_and_itself():
+    """A later prefill chunk of a sliding layer attends over the ring as it was, followed by
+    the chunk's own keys: 176 slots, not a multiple of the tile, so padded. Races checked."""
+    ring, window, chunk, start = 128, 128, 48, 300
+    lengths = np.array([348, 330])
+    ring_keys = ring_positions(np.full(2, start), ring)
+    q_positions = chunk_positions(start, chunk, lengths)
+    kv_positions = np.concatenate([ring_keys, q_positions], axis=1)
+    q, k, v = random_qkv(4, 2, chunk, ring + chunk, 16, 2)
+    sinks = jnp.asarray(MIXED_SINKS[::-1] * 2, jnp.bfloat16)
+    out = decode_attention(
+        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+        config=DecodeAttentionConfig(block_q=8, block_kv=64), interpret=RACE_CHECKED,
+    )
+    jax.block_until_ready(out)
+    assert not gpu_callbacks.get_races().races_found
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("window", [128, None])
+def test_decode_walks_only_from_the_first_to_the_last_visible_tile(window):
+    """Every visible key lies in [lo, hi), and tiles lo and hi - 1 each hold a visible key: the
+    range is exact at both ends (ring + chunk, linear cache, ragged rows, padding blocks)."""
+    block_q, block_kv, chunk = 8, 64, 256
+    lengths = np.array([700, 520, 300])
+    ring = ring_positions(np.full(3, 448), 128)
+    q_positions = chunk_positions(448, chunk, lengths)
+    for kv_positions in (
+        np.concatenate([ring, q_positions], axis=1),
+        linear_cache_positions(lengths, 1024),
+    ):
+        lo, hi = map(np.asarray, visible_tile_ranges(
+            jnp.asarray(q_positions), jnp.asarray(kv_positions), block_q, block_kv, window
+        ))
+        visible = np.asarray(visible_keys(jnp.asarray(q_positions), jnp.asarray(kv_positions), window))
+        # [B, query blocks, tiles]: does any query of the block see a key of the tile?
+        tiles = visible.reshape(3, -1, block_q, kv_positions.shape[1] // block_kv, block_kv).any(axis=(2, 4))
+        assert tiles.any(axis=2).any()  # the test covers some visible tiles
+        for b, block in np.ndindex(lo.shape):
+            seen = np.flatnonzero(tiles[b, block])
+            if seen.size:
+                assert (lo[b, block], hi[b, block]) == (seen[0], seen[-1] + 1)
+            else:
+                assert lo[b, block] == hi[b, block] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +333,29 @@ def test_decode_lowers_for_cuda(batch, cache_len, window):
         jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
         jax.ShapeDtypeStruct((Q_HEADS,), bf16),
         jax.ShapeDtypeStruct((batch, 1), i32),
+        jax.ShapeDtypeStruct((batch, cache_len), i32),
+    )
+    assert "mosaic_gpu" in exported.mlir_module()
+
+
+@pytest.mark.parametrize(
+    "batch, chunk, cache_len, window",
+    # Later prefill chunks: a full layer's 128K cache, a sliding layer's ring plus the chunk.
+    [(1, 4096, 131072, None), (8, 512, 4096, None), (1, 4096, 128 + 4096, 128), (64, 128, 256, 128)],
+)
+def test_prefill_chunk_against_the_cache_lowers_for_cuda(batch, chunk, cache_len, window):
+    def f(q, k, v, sinks, q_positions, kv_positions):
+        return decode_attention(
+            q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
+        )
+
+    bf16, i32 = jnp.bfloat16, jnp.int32
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
+        jax.ShapeDtypeStruct((batch, chunk, Q_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((batch, cache_len, KV_HEADS, HEAD_DIM), bf16),
+        jax.ShapeDtypeStruct((Q_HEADS,), bf16),
+        jax.ShapeDtypeStruct((batch, chunk), i32),
         jax.ShapeDtypeStruct((batch, cache_len), i32),
     )
     assert "mosaic_gpu" in exported.mlir_module()

@@ -1,8 +1,8 @@
 """The big shapes lower for CUDA with the Pallas kernels in place, on the CPU, with no weights.
 
-Cases: gpt-oss-120b's decode step (one token per row, batch 1 and 64, a 4096-position KV cache)
-and gpt-oss-20b's 4096-token prefill (the cacheless forward, which runs the flash-attention
-kernel), with ``kernels="pallas"`` forced and abstract weights (``nnx.eval_shape``, split into
+Cases: gpt-oss-120b's decode step (one token per row, batch 1 and 64, a 4096-position KV cache),
+gpt-oss-20b's 4096-token prefill (the cacheless forward, which runs the flash-attention kernel)
+and a later 512-token prefill chunk against the cache (the decode-attention kernel), with ``kernels="pallas"`` forced and abstract weights (``nnx.eval_shape``, split into
 ShapeDtypeStructs: nothing is allocated).
 
 Exporting every layer would make CI slow for no gain, so each case (1) traces the full-depth step
@@ -33,6 +33,7 @@ from gptoss_jax.model import GptOss
 
 CACHE_POSITIONS = 4096
 PREFILL_TOKENS = 4096
+CHUNK_TOKENS = 512
 KERNELS_PER_LAYER = 3  # attention, expert matmul 1 (bias + SwiGLU), expert matmul 2
 LOWERED_LAYERS = 2  # layer 0 slides, layer 1 attends to all: both kinds of layer
 _KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")
@@ -41,13 +42,14 @@ _KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")
 def abstract_step(config: GptOssConfig, mode: str, batch: int) -> tuple[Callable, tuple]:
     """A jittable step of a ``kernels="pallas"`` model and ShapeDtypeStruct arguments for it.
 
-    ``decode``: ``with_cache`` on int32 tokens and positions ``[batch, 1]`` and a cache of
-    :data:`CACHE_POSITIONS`. ``prefill``: the forward pass on tokens ``[batch, PREFILL_TOKENS]``.
+    ``decode`` and ``chunk``: ``with_cache`` on int32 tokens and positions ``[batch, 1]`` or
+    ``[batch, CHUNK_TOKENS]`` and a cache of :data:`CACHE_POSITIONS`. ``prefill``: the forward
+    pass on tokens ``[batch, PREFILL_TOKENS]``.
     """
     abstract_model = nnx.eval_shape(lambda: GptOss(config, kernels="pallas", rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
-    if mode == "decode":
-        tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    if mode in ("decode", "chunk"):
+        tokens = jax.ShapeDtypeStruct((batch, 1 if mode == "decode" else CHUNK_TOKENS), jnp.int32)
         cache = jax.eval_shape(lambda: KVCache.create(config, batch, CACHE_POSITIONS))
 
         def decode_step(state, tokens, positions, cache):
@@ -90,7 +92,10 @@ def traced_kernel_calls(config: GptOssConfig, mode: str, batch: int) -> list[str
 
 @pytest.mark.parametrize(
     "model, mode, batch",
-    [("gpt-oss-120b", "decode", 1), ("gpt-oss-120b", "decode", 64), ("gpt-oss-20b", "prefill", 1)],
+    [
+        ("gpt-oss-120b", "decode", 1), ("gpt-oss-120b", "decode", 64), ("gpt-oss-20b", "prefill", 1),
+        ("gpt-oss-20b", "chunk", 8),
+    ],
 )
 def test_lowers_for_cuda_with_the_kernels(model, mode, batch):
     full_config = preset(model)
@@ -112,5 +117,5 @@ def test_lowers_for_cuda_with_the_kernels(model, mode, batch):
     assert full_depth_calls[:len(lowered_calls)] == lowered_calls
 
     vocab = full_config.vocab_size
-    expected_logits = (batch, 1, vocab) if mode == "decode" else (batch, PREFILL_TOKENS, vocab)
-    assert exported.out_avals[0].shape == expected_logits
+    tokens = {"decode": 1, "chunk": CHUNK_TOKENS, "prefill": PREFILL_TOKENS}[mode]
+    assert exported.out_avals[0].shape == (batch, tokens, vocab)
