@@ -24,7 +24,8 @@ _CHOICES = ("auto", "pallas", "xla", "interpret")
 _MIN_COMPUTE_CAPABILITY = 9.0  # WGMMA and TMA
 
 
-def _has_hopper_gpu() -> bool:
+def has_hopper_gpu() -> bool:
+    """Whether the default device is an NVIDIA GPU with WGMMA and TMA (sm_90 or newer)."""
     device = jax.devices()[0]
     if device.platform != "gpu":
         return False
@@ -43,7 +44,7 @@ def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla", "
         if choice not in _CHOICES:
             raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {choice!r}")
     if choice == "auto":
-        return "pallas" if _has_hopper_gpu() else "xla"
+        return "pallas" if has_hopper_gpu() else "xla"
     return choice
 
 

@@ -1,18 +1,21 @@
-"""The Pallas Mosaic-GPU MXFP4 grouped matmul against its XLA reference, on the CPU.
+"""The Pallas Mosaic-GPU MXFP4 grouped matmul against its XLA reference.
 
-Two kinds of checks, neither needs a GPU:
+Without a GPU, two kinds of checks:
 
 * Interpret mode (``plgpu.InterpretGPUParams``) runs the kernel body on the CPU. It cannot run
-  WGMMA with a register LHS, so these tests use ``decoded_lhs="smem"``: the variant that stores
-  the decoded weight tile to shared memory first and is otherwise the same code.
+  WGMMA with a register LHS, so there the tests use ``decoded_lhs="smem"``: the variant that
+  stores the decoded weight tile to shared memory first and is otherwise the same code.
 * ``jax.export`` for ``cuda`` runs the whole Mosaic GPU lowering (layout inference, TMA and
   WGMMA checks) for sm_90 at the real gpt-oss shapes, with the GPU default (register LHS).
 
-Interpret mode is slow, so the shapes are small except one gpt-oss-sized case per epilogue.
+On a Hopper GPU the same tests also run compiled with the register LHS (``kernel_mode="gpu"``,
+see conftest.py), and the gpt-oss shapes run for real. Interpret mode is slow, so its shapes are
+small except one gpt-oss-sized case per epilogue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,10 +47,14 @@ def _problem(rows, k, n, group_sizes, *, scale_range=(122, 132), seed=0):
     ), jnp.asarray(row_weights)
 
 
-def _check(problem, *, config, epilogue="bias", row_weights=None):
-    """Run the kernel in interpret mode and compare with the reference; returns the output."""
+def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weights=None):
+    """Run the kernel (interpreted with the decoded tile in shared memory, or compiled with it in
+    registers) and compare with the reference; returns the output."""
+    interpreted = kernel_mode == "interpret"
+    config = dataclasses.replace(config, decoded_lhs="smem" if interpreted else "registers")
     out = mxfp4_grouped_matmul(
-        **problem, epilogue=epilogue, row_weights=row_weights, config=config, interpret=INTERPRET
+        **problem, epilogue=epilogue, row_weights=row_weights, config=config,
+        interpret=INTERPRET if interpreted else None,
     )
     ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue, row_weights=row_weights)
     assert out.shape == ref.shape and out.dtype == ref.dtype
@@ -66,55 +73,69 @@ def test_decode_e2m1_is_exact_for_every_code():
     assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES))
 
 
-def test_ragged_groups_with_empty_experts_and_rows_past_the_groups():
+def test_ragged_groups_with_empty_experts_and_rows_past_the_groups(kernel_mode):
     # 3 pipeline steps along K; 4 rows past sum(group_sizes) must come out as 0.
     problem, _ = _problem(21, 192, 128, [5, 0, 9, 0, 3])
-    out = _check(problem, config=Config(block_kb=32, decoded_lhs="smem"))
+    out = _check(problem, kernel_mode, config=Config(block_kb=32))
     assert np.all(out[17:] == 0)
 
 
-def test_single_token():
+def test_single_token(kernel_mode):
     problem, _ = _problem(1, 192, 128, [0, 0, 1, 0])
-    _check(problem, config=Config(decoded_lhs="smem"), epilogue="bias_swiglu")
+    _check(problem, kernel_mode, epilogue="bias_swiglu")
 
 
 @pytest.mark.parametrize("group_sizes", [[0, 40, 0], [3, 37, 0]], ids=["aligned", "unaligned"])
-def test_all_rows_on_one_expert_over_several_row_tiles(group_sizes):
+def test_all_rows_on_one_expert_over_several_row_tiles(group_sizes, kernel_mode):
     # block_m=16: the expert's rows span 3 row tiles (4 when its first row is not 8-aligned).
     problem, row_weights = _problem(40, 192, 128, group_sizes)
-    _check(
-        problem, config=Config(block_m=16, block_kb=32, decoded_lhs="smem"), row_weights=row_weights
-    )
+    _check(problem, kernel_mode, config=Config(block_m=16, block_kb=32), row_weights=row_weights)
 
 
-def test_wide_scale_range_with_swiglu_and_row_weights():
+def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode):
     problem, row_weights = _problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
     _check(
         problem,
-        config=Config(block_kb=32, decoded_lhs="smem"),
+        kernel_mode,
+        config=Config(block_kb=32),
         epilogue="bias_swiglu",
         row_weights=row_weights,
     )
 
 
-def test_gpt_oss_first_expert_matmul_shape():
+def test_gpt_oss_first_expert_matmul_shape(kernel_mode):
     # K=2880, N=5760 (gate and linear interleaved), 2 experts, one of them empty.
     problem, _ = _problem(2, HIDDEN, 2 * HIDDEN, [0, 2], seed=2)
     _check(
         problem,
-        config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
+        kernel_mode,
+        config=Config(block_kb=160, max_concurrent_steps=2),
         epilogue="bias_swiglu",
     )
 
 
-def test_gpt_oss_second_expert_matmul_shape():
+def test_gpt_oss_second_expert_matmul_shape(kernel_mode):
     # K=2880, N=2880, 2 experts (the second one empty), routing weights.
     problem, row_weights = _problem(3, HIDDEN, HIDDEN, [3, 0], seed=3)
     _check(
         problem,
-        config=Config(block_kb=160, max_concurrent_steps=2, decoded_lhs="smem"),
+        kernel_mode,
+        config=Config(block_kb=160, max_concurrent_steps=2),
         row_weights=row_weights,
     )
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 64, 4096], ids=lambda t: f"tokens{t}")
+@pytest.mark.parametrize(
+    "n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"]
+)
+def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue):
+    """32 experts, top-4 routing of random tokens, the default config: what the model runs."""
+    rng = np.random.default_rng(tokens)
+    experts = rng.permuted(np.tile(np.arange(32), (tokens, 1)), axis=1)[:, :4]
+    group_sizes = np.bincount(experts.ravel(), minlength=32)
+    problem, row_weights = _problem(tokens * 4, HIDDEN, n, group_sizes, seed=tokens)
+    _check(problem, "gpu", epilogue=epilogue, row_weights=row_weights if epilogue == "bias" else None)
 
 
 def test_rejects_what_it_cannot_run():
