@@ -3,7 +3,7 @@
 A converted checkpoint (written by ``convert.convert_checkpoint``) is a folder::
 
     config.json                  GptOssConfig.to_dict() (the original/ dialect)
-    gptoss_jax_checkpoint.json   {"format": "gptoss-jax-checkpoint", "version": 1, "groups": [...]}
+    gptoss_jax_checkpoint.json   {"format": "gptoss-jax-checkpoint", "version": 2, "groups": [...]}
     params/<group>/              one orbax (StandardCheckpointer) item per parameter group
     tokenizer.json               when the source folder had one
 
