@@ -56,11 +56,6 @@ class KVCache(NamedTuple):
 
     layers: tuple[LayerCache, ...]
 
-    @property
-    def max_length(self) -> int:
-        """Positions the full-attention layers can hold."""
-        return max(layer.slots for layer in self.layers)
-
     @classmethod
     def create(
         cls, config: GptOssConfig, batch: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16,

@@ -33,7 +33,6 @@ E2M1_VALUES = np.array(
 )
 """The value of each E2M1 code, indexed by the 4-bit nibble."""
 
-E2M1_MAX = 6.0
 _E2M1_EMAX = 2  # exponent of the largest E2M1 value, 6 = 1.5 * 2**2
 _SCALE_NAN = 255  # the one E8M0 code that is not a power of two
 _FLOAT32_INF_BITS = 0x7F800000
