@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 from convert.progress import ProgressBar
@@ -28,8 +29,7 @@ from gptoss_jax.checkpoint import (
     parameter_group,
     parameter_groups,
 )
-
-TOKENIZER_FILENAME = "tokenizer.json"
+from gptoss_jax.tokenizer import TOKENIZER_FILENAME, checkpoint_tokenizer_file
 
 
 def _write_parameters(source: SafetensorsCheckpoint, params_dir: Path, progress: bool) -> None:
@@ -58,9 +58,21 @@ def _write_metadata(source: SafetensorsCheckpoint, folder: Path) -> None:
         "source_layout": source.layout.value,
     }
     (folder / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
-    tokenizer = source.folder / TOKENIZER_FILENAME
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, folder / TOKENIZER_FILENAME)
+
+
+def _copy_tokenizer(source: SafetensorsCheckpoint, folder: Path) -> None:
+    tokenizer = checkpoint_tokenizer_file(source.folder)
+    if tokenizer is None:
+        # The weights alone are still a valid checkpoint (gptoss_jax.load reads them), but the
+        # CLI and Tokenizer.from_pretrained_dir need the tokenizer beside them.
+        warnings.warn(
+            f"{source.folder} has no {TOKENIZER_FILENAME} (nor, for an original/ folder, its parent): "
+            f"the converted checkpoint has none; copy gpt-oss's {TOKENIZER_FILENAME} into it before "
+            "running the CLI on it",
+            stacklevel=3,
+        )
+        return
+    shutil.copyfile(tokenizer, folder / TOKENIZER_FILENAME)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True) -> Path:
@@ -70,6 +82,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
       src: the checkpoint folder; its layout is detected from ``config.json``.
       dst: the new checkpoint folder; it must not exist, its parent must.
       progress: draw a progress bar on stderr when stderr is a terminal.
+
+    ``tokenizer.json`` is copied along from ``src``, or for an ``original/`` folder from its
+    parent (where gpt-oss's Hugging Face repositories keep it); a warning says when there is none.
 
     Returns:
       ``dst``.
@@ -91,6 +106,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
     try:
         _write_parameters(source, staging / PARAMS_DIRNAME, progress)
         _write_metadata(source, staging)
+        _copy_tokenizer(source, staging)
         if destination.exists():
             raise FileExistsError(f"{destination} appeared while converting; the conversion was discarded")
         staging.rename(destination)

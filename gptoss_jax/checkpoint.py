@@ -5,7 +5,7 @@ A converted checkpoint (written by ``convert.convert_checkpoint``) is a folder::
     config.json                  GptOssConfig.to_dict() (the original/ dialect)
     gptoss_jax_checkpoint.json   {"format": "gptoss-jax-checkpoint", "version": 2, "groups": [...]}
     params/<group>/              one orbax (StandardCheckpointer) item per parameter group
-    tokenizer.json               when the source folder had one
+    tokenizer.json               the source's (for original/, its parent's), when it had one
 
 A parameter group is one top-level module of the model, with the layer list expanded:
 ``embedding``, ``norm``, ``unembedding``, ``block.0`` ... ``block.{L-1}``. Orbax writes a

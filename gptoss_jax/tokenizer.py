@@ -23,6 +23,9 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trai
 from tokenizers import Tokenizer as BackendTokenizer
 
 TOKENIZER_FILENAME = "tokenizer.json"
+ORIGINAL_DIRNAME = "original"
+"""The folder of OpenAI's checkpoint inside gpt-oss's Hugging Face repositories, which keep
+`tokenizer.json` one level up, at the repository root."""
 
 O200K_HARMONY_VOCAB_SIZE = 201088
 """Ids in o200k_harmony, and rows in gpt-oss's embedding table (spec section 4.1)."""
@@ -154,17 +157,20 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained_dir(cls, directory: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` from a checkpoint folder.
+        """Load the `tokenizer.json` of a checkpoint folder (see `checkpoint_tokenizer_file`):
+        the folder's own, or for an `original/` folder the one in its parent.
 
         Raises:
-            FileNotFoundError: the folder has no `tokenizer.json`.
+            FileNotFoundError: there is no such `tokenizer.json`.
         """
         directory = Path(directory)
-        path = directory / TOKENIZER_FILENAME
-        if not path.is_file():
+        path = checkpoint_tokenizer_file(directory)
+        if path is None:
+            looked_for = " and ".join(map(str, _tokenizer_candidates(directory)))
             raise FileNotFoundError(
-                f"no {TOKENIZER_FILENAME} in checkpoint folder {directory}; the folder must hold "
-                "the tokenizer beside the weights (as gpt-oss's Hugging Face repository does)"
+                f"no {TOKENIZER_FILENAME} for checkpoint folder {directory} (looked for {looked_for}); "
+                f"put the tokenizer beside the weights, or for an {ORIGINAL_DIRNAME}/ folder in its "
+                "parent, as gpt-oss's Hugging Face repositories do"
             )
         return cls.from_file(path)
 
@@ -268,6 +274,25 @@ class Tokenizer:
                 table[token_id] = token.content.encode("utf-8")
             self._token_bytes = table
         return self._token_bytes
+
+
+def checkpoint_tokenizer_file(directory: str | Path) -> Path | None:
+    """The `tokenizer.json` that belongs to the checkpoint in `directory`, or None if there is none.
+
+    The folder's own; failing that, for a folder named `original` (OpenAI's layout), the one in
+    its parent folder: gpt-oss's Hugging Face repositories keep `tokenizer.json` at their root,
+    beside `original/`, and none inside it.
+    """
+    return next((path for path in _tokenizer_candidates(Path(directory)) if path.is_file()), None)
+
+
+def _tokenizer_candidates(directory: Path) -> list[Path]:
+    """Where `checkpoint_tokenizer_file` looks, in order."""
+    own = directory / TOKENIZER_FILENAME
+    # absolute(): `Path(".")` inside original/ has an empty name and no parent to look in.
+    if directory.absolute().name != ORIGINAL_DIRNAME:
+        return [own]
+    return [own, directory.absolute().parent / TOKENIZER_FILENAME]
 
 
 def _demo_special_token_names(vocab_size: int) -> list[str]:

@@ -52,6 +52,28 @@ def test_round_trip_restores_the_exact_model(kind: SourceKind, sources: dict[str
     assert (destination / "tokenizer.json").read_text() == TOKENIZER_TEXT
 
 
+def test_original_folder_takes_the_tokenizer_from_its_parent(sources: dict[str, Path], tmp_path: Path):
+    # Hugging Face's gpt-oss repositories: tokenizer.json at the root, none in original/.
+    repository = tmp_path / "gpt-oss-tiny"
+    source = copy_folder(sources["original"], repository / "original")
+    (source / "tokenizer.json").rename(repository / "tokenizer.json")
+
+    destination = convert_checkpoint(source, tmp_path / "converted", progress=False)
+
+    assert (destination / "tokenizer.json").read_text() == TOKENIZER_TEXT
+
+
+def test_source_without_a_tokenizer_converts_with_a_warning(sources: dict[str, Path], tmp_path: Path):
+    source = copy_folder(sources["original"], tmp_path / "original")
+    (source / "tokenizer.json").unlink()
+
+    with pytest.warns(UserWarning, match=f"{source} has no tokenizer.json"):
+        destination = convert_checkpoint(source, tmp_path / "converted", progress=False)
+
+    assert not (destination / "tokenizer.json").exists()
+    assert_same_parameters(restore(destination), tiny_model())
+
+
 def test_cli_converts(capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path):
     status, out, err = run_cli(capsys, "convert", sources["original"], tmp_path / "converted", "--no-progress")
 

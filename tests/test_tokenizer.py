@@ -11,6 +11,7 @@ from gptoss_jax.tokenizer import (
     Tokenizer,
     UnknownSpecialTokenError,
     build_demo_tokenizer,
+    checkpoint_tokenizer_file,
 )
 
 DEMO_VOCAB_SIZE = 1024
@@ -160,9 +161,41 @@ def test_saved_file_reads_special_tokens_the_hugging_face_way(tokenizer, tmp_pat
     assert backend.decode(tokenizer.encode("Hello world")) == "Hello world"
 
 
+def test_original_folder_falls_back_to_the_tokenizer_in_its_parent(tokenizer, tmp_path, monkeypatch):
+    # Hugging Face's gpt-oss repositories keep tokenizer.json at the root and none in original/.
+    tokenizer.save(tmp_path)
+    (tmp_path / "original").mkdir()
+    assert checkpoint_tokenizer_file(tmp_path / "original") == tmp_path / TOKENIZER_FILENAME
+    assert Tokenizer.from_pretrained_dir(tmp_path / "original").vocab_size == tokenizer.vocab_size
+    monkeypatch.chdir(tmp_path / "original")
+    assert checkpoint_tokenizer_file(".") == (tmp_path / TOKENIZER_FILENAME).absolute()
+
+
+def test_own_tokenizer_wins_over_the_parents(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    build_demo_tokenizer(512).save(tmp_path / "original")
+    assert Tokenizer.from_pretrained_dir(tmp_path / "original").vocab_size == 512
+
+
+def test_only_an_original_folder_looks_in_its_parent(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    (tmp_path / "converted").mkdir()
+    assert checkpoint_tokenizer_file(tmp_path / "converted") is None
+    with pytest.raises(FileNotFoundError) as error:
+        Tokenizer.from_pretrained_dir(tmp_path / "converted")
+    assert str(error.value).startswith(
+        f"no tokenizer.json for checkpoint folder {tmp_path / 'converted'} "
+        f"(looked for {tmp_path / 'converted' / TOKENIZER_FILENAME}); "
+    )
+
+
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json in checkpoint folder"):
-        Tokenizer.from_pretrained_dir(tmp_path)
+    (tmp_path / "original").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        Tokenizer.from_pretrained_dir(tmp_path / "original")
+    message = str(error.value)
+    assert f"looked for {tmp_path / 'original' / TOKENIZER_FILENAME} and {tmp_path / TOKENIZER_FILENAME}" in message
+    assert "for an original/ folder in its parent" in message
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         Tokenizer.from_file(tmp_path / "missing.json")
 
