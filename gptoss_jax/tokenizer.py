@@ -115,8 +115,13 @@ class Tokenizer:
     """A byte-level BPE tokenizer with named special tokens (o200k_harmony or the demo one).
 
     Wraps a `tokenizers.Tokenizer`. Special tokens are the added tokens marked special in
-    `tokenizer.json`. Decoding works on bytes (`decode_bytes`) so that a caller streaming
-    tokens can join partial UTF-8 sequences itself; `decode` replaces invalid UTF-8 with U+FFFD.
+    `tokenizer.json`. For o200k_harmony (the Harmony special tokens at their o200k_harmony ids)
+    they also include every reserved id up to 201087 that the file leaves out, as
+    `<|reserved_ID|>`: Hugging Face's gpt-oss `tokenizer.json` ends at 200018, while the model
+    can generate any of its 201088 ids.
+
+    Decoding works on bytes (`decode_bytes`) so that a caller streaming tokens can join partial
+    UTF-8 sequences itself; `decode` replaces invalid UTF-8 with U+FFFD.
     """
 
     def __init__(self, backend: BackendTokenizer) -> None:
@@ -134,13 +139,22 @@ class Tokenizer:
         # occurrence of a special token's text as ordinary text.
         backend.encode_special_tokens = True
         self._backend = backend
-        self._special_ids = MappingProxyType(
-            {
-                token.content: token_id
-                for token_id, token in sorted(backend.get_added_tokens_decoder().items())
-                if token.special
-            }
-        )
+        special_ids = {
+            token.content: token_id
+            for token_id, token in sorted(backend.get_added_tokens_decoder().items())
+            if token.special
+        }
+        self._backend_vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._vocab_size = self._backend_vocab_size
+        if _is_o200k_harmony(special_ids) and self._vocab_size < O200K_HARMONY_VOCAB_SIZE:
+            # Hugging Face's tokenizer.json stops at id 200018, but the model has a row for every
+            # o200k_harmony id and may sample any of them.
+            self._vocab_size = O200K_HARMONY_VOCAB_SIZE
+            special_ids.update(
+                (_reserved_name(token_id), token_id)
+                for token_id in range(self._backend_vocab_size, O200K_HARMONY_VOCAB_SIZE)
+            )
+        self._special_ids = MappingProxyType(special_ids)
         self._token_bytes: list[bytes] | None = None
 
     @classmethod
@@ -184,12 +198,12 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids, special tokens included."""
-        return self._backend.get_vocab_size(with_added_tokens=True)
+        """Number of token ids, special tokens included (201088 for o200k_harmony)."""
+        return self._vocab_size
 
     @property
     def special_tokens(self) -> Mapping[str, int]:
-        """Every special token, name to id, in id order (read-only)."""
+        """Every special token, name to id, in id order (read-only), reserved ones included."""
         return self._special_ids
 
     def special_token_id(self, name: str) -> int:
@@ -245,7 +259,7 @@ class Tokenizer:
         """The bytes that `ids` stand for; a special token gives its own text.
 
         Raises:
-            ValueError: an id is outside the vocabulary.
+            ValueError: an id is outside the vocabulary (negative, or `vocab_size` or more).
         """
         table = self._bytes_by_id()
         pieces = []
@@ -267,13 +281,26 @@ class Tokenizer:
         # Built on first use: o200k_harmony has 201088 entries, and a caller that only encodes
         # should not pay for it.
         if self._token_bytes is None:
-            table = [b""] * self.vocab_size
+            table = [b""] * self._backend_vocab_size
             for token, token_id in self._backend.get_vocab(with_added_tokens=False).items():
                 table[token_id] = bytes(_UNICODE_TO_BYTE[char] for char in token)
             for token_id, token in self._backend.get_added_tokens_decoder().items():
                 table[token_id] = token.content.encode("utf-8")
+            table += [
+                _reserved_name(token_id).encode("utf-8")
+                for token_id in range(self._backend_vocab_size, self._vocab_size)
+            ]
             self._token_bytes = table
         return self._token_bytes
+
+
+def _reserved_name(token_id: int) -> str:
+    return f"<|reserved_{token_id}|>"
+
+
+def _is_o200k_harmony(special_ids: Mapping[str, int]) -> bool:
+    """Whether the special tokens sit at o200k_harmony's ids, as in gpt-oss's tokenizer.json."""
+    return all(special_ids.get(name) == token_id for name, token_id in HARMONY_SPECIAL_TOKEN_IDS.items())
 
 
 def checkpoint_tokenizer_file(directory: str | Path) -> Path | None:
@@ -301,7 +328,7 @@ def _demo_special_token_names(vocab_size: int) -> list[str]:
     if vocab_size != O200K_HARMONY_VOCAB_SIZE:
         return block
     reserved = [
-        "<|endofprompt|>" if token_id == _HF_ENDOFPROMPT_ID else f"<|reserved_{token_id}|>"
+        "<|endofprompt|>" if token_id == _HF_ENDOFPROMPT_ID else _reserved_name(token_id)
         for token_id in range(_FIRST_RESERVED_ABOVE_BLOCK, O200K_HARMONY_VOCAB_SIZE)
     ]
     return block + reserved

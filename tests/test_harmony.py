@@ -32,6 +32,7 @@ from gptoss_jax.harmony import (
     stop_token_ids,
 )
 from gptoss_jax.tokenizer import Tokenizer, build_demo_tokenizer
+from test_tokenizer import hugging_face_like_tokenizer
 
 # openai/harmony test-data/test_simple_convo_low_effort.txt
 SIMPLE_CONVO_LOW_EFFORT = """\
@@ -1019,6 +1020,28 @@ def test_lenient_parser_accepts_any_token_stream(tokenizer):
             parser.process(token_id)
         parser.process_eos()
         assert all(message.role in Role for message in parser.messages)
+
+
+def test_parser_reads_reserved_ids_that_hugging_faces_tokenizer_json_lacks():
+    # gpt-oss can sample ids 200019..201087, which HF's tokenizer.json does not list.
+    tokenizer = hugging_face_like_tokenizer()
+    reserved = [200019, 201087]
+    generated = [
+        *tokenizer.encode("<|channel|>final<|message|>x", allowed_special="all"), *reserved,
+        *tokenizer.encode("y<|return|>", allowed_special="all"),
+    ]
+    assert parse_completion(generated, tokenizer) == [
+        Message("assistant", "x<|reserved_200019|><|reserved_201087|>y", channel="final")
+    ]
+    with pytest.raises(HarmonyParseError, match=r"got token 200500 \('<\|reserved_200500\|>'\)"):
+        parse_completion([200500], tokenizer, role=None)
+    # Lenient parsing (the CLI's) of reserved ids everywhere: in headers, content, between messages.
+    rng = random.Random(0)
+    control = [tokenizer.special_token_id(name) for name in ("<|start|>", "<|channel|>", "<|message|>", "<|end|>")]
+    for _ in range(20):
+        tokens = [rng.choice([rng.choice(control), rng.randrange(200019, 201088), rng.randrange(1000)])
+                  for _ in range(60)]
+        assert all(message.role in Role for message in parse_completion(tokens, tokenizer, role=None, strict=False))
 
 
 # ---------------------------------------------------------------------------------------------

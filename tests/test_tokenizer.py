@@ -1,5 +1,9 @@
 """Tests for gptoss_jax.tokenizer: the Tokenizer wrapper and the demo tokenizer built on the spot."""
 
+import functools
+import json
+import tempfile
+
 import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
@@ -20,6 +24,22 @@ DEMO_VOCAB_SIZE = 1024
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     return build_demo_tokenizer(DEMO_VOCAB_SIZE)
+
+
+HF_LAST_TOKEN_ID = 200018
+
+
+@functools.cache
+def hugging_face_like_tokenizer() -> Tokenizer:
+    """The demo tokenizer at o200k_harmony's ids, cut where gpt-oss's Hugging Face tokenizer.json
+    ends: its added tokens stop at `<|endofprompt|>` (200018), the reserved ids above are absent.
+    (Also used by test_harmony.py.)"""
+    with tempfile.TemporaryDirectory() as folder:
+        saved = json.loads(build_demo_tokenizer(O200K_HARMONY_VOCAB_SIZE).save(folder).read_text())
+    saved["added_tokens"] = [token for token in saved["added_tokens"] if token["id"] <= HF_LAST_TOKEN_ID]
+    backend = BackendTokenizer.from_str(json.dumps(saved))
+    assert backend.get_vocab_size(with_added_tokens=True) == HF_LAST_TOKEN_ID + 1
+    return Tokenizer(backend)
 
 
 def test_demo_tokenizer_puts_the_harmony_block_at_the_top_of_a_small_vocab(tokenizer):
@@ -129,6 +149,27 @@ def test_decode_rejects_an_id_outside_the_vocabulary(tokenizer):
         tokenizer.decode([DEMO_VOCAB_SIZE])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tokenizer.decode([-1])
+
+
+def test_reserved_ids_missing_from_hugging_faces_file_are_special_tokens():
+    # The model has 201088 rows and may sample any id; HF's tokenizer.json stops at 200018.
+    tokenizer = hugging_face_like_tokenizer()
+    assert tokenizer.vocab_size == O200K_HARMONY_VOCAB_SIZE
+    assert tokenizer.decode([HF_LAST_TOKEN_ID]) == "<|endofprompt|>"
+    assert tokenizer.decode([200019, 200500, 201087]) == "<|reserved_200019|><|reserved_200500|><|reserved_201087|>"
+    assert tokenizer.decode_bytes([200500]) == b"<|reserved_200500|>"
+    assert tokenizer.special_token_id("<|reserved_201087|>") == 201087
+    assert dict(tokenizer.special_tokens) == dict(build_demo_tokenizer(O200K_HARMONY_VOCAB_SIZE).special_tokens)
+    assert tokenizer.encode("a<|reserved_200500|>", allowed_special="all")[-1] == 200500
+    assert 200500 not in tokenizer.encode("a<|reserved_200500|>")
+    for outside in (-1, O200K_HARMONY_VOCAB_SIZE):
+        with pytest.raises(ValueError, match=f"token id {outside} is outside the vocabulary \\(size 201088\\)"):
+            tokenizer.decode([outside])
+
+
+def test_only_o200k_harmony_gets_the_reserved_ids(tokenizer):
+    assert tokenizer.vocab_size == DEMO_VOCAB_SIZE
+    assert len(tokenizer.special_tokens) == len(HARMONY_SPECIAL_TOKEN_IDS)
 
 
 def test_unknown_special_token_name_is_a_clear_key_error(tokenizer):
