@@ -30,9 +30,9 @@ Goals (one H100 80 GB, from docs/prior-art.md sections 5 and 6):
   about 905 and 674; SGLang reports 318 for 120b on H100).
 * Batch 64, 1K prompt / 1K new: gpt-oss-20b >= 11,500 output tokens/s (TensorRT-LLM: 11,557).
 
-Compile time dominates a short run at the real depths: each Pallas kernel call goes through the
-whole Mosaic GPU lowering again (2 to 3 s of one CPU core per call, measured on the CPU), three
-calls per layer and for every batch size, so 120b's decode step alone spends minutes lowering.
+Compile time weighs on a short run at the real depths: the kernels are jitted, so each distinct
+kernel call goes through the Mosaic GPU lowering once (2 to 3 s of one CPU core, measured on the
+CPU) and the layers share it, but prefill and decode compile again for every batch size.
 ``--quick`` therefore runs one batch size; give each further batch size a call of its own.
 
 Every run appends its row to ``--results-md`` (default benchmarks/RESULTS.md) and rewrites the

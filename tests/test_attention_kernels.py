@@ -1,10 +1,11 @@
-"""Prefill and decode attention kernels (Pallas Mosaic GPU) on the CPU.
+"""Prefill and decode attention kernels (Pallas Mosaic GPU).
 
-Interpret-mode runs compare the kernels with a float64 NumPy reference written here. Interpret
-mode cannot execute the compiled P @ V step (register-LHS WGMMA accumulating in place), so
-those runs use the kernels' ``interpretable_pv`` variant, which differs only in that step; the
+The kernels are compared with a float64 NumPy reference written here, in interpret mode on the
+CPU and, on a Hopper GPU, compiled (``kernel_mode``, see conftest.py). Interpret mode cannot
+execute the compiled P @ V step (register-LHS WGMMA accumulating in place), so its runs use the
+kernels' ``interpretable_pv`` variant, which differs only in that step; without a GPU the
 compiled step is exercised by the CUDA lowering tests at gpt-oss shapes (Hq=64, Hkv=8, D=64),
-which run the whole Mosaic GPU lowering for sm_90 without a GPU.
+which run the whole Mosaic GPU lowering for sm_90.
 """
 
 from __future__ import annotations
@@ -67,36 +68,50 @@ def as_f32(x):
     return np.asarray(x.astype(jnp.float32))
 
 
+def interpret_arg(kernel_mode: str, race_checked: bool = False):
+    """The kernels' ``interpret`` argument: interpret mode (with the race detector if asked) or
+    compiled for the GPU."""
+    if kernel_mode == "gpu":
+        return False
+    return RACE_CHECKED if race_checked else True
+
+
+def assert_no_races(out, kernel_mode: str) -> None:
+    """After a race-checked interpret-mode run: the detector found nothing."""
+    if kernel_mode == "interpret":
+        jax.block_until_ready(out)
+        assert not gpu_callbacks.get_races().races_found
+
+
 # ---------------------------------------------------------------------------------------------
-# Prefill, interpret mode.
+# Prefill.
 
 
 @pytest.mark.parametrize(
-    "batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, interpret",
+    "batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, race_checked",
     [
         # Window edges: every query past 129 has keys at distance 127, 128 and 129; T is not a
         # multiple of either block; query blocks of 8 tokens straddle the window's start.
-        (2, 300, 16, 2, 128, 8, 64, True),
+        (2, 300, 16, 2, 128, 8, 64, False),
         # Full causal, KV tile of 128, query block of 16 tokens.
-        (1, 200, 8, 1, None, 16, 128, True),
+        (1, 200, 8, 1, None, 16, 128, False),
         # Window shorter than one KV tile and close to the query block; TMA, barrier and
         # SMEM accesses checked for races.
-        (1, 100, 8, 1, 20, 16, 64, RACE_CHECKED),
+        (1, 100, 8, 1, 20, 16, 64, True),
     ],
 )
 def test_prefill_matches_float64_reference(
-    batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, interpret
+    batch, seq_len, q_heads, kv_heads, window, block_q, block_kv, race_checked, kernel_mode
 ):
     q, k, v = random_qkv(0, batch, seq_len, seq_len, q_heads, kv_heads)
     sinks = jnp.asarray((MIXED_SINKS * 2)[:q_heads], jnp.bfloat16)
     config = FlashAttentionConfig(block_q=block_q, block_kv=block_kv)
     out = flash_attention(
         q, k, v, sinks, sliding_window=window, softmax_scale=SCALE, config=config,
-        interpret=interpret,
+        interpret=interpret_arg(kernel_mode, race_checked),
     )
-    if interpret is RACE_CHECKED:
-        jax.block_until_ready(out)
-        assert not gpu_callbacks.get_races().races_found
+    if race_checked:
+        assert_no_races(out, kernel_mode)
     positions = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
     expected = reference_f64(q, k, v, sinks, positions, positions, window)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
@@ -105,7 +120,7 @@ def test_prefill_matches_float64_reference(
     assert np.abs(as_f32(out)[:, :, 0]).max() < 1e-3
 
 
-def test_prefill_window_counts_keys_exactly():
+def test_prefill_window_counts_keys_exactly(kernel_mode):
     """With equal scores, output = (visible keys per residue class) / (visible keys + 1).
 
     V[s, d] = [s % 64 == d], so a window of 128 keys gives 2/129 in every column, while 127 or
@@ -119,7 +134,7 @@ def test_prefill_window_counts_keys_exactly():
     sinks = jnp.zeros((8,), jnp.bfloat16)
     out = flash_attention(
         q, k, v, sinks, sliding_window=window, softmax_scale=SCALE,
-        config=FlashAttentionConfig(block_q=8, block_kv=64), interpret=True,
+        config=FlashAttentionConfig(block_q=8, block_kv=64), interpret=interpret_arg(kernel_mode),
     )
     positions = np.arange(seq_len)[None]
     expected = reference_f64(q, k, v, sinks, positions, positions, window)
@@ -152,7 +167,7 @@ def test_prefill_walks_only_the_visible_kv_blocks(window):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decode, interpret mode.
+# Decode, and prefill chunks against a cache.
 
 
 def linear_cache_positions(lengths, cache_len):
@@ -182,7 +197,7 @@ def chunk_positions(start, chunk, lengths):
         (2, 100, DecodeAttentionConfig(block_kv=128, num_splits=2, max_concurrent_steps=2)),
     ],
 )
-def test_decode_ragged_batch_matches_float64_reference(q_len, window, config):
+def test_decode_ragged_batch_matches_float64_reference(q_len, window, config, kernel_mode):
     cache_len, lengths = 384, [7, 200, 384]
     q, k, v = random_qkv(1, len(lengths), q_len, cache_len, 16, 2)
     sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
@@ -191,14 +206,14 @@ def test_decode_ragged_batch_matches_float64_reference(q_len, window, config):
     q_positions = (np.asarray(lengths)[:, None] - q_len + np.arange(q_len)).astype(np.int32)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-        config=config, interpret=True,
+        config=config, interpret=interpret_arg(kernel_mode),
     )
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
-def test_decode_wrapped_ring_buffer():
+def test_decode_wrapped_ring_buffer(kernel_mode):
     """The sliding layers' 128-slot ring: slot i holds the newest position p with p % 128 == i."""
     ring, window = 128, 128
     lengths = np.array([1000, 300, 57])  # wrapped many times, wrapped once, not yet full
@@ -208,10 +223,9 @@ def test_decode_wrapped_ring_buffer():
     q_positions = (lengths[:, None] - 1).astype(np.int32)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-        config=DecodeAttentionConfig(block_kv=64), interpret=RACE_CHECKED,
+        config=DecodeAttentionConfig(block_kv=64), interpret=interpret_arg(kernel_mode, race_checked=True),
     )
-    jax.block_until_ready(out)
-    assert not gpu_callbacks.get_races().races_found
+    assert_no_races(out, kernel_mode)
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
@@ -223,7 +237,7 @@ def test_decode_wrapped_ring_buffer():
         (100, DecodeAttentionConfig(block_q=16, block_kv=128, num_splits=1)),
     ],
 )
-def test_prefill_chunk_against_a_linear_cache(window, config):
+def test_prefill_chunk_against_a_linear_cache(window, config, kernel_mode):
     """A later prefill chunk of a full layer: the chunk is written to the cache first, then its
     40 queries (several query blocks, the last one partial) attend over the cache. Row 1 ends
     inside the chunk (right padding), row 2 ended before it (all padding, output zero)."""
@@ -234,14 +248,14 @@ def test_prefill_chunk_against_a_linear_cache(window, config):
     q_positions = chunk_positions(start, chunk, lengths)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-        config=config, interpret=True,
+        config=config, interpret=interpret_arg(kernel_mode),
     )
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
     assert not as_f32(out)[2].any()
 
 
-def test_prefill_chunk_against_a_ring_and_itself():
+def test_prefill_chunk_against_a_ring_and_itself(kernel_mode):
     """A later prefill chunk of a sliding layer attends over the ring as it was, followed by
     the chunk's own keys: 176 slots, not a multiple of the tile, so padded. Races checked."""
     ring, window, chunk, start = 128, 128, 48, 300
@@ -253,10 +267,9 @@ def test_prefill_chunk_against_a_ring_and_itself():
     sinks = jnp.asarray(MIXED_SINKS[::-1] * 2, jnp.bfloat16)
     out = decode_attention(
         q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
-        config=DecodeAttentionConfig(block_q=8, block_kv=64), interpret=RACE_CHECKED,
+        config=DecodeAttentionConfig(block_q=8, block_kv=64), interpret=interpret_arg(kernel_mode, race_checked=True),
     )
-    jax.block_until_ready(out)
-    assert not gpu_callbacks.get_races().races_found
+    assert_no_races(out, kernel_mode)
     expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
@@ -286,6 +299,39 @@ def test_decode_walks_only_from_the_first_to_the_last_visible_tile(window):
                 assert (lo[b, block], hi[b, block]) == (seen[0], seen[-1] + 1)
             else:
                 assert lo[b, block] == hi[b, block] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# gpt-oss shapes (64 query heads, 8 KV heads, head_dim 64) and default configs, compiled.
+
+
+@pytest.mark.parametrize("window", [128, None])
+def test_gpt_oss_shapes_on_the_gpu(gpu, window):
+    """What the model runs: a 1000-token prompt's first chunk (prefill kernel), a 256-token later
+    chunk against the cache (decode kernel, query blocks), and a ragged decode step."""
+    sinks = jnp.linspace(-6.0, 6.0, 64).astype(jnp.bfloat16)
+    q, k, v = random_qkv(5, 1, 1000, 1000, 64, 8)
+    out = flash_attention(q, k, v, sinks, sliding_window=window, softmax_scale=SCALE)
+    positions = np.arange(1000)[None]
+    expected = reference_f64(q, k, v, sinks, positions, positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+
+    cache_len, lengths = 2048, [1500, 1200, 1024, 2000]
+    q, k, v = random_qkv(6, len(lengths), 256, cache_len, 64, 8)
+    kv_positions = linear_cache_positions(lengths, cache_len)
+    q_positions = chunk_positions(1000, 256, lengths)
+    out = decode_attention(
+        q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
+    )
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+
+    q_positions = (np.asarray(lengths)[:, None] - 1).astype(np.int32)
+    out = decode_attention(
+        q[:, :1], k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
+    )
+    expected = reference_f64(q[:, :1], k, v, sinks, q_positions, kv_positions, window)
+    np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The model's kernel path (Pallas kernels in Mosaic GPU interpret mode) against its XLA path.
+"""The model's kernel path against its XLA path: the Pallas kernels in Mosaic GPU interpret mode
+and, on a Hopper GPU, compiled (``kernel_mode``, see conftest.py).
 
 The config has gpt-oss's attention geometry (head_dim 64, 8 query heads per KV head) and expert
 sizes the MXFP4 kernel tiles (multiples of 192), at a size interpret mode runs in seconds.
@@ -6,6 +7,7 @@ sizes the MXFP4 kernel tiles (multiples of 192), at a size interpret mode runs i
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,13 +35,14 @@ def model_and_tokens():
     return model, tokens
 
 
-def errors_against_float32(model, run):
+def errors_against_float32(model, run, kernel_mode):
     """(kernel path error, XLA bfloat16 path error), each against the float32 XLA path."""
     model.dtype, model.kernels = jnp.dtype(jnp.float32), "xla"
-    reference = np.asarray(run(model))
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+        reference = np.asarray(run(model))
     model.dtype = jnp.dtype(jnp.bfloat16)
     xla = np.asarray(run(model))
-    model.kernels = "interpret"
+    model.kernels = "interpret" if kernel_mode == "interpret" else "pallas"
     kernel = np.asarray(run(model))
     model.kernels = "xla"
     return np.abs(kernel - reference).max(), np.abs(xla - reference).max()
@@ -54,13 +57,13 @@ def test_the_kernels_fit_this_config_and_gpt_oss():
     assert not moe_kernel_fits(KERNEL_CONFIG, jnp.float32)
 
 
-def test_forward_with_kernels_matches_the_xla_path(model_and_tokens):
+def test_forward_with_kernels_matches_the_xla_path(model_and_tokens, kernel_mode):
     model, tokens = model_and_tokens
-    kernel_error, xla_error = errors_against_float32(model, lambda m: m(tokens))
+    kernel_error, xla_error = errors_against_float32(model, lambda m: m(tokens), kernel_mode)
     assert 0 < kernel_error <= 2 * xla_error
 
 
-def test_chunked_prefill_and_decode_with_kernels_match_the_xla_path(model_and_tokens):
+def test_chunked_prefill_and_decode_with_kernels_match_the_xla_path(model_and_tokens, kernel_mode):
     """Every attention kernel the model takes: the first prompt chunk runs the prefill kernel;
     the second, longer than the sliding window, attends over the cache (full layers) and over
     the ring plus itself (sliding layers) with the decode-attention kernel, several query blocks
@@ -77,7 +80,7 @@ def test_chunked_prefill_and_decode_with_kernels_match_the_xla_path(model_and_to
         decode_logits, _ = m.with_cache(tokens[:, length:], positions[:, length:], cache)
         return jnp.concatenate([chunk_logits, decode_logits], axis=1)
 
-    kernel_error, xla_error = errors_against_float32(model, prefill_in_two_chunks_then_decode)
+    kernel_error, xla_error = errors_against_float32(model, prefill_in_two_chunks_then_decode, kernel_mode)
     assert 0 < kernel_error <= 2 * xla_error
 
 
