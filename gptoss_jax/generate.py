@@ -4,7 +4,8 @@ Prompts of different lengths share one batch: they are right-padded, and padding
 position -1, so it is neither cached nor attended to. The prompt is prefilled in fixed-size
 chunks (bounded activation memory for long prompts), then a ``lax.while_loop`` samples and
 feeds back one token per step with no host round trip. With a ``streamer`` the same loop hands
-each step's tokens to the host through an ordered ``io_callback``, without recompiling.
+each step's tokens to the host through an ordered ``io_callback``, without recompiling; the
+streamer's answer can end the loop early (Ctrl-C in the CLI).
 
 Shapes are bucketed (prompt chunk, cache length, output buffer: powers of two), so a new prompt
 compiles only when it lands in a new bucket.
@@ -35,9 +36,11 @@ from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample, token_logprobs
 
-Streamer = Callable[[np.ndarray, np.ndarray], None]
+Streamer = Callable[[np.ndarray, np.ndarray], bool | None]
 """Called once per decode step with (tokens int32 [B], active bool [B]): a row is inactive once
-it has produced a stop token; its later tokens are not part of the output."""
+it has produced a stop token; its later tokens are not part of the output. Returning True stops
+generation after this step: the tokens handed over so far, this step's included, are the output
+(so stopping at the k-th call, counting from 0, leaves k + 1 tokens in each active row)."""
 
 _MIN_BUCKET = 16
 _MIN_CACHE = 256
@@ -45,7 +48,11 @@ _MIN_CACHE = 256
 
 @dataclasses.dataclass(frozen=True)
 class GenerationStats:
-    """Token counts and wall-clock seconds of one :func:`generate` call (compilation apart)."""
+    """Token counts and wall-clock seconds of one :func:`generate` call (compilation apart).
+
+    With ``max_new_tokens=0`` nothing runs, not even the prefill: every figure is 0 and the
+    rates are NaN.
+    """
 
     prefill_tokens: int
     prefill_seconds: float
@@ -82,8 +89,13 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+class GenerationInputError(ValueError):
+    """An argument :func:`generate` cannot run with (empty prompt, too long for the context...)."""
+
+
 class _DecodeState(NamedTuple):
     step: jax.Array
+    stop_requested: jax.Array  # the streamer asked to stop after this step
     key: jax.Array
     cache: KVCache
     logits: jax.Array  # [B, V] of the next token
@@ -105,9 +117,10 @@ def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_la
 _streamer: Streamer | None = None
 
 
-def _emit(tokens: np.ndarray, active: np.ndarray) -> None:
-    if _streamer is not None:
-        _streamer(np.asarray(tokens), np.asarray(active))
+def _emit(tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Hand one step to the streamer; returns whether it asked to stop (bool scalar)."""
+    stop = _streamer is not None and bool(_streamer(np.asarray(tokens), np.asarray(active)))
+    return np.asarray(stop)
 
 
 def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, *,
@@ -117,16 +130,19 @@ def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop
     batch = logits.shape[0]
 
     def keep_going(carry: _DecodeState) -> jax.Array:
-        return (carry.step < max_new_tokens) & jnp.any(carry.active)
+        return (carry.step < max_new_tokens) & jnp.any(carry.active) & ~carry.stop_requested
 
     def step(carry: _DecodeState) -> _DecodeState:
         token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
+        stop_requested = carry.stop_requested
         if stream:
-            io_callback(_emit, None, token, carry.active, ordered=True)
+            stop_requested = io_callback(_emit, jax.ShapeDtypeStruct((), jnp.bool_), token, carry.active,
+                                         ordered=True)
         logprob = token_logprobs(carry.logits, token)
         logits, cache = model.with_cache(token[:, None], carry.positions[:, None], carry.cache)
         return _DecodeState(
             step=carry.step + 1,
+            stop_requested=stop_requested,
             key=carry.key,
             cache=cache,
             logits=logits[:, 0],
@@ -138,7 +154,8 @@ def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop
         )
 
     initial = _DecodeState(
-        step=jnp.int32(0), key=key, cache=cache, logits=logits, positions=positions,
+        step=jnp.int32(0), stop_requested=jnp.bool_(False), key=key, cache=cache, logits=logits,
+        positions=positions,
         active=jnp.ones((batch,), bool), generated=jnp.zeros((batch,), jnp.int32),
         tokens=jnp.zeros((batch, buffer), jnp.int32), logprobs=jnp.zeros((batch, buffer), jnp.float32),
     )
@@ -187,21 +204,23 @@ def _validate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: i
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
         raise TypeError("prompts must be a sequence of token-id sequences, e.g. [[1, 2, 3]]")
     if len(prompts) == 0:
-        raise ValueError("no prompts given")
+        raise GenerationInputError("no prompts given")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise GenerationInputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     config = model.config
     arrays = []
     for index, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise ValueError(f"prompt {index} must be a flat sequence of token ids")
+            raise GenerationInputError(f"prompt {index} must be a flat sequence of token ids")
         if ids.size == 0:
-            raise ValueError(f"prompt {index} is empty: generation needs at least one token")
+            raise GenerationInputError(f"prompt {index} is empty: generation needs at least one token")
         if ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(f"prompt {index} has token ids outside the vocabulary [0, {config.vocab_size})")
+            raise GenerationInputError(
+                f"prompt {index} has token ids outside the vocabulary [0, {config.vocab_size})"
+            )
         if ids.size + max_new_tokens > config.max_position_embeddings:
-            raise ValueError(
+            raise GenerationInputError(
                 f"prompt {index} ({ids.size} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                 f"model's context of {config.max_position_embeddings} tokens"
             )
@@ -236,16 +255,25 @@ def generate(
       stop_tokens: a row ends after producing one of these (it is kept in the output). For
         Harmony chats use ``<|return|>`` and ``<|call|>``, not ``<|end|>``.
       return_logprobs: also return each generated token's log-probability.
-      streamer: called with each step's tokens as they come (see :data:`Streamer`).
-      prefill_chunk_size: prompt tokens per prefill step; bounds activation memory.
+      streamer: called with each step's tokens as they come; returning True stops generation
+        after that step (see :data:`Streamer`).
+      prefill_chunk_size: prompt tokens per prefill step; bounds activation memory. Rounded up
+        to a power of two of at least 16 (compiled shapes are bucketed), and no longer than the
+        longest prompt's bucket.
 
     Returns:
-      A :class:`GenerationOutput`.
+      A :class:`GenerationOutput`. With ``max_new_tokens=0`` nothing runs, not even the
+      prefill, and the stats are all zero.
+
+    Raises:
+      GenerationInputError: a prompt, ``max_new_tokens`` or ``prefill_chunk_size`` that cannot
+        run (a ``ValueError``, as are bad sampling settings).
+      TypeError: ``prompts`` is not a sequence of token-id sequences.
     """
     arrays = _validate(model, prompts, max_new_tokens)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     if prefill_chunk_size < 1:
-        raise ValueError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
+        raise GenerationInputError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
     prompt_count = len(arrays)
     if max_new_tokens == 0:
         return GenerationOutput([[] for _ in arrays], [[] for _ in arrays] if return_logprobs else None,

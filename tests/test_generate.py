@@ -7,11 +7,12 @@ import pytest
 from flax import nnx
 
 from gptoss_jax.config import preset
-from gptoss_jax.generate import generate
+from gptoss_jax.generate import GenerationInputError, generate
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample
 
 NEW_TOKENS = 12
+PREFILL_CHUNK = 16  # generate's smallest chunk
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def model():
 @pytest.fixture(scope="module")
 def prompts():
     rng = np.random.default_rng(0)
-    # Lengths differ; the longest plus the new tokens passes the 8-slot ring several times.
-    return [rng.integers(0, 512, n).tolist() for n in (5, 11, 3)]
+    # Lengths differ; two span several prefill chunks, and each passes the 8-slot ring.
+    return [rng.integers(0, 512, n).tolist() for n in (21, 35, 9)]
 
 
 @nnx.jit
@@ -46,13 +47,12 @@ def greedy_by_full_forward(model, prompt, steps):
 
 @pytest.fixture(scope="module")
 def greedy_output(model, prompts):
-    # A 4-token prefill chunk: prompts span several chunks and chunks outgrow nothing.
-    return generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=4,
+    return generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=PREFILL_CHUNK,
                     return_logprobs=True)
 
 
 def test_cached_greedy_equals_full_recomputation(model, prompts, greedy_output):
-    assert len(prompts[1]) + NEW_TOKENS > 2 * model.config.sliding_window
+    assert len(prompts[1]) > 2 * PREFILL_CHUNK and len(prompts[2]) + NEW_TOKENS > 2 * model.config.sliding_window
     for prompt, tokens in zip(prompts, greedy_output.tokens):
         assert tokens == greedy_by_full_forward(model, prompt, NEW_TOKENS)
 
@@ -88,6 +88,25 @@ def test_streamer_sees_every_token_in_order(model, prompts, greedy_output):
     assert all(all(active) for _, active in steps)
 
 
+def test_streamer_stops_generation_after_the_step_it_returns_true(model, prompts, greedy_output):
+    def run(stop_after: int):
+        calls = []
+
+        def streamer(tokens, active) -> bool:
+            calls.append(tokens.tolist())
+            return len(calls) == stop_after + 1
+
+        out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, streamer=streamer)
+        assert len(calls) == stop_after + 1
+        return out
+
+    for stop_after in (0, 4):
+        out = run(stop_after)
+        assert out.tokens == [tokens[:stop_after + 1] for tokens in greedy_output.tokens]
+        assert out.stats.decode_tokens == (stop_after + 1) * len(prompts)
+    assert out.stats.compile_seconds == 0  # the stop is a value in the loop, not a new program
+
+
 def test_same_seed_same_tokens(model, prompts):
     def run(seed):
         return generate(model, prompts, max_new_tokens=8, temperature=1.0, seed=seed).tokens
@@ -96,9 +115,10 @@ def test_same_seed_same_tokens(model, prompts):
     assert run(1) != run(2)
 
 
-def test_zero_new_tokens(model, prompts):
+def test_zero_new_tokens_runs_nothing(model, prompts):
     out = generate(model, prompts, max_new_tokens=0)
     assert out.tokens == [[], [], []]
+    assert out.stats.prefill_tokens == out.stats.decode_tokens == 0
 
 
 def test_top_k_and_top_p_stay_in_their_sets():
@@ -128,20 +148,22 @@ def test_temperature_zero_is_greedy():
 
 
 @pytest.mark.parametrize(
-    "prompts_, kwargs, message",
+    "prompts_, kwargs, error, message",
     [
-        ([[]], {}, "prompt 0 is empty"),
-        ([], {}, "no prompts"),
-        ([[1, 2]], {"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
-        ([[1, 512]], {}, "outside the vocabulary"),
-        ([[1] * 131072], {"max_new_tokens": 1}, "exceeds the model's context of 131072"),
-        ([[1]], {"top_p": 1.5}, "top_p must be in"),
-        ([[1]], {"temperature": -1.0}, "temperature must be >= 0"),
-        ([[1]], {"top_k": 0}, "top_k must be >= 1"),
+        # The CLI reports GenerationInputError as one line; any other ValueError keeps its traceback.
+        ([[]], {}, GenerationInputError, "prompt 0 is empty"),
+        ([], {}, GenerationInputError, "no prompts"),
+        ([[1, 2]], {"max_new_tokens": -1}, GenerationInputError, "max_new_tokens must be an integer >= 0"),
+        ([[1, 512]], {}, GenerationInputError, "outside the vocabulary"),
+        ([[1] * 131072], {"max_new_tokens": 1}, GenerationInputError, "exceeds the model's context of 131072"),
+        ([[1]], {"prefill_chunk_size": 0}, GenerationInputError, "prefill_chunk_size must be >= 1"),
+        ([[1]], {"top_p": 1.5}, ValueError, "top_p must be in"),
+        ([[1]], {"temperature": -1.0}, ValueError, "temperature must be >= 0"),
+        ([[1]], {"top_k": 0}, ValueError, "top_k must be >= 1"),
     ],
 )
-def test_bad_input_is_a_clear_error(model, prompts_, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_input_is_a_clear_error(model, prompts_, kwargs, error, message):
+    with pytest.raises(error, match=message):
         generate(model, prompts_, **kwargs)
 
 
@@ -162,5 +184,5 @@ def test_decoded_experts_change_nothing_but_speed(prompts, greedy_output):
         for weight in (block.mlp.mlp1_weight, block.mlp.mlp2_weight):
             weight.blocks[...] = jnp.zeros_like(weight.blocks[...])
     np.testing.assert_array_equal(np.asarray(full_forward(model, tokens)), packed_logits)
-    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=4)
+    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=PREFILL_CHUNK)
     assert out.tokens == greedy_output.tokens
