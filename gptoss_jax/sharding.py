@@ -19,12 +19,15 @@ split over ``data``. Experts span both model axes, not ``expert`` alone: an expe
 dimensions do not split well (its 2880 inputs are 90 MXFP4 blocks, which 4 or 8 devices do not
 divide), and splitting whole experts over every model device leaves no replicated expert bytes.
 
-The default mesh puts every device on ``tensor`` up to 8 (gpt-oss's KV heads) and the rest on
-``expert``. Decode reads every weight and the whole KV cache per token, so the best mesh for it
-is the one that replicates nothing: ``tensor`` splits the attention weights and the KV cache,
-and with it the experts and the vocabulary; ``expert`` alone would copy attention and the cache
-to every device. ``data`` > 1 copies the whole model per replica and suits only small models or
-throughput over many independent batches.
+The default mesh (:func:`default_mesh_shape`) follows the model: as many devices on ``tensor``
+as divide its KV heads (8 for gpt-oss), then as many on ``expert`` as the experts and the
+vocabulary still divide over, and whatever is left on ``data``. Decode reads every weight and
+the whole KV cache per token, so the best mesh for it is the one that replicates nothing:
+``tensor`` splits the attention weights and the KV cache, and with it the experts and the
+vocabulary; ``expert`` alone would copy attention and the cache to every device. ``data`` > 1
+copies the whole model per replica and suits only small models or throughput over many
+independent batches, which is why the default uses it only for devices the model cannot split
+over.
 
 Example::
 
@@ -43,7 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.config import GptOssConfig, preset
 
 AXES = ("data", "expert", "tensor")
 """The mesh's axis names, outermost first."""
@@ -63,9 +66,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
 )
 
 LogicalAxes = tuple[str | None, ...]
-
-_DEFAULT_TENSOR = 8  # gpt-oss's KV heads (20b and 120b)
-
 
 class MeshError(ValueError):
     """A mesh that does not fit the devices or the model; the message says which size is wrong."""
@@ -94,25 +94,54 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     return {axis: int(sizes.get(axis, 1)) for axis in AXES}
 
 
-def default_mesh_shape(device_count: int) -> dict[str, int]:
-    """All devices on ``tensor`` up to 8, the rest on ``expert`` (see the module docstring)."""
-    tensor = math.gcd(device_count, _DEFAULT_TENSOR)
-    return {"data": 1, "expert": device_count // tensor, "tensor": tensor}
+def default_mesh_shape(device_count: int, config: GptOssConfig | None = None) -> dict[str, int]:
+    """The mesh that splits ``config``'s model over the most of ``device_count`` devices.
+
+    Among the sizes that fit the model (:func:`mesh_misfits`: ``tensor`` divides the KV heads,
+    ``expert`` x ``tensor`` divides the experts and the vocabulary), it takes the largest
+    ``expert`` x ``tensor``, and of those the largest ``tensor``; the devices left over go to
+    ``data``, whole copies of the model. For gpt-oss on 1, 2, 4, 8, 16 or 32 devices that is ``tensor`` up to 8
+    and the rest on ``expert``; on 3 devices it is ``data=3``.
+
+    Args:
+      device_count: the devices the mesh spans.
+      config: the model; None: gpt-oss-20b, whose sizes gpt-oss-120b's divide too, so the mesh
+        fits both.
+    """
+    config = preset("gpt-oss-20b") if config is None else config
+    candidates = (
+        {"data": device_count // (expert * tensor), "expert": expert, "tensor": tensor}
+        for tensor in _divisors(device_count)
+        for expert in _divisors(device_count // tensor)
+    )
+    return max(
+        (sizes for sizes in candidates if not mesh_misfits(sizes, config)),
+        key=lambda sizes: (sizes["expert"] * sizes["tensor"], sizes["tensor"]),
+    )
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_mesh(
+    spec: str | Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None,
+    config: GptOssConfig | None = None,
+) -> Mesh:
     """A ``("data", "expert", "tensor")`` mesh over ``devices`` (default: all, of every process).
 
     Args:
       spec: axis sizes, as the CLI's ``--mesh`` string (``"expert=4,tensor=2"``) or a mapping;
-        missing axes are 1. None: :func:`default_mesh_shape`.
+        missing axes are 1. None: :func:`default_mesh_shape` for ``config``.
       devices: the devices to use; their number must be the product of the sizes.
+      config: the model the default mesh is for (None: one that fits gpt-oss-20b and 120b).
+        It does not check ``spec``; :func:`check_mesh` does.
 
     Raises:
       MeshError: a malformed spec, or sizes whose product is not the device count.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = default_mesh_shape(len(devices)) if spec is None else parse_mesh_spec(spec)
+    sizes = default_mesh_shape(len(devices), config) if spec is None else parse_mesh_spec(spec)
     shape = tuple(sizes[axis] for axis in AXES)
     if math.prod(shape) != len(devices):
         raise MeshError(
@@ -132,15 +161,21 @@ def check_mesh(mesh: Mesh, config: GptOssConfig) -> None:
     """Raise :class:`MeshError` unless the mesh's axes divide what they split."""
     if tuple(mesh.axis_names) != AXES:
         raise MeshError(f"the mesh's axes must be {AXES} (use make_mesh), got {tuple(mesh.axis_names)}")
-    expert_shards = mesh.shape["expert"] * mesh.shape["tensor"]
+    misfits = mesh_misfits(mesh.shape, config)
+    if misfits:
+        raise MeshError(misfits[0])
+
+
+def mesh_misfits(sizes: Mapping[str, int], config: GptOssConfig) -> list[str]:
+    """What axis sizes (``{"data": 1, "expert": 4, "tensor": 2}``) fail to divide; empty if none."""
+    expert_shards = sizes["expert"] * sizes["tensor"]
     needs = (
         (config.num_experts, expert_shards, "experts", "expert x tensor"),
         (config.vocab_size, expert_shards, "vocabulary rows", "expert x tensor"),
-        (config.num_key_value_heads, mesh.shape["tensor"], "KV heads", "tensor"),
+        (config.num_key_value_heads, sizes["tensor"], "KV heads", "tensor"),
     )
-    for count, shards, what, axes in needs:
-        if count % shards:
-            raise MeshError(f"the model's {count} {what} do not divide over the mesh's {axes} = {shards} devices")
+    return [f"the model's {count} {what} do not divide over the mesh's {axes} = {shards} devices"
+            for count, shards, what, axes in needs if count % shards]
 
 
 def partition_spec(*logical_axes: str | None) -> PartitionSpec:

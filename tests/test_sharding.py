@@ -121,17 +121,49 @@ def test_bad_meshes_are_refused_clearly(worker: dict):
 
 
 def test_mesh_spec_parsing():
-    from gptoss_jax.sharding import MeshError, default_mesh_shape, parse_mesh_spec
+    from gptoss_jax.sharding import MeshError, parse_mesh_spec
 
     assert parse_mesh_spec("expert=4, tensor=2") == {"data": 1, "expert": 4, "tensor": 2}
     assert parse_mesh_spec({"data": 2}) == {"data": 2, "expert": 1, "tensor": 1}
-    assert default_mesh_shape(8) == {"data": 1, "expert": 1, "tensor": 8}
-    assert default_mesh_shape(16) == {"data": 1, "expert": 2, "tensor": 8}
-    assert default_mesh_shape(6) == {"data": 1, "expert": 3, "tensor": 2}
     for spec, message in [("pipeline=2", "unknown mesh axes ['pipeline']"), ("expert=two", "expected items like"),
                           ("tensor=0", "must be a positive integer"), ("tensor=2,tensor=2", "given twice")]:
         with pytest.raises(MeshError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_mesh_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("model", "device_count", "expected"),
+    [
+        ("gpt-oss-20b", 8, (1, 1, 8)),
+        ("gpt-oss-20b", 16, (1, 2, 8)),
+        ("gpt-oss-20b", 64, (2, 4, 8)),  # 32 experts: two copies of the model
+        ("gpt-oss-120b", 64, (1, 8, 8)),
+        ("gpt-oss-20b", 6, (3, 1, 2)),  # 3 divides no expert count: data takes it
+        ("small", 4, (1, 2, 2)),  # the demo's 2 KV heads
+        ("small", 8, (1, 4, 2)),
+        ("tiny", 8, (2, 2, 2)),  # 4 experts
+        (None, 16, (1, 2, 8)),  # no config: a mesh for both gpt-oss models
+    ],
+)
+def test_default_mesh_follows_the_model(model: str | None, device_count: int, expected: tuple[int, int, int]):
+    from gptoss_jax.config import preset
+    from gptoss_jax.sharding import AXES, default_mesh_shape
+
+    config = None if model is None else preset(model)
+    assert tuple(default_mesh_shape(device_count, config)[axis] for axis in AXES) == expected
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "gpt-oss-120b", "small", "tiny"])
+def test_default_mesh_always_fits(model: str):
+    import math
+
+    from gptoss_jax.config import preset
+    from gptoss_jax.sharding import default_mesh_shape, mesh_misfits
+
+    config = preset(model)
+    for device_count in range(1, 257):
+        sizes = default_mesh_shape(device_count, config)
+        assert math.prod(sizes.values()) == device_count and mesh_misfits(sizes, config) == [], (device_count, sizes)
 
 
 def test_two_processes_run_one_forward_pass(checkpoint: Path, tmp_path: Path):
