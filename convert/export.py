@@ -22,7 +22,7 @@ from gptoss_jax.model import GptOss
 
 def model_tensors(model: GptOss) -> dict[str, np.ndarray]:
     """The model's parameters as host arrays, keyed by parameter path (= original/ names), in the model's
-    row order (see ``convert.layouts.to_model_rows``)."""
+    row order (see ``convert.layouts.checkpoint_rows``)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(map(str, path)): np.asarray(variable[...]) for path, variable in flat}
 

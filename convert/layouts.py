@@ -5,7 +5,7 @@ The model's parameter paths (``block.3.attn.qkv.weight``...) are the names of Op
 tensor and splits the fused QKV projection into q, k and v, which are concatenated back along
 the output axis. MXFP4 ``blocks``/``scales`` are byte-identical in both (spec section 3). The
 model groups the fused QKV rows by KV head (so a tensor-parallel split keeps query groups with
-their keys and values): :func:`to_model_rows` and :func:`to_checkpoint_rows` convert.
+their keys and values): :func:`checkpoint_rows` and :func:`to_checkpoint_rows` convert.
 """
 
 from __future__ import annotations
@@ -86,14 +86,16 @@ def _reorders_rows(path: str) -> bool:
     return path.endswith(("attn.qkv.weight", "attn.qkv.bias"))
 
 
-def to_model_rows(config: GptOssConfig, path: str, array: np.ndarray) -> np.ndarray:
-    """A parameter as the checkpoints hold it -> as the model does: the fused QKV's rows are
-    grouped by KV head (``gptoss_jax.model.fused_qkv_order``); every other parameter is as is."""
-    return array[fused_qkv_order(config)] if _reorders_rows(path) else array
+def checkpoint_rows(config: GptOssConfig, path: str, model_rows: np.ndarray) -> np.ndarray:
+    """The rows of a parameter as the checkpoints hold it (HF's q, k, v concatenated) that hold
+    the model's rows ``model_rows`` (int ``[R]``): the model groups the fused QKV's rows by KV
+    head (``gptoss_jax.model.fused_qkv_order``); every other parameter's rows are the same."""
+    return fused_qkv_order(config)[model_rows] if _reorders_rows(path) else model_rows
 
 
 def to_checkpoint_rows(config: GptOssConfig, path: str, array: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_model_rows`."""
+    """A whole parameter as the model holds it -> as the checkpoints hold it (the row order
+    :func:`checkpoint_rows` reads back)."""
     return array[np.argsort(fused_qkv_order(config))] if _reorders_rows(path) else array
 
 

@@ -4,7 +4,9 @@ Opening a folder reads only the safetensors headers and checks every tensor name
 dtype against ``config.json`` before any weight is read, so a bad checkpoint fails at once
 with one :class:`CheckpointError` naming the file and tensor. Then :meth:`parameters` reads
 one model parameter at a time (for HF's split QKV, its three pieces), so host memory stays
-near the largest tensor, never the whole model.
+near the largest tensor, never the whole model; :meth:`stored_parameters` hands out
+parameters that read only the slices they are indexed with, so a sharded load reads each
+device's shard and nothing more.
 
 On-disk dtypes: MXFP4 ``blocks``/``scales`` are U8, everything else BF16 (spec section 3).
 RMSNorm gains, float32 in the model, may also be F32 on disk: ``transformers`` keeps them in
@@ -25,11 +27,11 @@ from safetensors import SafetensorError, safe_open
 
 from convert.layouts import (
     Layout,
+    checkpoint_rows,
     detect_layout,
     parameter_sources,
     safetensors_files,
     source_shapes,
-    to_model_rows,
 )
 from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
 from gptoss_jax.config import GptOssConfig
@@ -174,25 +176,71 @@ class SafetensorsCheckpoint:
                     f"needs {list(expected)} for {path}"
                 )
 
-    def _read_tensor(self, name: str) -> np.ndarray:
+    def _read_tensor_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         info = self._tensors[name]
         try:
             with safe_open(info.file, framework="numpy") as f:
-                return f.get_tensor(name)
+                return f.get_slice(name)[index]
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
 
-    def _read_parameter(self, path: str) -> np.ndarray:
-        pieces = [self._read_tensor(name) for name in self._sources[path]]
-        array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-        return to_model_rows(self.config, path, array).astype(self._specs[path].dtype, copy=False)
+    def read(self, path: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Parameter ``path``, or its part ``index`` (one slice per axis), as the model holds it.
+
+        Only what ``index`` selects is read from disk: each run of consecutive rows of one
+        source tensor with one slice (the fused QKV's rows are grouped by KV head in the model,
+        :func:`checkpoint_rows`, so a KV head's q, k and v rows are three runs).
+        """
+        spec = self._specs[path]
+        if index is None:
+            index = (slice(None),) * len(spec.shape)
+        rows = checkpoint_rows(self.config, path, np.arange(spec.shape[0])[index[0]])
+        names = self._sources[path]
+        first_rows = np.cumsum([0] + [self._tensors[name].shape[0] for name in names])
+        source_of_row = np.searchsorted(first_rows, rows, side="right") - 1
+        run_starts = np.flatnonzero((np.diff(rows) != 1) | (np.diff(source_of_row) != 0)) + 1
+        blocks = []
+        for run in np.split(np.arange(len(rows)), run_starts):
+            source = source_of_row[run[0]]
+            first = rows[run[0]] - first_rows[source]
+            blocks.append(self._read_tensor_slice(names[source], (slice(first, first + len(run)), *index[1:])))
+        array = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return array.astype(spec.dtype, copy=False)
+
+    def stored_parameters(self) -> Iterator[tuple[str, StoredParameter]]:
+        """Yield ``(parameter path, StoredParameter)`` for every parameter; nothing is read yet."""
+        for path in self._sources:
+            spec = self._specs[path]
+            yield path, StoredParameter(self, path, spec.shape, np.dtype(spec.dtype))
 
     def parameters(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(parameter path, array)`` one at a time, in the model's shapes and dtypes.
 
         Paths are the model's (= ``original/`` tensor names), e.g. ``block.0.attn.qkv.weight``
-        ``[qkv_size, H]`` bfloat16, its rows in the model's order (:func:`to_model_rows`).
+        ``[qkv_size, H]`` bfloat16, its rows in the model's order (:func:`checkpoint_rows`).
         Nothing is kept after it is yielded.
         """
         for path in self._sources:
-            yield path, self._read_parameter(path)
+            yield path, self.read(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredParameter:
+    """A parameter of a :class:`SafetensorsCheckpoint`, read from disk when it is indexed.
+
+    ``stored[index]`` (one slice per axis) reads only that part, so placing it shard by shard
+    (``jax.make_array_from_callback``) reads only the shards of this process's devices;
+    ``np.asarray(stored)`` reads it whole.
+    """
+
+    checkpoint: SafetensorsCheckpoint
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return self.checkpoint.read(self.path, index)
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        array = self.checkpoint.read(self.path)
+        return array if dtype is None else array.astype(dtype, copy=False)

@@ -26,7 +26,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -106,9 +106,20 @@ def _flatten(group: str, tree: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+class SliceableParameter(Protocol):
+    """A host parameter that reads (from disk, say) only the part it is indexed with."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray: ...
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray: ...
+
+
 def build_model(
     config: GptOssConfig,
-    parameters: Iterable[tuple[str, np.ndarray | jax.Array]],
+    parameters: Iterable[tuple[str, np.ndarray | jax.Array | SliceableParameter]],
     *,
     dtype: jnp.dtype = jnp.bfloat16,
     kernels: KernelChoice = "auto",
@@ -119,7 +130,8 @@ def build_model(
 
     Each array goes to its devices (``shardings[path]``, else the mesh's partition rules, else
     the default device) as it arrives, so a streaming source keeps at most one tensor on the
-    host; a host array is cut into this process's shards only. The stream must hold every
+    host. Of a host array (or a :class:`SliceableParameter`, which reads only what it is
+    indexed with) only this process's shards are taken, each once. The stream must hold every
     parameter exactly once, in the model's shapes and dtypes.
     """
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels, mesh=mesh))
@@ -146,12 +158,25 @@ def build_model(
     return nnx.merge(graphdef, state)
 
 
-def _place(array: np.ndarray | jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    if sharding is None or isinstance(array, jax.Array):
+def _place(
+    array: np.ndarray | jax.Array | SliceableParameter, sharding: jax.sharding.Sharding | None
+) -> jax.Array:
+    if isinstance(array, jax.Array):
         return jax.device_put(array, sharding)
-    # Slices of the host array for this process's devices only: device_put would need every
-    # device of a multi-process sharding to be addressable.
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    if sharding is None:
+        return jax.device_put(np.asarray(array))
+    # Slices for this process's devices only: device_put would need every device of a
+    # multi-process sharding to be addressable, and a SliceableParameter reads no more than
+    # them. Devices that hold the same slice (replicas) share one read.
+    shards: dict[tuple[tuple[int | None, ...], ...], np.ndarray] = {}
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((part.start, part.stop, part.step) for part in index)
+        if key not in shards:
+            shards[key] = np.asarray(array[index])
+        return shards[key]
+
+    return jax.make_array_from_callback(array.shape, sharding, shard)
 
 
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
@@ -278,7 +303,8 @@ def load(
       dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
       kernels: ``auto``, ``pallas`` or ``xla``.
       mesh: shard the model over this mesh (:func:`gptoss_jax.sharding.make_mesh`); each
-        process reads and places only its devices' shards, one tensor at a time.
+        process reads and places only its devices' shards, one tensor at a time (from a raw
+        folder through safetensors' slices, from a converted one through orbax).
 
     Returns:
       The model; ``model(tokens)`` maps int32 ``[B, T]`` to float32 logits ``[B, T, V]``.
@@ -294,4 +320,4 @@ def load(
     from convert.reader import SafetensorsCheckpoint
 
     source = SafetensorsCheckpoint(path)
-    return build_model(source.config, source.parameters(), dtype=dtype, kernels=kernels, mesh=mesh)
+    return build_model(source.config, source.stored_parameters(), dtype=dtype, kernels=kernels, mesh=mesh)

@@ -9,6 +9,7 @@ import functools
 import json
 import shutil
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -92,6 +93,50 @@ def assert_same_parameters(model: GptOss, expected: GptOss) -> None:
     for path, tensor in expected_tensors.items():
         assert actual_tensors[path].dtype == tensor.dtype, path
         np.testing.assert_array_equal(actual_tensors[path], tensor, err_msg=path)
+
+
+def recording_safe_open(reads: list[tuple[str, tuple[int, ...]]]) -> type:
+    """A stand-in for safetensors' ``safe_open`` that appends ``(tensor name, shape read)`` to
+    ``reads`` for every read of tensor data, whole or sliced; reading headers is not counted."""
+
+    class RecordingSlice:
+        def __init__(self, name: str, inner: Any):
+            self._name, self._inner = name, inner
+
+        def get_shape(self) -> list[int]:
+            return self._inner.get_shape()
+
+        def get_dtype(self) -> str:
+            return self._inner.get_dtype()
+
+        def __getitem__(self, index: Any) -> np.ndarray:
+            data = self._inner[index]
+            reads.append((self._name, data.shape))
+            return data
+
+    class RecordingSafeOpen:
+        def __init__(self, *args: Any, **kwargs: Any):
+            self._file = safe_open(*args, **kwargs)
+
+        def __enter__(self) -> RecordingSafeOpen:
+            self._handle = self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc_info: Any) -> Any:
+            return self._file.__exit__(*exc_info)
+
+        def keys(self) -> list[str]:
+            return self._handle.keys()
+
+        def get_slice(self, name: str) -> RecordingSlice:
+            return RecordingSlice(name, self._handle.get_slice(name))
+
+        def get_tensor(self, name: str) -> np.ndarray:
+            data = self._handle.get_tensor(name)
+            reads.append((name, data.shape))
+            return data
+
+    return RecordingSafeOpen
 
 
 def copy_folder(source: Path, destination: Path) -> Path:

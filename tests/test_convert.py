@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 import convert.reader
 import convert.writer
@@ -22,11 +21,13 @@ from checkpoint_cases import (
     assert_same_parameters,
     copy_folder,
     model_logits,
+    recording_safe_open,
     sources,
     tiny_model,
     write_source,
 )
 from convert import convert_checkpoint
+from convert.export import model_tensors
 from convert.layouts import parameter_sources
 from convert.reader import SafetensorsCheckpoint
 from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
@@ -156,45 +157,27 @@ def test_failure_while_writing_removes_the_partial_checkpoint(
 
 
 def test_reader_holds_one_parameter_at_a_time(monkeypatch: pytest.MonkeyPatch, sources: dict[str, Path]):
-    reads: list[str] = []
-
-    class CountingSafeOpen:
-        """safe_open that records every tensor read."""
-
-        def __init__(self, *args, **kwargs):
-            self._file = safe_open(*args, **kwargs)
-
-        def __enter__(self):
-            self._handle = self._file.__enter__()
-            return self
-
-        def __exit__(self, *exc_info):
-            return self._file.__exit__(*exc_info)
-
-        def keys(self):
-            return self._handle.keys()
-
-        def get_slice(self, name):
-            return self._handle.get_slice(name)
-
-        def get_tensor(self, name):
-            reads.append(name)
-            return self._handle.get_tensor(name)
-
-    monkeypatch.setattr(convert.reader, "safe_open", CountingSafeOpen)
+    reads: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(convert.reader, "safe_open", recording_safe_open(reads))
     source = SafetensorsCheckpoint(sources["hf-sharded"])
     assert reads == []  # validation reads headers only
-    tensors_per_parameter = {path: len(names) for path, names in parameter_sources(source.config, source.layout).items()}
+    tensors_of = parameter_sources(source.config, source.layout)
 
     yielded: list[weakref.ref] = []
-    reads_so_far = 0
+    read_so_far: list[str] = []
     for path, array in source.parameters():
-        reads_so_far += tensors_per_parameter[path]
-        assert len(reads) == reads_so_far, f"read ahead of {path}"
+        read_so_far += tensors_of[path]
+        assert sorted(set(name for name, _ in reads)) == sorted(read_so_far), f"read ahead of {path}"
         assert all(ref() is None for ref in yielded), f"still holding an earlier parameter at {path}"
         yielded.append(weakref.ref(array))
         del array
-    assert len(yielded) == len(source) == len(tensors_per_parameter)
+    assert len(yielded) == len(source) == len(tensors_of)
+    # Every element once: a parameter's reads (for the fused QKV, runs of rows) add up to it.
+    parameter_of = {name: path for path, names in tensors_of.items() for name in names}
+    elements_read = dict.fromkeys(tensors_of, 0)
+    for name, shape in reads:
+        elements_read[parameter_of[name]] += int(np.prod(shape))
+    assert elements_read == {path: int(np.prod(array.shape)) for path, array in model_tensors(tiny_model()).items()}
 
 
 class FakeTerminal(io.StringIO):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import gptoss_jax
@@ -21,13 +25,20 @@ from checkpoint_cases import (
     copy_folder,
     model_logits,
     move_qkv_rows,
+    recording_safe_open,
     sources,
     tiny_model,
     write_source,
 )
+import convert.reader
 from convert import convert_checkpoint
-from convert.layouts import Layout, LayoutError
+from convert.export import model_tensors
+from convert.layouts import Layout, LayoutError, parameter_sources
+from convert.reader import SafetensorsCheckpoint
 from gptoss_jax.checkpoint import FORMAT_VERSION, MARKER_FILENAME, CheckpointError, restore
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDED_MESH = "data=2,expert=2,tensor=2"  # 8 devices; every shard has a replica on data
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +61,58 @@ def test_load_raw_folder(kind: SourceKind, sources: dict[str, Path]):
 
     assert_same_parameters(model, tiny_model())
     np.testing.assert_array_equal(model_logits(model), model_logits(tiny_model()))
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
+def test_reading_a_slice_reads_only_its_rows(kind: SourceKind, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
+    reads: list[tuple[str, tuple[int, ...]]] = []
+    monkeypatch.setattr(convert.reader, "safe_open", recording_safe_open(reads))
+    source = SafetensorsCheckpoint(sources[kind.name])
+    expected = model_tensors(tiny_model())
+    qkv = expected["block.1.attn.qkv.weight"]
+    # The second KV head's group (its 2 query heads, key and value) in the model's row order.
+    slices = {
+        "block.1.attn.qkv.weight": (slice(qkv.shape[0] // 2, None), slice(8, 40)),
+        "block.0.mlp.mlp1_weight.blocks": (slice(1, 3), slice(None), slice(1, 2), slice(None)),
+        "norm.scale": (slice(None),),  # float32 in the model, bfloat16 on disk
+    }
+    for path, index in slices.items():
+        reads.clear()
+        part = source.read(path, index)
+        assert part.dtype == expected[path].dtype
+        np.testing.assert_array_equal(part, expected[path][index], err_msg=path)
+        assert sum(int(np.prod(shape)) for _, shape in reads) == part.size, path  # nothing else read
+
+
+@pytest.fixture(scope="module")
+def sharded_loads(sources: dict[str, Path]) -> dict:
+    """What loading raw folders on an 8-device CPU mesh read (this file run as a script)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, __file__, *(str(sources[kind.name]) for kind in SOURCE_KINDS)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
+def test_sharded_load_reads_each_shard_once(kind: SourceKind, sharded_loads: dict):
+    report = sharded_loads[kind.name]
+    assert report["mismatched_parameters"] == []
+    parameter_of = {name: path for path, names in parameter_sources(tiny_model().config, kind.layout).items()
+                    for name in names}
+    elements_read = dict.fromkeys(report["shards"], 0)
+    for name, shape in report["reads"]:
+        path = parameter_of[name]
+        elements_read[path] += int(np.prod(shape))
+        # One read never spans two devices' shards: each device's part is read on its own.
+        assert int(np.prod(shape)) <= report["elements"][path] // report["shards"][path], (name, shape)
+    assert report["shards"]["block.0.mlp.mlp1_weight.blocks"] == 4
+    assert report["shards"]["block.0.attn.qkv.weight"] == 2
+    # Every element exactly once, although each shard sits on two devices (data=2).
+    assert elements_read == report["elements"]
 
 
 def test_load_float32_compute(converted: Path):
@@ -137,3 +200,31 @@ def test_load_accepts_float32_norm_gains(sources: dict[str, Path], tmp_path: Pat
     save_file(tensors, source / "model.safetensors")
 
     assert_same_parameters(gptoss_jax.load(source), tiny_model())
+
+
+def _sharded_load_report(folders: list[str]) -> dict:
+    """For each raw folder: what loading it on SHARDED_MESH read, and whether the parameters match."""
+    from gptoss_jax.sharding import make_mesh
+
+    expected = model_tensors(tiny_model())
+    report = {}
+    for kind, folder in zip(SOURCE_KINDS, folders):
+        reads: list[tuple[str, tuple[int, ...]]] = []
+        convert.reader.safe_open = recording_safe_open(reads)
+        model = gptoss_jax.load(folder, kernels="xla", mesh=make_mesh(SHARDED_MESH))
+        loaded = model_tensors(model)
+        arrays = {".".join(map(str, path)): variable.get_value()
+                  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        report[kind.name] = {
+            "mismatched_parameters": [path for path, tensor in expected.items()
+                                      if not np.array_equal(loaded[path], tensor)],
+            "reads": [(name, list(shape)) for name, shape in reads],
+            "elements": {path: int(array.size) for path, array in arrays.items()},
+            "shards": {path: len({str(index) for index in array.sharding.devices_indices_map(array.shape).values()})
+                       for path, array in arrays.items()},
+        }
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(_sharded_load_report(sys.argv[1:])))
