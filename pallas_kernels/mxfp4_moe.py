@@ -300,16 +300,15 @@ def mxfp4_grouped_matmul(
         config=config,
         apply_weights=row_weights is not None,
     )
-    # A 64-column bf16 output row is one 128-byte swizzle span; a float32 row (256 bytes) is
-    # wider than any swizzle, and row-sliced stores rule out column tiling: it stays linear.
-    out_transforms = (plgpu.SwizzleTransform(128),) if out_dtype == jnp.bfloat16 else ()
+    # The output tile stays linear (unswizzled): its TMA stores start at any row (see
+    # _store_rows), and a swizzled tile sliced off an 8-row boundary would start mid-pattern.
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((rows, out_n), out_dtype),
         grid=(tasks.num_tasks, out_n // BLOCK_N),
         grid_names=("task", "n"),
         scratch_types=dict(
-            o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype, transforms=out_transforms),
+            o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype),
         ),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup
