@@ -17,14 +17,16 @@ import contextlib
 import datetime
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 if TYPE_CHECKING:
     import jax
 
+    from gptoss_jax.config import GptOssConfig
     from gptoss_jax.generate import GenerationStats
     from gptoss_jax.harmony import Conversation, Message
     from gptoss_jax.model import GptOss
@@ -50,6 +52,11 @@ class InputError(ValueError):
 
 def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _report_interrupted() -> int:
+    _status(f"{PROG}: interrupted")
+    return EXIT_INTERRUPTED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +87,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("src", metavar="SRC", help="the safetensors checkpoint folder to read")
-    parser.add_argument("dst", metavar="DST", help="the folder to create (must not exist)")
+    parser.add_argument("dst", metavar="DST", help="the folder to create (it must not exist; its parent must)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar on stderr")
     parser.set_defaults(run=_run_convert)
 
@@ -100,11 +107,24 @@ def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="compute dtype (default: bfloat16)")
-    parser.add_argument("--kernels", choices=("auto", "pallas", "xla"), default="auto",
-                        help="Pallas kernels on a GPU that has them (auto), always, or plain XLA")
+    parser.add_argument(
+        "--kernels", choices=("auto", "pallas", "xla"), default="auto",
+        help="pallas: the Pallas Mosaic-GPU kernels for attention and the MXFP4 experts wherever the "
+             "model's shapes fit them (gpt-oss's always do; the status line says which run), the plain-XLA "
+             "reference elsewhere; needs an NVIDIA Hopper GPU (sm_90 or newer). xla: the XLA reference "
+             "everywhere. auto: pallas on a Hopper GPU, else xla; the GPTOSS_JAX_KERNELS environment "
+             "variable overrides auto (default: auto)")
+    parser.add_argument(
+        "--decode-experts", action="store_true",
+        help="keep a bfloat16 copy of the expert weights beside the packed MXFP4 ones, which the XLA path "
+             "reads instead of decoding MXFP4 at every step: faster decoding on a CPU (1.7x on the demo "
+             "model), for about 4x the packed experts' memory on top of them (some 38 GB more for "
+             "gpt-oss-20b). Single device and XLA path only: the Pallas expert kernel reads the packed "
+             "weights")
     parser.add_argument("--mesh", metavar="SPEC",
-                        help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all devices, "
-                             "up to 8 on tensor, the rest on expert)")
+                        help="device mesh, e.g. data=1,expert=4,tensor=2 (default: all devices; as many on "
+                             "tensor as divide the model's KV heads, then as many on expert as its experts "
+                             "and vocabulary divide over, the rest on data)")
     distributed = parser.add_argument_group(
         "multi-host", "run one process per host (JAX's distributed runtime); the JAX_COORDINATOR_ADDRESS, "
         "JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables work too")
@@ -159,15 +179,17 @@ def _text_from_stdin(what: str) -> str:
     return _checked_text(sys.stdin.read().rstrip("\n"), what)
 
 
-def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh | None:
-    """``--mesh``, or the default mesh when there are several devices, else none."""
+def _mesh(args: argparse.Namespace, config: GptOssConfig) -> jax.sharding.Mesh | None:
+    """``--mesh`` or the model's default mesh (none on one device), checked against the model."""
     import jax
 
-    from gptoss_jax.sharding import make_mesh
+    from gptoss_jax.sharding import check_mesh, make_mesh
 
     if args.mesh is None and jax.device_count() == 1:
         return None
-    return make_mesh(args.mesh)
+    mesh = make_mesh(args.mesh, config=config)
+    check_mesh(mesh, config)
+    return mesh
 
 
 def _start_distributed(args: argparse.Namespace) -> None:
@@ -179,56 +201,181 @@ def _start_distributed(args: argparse.Namespace) -> None:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
 
+def _checkpoint_config(folder: Path) -> GptOssConfig:
+    """The model's sizes from the checkpoint's ``config.json``, which every layout has."""
+    from gptoss_jax.config import GptOssConfig
+
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder}: no config.json, so not a gpt-oss checkpoint folder")
+    return GptOssConfig.from_json_file(path)
+
+
+def _kernels_by_part(args: argparse.Namespace, config: GptOssConfig) -> dict[str, str]:
+    """What runs attention and the experts (``pallas``, ``interpret`` or ``xla``) under ``--kernels``.
+
+    The kernels take only the shapes they were written for; the model runs the XLA reference
+    for the rest, so ``pallas`` may leave a part on XLA (the status line says so).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from gptoss_jax.kernel_dispatch import (
+        ENV_VAR, attention_kernel_fits, has_hopper_gpu, moe_kernel_fits, resolve_kernels,
+    )
+
+    try:
+        kernels = resolve_kernels(args.kernels)
+    except ValueError as e:  # argparse checked the flag; this is the environment variable
+        raise InputError(str(e)) from None
+    if kernels == "pallas" and not has_hopper_gpu():
+        asked = "--kernels pallas" if args.kernels == "pallas" else f"{ENV_VAR}=pallas"
+        raise InputError(
+            f"{asked} needs an NVIDIA Hopper GPU (sm_90 or newer), but the device is "
+            f"{jax.devices()[0].device_kind}; use --kernels xla"
+        )
+    dtype = getattr(jnp, args.dtype)
+    fits = {"attention": attention_kernel_fits(config, dtype), "experts": moe_kernel_fits(config, dtype)}
+    return {part: kernels if fit else "xla" for part, fit in fits.items()}
+
+
+def _describe_kernels(kernels: dict[str, str]) -> str:
+    if len(set(kernels.values())) == 1:
+        return f"kernels {next(iter(kernels.values()))}"
+    return "kernels: " + ", ".join(f"{part} {choice}" for part, choice in kernels.items())
+
+
+def _check_decode_experts(mesh: jax.sharding.Mesh | None, kernels: dict[str, str]) -> None:
+    """Refuse ``--decode-experts`` where the model could not or would not read the copy."""
+    if mesh is not None:
+        raise InputError("--decode-experts works on a single device, but this run uses a mesh of "
+                         f"{mesh.devices.size} devices")
+    if kernels["experts"] != "xla":
+        raise InputError(f"--decode-experts is for the XLA path, but the {kernels['experts']} expert kernel "
+                         "runs here and reads the packed weights; add --kernels xla")
+
+
 def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokenizer]:
-    """The model and tokenizer of ``--checkpoint``, or of the embedded demo checkpoint."""
+    """The model and tokenizer of ``--checkpoint``, or of the embedded demo checkpoint.
+
+    What can be checked without the weights is checked before they are read (the tokenizer,
+    the mesh and kernels against the model's sizes), and before the demo checkpoint is written.
+    """
     import jax.numpy as jnp
 
     import gptoss_jax
-    from gptoss_jax.demo import ensure_demo_checkpoint
+    from gptoss_jax.demo import demo_config, ensure_demo_checkpoint
     from gptoss_jax.tokenizer import Tokenizer
 
-    mesh = _mesh(args)  # a bad --mesh fails before anything is written or read
+    if args.checkpoint is None:
+        config = demo_config()
+    else:
+        folder = Path(args.checkpoint)
+        if not folder.is_dir():
+            raise InputError(f"checkpoint folder not found: {folder}")
+        tokenizer = Tokenizer.from_pretrained_dir(folder)
+        config = _checkpoint_config(folder)
+    mesh = _mesh(args, config)
+    kernels = _kernels_by_part(args, config)
+    if args.decode_experts:
+        _check_decode_experts(mesh, kernels)
     if args.checkpoint is None:
         folder = ensure_demo_checkpoint(
             on_create=lambda path: _status(f"writing the embedded demo checkpoint to {path}")
         )
         _status(RANDOM_WEIGHTS_NOTE)
-    else:
-        folder = Path(args.checkpoint)
-        if not folder.is_dir():
-            raise InputError(f"checkpoint folder not found: {folder}")
+        tokenizer = Tokenizer.from_pretrained_dir(folder)
+    settings = [args.dtype, _describe_kernels(kernels)]
+    if mesh is not None:
+        settings.append("mesh " + ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items()))
+    _status(f"loading {folder} ({'; '.join(settings)}) ...")
     start = time.perf_counter()
     model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels, mesh=mesh)
-    tokenizer = Tokenizer.from_pretrained_dir(folder)
-    _status(f"loaded {folder} ({args.dtype}, kernels {args.kernels}) in {time.perf_counter() - start:.1f} s")
+    if args.decode_experts:
+        model.decode_experts()
+    _status(f"loaded in {time.perf_counter() - start:.1f} s")
     return model, tokenizer
 
 
 def _generate(
     model: GptOss, prompt: list[int], args: argparse.Namespace, stop_tokens: Sequence[int],
     on_token: Callable[[int], None],
-) -> GenerationStats:
-    """Generate from one prompt, handing each token to ``on_token`` as it comes."""
-    from gptoss_jax.generate import generate
+) -> tuple[GenerationStats, bool]:
+    """Generate from one prompt, handing each token to ``on_token`` as it comes.
 
-    def streamer(tokens, active) -> None:
+    Returns the stats and whether Ctrl-C cut generation short; the caller finishes its output,
+    then raises KeyboardInterrupt, so that ``main`` reports it.
+
+    The compiled decode loop keeps the thread that runs it until the loop ends, and Python runs
+    its Ctrl-C handler only in the main thread, between bytecodes. So generation runs in a worker
+    thread while the main thread waits; on Ctrl-C it asks the loop, through the streamer, to stop
+    after its current step (a compilation or prefill under way finishes first).
+    """
+    from gptoss_jax.generate import GenerationInputError, generate
+
+    stop, done = threading.Event(), threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def streamer(tokens, active) -> bool:
         if active[0]:
             on_token(int(tokens[0]))
+        return stop.is_set()
 
+    def run() -> None:
+        try:
+            outcome["output"] = generate(
+                model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
+            )
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    # A daemon, so that a second Ctrl-C ends the process without waiting for the loop.
+    threading.Thread(target=run, name="generate", daemon=True).start()
     try:
-        output = generate(
-            model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
-        )
-    except ValueError as e:  # generate's own checks (e.g. prompt longer than the context)
-        raise InputError(str(e)) from None
-    return output.stats
+        _wait_for(done)
+    except KeyboardInterrupt:
+        stop.set()
+        _status("stopping after the current step; Ctrl-C again quits at once")
+        try:
+            _wait_for(done)
+        except KeyboardInterrupt:
+            _quit_now()
+    error = outcome.get("error")
+    if isinstance(error, GenerationInputError):  # e.g. a prompt longer than the context
+        raise InputError(str(error)) from None
+    if error is not None:
+        raise error
+    return outcome["output"].stats, stop.is_set()
+
+
+def _quit_now() -> NoReturn:
+    """Exit without waiting for the generation thread.
+
+    A normal exit tears the interpreter down under the thread, which can crash the process
+    (SIGSEGV, SIGABRT) while the thread is inside XLA, compiling or calling back the streamer.
+    """
+    sys.stdout.flush()
+    os._exit(_report_interrupted())
+
+
+def _wait_for(event: threading.Event) -> None:
+    # Short waits in a loop, so that Ctrl-C reaches the main thread at once on every platform. Not
+    # Thread.join: on Python 3.12 a KeyboardInterrupt inside join marks the running thread as ended.
+    while not event.wait(timeout=0.2):
+        pass
 
 
 def _report_throughput(stats: GenerationStats) -> None:
+    def phase(name: str, tokens: int, tokens_per_second: float) -> str:
+        # max_new_tokens=0 runs nothing, not even the prefill: no rate to show.
+        return f"{name}: {tokens} tokens, {tokens_per_second:.1f} tokens/s" if tokens else f"{name}: 0 tokens"
+
     _status(
-        f"prefill: {stats.prefill_tokens} tokens, {stats.prefill_tokens_per_second:.1f} tokens/s | "
-        f"decode: {stats.decode_tokens} tokens, {stats.decode_tokens_per_second:.1f} tokens/s | "
+        f"{phase('prefill', stats.prefill_tokens, stats.prefill_tokens_per_second)} | "
+        f"{phase('decode', stats.decode_tokens, stats.decode_tokens_per_second)} | "
         f"compile: {stats.compile_seconds:.1f} s"
     )
 
@@ -252,9 +399,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
             sys.stdout.flush()
 
-    stats = _generate(model, tokenizer.encode(prompt), args, stops, show)
+    stats, interrupted = _generate(model, tokenizer.encode(prompt), args, stops, show)
     print(utf8.decode(b"", final=True))
     _report_throughput(stats)
+    if interrupted:
+        raise KeyboardInterrupt
     return 0
 
 
@@ -365,10 +514,12 @@ def _chat_turn(
 
     conversation = conversation.extended([Message(Role.USER, user_message)])
     printer = _ReplyPrinter(tokenizer, sys.stdout)
-    stats = _generate(model, encode_for_completion(conversation, tokenizer), args,
-                      sorted(stop_token_ids(tokenizer)), printer.process)
+    stats, interrupted = _generate(model, encode_for_completion(conversation, tokenizer), args,
+                                   sorted(stop_token_ids(tokenizer)), printer.process)
     reply = printer.finish()
     _report_throughput(stats)
+    if interrupted:
+        raise KeyboardInterrupt
     # The rendering of the next prompt drops this turn's analysis once a user message follows
     # its final answer (Harmony's rule), so every message goes into the history.
     return conversation.extended(reply)
@@ -503,8 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return args.run(args)
         return args.run(args)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _report_interrupted()
     except _expected_errors() as e:
         message = " ".join(str(e).split())  # one line, whatever the exception's formatting
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -1,17 +1,52 @@
 """The command line: demo, generate and chat on the embedded demo checkpoint, bad input, help."""
 
 import io
+import json
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+import gptoss_jax
 from gptoss_jax import cli
 from gptoss_jax.demo import CACHE_ENV_VAR, demo_checkpoint_dir, ensure_demo_checkpoint
+from gptoss_jax.kernel_dispatch import has_hopper_gpu
 from gptoss_jax.tokenizer import build_demo_tokenizer
 
 # The demo's own token count, so that every run below shares its compiled decode loop.
 NEW_TOKENS = ["--max-new-tokens", str(cli.DEMO_MAX_NEW_TOKENS)]
-THROUGHPUT = re.compile(r"prefill: \d+ tokens, [\d.]+ tokens/s \| decode: \d+ tokens, [\d.]+ tokens/s")
+THROUGHPUT = re.compile(r"prefill: \d+ tokens, [\d.]+ tokens/s \| decode: (\d+) tokens, [\d.]+ tokens/s")
+REPO = Path(__file__).resolve().parents[1]
+# Runs cli.main on each argv of a JSON list in one process; prints [[exit status, stderr], ...].
+RUN_COMMANDS = """
+import contextlib, io, json, sys
+from gptoss_jax import cli
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        results.append((cli.main(argv), err.getvalue()))
+print(json.dumps(results))
+"""
+# The CLI with no stop tokens, so that a generation runs until its token limit or Ctrl-C.
+RUN_WITHOUT_STOPS = """
+import sys
+from gptoss_jax import cli
+cli.COMPLETION_STOP_TOKENS = ()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _python_env(cache: Path, device_count: int = 1) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", GPTOSS_JAX_CACHE=str(cache),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +71,8 @@ def test_demo_streams_a_final_answer_and_reports_throughput(demo_checkpoint, cap
     assert re.search(r"^final: \S", out, re.MULTILINE)
     assert err.count(cli.RANDOM_WEIGHTS_NOTE) == 1
     assert f"user: {cli.DEMO_MESSAGE}" in err
+    loading = r"^loading \S+demo-\w+ \(bfloat16; kernels xla(; mesh [^)]+)?\) \.\.\.\nloaded in [\d.]+ s$"
+    assert re.search(loading, err, re.MULTILINE)
     assert THROUGHPUT.search(err)
 
 
@@ -45,6 +82,104 @@ def test_generate_continues_a_prompt_on_the_embedded_default(demo_checkpoint, ca
     assert out.strip()
     assert cli.RANDOM_WEIGHTS_NOTE in err
     assert THROUGHPUT.search(err)
+
+
+def test_decoded_experts_give_the_same_text(demo_checkpoint, capsys):
+    argv = ["generate", "The capital of France is", *NEW_TOKENS, "--temperature", "0"]
+    assert cli.main(argv) == 0
+    packed = capsys.readouterr().out
+    assert cli.main([*argv, "--decode-experts"]) == 0
+    assert capsys.readouterr().out == packed
+
+
+def test_zero_new_tokens_reports_no_rate(demo_checkpoint, capsys):
+    assert cli.main(["generate", "hello", "--max-new-tokens", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill: 0 tokens | decode: 0 tokens" in err and "nan" not in err
+
+
+def test_the_tokenizer_is_checked_before_the_weights_are_read(demo_checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / "config.json").write_text((demo_checkpoint / "config.json").read_text())
+    monkeypatch.setattr(gptoss_jax, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert cli.main(["generate", "hello", "--checkpoint", str(tmp_path)]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert err.startswith("gptoss-jax: error: ") and "tokenizer.json" in err
+
+
+def test_only_generates_input_errors_are_one_line(demo_checkpoint, capsys, monkeypatch):
+    assert cli.main(["generate", "hello", "--max-new-tokens", "200000"]) == cli.EXIT_FAILURE
+    assert "exceeds the model's context" in capsys.readouterr().err
+
+    def broken_generate(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("gptoss_jax.generate.generate", broken_generate)
+    with pytest.raises(ValueError, match="an internal bug"):  # its traceback stays
+        cli.main(["generate", "hello"])
+
+
+def _read_until(stream, enough: Callable[[bytes], bool], timeout: float) -> bytes:
+    """What ``stream`` (a pipe) gives until ``enough`` of it came."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while not enough(seen):
+        assert select.select([stream], [], [], max(deadline - time.monotonic(), 0))[0], f"timed out: {seen!r}"
+        chunk = os.read(stream.fileno(), 4096)
+        assert chunk, f"the stream ended: {seen!r}"
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("when", ["once while streaming", "twice while compiling"])
+def test_ctrl_c_stops_generation_and_exits_130(demo_checkpoint, tmp_path, when):
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITHOUT_STOPS, "generate", "hello", "--max-new-tokens", "4000",
+         "--checkpoint", str(demo_checkpoint)],
+        env=_python_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        if when == "once while streaming":
+            # The decode loop streams: the main thread used to be stuck in it, deaf to Ctrl-C.
+            _read_until(process.stdout, bool, timeout=240)
+            process.send_signal(signal.SIGINT)
+        else:
+            # The compilation cache (in tmp_path) is empty: compiling takes seconds, and the
+            # second Ctrl-C quits without waiting for it.
+            err_before = _read_until(process.stderr, lambda seen: b"loaded in" in seen, timeout=240)
+            time.sleep(1)
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+        signalled = time.perf_counter()
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    err = err.decode()
+    assert process.returncode == cli.EXIT_INTERRUPTED, err[-4000:]
+    assert time.perf_counter() - signalled < 30
+    assert err.endswith("gptoss-jax: interrupted\n")
+    if when == "once while streaming":
+        assert int(THROUGHPUT.search(err).group(1)) < 4000
+    else:
+        assert "Ctrl-C again quits at once" in err and not THROUGHPUT.search(err_before.decode() + err)
+
+
+def test_default_mesh_follows_the_model_and_is_checked_before_writing(demo_checkpoint, tmp_path):
+    # 4 devices: the demo's 2 KV heads and 8 experts give tensor=2, expert=2.
+    generate = ["generate", "hello", "--checkpoint", str(demo_checkpoint), "--max-new-tokens", "4"]
+    commands = [["demo", "--mesh", "tensor=4"], [*generate, "--decode-experts"], generate]
+    result = subprocess.run([sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)], env=_python_env(tmp_path, 4),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads(result.stdout.splitlines()[-1])
+    (bad_mesh, bad_mesh_err), (decoded, decoded_err), (default, default_err) = results
+    assert bad_mesh == cli.EXIT_FAILURE
+    assert bad_mesh_err == ("gptoss-jax: error: the model's 2 KV heads do not divide over the mesh's "
+                            "tensor = 4 devices\n")
+    assert not list(tmp_path.glob("demo-*"))  # the demo checkpoint was not written
+    assert decoded == cli.EXIT_FAILURE and "--decode-experts works on a single device" in decoded_err
+    assert default == 0, default_err
+    assert "mesh data=1, expert=2, tensor=2" in default_err and THROUGHPUT.search(default_err)
 
 
 def test_chat_reads_the_message_from_stdin(demo_checkpoint, capsys, monkeypatch):
@@ -83,6 +218,8 @@ def test_reply_printer_shows_analysis_apart_from_the_final_answer():
         (["chat", "hello", "--checkpoint", "{missing}"], "checkpoint folder not found"),
         (["generate", "hello", "--mesh", "expert=3"], "needs 3 devices, but there are 1"),
         (["generate", "hello", "--mesh", "pipeline=2"], "pipeline"),
+        pytest.param(["generate", "hello", "--kernels", "pallas"], "--kernels pallas needs an NVIDIA Hopper GPU",
+                     marks=pytest.mark.skipif(has_hopper_gpu(), reason="a Hopper GPU runs the kernels")),
     ],
 )
 def test_bad_input_gives_one_error_line(argv, complaint, tmp_path, capsys):
