@@ -81,7 +81,7 @@ def main() -> None:
             print(f"  {part:34s} {size / 1e9:7.2f} GB")
         report[name]["per_device_bytes"] = {}
         for count in DEVICE_COUNTS:
-            shape = default_mesh_shape(count)
+            shape = default_mesh_shape(count, preset(name))
             per_device = per_device_bytes(name, shape)
             report[name]["per_device_bytes"][count] = per_device
             mesh = ",".join(f"{axis}={shape[axis]}" for axis in AXES)

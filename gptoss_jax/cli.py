@@ -83,7 +83,8 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
             "Every tensor name, shape and dtype is checked against config.json before any "
             "weight is read, tensors are streamed one at a time, and DST appears only once "
             "complete: on any error nothing is left behind. tokenizer.json is copied along "
-            "when SRC has one. Load the result with gptoss_jax.load(DST)."
+            "from SRC (from its parent for an original/ folder, as gpt-oss's Hugging Face "
+            "repositories keep it), with a warning when there is none. Load the result with gptoss_jax.load(DST)."
         ),
     )
     parser.add_argument("src", metavar="SRC", help="the safetensors checkpoint folder to read")
@@ -99,8 +100,8 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
 def _add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", metavar="DIR",
-        help="checkpoint folder with tokenizer.json: converted, HF root or original/ "
-             "(default: the embedded demo model, made on the spot)",
+        help="checkpoint folder: converted, HF root or original/ (its tokenizer.json in the folder, "
+             "or for original/ in its parent) (default: the embedded demo model, made on the spot)",
     )
 
 
