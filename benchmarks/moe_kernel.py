@@ -4,6 +4,8 @@ Times, at gpt-oss shapes (hidden 2880, top-4 routing, 32 or 128 experts):
 
 * ``kernel``: ``pallas_kernels.mxfp4_moe.mxfp4_grouped_matmul`` (packed MXFP4 in HBM, fused
   epilogue), including its XLA glue (even/odd split of the activations, task metadata);
+  ``kernel, select decode``: the same with ``e2m1_decode="select"`` (integer-only nibble
+  decoding, about twice the integer operations): how much the decoding costs;
 * ``xla``: the reference, dequantize-then-dot per active expert
   (``mxfp4_grouped_matmul_reference``); skipped where its dense-over-all-rows dots would take
   too long (prefill);
@@ -116,12 +118,14 @@ def bench(model: str, tokens: int, matmul: str, iters: int) -> dict:
     flops = 2 * rows * n * HIDDEN
     row = dict(model=model, tokens=tokens, matmul=matmul, rows=rows, active=active)
 
-    kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=epilogue))
     reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=epilogue))
     args = tuple(problem.values()) + (weights,)
-    out = kernel(*args[:5], row_weights=weights)
-    row["kernel"] = (gpu_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
+    # The default (GPU) nibble decoding, and the integer-only one interpret mode uses, for its cost.
+    for path, config in (("kernel, select decode", Config(e2m1_decode="select")), ("kernel", Config())):
+        kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=epilogue, config=config))
+        row[path] = (gpu_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
                      packed_bytes + io_bytes)
+    out = kernel(*args[:5], row_weights=weights)  # the default's
 
     if 2 * rows * n * HIDDEN * active <= XLA_FLOP_LIMIT:
         call = lambda *a: reference(*a[:5], row_weights=a[5])
@@ -147,7 +151,7 @@ def print_table(results: list[dict], peaks) -> None:
           "% HBM peak | TFLOP/s | % bf16 peak |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        for path in ("kernel", "xla", "bf16"):
+        for path in ("kernel", "kernel, select decode", "xla", "bf16"):
             if path not in r:
                 continue
             seconds, nbytes = r[path]
@@ -181,7 +185,7 @@ def interpret_smoke() -> None:
     )
     for epilogue in ("bias", "bias_swiglu"):
         out = mxfp4_grouped_matmul(**problem, epilogue=epilogue, config=Config(block_kb=32,
-                                   decoded_lhs="smem"), interpret=plgpu.InterpretGPUParams())
+                                   decoded_lhs="smem", e2m1_decode="select"), interpret=plgpu.InterpretGPUParams())
         ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue)
         diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         print(f"interpret {epilogue}: out {out.shape} {out.dtype}, max |kernel - xla| = {diff:.3g}")

@@ -43,11 +43,20 @@ current step). A one-time repack of the scales to ``[E, K/32, N]`` in the conver
 TMA stream them with the bytes, as tokamax's quantized kernel does; it is not done (the
 checkpoint layout is kept) until a GPU measurement shows the loads matter.
 
+Nibble decoding (:attr:`Config.e2m1_decode`). On the GPU a code's exponent and mantissa bits go
+to the bottom of a bf16 exponent field, which gives the value times 2**-126 (a subnormal for
+0.5), and one bf16 multiply by 2**126 restores it, as triton_kernels' Hopper MXFP4 path does:
+five integer operations and one packed multiply per element. XLA on the CPU flushes subnormal
+bf16 to zero, so interpret mode would decode 0.5 as 0; there an integer-only form selects the
+bits of 0 and 0.5 directly, exact anywhere, for about twice the integer operations.
+
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except WGMMA with a
 register LHS, which the interpreter refuses: :class:`Config.decoded_lhs` switches between
 feeding the decoded tile from registers (the GPU default) and storing it to swizzled shared
-memory first. With ``config=None`` the kernel picks registers on the GPU and shared memory in
-interpret mode, so the two variants differ only in that store.
+memory first. With ``config=None`` the kernel picks the GPU forms on the GPU and the
+interpretable ones (shared memory, integer-only decode) in interpret mode, so the two
+variants differ only in those two places; the GPU forms are covered by the CUDA lowering tests
+here and run for real by the ``kernel_mode="gpu"`` tests on a Hopper GPU.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ _BYTES_PER_SCALE = mxfp4.BYTES_PER_BLOCK  # 16 packed bytes = 32 values share a 
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_n] vector, one value per accumulator row
 _COL = plgpu.Layout.WGMMA.reduce(0)  # [block_m] vector, one value per accumulator column
 _ALPHA_BF16 = float(jnp.bfloat16(SWIGLU_ALPHA))  # the reference multiplies a bf16 tile by it
+_TWO_POW_126 = 2.0**126  # a Python float, exact in bf16: the tile keeps its dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +100,16 @@ class Config:
       decoded_lhs: ``"registers"`` feeds the decoded weight tile to WGMMA from registers (the
         GPU path); ``"smem"`` stores it to swizzled shared memory first (the path interpret mode
         can run).
+      e2m1_decode: ``"multiply"`` decodes a nibble through a subnormal bf16 and a multiply by
+        2**126 (the GPU path); ``"select"`` with integer operations only (interpret mode's: XLA
+        on the CPU flushes subnormals).
     """
 
     block_m: int = 64
     block_kb: int = 96
     max_concurrent_steps: int = 4
     decoded_lhs: Literal["registers", "smem"] = "registers"
+    e2m1_decode: Literal["multiply", "select"] = "multiply"
 
     def __post_init__(self):
         if self.block_m % _MIN_BLOCK_M or not _MIN_BLOCK_M <= self.block_m <= 256:
@@ -106,6 +120,8 @@ class Config:
             raise ValueError("max_concurrent_steps must be positive")
         if self.decoded_lhs not in ("registers", "smem"):
             raise ValueError(f"decoded_lhs={self.decoded_lhs!r} must be 'registers' or 'smem'")
+        if self.e2m1_decode not in ("multiply", "select"):
+            raise ValueError(f"e2m1_decode={self.e2m1_decode!r} must be 'multiply' or 'select'")
 
 
 def _swizzled(
@@ -120,13 +136,27 @@ def _decode_e2m1(codes: jax.Array) -> jax.Array:
 
     For a magnitude code c >= 2 (exponent field e >= 1) the bf16 bits are exponent e + 126 and
     mantissa bit m, i.e. ``(c << 6) + 0x3F00``. Codes 0 and 1 (0 and 0.5) are selected directly,
-    which avoids the subnormal intermediate of the usual multiply-by-2**126 trick (XLA on the
-    CPU flushes it to zero, so interpret mode would decode 0.5 as 0).
+    which avoids the subnormal intermediate of :func:`_e2m1_times_two_pow_minus_126`.
     """
     magnitude = codes & 7
     bits = jnp.where(magnitude >= 2, (magnitude << 6) + 0x3F00, magnitude * 0x3F00)
     bits = bits | ((codes & 8) << 12)
     return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+
+
+def _e2m1_times_two_pow_minus_126(packed: jax.Array, nibble: int) -> jax.Array:
+    """uint16 packed bytes -> bf16 ``value * 2**-126`` of their low (0) or high (1) nibble.
+
+    The code's two exponent bits and its mantissa bit become the lowest bits of the bf16
+    exponent field and the top mantissa bit, and its sign the sign: exponent field e gives
+    ``(1 + m/2) * 2**(e - 127)`` for e >= 1 and the subnormal ``(m/2) * 2**-126`` for e = 0,
+    each the E2M1 value times 2**-126. Multiplying by 2**126 is then exact where subnormal inputs
+    are kept, as by the GPU's bf16 arithmetic.
+    """
+    shift = 4 * nibble
+    magnitude = (packed & (0x7 << shift)) << (6 - shift)
+    sign = (packed & (0x8 << shift)) << (12 - shift)
+    return lax.bitcast_convert_type(magnitude | sign, jnp.bfloat16)
 
 
 def _round(x: jax.Array) -> jax.Array:
@@ -233,15 +263,18 @@ def mxfp4_grouped_matmul(
       epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
       row_weights: optional ``[M]`` routing weight of each row; when given the result is the
         float32 product ``weight * out``.
-      config: tuning; ``None`` picks :class:`Config` defaults with the decoded tile in registers
-        on the GPU and in shared memory in interpret mode.
+      config: tuning; ``None`` picks :class:`Config` defaults, with the interpretable forms
+        (``decoded_lhs="smem"``, ``e2m1_decode="select"``) in interpret mode.
       interpret: ``plgpu.InterpretGPUParams()`` runs the kernel in Mosaic GPU interpret mode.
 
     Returns:
       ``[M, N]`` (``[M, N/2]`` with SwiGLU) bfloat16, or float32 with ``row_weights``.
     """
     if config is None:
-        config = Config(decoded_lhs="registers" if interpret is None else "smem")
+        config = Config() if interpret is None else Config(decoded_lhs="smem", e2m1_decode="select")
+    if interpret is not None and config.e2m1_decode == "multiply":
+        raise ValueError("interpret mode runs on XLA:CPU, which flushes the subnormal bf16 of "
+                         "e2m1_decode='multiply' to zero (0.5 would decode as 0); use 'select'")
     rows, k = lhs.shape
     num_experts, n, k_blocks, block_bytes = blocks.shape
     if lhs.dtype != jnp.bfloat16:
@@ -374,8 +407,13 @@ def _kernel(
         """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
         slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
         scale = jnp.concatenate(slices, axis=1)
-        codes = w_smem[...].astype(jnp.uint16)
-        return _decode_e2m1(codes & 0xF) * scale, _decode_e2m1(codes >> 4) * scale
+        packed = w_smem[...].astype(jnp.uint16)
+        if config.e2m1_decode == "multiply":
+            # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
+            even, odd = (_e2m1_times_two_pow_minus_126(packed, nibble) * _TWO_POW_126 for nibble in (0, 1))
+        else:
+            even, odd = _decode_e2m1(packed & 0xF), _decode_e2m1(packed >> 4)
+        return even * scale, odd * scale
 
     def compute(*accs):
         def body(step, refs, lhs_smems, scales):

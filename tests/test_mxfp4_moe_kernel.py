@@ -3,8 +3,11 @@
 Without a GPU, two kinds of checks:
 
 * Interpret mode (``plgpu.InterpretGPUParams``) runs the kernel body on the CPU. It cannot run
-  WGMMA with a register LHS, so there the tests use ``decoded_lhs="smem"``: the variant that
-  stores the decoded weight tile to shared memory first and is otherwise the same code.
+  WGMMA with a register LHS, and XLA on the CPU flushes the subnormal bf16 of the GPU's nibble
+  decoding, so there the tests use ``decoded_lhs="smem"`` and ``e2m1_decode="select"``: the
+  variant that stores the decoded weight tile to shared memory first and decodes with integer
+  operations only, and is otherwise the same code. The GPU decoding's bit patterns are checked
+  exactly with NumPy, which keeps subnormals.
 * ``jax.export`` for ``cuda`` runs the whole Mosaic GPU lowering (layout inference, TMA and
   WGMMA checks) for sm_90 at the real gpt-oss shapes, with the GPU default (register LHS).
 
@@ -23,7 +26,12 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mxfp4
-from pallas_kernels.mxfp4_moe import Config, _decode_e2m1, mxfp4_grouped_matmul
+from pallas_kernels.mxfp4_moe import (
+    Config,
+    _decode_e2m1,
+    _e2m1_times_two_pow_minus_126,
+    mxfp4_grouped_matmul,
+)
 from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
 HIDDEN = 2880  # gpt-oss-20b and 120b: hidden size = expert intermediate size
@@ -51,7 +59,11 @@ def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weight
     """Run the kernel (interpreted with the decoded tile in shared memory, or compiled with it in
     registers) and compare with the reference; returns the output."""
     interpreted = kernel_mode == "interpret"
-    config = dataclasses.replace(config, decoded_lhs="smem" if interpreted else "registers")
+    config = dataclasses.replace(
+        config,
+        decoded_lhs="smem" if interpreted else "registers",
+        e2m1_decode="select" if interpreted else "multiply",
+    )
     out = mxfp4_grouped_matmul(
         **problem, epilogue=epilogue, row_weights=row_weights, config=config,
         interpret=INTERPRET if interpreted else None,
@@ -71,6 +83,28 @@ def test_decode_e2m1_is_exact_for_every_code():
     decoded = np.asarray(jax.jit(_decode_e2m1)(codes), np.float32)
     np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES)
     assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES))
+
+
+@pytest.mark.parametrize("nibble", [0, 1], ids=["low", "high"])
+def test_gpu_decode_is_exact_for_every_byte_where_subnormals_are_kept(nibble):
+    """The GPU's decoding (e2m1_decode="multiply") builds ``value * 2**-126``, a subnormal bf16
+    for 0.5, then multiplies by 2**126. Its bits come from XLA here (integer operations and a
+    bitcast only); the multiply runs in NumPy, which keeps subnormals, as the GPU's bf16 does."""
+    packed = np.arange(256, dtype=np.uint16)
+    scaled_down = np.asarray(jax.jit(_e2m1_times_two_pow_minus_126, static_argnums=1)(packed, nibble))
+    decoded = scaled_down.astype(np.float64) * 2.0**126
+    codes = (packed >> (4 * nibble)) & 0xF
+    np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES[codes])
+    assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES[codes]))
+    # Where subnormals are flushed (XLA on the CPU), 0.5 would decode as 0: why interpret mode
+    # takes e2m1_decode="select".
+    assert np.count_nonzero(scaled_down.view(np.uint16) & 0x7F80 == 0) == 64  # codes 0, 1, 8, 9
+
+
+def test_interpret_mode_refuses_the_gpu_decode():
+    problem, _ = _problem(4, 192, 128, [4])
+    with pytest.raises(ValueError, match="flushes the subnormal"):
+        mxfp4_grouped_matmul(**problem, config=Config(decoded_lhs="smem"), interpret=INTERPRET)
 
 
 def test_ragged_groups_with_empty_experts_and_rows_past_the_groups(kernel_mode):
@@ -187,4 +221,4 @@ def test_lowers_for_cuda_at_gpt_oss_shapes(tokens, experts, n, epilogue):
 
 
 def test_interpret_variant_lowers_for_cuda_too():
-    _export(32, 2 * HIDDEN, 8 * 4, "bias_swiglu", Config(decoded_lhs="smem"))
+    _export(32, 2 * HIDDEN, 8 * 4, "bias_swiglu", Config(decoded_lhs="smem", e2m1_decode="select"))
