@@ -46,9 +46,10 @@ checkpoint layout is kept) until a GPU measurement shows the loads matter.
 Nibble decoding (:attr:`Config.e2m1_decode`). On the GPU a code's exponent and mantissa bits go
 to the bottom of a bf16 exponent field, which gives the value times 2**-126 (a subnormal for
 0.5), and one bf16 multiply by 2**126 restores it, as triton_kernels' Hopper MXFP4 path does:
-five integer operations and one packed multiply per element. XLA on the CPU flushes subnormal
-bf16 to zero, so interpret mode would decode 0.5 as 0; there an integer-only form selects the
-bits of 0 and 0.5 directly, exact anywhere, for about twice the integer operations.
+five integer operations and one multiply (two elements per instruction) per element, before
+the scale's multiply. XLA on the CPU flushes subnormal bf16 to zero, so interpret mode would
+decode 0.5 as 0; there an integer-only form selects the bits of 0 and 0.5 directly, exact
+anywhere, for about twice the integer operations (``benchmarks/moe_kernel.py`` times both).
 
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except WGMMA with a
 register LHS, which the interpreter refuses: :class:`Config.decoded_lhs` switches between
