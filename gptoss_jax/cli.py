@@ -204,11 +204,12 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 def _checkpoint_config(folder: Path) -> GptOssConfig:
     """The model's sizes from the checkpoint's ``config.json``, which every layout has."""
+    from gptoss_jax.checkpoint import CONFIG_FILENAME
     from gptoss_jax.config import GptOssConfig
 
-    path = folder / "config.json"
+    path = folder / CONFIG_FILENAME
     if not path.is_file():
-        raise InputError(f"{folder}: no config.json, so not a gpt-oss checkpoint folder")
+        raise InputError(f"{folder}: no {CONFIG_FILENAME}, so not a gpt-oss checkpoint folder")
     return GptOssConfig.from_json_file(path)
 
 
