@@ -195,12 +195,13 @@ def decode_roofline_seconds(
 ) -> float:
     """The fewest seconds the decode loop can take at ``bandwidth`` bytes/s.
 
-    The loop's step ``s`` (0-based) feeds the token at position ``prompt_len + s``, which attends
-    to ``prompt_len + s + 1`` positions.
+    The first new token comes from the prefill's logits; the loop's step ``s`` (0-based) then
+    feeds the token at position ``prompt_len + s``, which attends to ``prompt_len + s + 1``
+    positions, so ``new_tokens`` tokens take ``new_tokens - 1`` steps.
     """
     total = sum(
         sum(decode_step_bytes(config, parts, batch, prompt_len + step + 1, cache_itemsize).values())
-        for step in range(new_tokens)
+        for step in range(new_tokens - 1)
     )
     return total / bandwidth
 

@@ -94,12 +94,12 @@ class GenerationInputError(ValueError):
 
 
 class _DecodeState(NamedTuple):
-    step: jax.Array
-    stop_requested: jax.Array  # the streamer asked to stop after this step
+    step: jax.Array  # tokens sampled so far
+    stop_requested: jax.Array  # the streamer asked to stop after the last step
     key: jax.Array
-    cache: KVCache
-    logits: jax.Array  # [B, V] of the next token
-    positions: jax.Array  # [B] position of the next token
+    cache: KVCache  # every position before the last sampled token's
+    logits: jax.Array  # [B, V] the last sampled token was drawn from
+    positions: jax.Array  # [B] position of the last sampled token (not yet in the cache)
     active: jax.Array  # [B] no stop token yet
     generated: jax.Array  # [B] tokens produced while active
     tokens: jax.Array  # [B, buffer]
@@ -125,41 +125,43 @@ def _emit(tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
 
 def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, *,
             sampling: SamplingConfig, buffer: int, stream: bool):
-    """Sample up to ``max_new_tokens`` tokens per row in a device loop."""
+    """Sample up to ``max_new_tokens`` (>= 1) tokens per row in a device loop."""
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
 
     def keep_going(carry: _DecodeState) -> jax.Array:
         return (carry.step < max_new_tokens) & jnp.any(carry.active) & ~carry.stop_requested
 
-    def step(carry: _DecodeState) -> _DecodeState:
+    def sample_next(carry: _DecodeState) -> _DecodeState:
         token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
         stop_requested = carry.stop_requested
         if stream:
             stop_requested = io_callback(_emit, jax.ShapeDtypeStruct((), jnp.bool_), token, carry.active,
                                          ordered=True)
-        logprob = token_logprobs(carry.logits, token)
-        logits, cache = model.with_cache(token[:, None], carry.positions[:, None], carry.cache)
-        return _DecodeState(
+        return carry._replace(
             step=carry.step + 1,
             stop_requested=stop_requested,
-            key=carry.key,
-            cache=cache,
-            logits=logits[:, 0],
-            positions=carry.positions + 1,
             active=carry.active & ~jnp.isin(token, stop_tokens),
             generated=carry.generated + carry.active,
             tokens=carry.tokens.at[:, carry.step].set(token),
-            logprobs=carry.logprobs.at[:, carry.step].set(logprob),
+            logprobs=carry.logprobs.at[:, carry.step].set(token_logprobs(carry.logits, token)),
         )
 
-    initial = _DecodeState(
+    def feed_back(carry: _DecodeState) -> _DecodeState:
+        """Run the last sampled token through the model: the logits of the one after it."""
+        token = carry.tokens[:, carry.step - 1]
+        logits, cache = model.with_cache(token[:, None], carry.positions[:, None], carry.cache)
+        return carry._replace(cache=cache, logits=logits[:, 0], positions=carry.positions + 1)
+
+    # The first token comes from the prefill's logits; each later one costs one forward, so the
+    # last sampled token is never run through the model.
+    initial = sample_next(_DecodeState(
         step=jnp.int32(0), stop_requested=jnp.bool_(False), key=key, cache=cache, logits=logits,
         positions=positions,
         active=jnp.ones((batch,), bool), generated=jnp.zeros((batch,), jnp.int32),
         tokens=jnp.zeros((batch, buffer), jnp.int32), logprobs=jnp.zeros((batch, buffer), jnp.float32),
-    )
-    final = jax.lax.while_loop(keep_going, step, initial)
+    ))
+    final = jax.lax.while_loop(keep_going, lambda carry: sample_next(feed_back(carry)), initial)
     return final.tokens, final.logprobs, final.generated
 
 

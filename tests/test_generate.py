@@ -1,5 +1,7 @@
 """generate: cache consistency, sampling, streaming, log-probabilities, bad input."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from gptoss_jax.generate import GenerationInputError, generate
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample
 
+generate_module = importlib.import_module("gptoss_jax.generate")  # the package exports the function
 NEW_TOKENS = 12
 PREFILL_CHUNK = 16  # generate's smallest chunk
 
@@ -105,6 +108,29 @@ def test_streamer_stops_generation_after_the_step_it_returns_true(model, prompts
         assert out.tokens == [tokens[:stop_after + 1] for tokens in greedy_output.tokens]
         assert out.stats.decode_tokens == (stop_after + 1) * len(prompts)
     assert out.stats.compile_seconds == 0  # the stop is a value in the loop, not a new program
+
+
+def test_each_token_after_the_first_costs_one_forward(model, prompts, greedy_output, monkeypatch):
+    """The first token comes from the prefill's logits; the last sampled one is never fed back."""
+    decode_forwards = []
+    with_cache = GptOss.with_cache
+
+    def counted(self, tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:  # prefill chunks are at least 16 tokens
+            jax.debug.callback(lambda: decode_forwards.append(1))
+        return with_cache(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(GptOss, "with_cache", counted)
+    # Compile afresh: the cached executables were traced without the count.
+    monkeypatch.setattr(generate_module, "_compiled_prefill", None)
+    monkeypatch.setattr(generate_module, "_compiled_decode", None)
+    stop = greedy_output.tokens[0][0]
+    for max_new_tokens, stop_tokens, expected_tokens in ((1, (), 1), (5, (), 5), (5, [stop], 1)):
+        decode_forwards.clear()
+        out = generate(model, prompts[:1], max_new_tokens=max_new_tokens, temperature=0, stop_tokens=stop_tokens)
+        jax.effects_barrier()
+        assert len(out.tokens[0]) == expected_tokens
+        assert len(decode_forwards) == expected_tokens - 1
 
 
 def test_same_seed_same_tokens(model, prompts):
