@@ -9,6 +9,7 @@ streaming reader has produced it: host memory stays near one layer, never the wh
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -80,7 +81,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
 
     Args:
       src: the checkpoint folder; its layout is detected from ``config.json``.
-      dst: the new checkpoint folder; it must not exist, its parent must.
+      dst: the new checkpoint folder; it must not exist. Missing parent folders are made.
       progress: draw a progress bar on stderr when stderr is a terminal.
 
     ``tokenizer.json`` is copied along from ``src``, or for an ``original/`` folder from its
@@ -91,19 +92,22 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
 
     Raises:
       FileExistsError: ``dst`` exists (it is left untouched).
-      FileNotFoundError: the parent folder of ``dst`` does not exist.
       LayoutError, ConfigError, CheckpointError: ``src`` is not a valid checkpoint; nothing
         is written, since every header is checked before any weight is read.
     """
-    destination = Path(dst)
+    destination = Path(dst).absolute()
     if destination.exists() or destination.is_symlink():
-        raise FileExistsError(f"{destination} already exists; choose a new destination folder")
-    if not destination.absolute().parent.is_dir():
-        raise FileNotFoundError(f"{destination.absolute().parent}: no such folder to create {destination.name} in")
+        raise FileExistsError(f"{dst} already exists; choose a new destination folder")
     source = SafetensorsCheckpoint(src)
-    staging = destination.absolute().parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staging = destination.parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
+    made_parents: list[Path] = []
     try:
+        # Missing parents are made, as `mkdir -p` would, and removed again if the conversion fails.
+        for folder in reversed(destination.parents):
+            if not folder.exists():
+                folder.mkdir()
+                made_parents.append(folder)
+        staging.mkdir()
         _write_parameters(source, staging / PARAMS_DIRNAME, progress)
         _write_metadata(source, staging)
         _copy_tokenizer(source, staging)
@@ -112,5 +116,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
         staging.rename(destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in reversed(made_parents):
+            with contextlib.suppress(OSError):  # something else was put there meanwhile
+                folder.rmdir()
         raise
-    return destination
+    return Path(dst)

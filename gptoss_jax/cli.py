@@ -88,7 +88,7 @@ def _add_convert(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("src", metavar="SRC", help="the safetensors checkpoint folder to read")
-    parser.add_argument("dst", metavar="DST", help="the folder to create (it must not exist; its parent must)")
+    parser.add_argument("dst", metavar="DST", help="the folder to create (it must not exist; missing parent folders are made)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar on stderr")
     parser.set_defaults(run=_run_convert)
 

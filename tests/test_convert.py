@@ -30,7 +30,7 @@ from convert import convert_checkpoint
 from convert.export import model_tensors
 from convert.layouts import parameter_sources
 from convert.reader import SafetensorsCheckpoint
-from gptoss_jax.checkpoint import MARKER_FILENAME, CheckpointError, restore
+from gptoss_jax.checkpoint import CONFIG_FILENAME, MARKER_FILENAME, CheckpointError, restore
 from gptoss_jax.cli import main
 
 
@@ -123,13 +123,15 @@ def test_existing_destination_is_left_untouched(
     assert [path.name for path in destination.iterdir()] == ["keep.txt"]
 
 
-def test_missing_destination_parent_is_an_error(
+def test_missing_destination_parents_are_made(
     capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path
 ):
-    status, _, err = run_cli(capsys, "convert", sources["original"], tmp_path / "absent" / "converted")
+    destination = tmp_path / "absent" / "deeper" / "converted"
+    status, _, _ = run_cli(capsys, "convert", sources["original"], destination, "--no-progress")
 
-    assert status == 1 and len(err) == 1 and "no such folder" in err[0]
-    assert list(tmp_path.iterdir()) == []
+    assert status == 0
+    assert [path.name for path in destination.parent.iterdir()] == ["converted"]  # no staging left
+    assert (destination / CONFIG_FILENAME).is_file()
 
 
 @pytest.mark.parametrize(
@@ -150,7 +152,8 @@ def test_failure_while_writing_removes_the_partial_checkpoint(
         return real_nest(group, arrays)
 
     monkeypatch.setattr(convert.writer, "nest", nest_then_fail)
-    assert run_cli(capsys, "convert", sources["hf-sharded"], tmp_path / "converted", "--no-progress") == (
+    # The folder it had to make for DST goes too.
+    assert run_cli(capsys, "convert", sources["hf-sharded"], tmp_path / "new" / "converted", "--no-progress") == (
         status, "", [message],
     )
     assert list(tmp_path.iterdir()) == []
