@@ -17,6 +17,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptoss_jax.config import GptOssConfig
 from pallas_kernels import mxfp4_moe
+from pallas_kernels.cuda_toolchain import cuda_miscompiles_attention_masks
 
 KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 ENV_VAR = "GPTOSS_JAX_KERNELS"
@@ -49,12 +50,16 @@ def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla", "
 
 
 def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
-    """Whether the Pallas attention kernels take these shapes (gpt-oss's own always fit).
+    """Whether the Pallas attention kernels take these shapes here (gpt-oss's own always fit).
 
     They are written for bfloat16, head_dim 64 and groups of 8 query heads per KV head (one
-    64-row WGMMA tile holds 8 heads of 8 tokens).
+    64-row WGMMA tile holds 8 heads of 8 tokens), and are not used with a CUDA whose ptxas
+    miscompiles them (:mod:`pallas_kernels.cuda_toolchain`).
     """
-    return jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
+    return (
+        jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
+        and not cuda_miscompiles_attention_masks()
+    )
 
 
 def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:

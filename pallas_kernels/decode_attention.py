@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.attention_reference import EMPTY_SLOT
+from pallas_kernels.cuda_toolchain import check_attention_toolchain
 from pallas_kernels.flash_attention import online_softmax_update
 
 _LOG2E = math.log2(math.e)
@@ -178,6 +179,7 @@ def decode_attention(
     """
     config = config or DecodeAttentionConfig()
     _check_shapes(q, k_cache, v_cache, sinks, q_positions, kv_positions)
+    check_attention_toolchain(interpret)
     batch, q_len, q_heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads

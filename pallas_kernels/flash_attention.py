@@ -46,6 +46,8 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.cuda_toolchain import check_attention_toolchain
+
 _LOG2E = math.log2(math.e)
 # 128-byte swizzle over (8, 64) bf16 tiles is the layout WGMMA reads without bank conflicts.
 _TILING = plgpu.TilingTransform((8, 64))
@@ -194,6 +196,7 @@ def flash_attention(
     """
     config = config or FlashAttentionConfig()
     _check_shapes(q, k, v, sinks, config)
+    check_attention_toolchain(interpret)
     batch, seq_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads

@@ -5,7 +5,10 @@ The config has gpt-oss's attention geometry (head_dim 64, 8 query heads per KV h
 sizes the MXFP4 kernel tiles (multiples of 192), at a size interpret mode runs in seconds.
 """
 
+import contextlib
 import dataclasses
+import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,8 @@ from gptoss_jax.kernel_dispatch import (
 )
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
 
 KERNEL_CONFIG = dataclasses.replace(
     preset("tiny"), hidden_size=192, intermediate_size=384, head_dim=64,
@@ -55,6 +60,25 @@ def test_the_kernels_fit_this_config_and_gpt_oss():
     assert not moe_kernel_fits(preset("tiny"), jnp.bfloat16)  # 64 is not a multiple of 192
     assert not attention_kernel_fits(preset("tiny"), jnp.bfloat16)  # head_dim 16
     assert not moe_kernel_fits(KERNEL_CONFIG, jnp.float32)
+
+
+@pytest.mark.parametrize("cuda, miscompiles", [(12060, False), (12080, True), (12090, True), (12091, False),
+                                               (13000, False), (None, False)])
+def test_attention_kernels_stay_off_a_miscompiling_cuda(monkeypatch, cuda, miscompiles):
+    versions = None if cuda is None else types.SimpleNamespace(cuda_runtime_get_version=lambda: cuda)
+    monkeypatch.setattr("jax._src.lib.cuda_versions", versions)
+    assert attention_kernel_fits(KERNEL_CONFIG, jnp.bfloat16) is not miscompiles
+    for jitted in (flash_attention, decode_attention):
+        jitted.clear_cache()  # the check runs when a kernel is traced
+    q, kv = jnp.zeros((1, 8, 8, 64), jnp.bfloat16), jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+    sinks, positions = jnp.zeros((8,)), jnp.zeros((1, 8), jnp.int32)
+    options = dict(sliding_window=None, softmax_scale=0.125)
+    for kernel in (functools.partial(flash_attention, q, kv, kv, sinks, **options),
+                   functools.partial(decode_attention, q, kv, kv, sinks, positions, positions, **options)):
+        refused = pytest.raises(NotImplementedError, match="CUDA 12.8.0 up to 12.9.1")
+        with refused if miscompiles else contextlib.nullcontext():
+            jax.eval_shape(kernel)
+        jax.eval_shape(functools.partial(kernel, interpret=True))  # interpret mode compiles nothing for CUDA
 
 
 def test_forward_with_kernels_matches_the_xla_path(model_and_tokens, kernel_mode):
