@@ -19,13 +19,16 @@ Structure:
   tile feeds two WGMMAs and nothing is interleaved in registers. An E8M0 scale covers 16 bytes,
   i.e. 16 columns of each half, so it broadcasts over aligned 16-column slices.
 * **Tasks.** Rows are sorted by expert. A task is a window of ``block_m`` rows holding part of
-  one expert's group; the grid is ``(tasks, N / 64)``, tasks fastest. A window starts at its
-  group's first row rounded down to a multiple of 8 (TMA into the 8-row tiled activation
-  tile), so a group of up to ``block_m - 7`` rows has one task: at decode sizes each active
-  expert's weights are read once per call. Larger groups re-read their weights once per
-  ``block_m`` rows, from L2 when neighbouring tasks run together. One extra pseudo-group covers
-  the rows past ``sum(group_sizes)``: its tasks write zeros, so those rows come out as 0 like
-  the reference's.
+  one expert's group. A window starts at its group's first row rounded down to a multiple of 8
+  (TMA into the 8-row tiled activation tile), so a group of up to ``block_m - 7`` rows has one
+  task: at decode sizes each active expert's weights are read once per call. Larger groups
+  re-read their weights once per ``block_m`` rows. One extra pseudo-group covers the rows past
+  ``sum(group_sizes)``: its tasks write zeros, so those rows come out as 0 like the reference's.
+* **Grid order.** The grid is ``(tasks, N / 64)`` and Pallas runs its last axis fastest (CUDA's
+  x), so a task's N tiles run side by side: its activation rows come from HBM once, then from
+  L2, and the next task of the same expert finds most of its weights still in L2. (Tasks
+  fastest would stream all the activations from HBM again for every N tile.) The task axis is
+  CUDA's y, at most 65535 tasks: about 4M rows at ``block_m=64``.
 * **Epilogues, fused.** ``"bias"``: ``bf16(acc) + bias`` in bf16. ``"bias_swiglu"``: the gate
   (even) and linear (odd) weight rows are read as two strided views of the same blocks (no
   repack) into two accumulators, and the clamped SwiGLU runs on the tile, rounding to bf16 after
@@ -80,6 +83,7 @@ BLOCK_N = 64
 
 _MIN_BLOCK_M = 8  # WGMMA's smallest N
 _ROW_ALIGN = 8  # row tiling of the swizzled activation tiles
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where the task axis goes
 _SMEM_BYTES = 227 * 1024  # per block on sm_90
 _BYTES_PER_SCALE = mxfp4.BYTES_PER_BLOCK  # 16 packed bytes = 32 values share a scale
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_n] vector, one value per accumulator row
@@ -201,6 +205,9 @@ class _Tasks:
         # sum(ceil(a_i / b)) <= ceil(sum(a_i) / b) + (number of terms - 1).
         nonempty = min(num_experts + 1, rows)
         self.num_tasks = pl.cdiv(rows + (_ROW_ALIGN - 1) * nonempty, block_m) + nonempty - 1
+        if self.num_tasks > _MAX_GRID_Y:
+            raise ValueError(f"{rows} rows need {self.num_tasks} tasks of block_m={block_m}, more than "
+                             f"the {_MAX_GRID_Y} a grid axis holds; split the call or raise block_m")
         task = jnp.arange(self.num_tasks, dtype=jnp.int32)
         group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right"), num_experts)
         first_task = task_ends[group] - tasks_per_group[group]
@@ -420,9 +427,6 @@ def _kernel(
         def body(step, refs, lhs_smems, scales):
             w_smems = refs[:halves]
             x_even, x_odd = refs[halves:]
-            # The scales are per-thread global loads: issue the next step's now so their latency
-            # hides behind this step's decode and WGMMAs (the last step reloads its own).
-            next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
             for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
                 half_scales = scales[half * scales_per_step : (half + 1) * scales_per_step]
                 even, odd = decoded_tiles(w_smem, half_scales)
@@ -436,6 +440,10 @@ def _kernel(
                     plgpu.commit_smem()
                     plgpu.wgmma(acc, even_smem, x_even.T)
                     plgpu.wgmma(acc, odd_smem, x_odd.T)
+            # The scales are per-thread global loads: the next step's are issued while this
+            # step's WGMMAs run, so their latency hides behind them (the last step reloads its
+            # own). Issued after the decoding, they hold no registers while the tiles are live.
+            next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
             plgpu.wgmma_wait(0)
             return next_scales
 

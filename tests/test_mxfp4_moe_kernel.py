@@ -29,6 +29,7 @@ from pallas_kernels import mxfp4
 from pallas_kernels.mxfp4_moe import (
     Config,
     _decode_e2m1,
+    _Tasks,
     _e2m1_times_two_pow_minus_126,
     mxfp4_grouped_matmul,
 )
@@ -172,6 +173,26 @@ def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue):
     _check(problem, "gpu", epilogue=epilogue, row_weights=row_weights if epilogue == "bias" else None)
 
 
+@pytest.mark.parametrize("block_m", [8, 64])
+@pytest.mark.parametrize(
+    "group_sizes, rows",
+    [([3, 0, 6, 1], 10), ([3, 0, 6, 1], 16), ([0, 0, 0, 0], 5), ([70, 1, 0, 130], 201), ([9] * 16, 144)],
+)
+def test_tasks_start_on_8_row_boundaries_and_cover_each_row_once(group_sizes, rows, block_m):
+    """What the GPU relies on and interpret mode would not notice: a tiled TMA load from a row
+    that is not a multiple of 8 reads the wrong rows there, and a row two tasks store races."""
+    tasks = _Tasks(jnp.asarray(group_sizes, jnp.int32), rows, block_m)
+    starts = np.asarray(tasks.block_start)
+    offsets, counts, groups = np.asarray(tasks.offset), np.asarray(tasks.count), np.asarray(tasks.group)
+    assert np.all(starts % 8 == 0) and np.all(starts >= 0)
+    assert np.all(offsets + counts <= block_m)
+    stored = np.concatenate([np.arange(s + o, s + o + c) for s, o, c in zip(starts, offsets, counts)])
+    np.testing.assert_array_equal(np.sort(stored), np.arange(rows))
+    experts_of_rows = np.repeat(np.arange(len(group_sizes) + 1), [*group_sizes, rows - sum(group_sizes)])
+    for start, offset, count, group in zip(starts, offsets, counts, groups):
+        assert np.all(experts_of_rows[start + offset:start + offset + count] == group)
+
+
 def test_rejects_what_it_cannot_run():
     problem, _ = _problem(4, 192, 128, [4])
     with pytest.raises(NotImplementedError, match="multiple of block_kb"):
@@ -185,6 +206,10 @@ def test_rejects_what_it_cannot_run():
         )
     with pytest.raises(ValueError, match="multiple of 8"):
         Config(block_m=12)
+    many_rows = jax.ShapeDtypeStruct((600_000, 192), jnp.bfloat16)  # 75,000 tasks of 8 rows
+    with pytest.raises(ValueError, match="more than the 65535 a grid axis holds"):
+        jax.eval_shape(lambda lhs: mxfp4_grouped_matmul(lhs, *list(problem.values())[1:], config=Config(block_m=8)),
+                       many_rows)
 
 
 def _export(experts, n, rows, epilogue, config=None):
