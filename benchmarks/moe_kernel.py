@@ -21,19 +21,23 @@ compared with the dense bf16 tensor-core peak. L2 is flushed before every timed 
 measures; it asserts nothing.
 
   python benchmarks/moe_kernel.py [--tokens 1 8 64 4096] [--models 20b 120b] [--iters 20]
+  python benchmarks/moe_kernel.py --sweep --models 20b --tokens 1 64 4096   # tune Config
   python benchmarks/moe_kernel.py --interpret   # tiny CPU smoke run of the same code path
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import statistics
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from pallas_kernels import mxfp4
 from pallas_kernels.expert_routing import group_by_expert
@@ -46,6 +50,8 @@ EXPERTS = {"20b": 32, "120b": 128}
 PEAKS = {"H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
 XLA_FLOP_LIMIT = 2e14  # skip the reference when its dense dots exceed this (about 0.3 s)
 L2_FLUSH_BYTES = 256 << 20
+# Tuning configs --sweep tries; block_kb must divide K/2 = 1440 and be a multiple of 32.
+SWEEP = {"block_m": (16, 32, 64, 128), "block_kb": (96, 160, 288), "max_concurrent_steps": (2, 3, 4)}
 
 
 def device_peaks(kind: str) -> tuple[float, float] | None:
@@ -104,45 +110,104 @@ def bf16_grouped_matmul(lhs, group_sizes, weights_bf16):
     return out[:rows]
 
 
-def bench(model: str, tokens: int, matmul: str, iters: int) -> dict:
-    experts = EXPERTS[model]
-    n, epilogue = (2 * HIDDEN, "bias_swiglu") if matmul == "mlp1" else (HIDDEN, "bias")
-    problem, row_weights = routed_problem(tokens, experts, n, seed=tokens)
-    weights = row_weights if matmul == "mlp2" else None
-    rows = tokens * TOP_K
-    active = int(jnp.count_nonzero(problem["group_sizes"]))
-    out_n = n // 2 if epilogue == "bias_swiglu" else n
-    out_bytes = rows * out_n * (4 if weights is not None else 2)
-    io_bytes = rows * HIDDEN * 2 + active * n * 2 + out_bytes  # activations, bias, output
-    packed_bytes = active * n * (HIDDEN // 2 + HIDDEN // 32)
-    flops = 2 * rows * n * HIDDEN
-    row = dict(model=model, tokens=tokens, matmul=matmul, rows=rows, active=active)
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One expert matmul at one model's shapes: its operands and what it must move and compute."""
 
-    reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=epilogue))
-    args = tuple(problem.values()) + (weights,)
+    model: str
+    tokens: int
+    matmul: str  # "mlp1" (N=5760, SwiGLU) or "mlp2" (N=2880, routing weights)
+    problem: dict
+    row_weights: jax.Array | None
+    epilogue: str
+    active: int  # experts with rows
+    packed_bytes: int  # the active experts' MXFP4 blocks and scales
+    io_bytes: int  # activations, bias, output
+
+    @classmethod
+    def make(cls, model: str, tokens: int, matmul: str) -> Case:
+        n, epilogue = (2 * HIDDEN, "bias_swiglu") if matmul == "mlp1" else (HIDDEN, "bias")
+        problem, row_weights = routed_problem(tokens, EXPERTS[model], n, seed=tokens)
+        weights = row_weights if matmul == "mlp2" else None
+        rows = tokens * TOP_K
+        active = int(jnp.count_nonzero(problem["group_sizes"]))
+        out_n = n // 2 if epilogue == "bias_swiglu" else n
+        out_bytes = rows * out_n * (4 if weights is not None else 2)
+        return cls(model, tokens, matmul, problem, weights, epilogue, active,
+                   packed_bytes=active * n * (HIDDEN // 2 + HIDDEN // 32),
+                   io_bytes=rows * HIDDEN * 2 + active * n * 2 + out_bytes)
+
+    @property
+    def n(self) -> int:
+        return self.problem["bias"].shape[1]
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.tokens * TOP_K * self.n * HIDDEN
+
+    def kernel_seconds(self, config: Config, iters: int) -> float:
+        kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=self.epilogue, config=config))
+        return gpu_seconds(lambda *a: kernel(*a, row_weights=self.row_weights), *self.problem.values(), iters=iters)
+
+
+def bench(case: Case, iters: int) -> dict:
+    """Every path at one case: ``{path: (seconds, bytes moved)}`` plus the case's figures."""
+    row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops)
+    kernel_bytes = case.packed_bytes + case.io_bytes
     # The default (GPU) nibble decoding, and the integer-only one interpret mode uses, for its cost.
     for path, config in (("kernel, select decode", Config(e2m1_decode="select")), ("kernel", Config())):
-        kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=epilogue, config=config))
-        row[path] = (gpu_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
-                     packed_bytes + io_bytes)
-    out = kernel(*args[:5], row_weights=weights)  # the default's
+        row[path] = (case.kernel_seconds(config, iters), kernel_bytes)
 
-    if 2 * rows * n * HIDDEN * active <= XLA_FLOP_LIMIT:
+    args = (*case.problem.values(), case.row_weights)
+    if case.flops * case.active <= XLA_FLOP_LIMIT:  # the reference's dots run over all rows
+        reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=case.epilogue))
         call = lambda *a: reference(*a[:5], row_weights=a[5])
-        row["xla"] = (gpu_seconds(call, *args, iters=iters), packed_bytes + io_bytes)
-        ref = call(*args)
-        row["max_abs_diff"] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        row["xla"] = (gpu_seconds(call, *args, iters=iters), kernel_bytes)
+        out = mxfp4_grouped_matmul(*args[:5], epilogue=case.epilogue, row_weights=case.row_weights)
+        difference = out.astype(jnp.float32) - call(*args).astype(jnp.float32)
+        row["max_abs_diff"] = float(jnp.max(jnp.abs(difference)))
 
+    problem = case.problem
     weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
     try:
         seconds = gpu_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
                               weights_bf16, iters=iters)
-        row["bf16"] = (seconds, active * n * HIDDEN * 2 + io_bytes)
+        row["bf16"] = (seconds, case.active * case.n * HIDDEN * 2 + case.io_bytes)
     except Exception as error:  # report the baseline's failure, keep measuring the rest
         row["bf16_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
-    del weights_bf16
-    row["flops"] = flops
     return row
+
+
+def sweep(case: Case, iters: int) -> list[tuple[Config, float | str]]:
+    """The kernel's time for every distinct config of :data:`SWEEP` at this case (or why not)."""
+    rows_tile = max(8, pl.next_power_of_2(case.tokens * TOP_K))  # the kernel caps block_m by it
+    configs = {Config(block_m=min(block_m, rows_tile), block_kb=block_kb, max_concurrent_steps=stages)
+               for block_m, block_kb, stages in itertools.product(*SWEEP.values())}
+    timings = []
+    for config in sorted(configs, key=lambda c: (c.block_m, c.block_kb, c.max_concurrent_steps)):
+        try:
+            timings.append((config, case.kernel_seconds(config, iters)))
+        except Exception as error:  # too much shared memory, or a compile failure: report it
+            timings.append((config, f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"))
+    return timings
+
+
+def print_sweep(case: Case, timings: list[tuple[Config, float | str]], peaks) -> None:
+    flop_peak, hbm_peak = peaks
+    print(f"### {case.model}, {case.tokens} tokens, {case.matmul} ({case.active} active experts)\n")
+    print("| block_m | block_kb | stages | time (us) | % HBM peak | % bf16 peak |")
+    print("|---|---|---|---|---|---|")
+    fastest = min((t for _, t in timings if isinstance(t, float)), default=None)
+    for config, seconds in timings:
+        head = f"| {config.block_m} | {config.block_kb} | {config.max_concurrent_steps} |"
+        if isinstance(seconds, str):
+            print(f"{head} {seconds} | | |")
+            continue
+        mark = " **fastest**" if seconds == fastest else ""
+        print(f"{head} {seconds * 1e6:.1f}{mark} | "
+              f"{100 * (case.packed_bytes + case.io_bytes) / seconds / hbm_peak:.0f}% | "
+              f"{100 * case.flops / seconds / flop_peak:.1f}% |")
+    print()
 
 
 def print_table(results: list[dict], peaks) -> None:
@@ -197,6 +262,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(EXPERTS), default=["20b", "120b"])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run instead")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the kernel alone over the tuning configs of SWEEP instead (one "
+                             "model and a few token counts per call: each config compiles)")
     args = parser.parse_args()
     if args.interpret:
         interpret_smoke()
@@ -209,13 +277,14 @@ def main() -> None:
         sys.exit(f"no peak figures for {device.device_kind!r}; add them to PEAKS")
     print(f"device: {device.device_kind}, peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
           f"{peaks[1] / 1e12:.2f} TB/s HBM; jax {jax.__version__}\n")
-    results = [
-        bench(model, tokens, matmul, args.iters)
-        for model in args.models
-        for tokens in args.tokens
-        for matmul in ("mlp1", "mlp2")
-    ]
-    print_table(results, peaks)
+    # One case's operands at a time (120b's experts take 1 GB per matmul).
+    cases = (Case.make(model, tokens, matmul)
+             for model in args.models for tokens in args.tokens for matmul in ("mlp1", "mlp2"))
+    if args.sweep:
+        for case in cases:
+            print_sweep(case, sweep(case, args.iters), peaks)
+        return
+    print_table([bench(case, args.iters) for case in cases], peaks)
 
 
 if __name__ == "__main__":
