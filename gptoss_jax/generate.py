@@ -113,18 +113,24 @@ def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_la
     return jnp.where(has_last[:, None], chunk_logits, logits), cache
 
 
-# The compiled loop calls back into this module; generate() points it at the caller's streamer.
+# The compiled loop calls back into this module; generate() points it at the caller's streamer,
+# and re-raises what the streamer raised once the loop has stopped.
 _streamer: Streamer | None = None
+_streamer_error: BaseException | None = None
 
 
 def _emit(tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """Hand one step to the streamer; returns whether it asked to stop (bool scalar)."""
-    stop = _streamer is not None and bool(_streamer(np.asarray(tokens), np.asarray(active)))
+    """Hand one step to the streamer; returns whether to stop (bool scalar)."""
+    global _streamer_error
+    try:
+        stop = bool(_streamer(np.asarray(tokens), np.asarray(active)))
+    except BaseException as error:  # raised through the runtime it would arrive wrapped and late
+        _streamer_error, stop = error, True
     return np.asarray(stop)
 
 
-def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, *,
-            sampling: SamplingConfig, buffer: int, stream: bool):
+def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, sampling: SamplingConfig,
+            *, buffer: int, stream: bool):
     """Sample up to ``max_new_tokens`` (>= 1) tokens per row in a device loop."""
     model = nnx.merge(graphdef, state)
     batch = logits.shape[0]
@@ -198,12 +204,12 @@ def _compiled() -> tuple[_Compiled, _Compiled]:
     global _compiled_prefill, _compiled_decode
     if _compiled_prefill is None:
         _compiled_prefill = _Compiled(_prefill_chunk, _donated(), ("first",))
-        _compiled_decode = _Compiled(_decode, _donated(), ("sampling", "buffer", "stream"))
+        _compiled_decode = _Compiled(_decode, _donated(), ("buffer", "stream"))
     return _compiled_prefill, _compiled_decode
 
 
 def _validate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray, jax.Array)):
         raise TypeError("prompts must be a sequence of token-id sequences, e.g. [[1, 2, 3]]")
     if len(prompts) == 0:
         raise GenerationInputError("no prompts given")
@@ -213,8 +219,13 @@ def _validate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: i
     arrays = []
     for index, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
-        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-            raise GenerationInputError(f"prompt {index} must be a flat sequence of token ids")
+        if ids.ndim == 0:
+            raise GenerationInputError("prompts holds token ids, not prompts: wrap one prompt in a list, "
+                                       "e.g. [[1, 2, 3]]")
+        if ids.ndim != 1:
+            raise GenerationInputError(f"prompt {index} must be a flat sequence of token ids, got shape {ids.shape}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise GenerationInputError(f"prompt {index} must hold integer token ids, got {ids.dtype}")
         if ids.size == 0:
             raise GenerationInputError(f"prompt {index} is empty: generation needs at least one token")
         if ids.min() < 0 or ids.max() >= config.vocab_size:
@@ -270,9 +281,14 @@ def generate(
     Raises:
       GenerationInputError: a prompt, ``max_new_tokens`` or ``prefill_chunk_size`` that cannot
         run (a ``ValueError``, as are bad sampling settings).
-      TypeError: ``prompts`` is not a sequence of token-id sequences.
+      TypeError: ``prompts`` is not a sequence of token-id sequences, or ``streamer`` is not
+        callable.
+      Exception: what ``streamer`` raised, as it raised it, once generation stopped after that
+        step.
     """
     arrays = _validate(model, prompts, max_new_tokens)
+    if streamer is not None and not callable(streamer):
+        raise TypeError(f"streamer must be a callable (tokens, active) -> bool | None, got {type(streamer).__name__}")
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     if prefill_chunk_size < 1:
         raise GenerationInputError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
@@ -313,21 +329,23 @@ def generate(
         jax.block_until_ready(logits)
         prefill_seconds += time.perf_counter() - begin - (prefill.compile_seconds - compile_mark)
 
-    global _streamer
-    _streamer = streamer
+    global _streamer, _streamer_error
+    _streamer, _streamer_error = streamer, None
     try:
         begin = time.perf_counter()
         compile_mark = decode.compile_seconds
         generated_tokens, logprobs, generated = decode(
             graphdef, state, cache, logits, jnp.asarray(lengths), jax.random.key(seed),
             jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
-            sampling=sampling, buffer=_bucket(max_new_tokens, _MIN_BUCKET), stream=streamer is not None,
+            jax.tree.map(jnp.float32, sampling), buffer=_bucket(max_new_tokens, _MIN_BUCKET), stream=streamer is not None,
         )
         generated_tokens, logprobs, generated = jax.device_get((generated_tokens, logprobs, generated))
         generated = generated[:prompt_count]
         decode_seconds = time.perf_counter() - begin - (decode.compile_seconds - compile_mark)
+        if _streamer_error is not None:
+            raise _streamer_error
     finally:
-        _streamer = None
+        _streamer, _streamer_error = None, None
 
     stats = GenerationStats(
         prefill_tokens=int(lengths[:prompt_count].sum()), prefill_seconds=prefill_seconds,

@@ -11,9 +11,14 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens (Hugging Face's names).
+
+    A pytree whose leaves are ``temperature`` and ``top_p``, so a compiled decode loop takes new
+    values of them without recompiling; whether decoding is greedy, ``top_k`` and whether top-p
+    filtering happens at all shape the program and are static.
 
     Attributes:
       temperature: 0 picks the most likely token (greedy); otherwise logits are divided by it.
@@ -32,10 +37,28 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        greedy = self.temperature == 0
+        object.__setattr__(self, "_static", (greedy, self.top_k, self.top_p is not None and self.top_p < 1))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self._static[0]
+
+    @property
+    def filters_top_p(self) -> bool:
+        return self._static[2]
+
+    def tree_flatten(self):
+        return (self.temperature, self.top_p if self.filters_top_p else None), self._static
+
+    @classmethod
+    def tree_unflatten(cls, static, leaves) -> SamplingConfig:
+        # The leaves may be tracers: set the fields without validating them again.
+        config = object.__new__(cls)
+        temperature, top_p = leaves
+        for name, value in (("temperature", temperature), ("top_k", static[1]), ("top_p", top_p), ("_static", static)):
+            object.__setattr__(config, name, value)
+        return config
 
 
 def _top_p_mask(sorted_logits: jax.Array, top_p: float) -> jax.Array:
@@ -50,15 +73,14 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
     if config.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / config.temperature
-    use_top_p = config.top_p is not None and config.top_p < 1
-    if config.top_k is None and not use_top_p:
+    if config.top_k is None and not config.filters_top_p:
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     if config.top_k is not None:
         candidate_logits, candidates = jax.lax.top_k(logits, min(config.top_k, logits.shape[-1]))
     else:
         candidates = jnp.argsort(-logits, axis=-1)
         candidate_logits = jnp.take_along_axis(logits, candidates, axis=-1)
-    if use_top_p:
+    if config.filters_top_p:
         candidate_logits = jnp.where(_top_p_mask(candidate_logits, config.top_p), candidate_logits, -jnp.inf)
     choice = jax.random.categorical(key, candidate_logits, axis=-1)
     return jnp.take_along_axis(candidates, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -186,6 +186,9 @@ def test_temperature_zero_is_greedy():
         ([[1]], {"top_p": 1.5}, ValueError, "top_p must be in"),
         ([[1]], {"temperature": -1.0}, ValueError, "temperature must be >= 0"),
         ([[1]], {"top_k": 0}, ValueError, "top_k must be >= 1"),
+        ([1, 2, 3], {}, GenerationInputError, r"wrap one prompt in a list, e.g. \[\[1, 2, 3\]\]"),
+        ([[[1, 2]]], {}, GenerationInputError, r"prompt 0 must be a flat sequence of token ids, got shape \(1, 2\)"),
+        ([[1.0, 2.0]], {}, GenerationInputError, "prompt 0 must hold integer token ids, got float64"),
     ],
 )
 def test_bad_input_is_a_clear_error(model, prompts_, kwargs, error, message):
@@ -196,6 +199,42 @@ def test_bad_input_is_a_clear_error(model, prompts_, kwargs, error, message):
 def test_a_string_is_not_a_prompt_list(model):
     with pytest.raises(TypeError, match="sequence of token-id sequences"):
         generate(model, "hello")
+
+
+def test_prompts_may_be_a_jax_or_numpy_array(model, prompts, greedy_output):
+    same_length = [prompt[:9] for prompt in prompts]
+    expected = generate(model, same_length, max_new_tokens=3, temperature=0).tokens
+    for array in (jnp.asarray(same_length), np.asarray(same_length)):
+        assert generate(model, array, max_new_tokens=3, temperature=0).tokens == expected
+
+
+def test_what_the_streamer_raises_comes_out_as_it_was_and_stops_generation(model, prompts):
+    calls = []
+
+    class Disconnected(Exception):
+        pass
+
+    def streamer(tokens, active):
+        calls.append(tokens)
+        if len(calls) == 3:
+            raise Disconnected("the client went away")
+
+    with pytest.raises(Disconnected, match="the client went away"):
+        generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, streamer=streamer)
+    assert len(calls) == 3  # the loop stopped at that step
+    with pytest.raises(TypeError, match="streamer must be a callable"):
+        generate(model, prompts, max_new_tokens=2, streamer=object())
+    # The next call is not affected by the failed one.
+    assert len(generate(model, prompts[:1], max_new_tokens=2, temperature=0, streamer=lambda *_: None).tokens[0]) == 2
+
+
+def test_new_temperature_or_top_p_values_reuse_the_compiled_loop(model, prompts, greedy_output):
+    first = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0.7, top_p=0.9)
+    assert first.tokens != greedy_output.tokens
+    for temperature, top_p in ((1.3, 0.9), (1e-3, 0.5)):
+        out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=temperature, top_p=top_p)
+        assert out.stats.compile_seconds == 0
+    assert out.tokens == greedy_output.tokens  # the new values took effect: nearly greedy now
 
 
 def test_decoded_experts_change_nothing_but_speed(prompts, greedy_output):
