@@ -35,6 +35,7 @@ from convert.layouts import (
 )
 from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.lfs import git_lfs_pointer_message, is_git_lfs_pointer
 
 INDEX_FILENAME = "model.safetensors.index.json"
 
@@ -63,6 +64,8 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
                 for name in f.keys()
             }
     except (SafetensorError, OSError) as e:
+        if is_git_lfs_pointer(file):
+            raise CheckpointError(git_lfs_pointer_message(file)) from None
         raise CheckpointError(f"{file}: truncated or corrupt safetensors file ({e})") from None
 
 

@@ -621,8 +621,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from gptoss_jax.checkpoint import CheckpointError
     from gptoss_jax.config import ConfigError
     from gptoss_jax.sharding import MeshError
+    from gptoss_jax.tokenizer import TokenizerError
 
-    return InputError, CheckpointError, LayoutError, ConfigError, MeshError, OSError
+    return InputError, CheckpointError, LayoutError, ConfigError, MeshError, TokenizerError, OSError
 
 
 def _enable_compilation_cache() -> None:

@@ -22,6 +22,8 @@ from typing import Literal
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from gptoss_jax.lfs import git_lfs_pointer_message, is_git_lfs_pointer
+
 TOKENIZER_FILENAME = "tokenizer.json"
 ORIGINAL_DIRNAME = "original"
 """The folder of OpenAI's checkpoint inside gpt-oss's Hugging Face repositories, which keep
@@ -71,6 +73,10 @@ O200K_SPLIT_PATTERN = "|".join(
 that it splits text the way gpt-oss's tokenizer does."""
 
 AllowedSpecial = Literal["all"] | Collection[str]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be used: an unreadable `tokenizer.json` or an unsupported kind."""
 
 
 class UnknownSpecialTokenError(KeyError):
@@ -128,10 +134,10 @@ class Tokenizer:
         """Wrap `backend`, which must be a byte-level BPE; the wrapper takes it over.
 
         Raises:
-            ValueError: the backend does not decode with the byte-level decoder.
+            TokenizerError: the backend does not decode with the byte-level decoder.
         """
         if not isinstance(backend.decoder, decoders.ByteLevel):
-            raise ValueError(
+            raise TokenizerError(
                 "only byte-level BPE tokenizers (like gpt-oss's o200k_harmony) are supported; "
                 f"this tokenizer's decoder is {type(backend.decoder).__name__}"
             )
@@ -163,11 +169,22 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: there is no file at `path`.
+            TokenizerError: the file is not a tokenizer this class supports (the message names
+                it, and says so when it is a Git LFS pointer).
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(BackendTokenizer.from_file(str(path)))
+        if is_git_lfs_pointer(path):
+            raise TokenizerError(git_lfs_pointer_message(path))
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises plain Exception for any bad file
+            raise TokenizerError(f"{path}: not a valid {TOKENIZER_FILENAME} ({e})") from e
+        try:
+            return cls(backend)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained_dir(cls, directory: str | Path) -> Tokenizer:
@@ -176,6 +193,7 @@ class Tokenizer:
 
         Raises:
             FileNotFoundError: there is no such `tokenizer.json`.
+            TokenizerError: it cannot be read (see `from_file`).
         """
         directory = Path(directory)
         path = checkpoint_tokenizer_file(directory)

@@ -29,6 +29,11 @@ from gptoss_jax.model import GptOss
 # Longer than the tiny preset's sliding window (8), so windowed layers are exercised.
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 512, (2, 12)), jnp.int32)
 TOKENIZER_TEXT = '{"note": "stands in for a tokenizer; the converter copies it byte for byte"}\n'
+# What git checks out in place of a file that Git LFS did not fetch.
+GIT_LFS_POINTER = (
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 13761300984\n"
+)
 # Small enough that the tiny model's HF checkpoint spans several shards.
 SHARD_BYTES = 60_000
 
@@ -177,6 +182,12 @@ def garble_header(folder: Path, layout: Layout) -> list[str]:
     return [file.name, "truncated or corrupt safetensors file"]
 
 
+def replace_with_git_lfs_pointer(folder: Path, layout: Layout) -> list[str]:
+    file = file_holding(folder, tensor_name(layout, "embedding.weight"))
+    file.write_text(GIT_LFS_POINTER)
+    return [file.name, "is a Git LFS pointer", "git lfs pull"]
+
+
 def drop_tensor(folder: Path, layout: Layout) -> list[str]:
     name = tensor_name(layout, "block.1.mlp.mlp1_weight.scales")
     # A sharded index still lists it, so that case checks the index against the files.
@@ -227,6 +238,7 @@ def unknown_layout(folder: Path, layout: Layout) -> list[str]:
 BREAKAGES: dict[str, Callable[[Path, Layout], list[str]]] = {
     "truncated-file": truncate_file,
     "garbled-header": garble_header,
+    "git-lfs-pointer": replace_with_git_lfs_pointer,
     "missing-tensor": drop_tensor,
     "unexpected-tensor": add_tensor,
     "wrong-shape": reshape_tensor,

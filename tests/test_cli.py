@@ -106,6 +106,14 @@ def test_the_tokenizer_is_checked_before_the_weights_are_read(demo_checkpoint, t
     assert err.startswith("gptoss-jax: error: ") and "tokenizer.json" in err
 
 
+def test_a_git_lfs_pointer_for_tokenizer_json_gives_one_error_line(demo_checkpoint, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((demo_checkpoint / "config.json").read_text())
+    (tmp_path / "tokenizer.json").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 27868174\n")
+    assert cli.main(["generate", "hello", "--checkpoint", str(tmp_path)]) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == (f"gptoss-jax: error: {tmp_path / 'tokenizer.json'} is a Git LFS pointer, "
+                                       "not the file itself: run `git lfs pull` in its repository (or download the file)\n")
+
+
 def test_only_generates_input_errors_are_one_line(demo_checkpoint, capsys, monkeypatch):
     assert cli.main(["generate", "hello", "--max-new-tokens", "200000"]) == cli.EXIT_FAILURE
     assert "exceeds the model's context" in capsys.readouterr().err

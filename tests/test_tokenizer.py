@@ -13,6 +13,7 @@ from gptoss_jax.tokenizer import (
     O200K_HARMONY_VOCAB_SIZE,
     TOKENIZER_FILENAME,
     Tokenizer,
+    TokenizerError,
     UnknownSpecialTokenError,
     build_demo_tokenizer,
     checkpoint_tokenizer_file,
@@ -246,3 +247,28 @@ def test_rejects_a_tokenizer_that_is_not_byte_level():
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ValueError, match="only byte-level BPE"):
         Tokenizer(backend)
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 27868174\n",
+         "is a Git LFS pointer, not the file itself: run `git lfs pull`"),
+        ("{}", f"not a valid {TOKENIZER_FILENAME} (Model missing"),
+        ("not json", f"not a valid {TOKENIZER_FILENAME} (expected"),
+    ],
+    ids=["git-lfs-pointer", "empty-object", "not-json"],
+)
+def test_unreadable_tokenizer_json_is_a_clear_error_naming_the_file(text, complaint, tmp_path):
+    (tmp_path / TOKENIZER_FILENAME).write_text(text)
+    with pytest.raises(TokenizerError) as error:
+        Tokenizer.from_pretrained_dir(tmp_path)
+    assert str(error.value).startswith(str(tmp_path / TOKENIZER_FILENAME))
+    assert complaint in str(error.value)
+
+
+def test_a_tokenizer_json_that_is_not_byte_level_is_named(tmp_path):
+    backend = BackendTokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    backend.save(str(tmp_path / TOKENIZER_FILENAME))
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / TOKENIZER_FILENAME}: only byte-level BPE"):
+        Tokenizer.from_pretrained_dir(tmp_path)
