@@ -19,6 +19,8 @@ find_python312() {
 }
 
 # Creates (once) the virtual environment .venv with the project installed, plus EXTRAS.
+# The install is editable, so it is redone only when pyproject.toml changes (a stamp file in
+# .venv per set of extras records the pyproject.toml it installed).
 setup_venv() {
     local extras=$1
     find_python312 || return 1
@@ -29,5 +31,12 @@ setup_venv() {
         echo "creating $VENV with $PYTHON" >&2
         "$PYTHON" -m venv "$VENV" || return 1
     fi
+    local name=${extras//[^a-z]/} wanted
+    local stamp="$VENV/.installed-${name:-base}"
+    wanted=$(cksum < "$root/pyproject.toml")
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+        return 0
+    fi
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root$extras" || return 1
+    echo "$wanted" > "$stamp"
 }
