@@ -226,9 +226,21 @@ def _restored_parameters(
             _check_item_metadata(checkpointer, item_path, group, targets)
             try:
                 restored = checkpointer.restore(item_path, nest(group, targets))
-            except (ValueError, OSError, KeyError) as e:
-                raise CheckpointError(f"{item_path}: cannot restore ({' '.join(str(e).split())})") from None
+            except Exception as e:  # orbax raises bare Exception too, e.g. for a cut data file
+                raise CheckpointError(f"{item_path}: cannot restore ({_innermost_reason(e)})") from e
             yield from _flatten(group, restored).items()
+
+
+def _innermost_reason(error: BaseException) -> str:
+    """The first line of the innermost cause's message.
+
+    Orbax wraps TensorStore's reason (which names the tensor and the bad byte range) in an
+    exception whose message spells out the array's whole TensorStore spec, dozens of lines.
+    """
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _check_item_metadata(
@@ -236,9 +248,12 @@ def _check_item_metadata(
 ) -> None:
     """Compare an item's stored names, shapes and dtypes with the model's before reading any data."""
     try:
-        stored = _flatten(group, checkpointer.metadata(item_path).item_metadata.tree)
-    except (ValueError, OSError, KeyError, AttributeError) as e:
-        raise CheckpointError(f"{item_path}: unreadable orbax metadata ({' '.join(str(e).split())})") from None
+        metadata = checkpointer.metadata(item_path).item_metadata
+    except Exception as e:  # as for restoring: orbax's own exceptions are not all ValueErrors
+        raise CheckpointError(f"{item_path}: unreadable orbax metadata ({_innermost_reason(e)})") from e
+    if metadata is None:  # what orbax returns for a cut or missing _METADATA or manifest
+        raise CheckpointError(f"{item_path}: unreadable orbax metadata (orbax found none)")
+    stored = _flatten(group, metadata.tree)
     mismatched = sorted(set(targets) ^ set(stored))
     if mismatched:
         problem = "missing" if mismatched[0] in targets else "unexpected"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,33 @@ def test_restore_rejects_a_newer_format(converted: Path, tmp_path: Path):
         CheckpointError, match=f"format version {FORMAT_VERSION + 1}; this gptoss-jax reads version {FORMAT_VERSION}"
     ):
         restore(checkpoint)
+
+
+def _cut_in_half(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("breakage", "complaint"),
+    [
+        # The largest file of an item is its array data (TensorStore's OCDBT database).
+        (lambda item: _cut_in_half(max(item.rglob("*"), key=lambda path: path.stat().st_size)),
+         r"cannot restore \(OUT_OF_RANGE: Error reading \"[\w.]+/0\.0\" .*is not valid for value of size \d+\)$"),
+        (lambda item: _cut_in_half(item / "_METADATA"), r"unreadable orbax metadata \(orbax found none\)$"),
+    ],
+    ids=["data-file-cut-in-half", "metadata-cut-in-half"],
+)
+def test_a_corrupt_converted_checkpoint_gives_one_clear_error(breakage, complaint: str, converted: Path, tmp_path: Path):
+    checkpoint = copy_folder(converted, tmp_path / "tiny")
+    item = checkpoint / "params" / "block.0"
+    breakage(item)
+
+    with pytest.raises(CheckpointError) as error_info:
+        restore(checkpoint)
+
+    message = str(error_info.value)
+    assert "\n" not in message and message.startswith(f"{item.absolute()}: ")
+    assert re.search(complaint, message), message
 
 
 def test_load_missing_folder(tmp_path: Path):
