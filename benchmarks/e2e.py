@@ -21,7 +21,7 @@ Bytes a decode step must read, at batch B and context c (the tokens the new one 
 
 Activations and the KV writes (one token per row) are left out; they are small next to these.
 
-Goals (one H100 80 GB, from docs/prior-art.md sections 5 and 6):
+Goals (one H100 80 GB; the bounds are this arithmetic at 3.35 TB/s):
 
 * gpt-oss-120b loads and decodes on one H100 with a 32K-token cache. ``generate`` rounds its
   cache up to a power of two, so any prompt + new tokens in (16K, 32K] runs with a 32K cache:

@@ -1,7 +1,7 @@
 """On-device parameter bytes of gpt-oss-20b and gpt-oss-120b, from shapes alone.
 
 The model is built abstractly with ``nnx.eval_shape``: nothing is allocated and no weights are
-needed, so this runs anywhere. The goals (design.md) leave room for a KV cache: 20b under
+needed, so this runs anywhere. The goals leave room for a KV cache: 20b under
 14 GB (a 16 GB card) and 120b under 66 GB (one 80 GB H100). Per-device bytes on 1, 2, 4 and 8
 GPUs follow from the partition rules of ``gptoss_jax.sharding`` on the default mesh: each
 parameter's shard shape is its shape divided by the mesh axes its PartitionSpec names.

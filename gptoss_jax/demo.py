@@ -85,8 +85,8 @@ def _write_demo_checkpoint(folder: Path) -> None:
     import jax
     from flax import nnx
 
-    # `convert` sits above `gptoss_jax` (design.md: convert -> gptoss_jax), so it is imported
-    # here, where the demo needs its writer, as gptoss_jax.load does for its reader.
+    # `convert` depends on `gptoss_jax`, not the other way round, so it is imported here, where
+    # the demo needs its writer, as gptoss_jax.load does for its reader.
     from convert.export import write_checkpoint
     from convert.layouts import Layout
     from gptoss_jax.model import GptOss

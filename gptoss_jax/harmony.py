@@ -2,7 +2,7 @@
 
 A native implementation (no `openai_harmony`, no vocabulary download) of the format that
 openai/harmony documents in `docs/format.md` and implements in `src/encoding.rs`; the rendered
-text matches that renderer's test data character for character. Spec: gpt-oss-spec.md section 4.
+text matches that renderer's test data character for character.
 
 A message is `<|start|>{header}<|message|>{content}{terminator}` with
 `header = role[":" name] [" to=" recipient] ["<|channel|>" channel] [" " content_type]`;

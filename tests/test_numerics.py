@@ -1,4 +1,4 @@
-"""The pitfalls of gpt-oss-spec.md section 6, each against an independent reference.
+"""The numerics other gpt-oss ports got wrong, each against an independent reference.
 
 Window edges, sinks, YaRN frequencies, the gate/linear interleave and clamps, top-k before
 softmax, and an expert MLP against Hugging Face's ``GptOssExperts`` (hidden size != expert size,
