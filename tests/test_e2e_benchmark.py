@@ -94,7 +94,7 @@ def test_distinct_experts_match_prior_art(model, batch, distinct):
 
 
 @pytest.mark.parametrize("model, gigabytes", [("gpt-oss-20b", 3.70), ("gpt-oss-120b", 4.97)])
-def test_batch_one_step_bytes_match_prior_art(model, gigabytes):
+def test_batch_one_step_bytes_match_the_published_estimate(model, gigabytes):
     """Bytes read per decode step at batch 1, short context: the 3.7 GB (20b) and 4.97 GB (120b) of
     the usual bandwidth-bound estimate (the active experts' MXFP4 bytes, the dense weights and the
     unembedding)."""
