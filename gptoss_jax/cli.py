@@ -7,7 +7,9 @@ functions import what they need themselves, so ``--help`` stays instant. Expecte
 bad checkpoint, an existing destination, an empty prompt...) print one line
 ``gptoss-jax: error: ...`` and exit 1; argparse's usage errors exit 2.
 
-Generated text goes to stdout; progress, notes and throughput go to stderr.
+Generated text goes to stdout; progress, notes and throughput go to stderr. When the reader of
+stdout goes away (``gptoss-jax generate ... | head``), generation stops and the command exits
+quietly with status 141, as a Unix tool ended by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 PROG = "gptoss-jax"
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+# What a shell reports for a command that SIGPIPE ended, as it ends `yes | head`: a script
+# with `set -o pipefail` sees the same status as for a Unix tool, not this CLI's error status.
+EXIT_BROKEN_PIPE = 141
 
 DEMO_MESSAGE = "What is the capital of France? Answer in one sentence."
 DEMO_MAX_NEW_TOKENS = 48
@@ -645,6 +650,17 @@ def _is_secondary_process() -> bool:
     return jax.process_count() > 1 and jax.process_index() != 0
 
 
+def _silence_stdout() -> None:
+    """Point stdout's file descriptor at /dev/null, so that flushing it at exit cannot fail again."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):  # main() called with sys.stdout replaced by an object in memory
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script passes it to exit)."""
     args = build_parser().parse_args(argv)
@@ -658,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return _report_interrupted()
+    except BrokenPipeError:  # generate re-raises it from the streamer, after stopping the loop
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except _expected_errors() as e:
         message = " ".join(str(e).split())  # one line, whatever the exception's formatting
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -172,6 +172,27 @@ def test_ctrl_c_stops_generation_and_exits_130(demo_checkpoint, tmp_path, when):
         assert "Ctrl-C again quits at once" in err and not THROUGHPUT.search(err_before.decode() + err)
 
 
+def test_a_closed_stdout_stops_generation_quietly_with_status_141(demo_checkpoint, tmp_path):
+    # As `gptoss-jax generate ... | head -c 20`: the reader goes away while tokens still come.
+    process = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITHOUT_STOPS, "generate", "hello", "--max-new-tokens", "20000",
+         "--checkpoint", str(demo_checkpoint)],
+        env=_python_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        _read_until(process.stdout, bool, timeout=240)
+        process.stdout.close()
+        closed = time.perf_counter()
+        process.wait(timeout=60)
+        err = process.stderr.read().decode()
+    finally:
+        process.kill()
+    assert process.returncode == cli.EXIT_BROKEN_PIPE, err[-4000:]
+    assert time.perf_counter() - closed < 30  # generation stopped; 20000 tokens take minutes
+    assert "Traceback" not in err and "error" not in err and "Exception" not in err
+    assert err.splitlines()[-1].startswith("loaded in")
+
+
 def test_default_mesh_follows_the_model_and_is_checked_before_writing(demo_checkpoint, tmp_path):
     # 4 devices: the demo's 2 KV heads and 8 experts give tensor=2, expert=2.
     generate = ["generate", "hello", "--checkpoint", str(demo_checkpoint), "--max-new-tokens", "4"]
