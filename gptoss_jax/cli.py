@@ -47,6 +47,8 @@ RANDOM_WEIGHTS_NOTE = (
     "note: the embedded demo model has random weights, so its text is gibberish; "
     "pass --checkpoint for a real gpt-oss checkpoint"
 )
+# jax.random.key keeps a seed's low 32 bits, so larger seeds would repeat smaller ones.
+SEED_LIMIT = 2**32
 # Stops of a raw completion: the end of a document, and of a Harmony answer.
 COMPLETION_STOP_TOKENS = ("<|endoftext|>", "<|return|>")
 
@@ -139,6 +141,17 @@ def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     distributed.add_argument("--process-id", type=int, metavar="I", help="this process's index")
 
 
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: an integer in ``[0, SEED_LIMIT)``."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {SEED_LIMIT - 1}, got {seed}")
+    return seed
+
+
 def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                         help=f"the most tokens to generate (default: {max_new_tokens})")
@@ -147,7 +160,8 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: 
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     parser.add_argument("--top-p", type=float, metavar="P",
                         help="sample among the most likely tokens holding probability P")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same text")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help=f"random seed, 0 to {SEED_LIMIT - 1}; the same seed gives the same text (default: 0)")
 
 
 def _add_harmony_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,8 +193,9 @@ def _checked_text(text: str, what: str) -> str:
 
 
 def _text_from_stdin(what: str) -> str:
-    """The whole of stdin, which must not be a terminal (then the text was expected as an argument)."""
-    if sys.stdin.isatty():
+    """The whole of stdin, which must be open and not a terminal (then the text was expected as an
+    argument)."""
+    if sys.stdin is None or sys.stdin.isatty():  # None: the process started with stdin closed
         raise InputError(f"no {what} given: pass it as an argument or pipe it to stdin")
     return _checked_text(sys.stdin.read().rstrip("\n"), what)
 
@@ -204,7 +219,14 @@ def _start_distributed(args: argparse.Namespace) -> None:
     if asked or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         from gptoss_jax.sharding import initialize_distributed
 
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:  # only JAX knows what a cluster manager would have filled in
+            raise InputError(
+                f"cannot start the multi-host run ({e}): pass --coordinator HOST:PORT, --num-processes N "
+                "and --process-id I (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID) "
+                "unless a cluster manager (Slurm, Open MPI, Kubernetes) sets them"
+            ) from None
 
 
 def _checkpoint_config(folder: Path) -> GptOssConfig:
@@ -545,7 +567,7 @@ def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Convers
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    interactive = args.message is None and sys.stdin.isatty()
+    interactive = args.message is None and sys.stdin is not None and sys.stdin.isatty()
     message = None
     if not interactive:
         message = _checked_text(args.message, "message") if args.message is not None else _text_from_stdin("message")

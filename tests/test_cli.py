@@ -260,6 +260,40 @@ def test_bad_input_gives_one_error_line(argv, complaint, tmp_path, capsys):
     assert err.startswith("gptoss-jax: error: ") and complaint in err
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_closed_stdin_is_no_input(command, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", None)  # what Python makes of a closed stdin (`<&-`)
+    assert cli.main([command]) == cli.EXIT_FAILURE
+    what = "prompt" if command == "generate" else "message"
+    assert capsys.readouterr().err == f"gptoss-jax: error: no {what} given: pass it as an argument or pipe it to stdin\n"
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", str(2**32), "-1", "seven"])
+def test_a_seed_out_of_range_is_a_usage_error(seed, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hello", "--seed", seed])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("gptoss-jax generate: error: argument --seed: must be ")
+
+
+def test_the_largest_seed_is_accepted():
+    assert cli.build_parser().parse_args(["generate", "--seed", str(cli.SEED_LIMIT - 1)]).seed == 2**32 - 1
+
+
+def test_processes_without_a_coordinator_give_one_error_line(tmp_path):
+    # In a fresh process: JAX joins a multi-host run only before its backends start.
+    commands = [["generate", "hello", "--num-processes", "2", "--process-id", "0"]]
+    env = {name: value for name, value in _python_env(tmp_path).items() if not name.startswith("JAX_COORDINATOR")}
+    result = subprocess.run([sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [(status, err)] = json.loads(result.stdout.splitlines()[-1])
+    assert status == cli.EXIT_FAILURE
+    assert len(err.splitlines()) == 1
+    assert err.startswith("gptoss-jax: error: cannot start the multi-host run (coordinator_address should be defined.): "
+                          "pass --coordinator HOST:PORT")
+
+
 def test_a_folder_that_is_no_checkpoint_gives_one_error_line(tmp_path, capsys):
     assert cli.main(["generate", "hello", "--checkpoint", str(tmp_path)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
