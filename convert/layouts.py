@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gptoss_jax.checkpoint import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import fused_qkv_order
 
@@ -100,13 +101,13 @@ def to_checkpoint_rows(config: GptOssConfig, path: str, array: np.ndarray) -> np
 
 
 def detect_layout(folder: str | os.PathLike) -> Layout:
-    """Tell a Hugging Face root from an ``original/`` folder by their config and files."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LayoutError(f"{folder}: not a folder")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise LayoutError(f"{folder}: no config.json, so not a gpt-oss checkpoint folder")
+    """Tell a Hugging Face root from an ``original/`` folder by their config and files.
+
+    Raises:
+      CheckpointError: ``folder`` is not a folder with a ``config.json``.
+      LayoutError: its ``config.json`` is of neither layout.
+    """
+    config_path = checked_checkpoint_folder(folder) / CONFIG_FILENAME
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:

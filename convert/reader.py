@@ -88,10 +88,10 @@ class SafetensorsCheckpoint:
       config: the model configuration it holds.
 
     Raises (on construction):
-      LayoutError: not a gpt-oss checkpoint folder in a known layout.
+      LayoutError: ``config.json`` is of neither known layout.
       ConfigError: ``config.json`` holds values gpt-oss cannot run with.
-      CheckpointError: a truncated or corrupt file, a missing or unexpected tensor, a wrong
-        shape or dtype; the message names the file and tensor.
+      CheckpointError: not a folder with ``config.json``; a truncated or corrupt file, a missing
+        or unexpected tensor, a wrong shape or dtype (the message names the file and tensor).
     """
 
     def __init__(self, folder: str | os.PathLike):

@@ -49,6 +49,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: the message names the file and, where known, the tensor."""
 
 
+def checked_checkpoint_folder(path: str | os.PathLike) -> Path:
+    """``path``, checked to be a folder with a ``config.json``, as every checkpoint layout has.
+
+    Raises:
+      CheckpointError: ``path`` does not exist, is a file (``config.json`` itself, say: the
+        message names the folder to pass instead), or is a folder without ``config.json``.
+    """
+    folder = Path(path)
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file: pass the checkpoint folder that holds it, {folder.parent}")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    if not (folder / CONFIG_FILENAME).is_file():
+        raise CheckpointError(f"{folder}: not a gpt-oss checkpoint folder (no {CONFIG_FILENAME})")
+    return folder
+
+
 def abstract_model(
     config: GptOssConfig, *, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
     mesh: jax.sharding.Mesh | None = None,

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 if TYPE_CHECKING:
@@ -229,17 +228,6 @@ def _start_distributed(args: argparse.Namespace) -> None:
             ) from None
 
 
-def _checkpoint_config(folder: Path) -> GptOssConfig:
-    """The model's sizes from the checkpoint's ``config.json``, which every layout has."""
-    from gptoss_jax.checkpoint import CONFIG_FILENAME
-    from gptoss_jax.config import GptOssConfig
-
-    path = folder / CONFIG_FILENAME
-    if not path.is_file():
-        raise InputError(f"{folder}: no {CONFIG_FILENAME}, so not a gpt-oss checkpoint folder")
-    return GptOssConfig.from_json_file(path)
-
-
 def _kernels_by_part(args: argparse.Namespace, config: GptOssConfig) -> dict[str, str]:
     """What runs attention and the experts (``pallas``, ``interpret`` or ``xla``) under ``--kernels``.
 
@@ -293,17 +281,17 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokeniz
     import jax.numpy as jnp
 
     import gptoss_jax
+    from gptoss_jax.checkpoint import CONFIG_FILENAME, checked_checkpoint_folder
+    from gptoss_jax.config import GptOssConfig
     from gptoss_jax.demo import demo_config, ensure_demo_checkpoint
     from gptoss_jax.tokenizer import Tokenizer
 
     if args.checkpoint is None:
         config = demo_config()
     else:
-        folder = Path(args.checkpoint)
-        if not folder.is_dir():
-            raise InputError(f"checkpoint folder not found: {folder}")
+        folder = checked_checkpoint_folder(args.checkpoint)
+        config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)  # every layout has one
         tokenizer = Tokenizer.from_pretrained_dir(folder)
-        config = _checkpoint_config(folder)
     mesh = _mesh(args, config)
     kernels = _kernels_by_part(args, config)
     if args.decode_experts:

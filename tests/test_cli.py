@@ -295,9 +295,16 @@ def test_processes_without_a_coordinator_give_one_error_line(tmp_path):
 
 
 def test_a_folder_that_is_no_checkpoint_gives_one_error_line(tmp_path, capsys):
+    # config.json is looked for first: the tokenizer's absence would say less.
     assert cli.main(["generate", "hello", "--checkpoint", str(tmp_path)]) == cli.EXIT_FAILURE
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("gptoss-jax: error: ")
+    assert capsys.readouterr().err == f"gptoss-jax: error: {tmp_path}: not a gpt-oss checkpoint folder (no config.json)\n"
+
+
+def test_a_file_passed_as_checkpoint_names_its_folder(demo_checkpoint, capsys):
+    config = demo_checkpoint / "config.json"
+    assert cli.main(["generate", "hello", "--checkpoint", str(config)]) == cli.EXIT_FAILURE
+    assert capsys.readouterr().err == (f"gptoss-jax: error: {config} is a file: pass the checkpoint folder "
+                                       f"that holds it, {demo_checkpoint}\n")
 
 
 @pytest.mark.parametrize("command", ["convert", "generate", "chat", "demo"])

@@ -185,9 +185,16 @@ def test_a_corrupt_converted_checkpoint_gives_one_clear_error(breakage, complain
     assert re.search(complaint, message), message
 
 
-def test_load_missing_folder(tmp_path: Path):
-    with pytest.raises(LayoutError, match="not a folder"):
+def test_load_a_path_that_is_no_checkpoint_folder(sources: dict[str, Path], tmp_path: Path):
+    with pytest.raises(CheckpointError, match="^checkpoint folder not found: "):
         gptoss_jax.load(tmp_path / "absent")
+    config = sources["original"] / "config.json"
+    with pytest.raises(CheckpointError) as error_info:
+        gptoss_jax.load(config)
+    assert str(error_info.value) == f"{config} is a file: pass the checkpoint folder that holds it, {config.parent}"
+    with pytest.raises(CheckpointError) as error_info:
+        gptoss_jax.load(tmp_path)
+    assert str(error_info.value) == f"{tmp_path}: not a gpt-oss checkpoint folder (no config.json)"
 
 
 @pytest.mark.parametrize("kind", [kind for kind in SOURCE_KINDS if kind.layout is Layout.HF], ids=lambda kind: kind.name)
