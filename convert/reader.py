@@ -149,6 +149,7 @@ class SafetensorsCheckpoint:
         for path, names in self._sources.items():
             for name in names:
                 if name not in self._tensors:
+                    self._check_not_dequantized(path, name)
                     raise CheckpointError(
                         f"{self.folder}: missing tensor {name!r} (parameter {path}; "
                         f"looked in {', '.join(files)})"
@@ -160,6 +161,23 @@ class SafetensorsCheckpoint:
                     f"{info.file}: unexpected tensor {name!r}, not part of a gpt-oss model "
                     f"with this config.json"
                 )
+
+    def _check_not_dequantized(self, path: str, name: str) -> None:
+        """Name the likely cause when MXFP4 blocks are missing: experts saved dequantized.
+
+        transformers writes them so after loading with ``Mxfp4Config(dequantize=True)``: one
+        ``...experts.gate_up_proj`` in place of ``gate_up_proj_blocks`` and ``_scales`` (in the
+        original/ layout, ``mlp1_weight`` in place of ``mlp1_weight.blocks``).
+        """
+        if not path.endswith(".blocks"):
+            return
+        dequantized = name[: -len("blocks") - 1]  # the "_" or "." before it too
+        info = self._tensors.get(dequantized)
+        if info is not None:
+            raise CheckpointError(
+                f"{info.file}: {info.dtype} expert weights found ({dequantized!r} instead of MXFP4 blocks and "
+                "scales); only MXFP4 checkpoints (as OpenAI publishes them) are supported"
+            )
 
     def _check_parameter(self, path: str, names: tuple[str, ...]) -> None:
         spec = self._specs[path]

@@ -230,6 +230,36 @@ def change_dtype(folder: Path, layout: Layout) -> list[str]:
     return [file.name, name, "F16", "BF16"]
 
 
+def dequantize_experts(folder: Path, layout: Layout) -> list[str]:
+    """As transformers' Mxfp4Config(dequantize=True) + save_pretrained: each expert weight one
+    bfloat16 tensor in place of its MXFP4 blocks and scales (zeros: the reader checks names)."""
+    sources = parameter_sources(tiny_model().config, layout)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else None
+    dequantized_names = []
+    for path in [path for path in sources if path.endswith(".blocks")]:
+        (blocks_name,), (scales_name,) = sources[path], sources[path.removesuffix("blocks") + "scales"]
+        dequantized_name = blocks_name[: -len("blocks") - 1]  # gate_up_proj_blocks -> gate_up_proj
+        dequantized_names.append(dequantized_name)
+        blocks_file = file_holding(folder, blocks_name)
+        _edit_file(file_holding(folder, scales_name), lambda tensors: tensors.pop(scales_name))
+
+        def dequantize(tensors: dict[str, np.ndarray]) -> None:
+            experts, rows, block_count, _ = tensors.pop(blocks_name).shape
+            tensors[dequantized_name] = np.zeros((experts, rows, block_count * 32), ml_dtypes.bfloat16)
+
+        _edit_file(blocks_file, dequantize)
+        if index is not None:
+            weight_map = index["weight_map"]
+            del weight_map[blocks_name], weight_map[scales_name]
+            weight_map[dequantized_name] = blocks_file.name
+    if index is not None:
+        index_path.write_text(json.dumps(index))
+    first = dequantized_names[0]  # block 0's mlp1
+    return [file_holding(folder, first).name, f"BF16 expert weights found ({first!r}",
+            "only MXFP4 checkpoints (as OpenAI publishes them) are supported"]
+
+
 def unknown_layout(folder: Path, layout: Layout) -> list[str]:
     (folder / "config.json").write_text(json.dumps({"hidden_dim": 64, "layers": 2}))
     return ["config.json", "unknown layout"]
@@ -243,5 +273,6 @@ BREAKAGES: dict[str, Callable[[Path, Layout], list[str]]] = {
     "unexpected-tensor": add_tensor,
     "wrong-shape": reshape_tensor,
     "wrong-dtype": change_dtype,
+    "dequantized-experts": dequantize_experts,
     "unknown-layout": unknown_layout,
 }
