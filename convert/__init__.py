@@ -1,5 +1,5 @@
 """Converter from the public gpt-oss safetensors layouts to the project's orbax checkpoint."""
 
-from convert.writer import convert_checkpoint
+from convert.writer import ConversionWarning, convert_checkpoint
 
-__all__ = ["convert_checkpoint"]
+__all__ = ["ConversionWarning", "convert_checkpoint"]

@@ -33,6 +33,10 @@ from gptoss_jax.checkpoint import (
 from gptoss_jax.tokenizer import TOKENIZER_FILENAME, checkpoint_tokenizer_file
 
 
+class ConversionWarning(UserWarning):
+    """Something the user should fix in a checkpoint that was converted all the same."""
+
+
 def _write_parameters(source: SafetensorsCheckpoint, params_dir: Path, progress: bool) -> None:
     import orbax.checkpoint as ocp  # a second of import time; only writing needs it
 
@@ -70,6 +74,7 @@ def _copy_tokenizer(source: SafetensorsCheckpoint, folder: Path) -> None:
             f"{source.folder} has no {TOKENIZER_FILENAME} (nor, for an original/ folder, its parent): "
             f"the converted checkpoint has none; copy gpt-oss's {TOKENIZER_FILENAME} into it before "
             "running the CLI on it",
+            ConversionWarning,
             stacklevel=3,
         )
         return

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -70,9 +71,20 @@ def _report_interrupted() -> int:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from convert import convert_checkpoint
+    from convert import ConversionWarning, convert_checkpoint
 
-    destination = convert_checkpoint(args.src, args.dst, progress=not args.no_progress)
+    show_other_warning = warnings.showwarning
+
+    def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        # The converter's warnings are for the user: one line, without Python's file and line.
+        if issubclass(category, ConversionWarning):
+            _status(f"{PROG}: warning: {message}")
+        else:
+            show_other_warning(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning afterwards
+        warnings.showwarning = show_warning
+        destination = convert_checkpoint(args.src, args.dst, progress=not args.no_progress)
     print(f"wrote {destination}")
     return 0
 

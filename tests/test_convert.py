@@ -83,6 +83,18 @@ def test_cli_converts(capsys: pytest.CaptureFixture, sources: dict[str, Path], t
     assert_same_parameters(restore(tmp_path / "converted"), tiny_model())
 
 
+def test_cli_prints_the_missing_tokenizer_warning_as_one_line(
+    capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path
+):
+    source = copy_folder(sources["original"], tmp_path / "original")
+    (source / "tokenizer.json").unlink()
+
+    status, out, err = run_cli(capsys, "convert", source, tmp_path / "converted", "--no-progress")
+
+    assert (status, out) == (0, f"wrote {tmp_path / 'converted'}\n")
+    assert len(err) == 1 and err[0].startswith(f"gptoss-jax: warning: {source} has no tokenizer.json"), err
+
+
 def test_cli_help_explains_the_layouts(capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--help"])
