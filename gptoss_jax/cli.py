@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import jax
 
     from gptoss_jax.config import GptOssConfig
-    from gptoss_jax.generate import GenerationStats
+    from gptoss_jax.generate import GenerationOutput, GenerationStats
     from gptoss_jax.harmony import Conversation, Message
     from gptoss_jax.model import GptOss
     from gptoss_jax.tokenizer import Tokenizer
@@ -163,7 +163,8 @@ def _seed(text: str) -> int:
     return seed
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int, turns: bool = False) -> None:
+    """The sampling flags; ``turns``: the command may chat turn after turn (see ``--seed``)."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                         help=f"the most tokens to generate (default: {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=1.0, metavar="T",
@@ -171,8 +172,11 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: 
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely tokens only")
     parser.add_argument("--top-p", type=float, metavar="P",
                         help="sample among the most likely tokens holding probability P")
-    parser.add_argument("--seed", type=_seed, default=0,
-                        help=f"random seed, 0 to {SEED_LIMIT - 1}; the same seed gives the same text (default: 0)")
+    seed_help = f"random seed, 0 to {SEED_LIMIT - 1}; the same seed gives the same text"
+    if turns:
+        seed_help += (f"; turn after turn, the n-th turn (counting from 0) samples with SEED + n (modulo "
+                      f"{SEED_LIMIT}), so that asking again gives a new answer")
+    parser.add_argument("--seed", type=_seed, default=0, help=f"{seed_help} (default: 0)")
 
 
 def _add_harmony_arguments(parser: argparse.ArgumentParser) -> None:
@@ -328,12 +332,13 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokeniz
 
 def _generate(
     model: GptOss, prompt: list[int], args: argparse.Namespace, stop_tokens: Sequence[int],
-    on_token: Callable[[int], None],
-) -> tuple[GenerationStats, bool]:
+    on_token: Callable[[int], None], *, turn: int = 0,
+) -> tuple[GenerationOutput, bool]:
     """Generate from one prompt, handing each token to ``on_token`` as it comes.
 
-    Returns the stats and whether Ctrl-C cut generation short; the caller finishes its output,
-    then raises KeyboardInterrupt, so that ``main`` reports it.
+    Returns the output and whether Ctrl-C cut generation short; the caller finishes its output,
+    then raises KeyboardInterrupt, so that ``main`` reports it. ``turn`` counts the generations
+    of an interactive chat from 0: each samples with its own seed, ``--seed`` plus ``turn``.
 
     The compiled decode loop keeps the thread that runs it until the loop ends, and Python runs
     its Ctrl-C handler only in the main thread, between bytecodes. So generation runs in a worker
@@ -354,13 +359,18 @@ def _generate(
         try:
             outcome["output"] = generate(
                 model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
+                top_k=args.top_k, top_p=args.top_p, seed=(args.seed + turn) % SEED_LIMIT, stop_tokens=stop_tokens,
+                streamer=streamer,
             )
         except BaseException as e:  # handed to the main thread
             outcome["error"] = e
         finally:
             done.set()
 
+    if turn == 0 and args.max_new_tokens > 0:
+        # The first generation of a process compiles (seconds, more for a big model) before any
+        # token shows; later turns reuse the compiled code unless their shapes grow.
+        _status("compiling and prefilling ...")
     # A daemon, so that a second Ctrl-C ends the process without waiting for the loop.
     threading.Thread(target=run, name="generate", daemon=True).start()
     try:
@@ -377,7 +387,7 @@ def _generate(
         raise InputError(str(error)) from None
     if error is not None:
         raise error
-    return outcome["output"].stats, stop.is_set()
+    return outcome["output"], stop.is_set()
 
 
 def _quit_now() -> NoReturn:
@@ -428,9 +438,9 @@ def _run_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
             sys.stdout.flush()
 
-    stats, interrupted = _generate(model, tokenizer.encode(prompt), args, stops, show)
+    output, interrupted = _generate(model, tokenizer.encode(prompt), args, stops, show)
     print(utf8.decode(b"", final=True))
-    _report_throughput(stats)
+    _report_throughput(output.stats)
     if interrupted:
         raise KeyboardInterrupt
     return 0
@@ -536,17 +546,24 @@ def _chat_preamble(reasoning_effort: str, developer: str | None, date: str) -> C
 
 def _chat_turn(
     model: GptOss, tokenizer: Tokenizer, conversation: Conversation, user_message: str,
-    args: argparse.Namespace,
+    args: argparse.Namespace, *, turn: int = 0,
 ) -> Conversation:
-    """Answer ``user_message``, streaming the reply to stdout; returns the longer conversation."""
+    """Answer ``user_message``, streaming the reply to stdout; returns the longer conversation.
+
+    ``turn`` counts the turns of an interactive chat from 0 (see :func:`_generate`).
+    """
     from gptoss_jax.harmony import Message, Role, encode_for_completion, stop_token_ids
 
     conversation = conversation.extended([Message(Role.USER, user_message)])
     printer = _ReplyPrinter(tokenizer, sys.stdout)
-    stats, interrupted = _generate(model, encode_for_completion(conversation, tokenizer), args,
-                                   sorted(stop_token_ids(tokenizer)), printer.process)
+    stops = stop_token_ids(tokenizer)
+    output, interrupted = _generate(model, encode_for_completion(conversation, tokenizer), args, sorted(stops),
+                                    printer.process, turn=turn)
     reply = printer.finish()
-    _report_throughput(stats)
+    tokens = output.tokens[0]
+    if not interrupted and len(tokens) == args.max_new_tokens and tokens and tokens[-1] not in stops:
+        _status(f"[stopped at --max-new-tokens {args.max_new_tokens} before the reply ended]")
+    _report_throughput(output.stats)
     if interrupted:
         raise KeyboardInterrupt
     # The rendering of the next prompt drops this turn's analysis once a user message follows
@@ -556,6 +573,7 @@ def _chat_turn(
 
 def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Conversation, args: argparse.Namespace) -> None:
     _status("type a message and press Enter; Ctrl-D to quit")
+    turn = 0
     while True:
         try:
             message = input(">>> ")
@@ -563,7 +581,8 @@ def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Convers
             print()
             return
         if message.strip():
-            conversation = _chat_turn(model, tokenizer, conversation, message, args)
+            conversation = _chat_turn(model, tokenizer, conversation, message, args, turn=turn)
+            turn += 1
 
 
 def _run_chat(args: argparse.Namespace) -> int:
@@ -590,13 +609,13 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
             "analysis channel (the model's reasoning) apart from the final answer. Generation "
             "stops at <|return|> or <|call|>. Without MESSAGE, reads the message from stdin, or "
             "on a terminal chats turn after turn (Ctrl-D quits). Prefill and decode throughput "
-            "go to stderr after each reply."
+            "go to stderr after each reply, after a note when --max-new-tokens cut the reply off."
         ),
     )
     parser.add_argument("message", nargs="?", metavar="MESSAGE", help="the user's message (default: stdin)")
     _add_checkpoint_argument(parser)
     _add_harmony_arguments(parser)
-    _add_sampling_arguments(parser, max_new_tokens=1024)
+    _add_sampling_arguments(parser, max_new_tokens=1024, turns=True)
     _add_runtime_arguments(parser)
     parser.set_defaults(run=_run_chat)
 

@@ -12,18 +12,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gptoss_jax
 from gptoss_jax import cli
 from gptoss_jax.demo import CACHE_ENV_VAR, demo_checkpoint_dir, ensure_demo_checkpoint
+from gptoss_jax.generate import GenerationOutput, GenerationStats
 from gptoss_jax.kernel_dispatch import has_hopper_gpu
-from gptoss_jax.tokenizer import build_demo_tokenizer
+from gptoss_jax.tokenizer import Tokenizer, build_demo_tokenizer
 
 # The demo's own token count, so that every run below shares its compiled decode loop.
 NEW_TOKENS = ["--max-new-tokens", str(cli.DEMO_MAX_NEW_TOKENS)]
 THROUGHPUT = re.compile(r"prefill: \d+ tokens, [\d.]+ tokens/s \| decode: (\d+) tokens, [\d.]+ tokens/s")
 REPO = Path(__file__).resolve().parents[1]
+COMPILING = "compiling and prefilling ..."
 # Runs cli.main on each argv of a JSON list in one process; prints [[exit status, stderr], ...].
 RUN_COMMANDS = """
 import contextlib, io, json, sys
@@ -73,7 +76,7 @@ def test_demo_streams_a_final_answer_and_reports_throughput(demo_checkpoint, cap
     assert f"user: {cli.DEMO_MESSAGE}" in err
     loading = r"^loading \S+demo-\w+ \(bfloat16; kernels xla(; mesh [^)]+)?\) \.\.\.\nloaded in [\d.]+ s$"
     assert re.search(loading, err, re.MULTILINE)
-    assert THROUGHPUT.search(err)
+    assert err.count(f"\n{COMPILING}\n") == 1 and err.index(COMPILING) < THROUGHPUT.search(err).start()
 
 
 def test_generate_continues_a_prompt_on_the_embedded_default(demo_checkpoint, capsys):
@@ -190,7 +193,7 @@ def test_a_closed_stdout_stops_generation_quietly_with_status_141(demo_checkpoin
     assert process.returncode == cli.EXIT_BROKEN_PIPE, err[-4000:]
     assert time.perf_counter() - closed < 30  # generation stopped; 20000 tokens take minutes
     assert "Traceback" not in err and "error" not in err and "Exception" not in err
-    assert err.splitlines()[-1].startswith("loaded in")
+    assert err.splitlines()[-1] == COMPILING
 
 
 def test_default_mesh_follows_the_model_and_is_checked_before_writing(demo_checkpoint, tmp_path):
@@ -218,6 +221,50 @@ def test_chat_reads_the_message_from_stdin(demo_checkpoint, capsys, monkeypatch)
     assert re.match(r"(analysis|commentary|final): ", out)
     assert cli.RANDOM_WEIGHTS_NOTE not in err  # a checkpoint was named
     assert THROUGHPUT.search(err)
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_marked(
+    demo_checkpoint, capsys, monkeypatch
+):
+    tokenizer = Tokenizer.from_pretrained_dir(demo_checkpoint)
+    answer = tokenizer.encode("<|channel|>final<|message|>Paris.", allowed_special="all")
+    # The first reply ends at <|return|>; the second has --max-new-tokens tokens, none a stop.
+    replies = [answer + [tokenizer.special_token_id(name)] for name in ("<|return|>", "<|end|>")]
+    seeds = []
+
+    def scripted_generate(model, prompts, *, max_new_tokens, seed, streamer, **kwargs):
+        tokens = replies[len(seeds)][:max_new_tokens]
+        seeds.append(seed)
+        for token in tokens:
+            streamer(np.array([token]), np.array([True]))
+        return GenerationOutput([tokens], None, GenerationStats(len(prompts[0]), 1.0, len(tokens), 1.0, 0.0))
+
+    messages = ["What is the capital of France?", "And again?"]
+
+    def type_in(prompt: str) -> str:
+        if not messages:
+            raise EOFError  # Ctrl-D
+        return messages.pop(0)
+
+    monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
+    monkeypatch.setattr("sys.stdin", FakeTerminal())
+    monkeypatch.setattr("builtins.input", type_in)
+    max_new_tokens = len(answer) + 1
+    assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--seed", str(cli.SEED_LIMIT - 1),
+                     "--max-new-tokens", str(max_new_tokens)]) == 0
+    out, err = capsys.readouterr()
+
+    assert seeds == [cli.SEED_LIMIT - 1, 0]  # --seed, then --seed + 1 modulo 2**32
+    assert out.count("final: Paris.\n") == 2
+    lines = err.splitlines()
+    assert lines.count(COMPILING) == 1  # before the first turn only
+    _, second_reply_end = [i for i, line in enumerate(lines) if THROUGHPUT.match(line)]
+    assert lines.index(f"[stopped at --max-new-tokens {max_new_tokens} before the reply ended]") == second_reply_end - 1
 
 
 def test_reply_printer_shows_analysis_apart_from_the_final_answer():
