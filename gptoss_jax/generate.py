@@ -8,7 +8,11 @@ each step's tokens to the host through an ordered ``io_callback``, without recom
 streamer's answer can end the loop early (Ctrl-C in the CLI).
 
 Shapes are bucketed (prompt chunk, cache length, output buffer: powers of two), so a new prompt
-compiles only when it lands in a new bucket.
+compiles only when it lands in a new bucket. The KV cache starts with room for at most
+:data:`FIRST_CACHE_LENGTH` positions past the prompt; when a long generation fills it, the loop
+returns, the cache doubles (the next bucket, compiled once) and the loop goes on, so memory and
+the XLA path's attention (which reads every slot) follow the tokens generated, not
+``max_new_tokens``.
 
 Example::
 
@@ -44,6 +48,8 @@ generation after this step: the tokens handed over so far, this step's included,
 
 _MIN_BUCKET = 16
 _MIN_CACHE = 256
+FIRST_CACHE_LENGTH = 4096
+"""Positions past the longest prompt the KV cache first has room for (it doubles when full)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +135,18 @@ def _emit(tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
     return np.asarray(stop)
 
 
-def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop_tokens, sampling: SamplingConfig,
-            *, buffer: int, stream: bool):
-    """Sample up to ``max_new_tokens`` (>= 1) tokens per row in a device loop."""
+def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, sampling: SamplingConfig, *,
+            first: bool, stream: bool) -> _DecodeState:
+    """Sample tokens in a device loop until done or until the cache is full (then it is extended).
+
+    ``first``: the carry is fresh from the prefill, and its logits give the first token.
+    """
     model = nnx.merge(graphdef, state)
-    batch = logits.shape[0]
+    cache_length = carry.cache.max_length
 
     def keep_going(carry: _DecodeState) -> jax.Array:
-        return (carry.step < max_new_tokens) & jnp.any(carry.active) & ~carry.stop_requested
+        has_room = jnp.max(carry.positions) < cache_length  # feed_back writes the last token there
+        return (carry.step < max_new_tokens) & jnp.any(carry.active) & ~carry.stop_requested & has_room
 
     def sample_next(carry: _DecodeState) -> _DecodeState:
         token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
@@ -159,16 +169,16 @@ def _decode(graphdef, state, cache, logits, positions, key, max_new_tokens, stop
         logits, cache = model.with_cache(token[:, None], carry.positions[:, None], carry.cache)
         return carry._replace(cache=cache, logits=logits[:, 0], positions=carry.positions + 1)
 
-    # The first token comes from the prefill's logits; each later one costs one forward, so the
-    # last sampled token is never run through the model.
-    initial = sample_next(_DecodeState(
-        step=jnp.int32(0), stop_requested=jnp.bool_(False), key=key, cache=cache, logits=logits,
-        positions=positions,
-        active=jnp.ones((batch,), bool), generated=jnp.zeros((batch,), jnp.int32),
-        tokens=jnp.zeros((batch, buffer), jnp.int32), logprobs=jnp.zeros((batch, buffer), jnp.float32),
-    ))
-    final = jax.lax.while_loop(keep_going, lambda carry: sample_next(feed_back(carry)), initial)
-    return final.tokens, final.logprobs, final.generated
+    if first:
+        # The first token comes from the prefill's logits; each later one costs one forward, so
+        # the last sampled token is never run through the model.
+        carry = sample_next(carry)
+    return jax.lax.while_loop(keep_going, lambda carry: sample_next(feed_back(carry)), carry)
+
+
+def _finished(carry: _DecodeState, max_new_tokens: int) -> bool:
+    step, active, stop_requested = jax.device_get((carry.step, carry.active, carry.stop_requested))
+    return step >= max_new_tokens or not active.any() or bool(stop_requested)
 
 
 class _Compiled:
@@ -191,9 +201,9 @@ class _Compiled:
         return executable(*args)
 
 
-def _donated() -> tuple[str, ...]:
+def _donated(name: str) -> tuple[str, ...]:
     # The CPU backend cannot reuse donated buffers and warns when asked to.
-    return () if jax.default_backend() == "cpu" else ("cache",)
+    return () if jax.default_backend() == "cpu" else (name,)
 
 
 _compiled_prefill: _Compiled | None = None
@@ -203,8 +213,8 @@ _compiled_decode: _Compiled | None = None
 def _compiled() -> tuple[_Compiled, _Compiled]:
     global _compiled_prefill, _compiled_decode
     if _compiled_prefill is None:
-        _compiled_prefill = _Compiled(_prefill_chunk, _donated(), ("first",))
-        _compiled_decode = _Compiled(_decode, _donated(), ("buffer", "stream"))
+        _compiled_prefill = _Compiled(_prefill_chunk, _donated("cache"), ("first",))
+        _compiled_decode = _Compiled(_decode, _donated("carry"), ("first", "stream"))
     return _compiled_prefill, _compiled_decode
 
 
@@ -305,7 +315,11 @@ def generate(
     longest = int(lengths.max())
     chunk = min(_bucket(prefill_chunk_size, _MIN_BUCKET), _bucket(longest, _MIN_BUCKET))
     padded_length = -(-longest // chunk) * chunk
-    cache_length = min(_bucket(longest + max_new_tokens, _MIN_CACHE), config.max_position_embeddings)
+    # The cache starts with room for the whole generation, or for FIRST_CACHE_LENGTH positions past
+    # the prompt if that is less, and doubles whenever it fills: a large max_new_tokens costs
+    # neither memory nor (on the XLA path, which reads every slot) time until it is used.
+    final_cache_length = min(_bucket(longest + max_new_tokens, _MIN_CACHE), config.max_position_embeddings)
+    cache_length = min(_bucket(longest + FIRST_CACHE_LENGTH, _MIN_CACHE), final_cache_length)
     tokens = np.zeros((batch, padded_length), np.int32)
     for row, ids in enumerate(arrays):
         tokens[row, :ids.size] = ids
@@ -329,17 +343,26 @@ def generate(
         jax.block_until_ready(logits)
         prefill_seconds += time.perf_counter() - begin - (prefill.compile_seconds - compile_mark)
 
+    buffer = _bucket(max_new_tokens, _MIN_BUCKET)
     global _streamer, _streamer_error
     _streamer, _streamer_error = streamer, None
     try:
         begin = time.perf_counter()
         compile_mark = decode.compile_seconds
-        generated_tokens, logprobs, generated = decode(
-            graphdef, state, cache, logits, jnp.asarray(lengths), jax.random.key(seed),
-            jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
-            jax.tree.map(jnp.float32, sampling), buffer=_bucket(max_new_tokens, _MIN_BUCKET), stream=streamer is not None,
+        carry = _DecodeState(
+            step=jnp.int32(0), stop_requested=jnp.bool_(False), key=jax.random.key(seed), cache=cache,
+            logits=logits, positions=jnp.asarray(lengths), active=jnp.ones((batch,), bool),
+            generated=jnp.zeros((batch,), jnp.int32), tokens=jnp.zeros((batch, buffer), jnp.int32),
+            logprobs=jnp.zeros((batch, buffer), jnp.float32),
         )
-        generated_tokens, logprobs, generated = jax.device_get((generated_tokens, logprobs, generated))
+        arguments = (jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
+                     jax.tree.map(jnp.float32, sampling))
+        carry = decode(graphdef, state, carry, *arguments, first=True, stream=streamer is not None)
+        while carry.cache.max_length < final_cache_length and not _finished(carry, max_new_tokens):
+            cache = carry.cache.extended(config, min(2 * carry.cache.max_length, final_cache_length))
+            carry = decode(graphdef, state, carry._replace(cache=cache), *arguments, first=False,
+                           stream=streamer is not None)
+        generated_tokens, logprobs, generated = jax.device_get((carry.tokens, carry.logprobs, carry.generated))
         generated = generated[:prompt_count]
         decode_seconds = time.perf_counter() - begin - (decode.compile_seconds - compile_mark)
         if _streamer_error is not None:

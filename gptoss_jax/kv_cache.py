@@ -73,10 +73,39 @@ class KVCache(NamedTuple):
             rows_sharding = named_sharding(mesh, BATCH, None)
         layers = []
         for layer in range(config.num_hidden_layers):
-            slots = min(config.sliding_window, max_length) if config.is_sliding(layer) else max_length
+            slots = _slots(config, layer, max_length)
             shape = (batch, slots, config.num_key_value_heads, config.head_dim)
             layers.append(LayerCache(
                 jnp.zeros(shape, dtype, device=heads_sharding), jnp.zeros(shape, dtype, device=heads_sharding),
                 jnp.full((batch, slots), EMPTY_SLOT, jnp.int32, device=rows_sharding),
             ))
         return cls(tuple(layers))
+
+    @property
+    def max_length(self) -> int:
+        """The most positions it holds: the slots of a full-attention layer."""
+        return max(layer.slots for layer in self.layers)
+
+    def extended(self, config: GptOssConfig, max_length: int) -> KVCache:
+        """The same cache with room for ``max_length`` positions: new slots are empty.
+
+        A ring smaller than its window (a cache shorter than the window) has never wrapped, so
+        its keys sit in the slots they keep in the longer ring.
+        """
+        if max_length > config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}"
+            )
+        layers = []
+        for index, layer in enumerate(self.layers):
+            extra = _slots(config, index, max_length) - layer.slots
+            padding = ((0, 0), (0, extra), (0, 0), (0, 0))
+            layers.append(LayerCache(
+                jnp.pad(layer.keys, padding), jnp.pad(layer.values, padding),
+                jnp.pad(layer.positions, padding[:2], constant_values=EMPTY_SLOT),
+            ))
+        return KVCache(tuple(layers))
+
+
+def _slots(config: GptOssConfig, layer: int, max_length: int) -> int:
+    return min(config.sliding_window, max_length) if config.is_sliding(layer) else max_length

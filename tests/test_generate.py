@@ -10,6 +10,7 @@ from flax import nnx
 
 from gptoss_jax.config import preset
 from gptoss_jax.generate import GenerationInputError, generate
+from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample
 
@@ -131,6 +132,27 @@ def test_each_token_after_the_first_costs_one_forward(model, prompts, greedy_out
         jax.effects_barrier()
         assert len(out.tokens[0]) == expected_tokens
         assert len(decode_forwards) == expected_tokens - 1
+
+
+def test_a_generation_that_fills_the_cache_goes_on_in_a_doubled_one(model, prompts, monkeypatch):
+    """A cache smaller than the generation needs: the loop stops when it is full, the cache grows
+    (64 -> 128 slots here) and decoding goes on with the same tokens and log-probabilities."""
+    options = dict(max_new_tokens=60, temperature=0, return_logprobs=True)
+    whole = generate(model, prompts, **options)  # one cache for prompt + 60 tokens
+    extensions = []
+    extended = KVCache.extended
+
+    def recorded(self, config, max_length):
+        extensions.append((self.max_length, max_length))
+        return extended(self, config, max_length)
+
+    monkeypatch.setattr(KVCache, "extended", recorded)
+    monkeypatch.setattr(generate_module, "_MIN_CACHE", 16)
+    monkeypatch.setattr(generate_module, "FIRST_CACHE_LENGTH", 8)
+    grown = generate(model, prompts, **options)
+    assert extensions == [(64, 128)]  # the longest prompt (35) + 8, bucketed; then what 35 + 60 needs
+    assert grown.tokens == whole.tokens
+    np.testing.assert_allclose(np.concatenate(grown.logprobs), np.concatenate(whole.logprobs), atol=1e-5)
 
 
 def test_same_seed_same_tokens(model, prompts):

@@ -90,6 +90,10 @@ def test_greedy_generation_matches_one_device(worker: dict, mesh: str):
     assert len(worker["tokens"]["single"][0]) == 10
 
 
+def test_a_growing_cache_on_a_mesh_gives_the_same_tokens(worker: dict):
+    assert worker["tokens"]["grown cache"] == worker["tokens"]["single"]
+
+
 def test_every_parameter_is_sharded_by_the_rules(worker: dict):
     specs = worker["parameter_specs"]
     assert len(specs) == 2 + 1 + 2 * 15  # embedding, unembedding, final norm, 15 per layer
@@ -104,6 +108,7 @@ def test_every_parameter_is_sharded_by_the_rules(worker: dict):
 
 def test_kv_cache_is_split_by_heads_and_rows(worker: dict):
     assert worker["cache_specs"] == [["data", None, "tensor", None], ["data", None, "tensor", None], ["data", None]]
+    assert worker["extended_cache_specs"] == worker["cache_specs"]
 
 
 @pytest.mark.parametrize("source", ["raw", "converted"])
@@ -211,6 +216,8 @@ def _spec(sharding) -> list:
 
 
 def _run_worker(checkpoint: str, converted: str) -> dict:
+    import importlib
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -245,6 +252,10 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
         report["logits_error"][mesh_spec] = float(np.max(np.abs(logits(model) - expected)))
         if mesh_spec in ("expert=4,tensor=2", "data=2,expert=2,tensor=2"):
             report["tokens"][mesh_spec] = gptoss_jax.generate(model, prompts, max_new_tokens=10, temperature=0).tokens
+    # The same generation with a cache that starts at 8 slots and grows to 16 on the mesh.
+    generation = importlib.import_module("gptoss_jax.generate")
+    generation._MIN_CACHE, generation.FIRST_CACHE_LENGTH = 8, 1
+    report["tokens"]["grown cache"] = gptoss_jax.generate(model, prompts, max_new_tokens=10, temperature=0).tokens
     report["parameter_specs"] = {
         ".".join(map(str, path)): (_spec(v.get_value().sharding), list(v.get_value().addressable_shards[0].data.shape),
                                    list(v.get_value().shape))
@@ -252,6 +263,7 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
     }
     cache = KVCache.create(config, 2, 16, jnp.float32, model.mesh)
     report["cache_specs"] = [_spec(array.sharding) for array in cache.layers[1]]
+    report["extended_cache_specs"] = [_spec(array.sharding) for array in cache.extended(config, 32).layers[1]]
 
     loaded_expected = np.asarray(gptoss_jax.load(checkpoint, dtype=jnp.float32, kernels="xla")(tokens))
     convert_checkpoint(checkpoint, converted, progress=False)
