@@ -337,7 +337,8 @@ def _generate(
     """Generate from one prompt, handing each token to ``on_token`` as it comes.
 
     Returns the output and whether Ctrl-C cut generation short; the caller finishes its output,
-    then raises KeyboardInterrupt, so that ``main`` reports it. ``turn`` counts the generations
+    then raises KeyboardInterrupt, so that ``main`` reports it (an interactive chat goes on to
+    the next prompt instead). ``turn`` counts the generations
     of an interactive chat from 0: each samples with its own seed, ``--seed`` plus ``turn``.
 
     The compiled decode loop keeps the thread that runs it until the loop ends, and Python runs
@@ -547,8 +548,9 @@ def _chat_preamble(reasoning_effort: str, developer: str | None, date: str) -> C
 def _chat_turn(
     model: GptOss, tokenizer: Tokenizer, conversation: Conversation, user_message: str,
     args: argparse.Namespace, *, turn: int = 0,
-) -> Conversation:
-    """Answer ``user_message``, streaming the reply to stdout; returns the longer conversation.
+) -> Conversation | None:
+    """Answer ``user_message``, streaming the reply to stdout; returns the longer conversation,
+    or None when Ctrl-C cut the reply short.
 
     ``turn`` counts the turns of an interactive chat from 0 (see :func:`_generate`).
     """
@@ -565,14 +567,16 @@ def _chat_turn(
         _status(f"[stopped at --max-new-tokens {args.max_new_tokens} before the reply ended]")
     _report_throughput(output.stats)
     if interrupted:
-        raise KeyboardInterrupt
+        return None
     # The rendering of the next prompt drops this turn's analysis once a user message follows
     # its final answer (Harmony's rule), so every message goes into the history.
     return conversation.extended(reply)
 
 
 def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Conversation, args: argparse.Namespace) -> None:
-    _status("type a message and press Enter; Ctrl-D to quit")
+    """Turn after turn until Ctrl-D. Ctrl-C during a reply stops it and drops the turn (a cut
+    reply would mislead the model later); Ctrl-C at the prompt quits."""
+    _status("type a message and press Enter; Ctrl-C stops a reply, Ctrl-D quits")
     turn = 0
     while True:
         try:
@@ -581,7 +585,11 @@ def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Convers
             print()
             return
         if message.strip():
-            conversation = _chat_turn(model, tokenizer, conversation, message, args, turn=turn)
+            answered = _chat_turn(model, tokenizer, conversation, message, args, turn=turn)
+            if answered is None:
+                _status("[reply stopped; this turn is left out of the conversation]")
+            else:
+                conversation = answered
             turn += 1
 
 
@@ -595,8 +603,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     model, tokenizer = _load_model_and_tokenizer(args)
     if interactive:
         _interactive_chat(model, tokenizer, conversation, args)
-    else:
-        _chat_turn(model, tokenizer, conversation, message, args)
+    elif _chat_turn(model, tokenizer, conversation, message, args) is None:
+        raise KeyboardInterrupt  # main reports it
     return 0
 
 
@@ -608,7 +616,7 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
             "Answer MESSAGE in the Harmony chat format and stream the reply to stdout: the "
             "analysis channel (the model's reasoning) apart from the final answer. Generation "
             "stops at <|return|> or <|call|>. Without MESSAGE, reads the message from stdin, or "
-            "on a terminal chats turn after turn (Ctrl-D quits). Prefill and decode throughput "
+            "on a terminal chats turn after turn (Ctrl-C stops a reply, Ctrl-D quits). Prefill and decode throughput "
             "go to stderr after each reply, after a note when --max-new-tokens cut the reply off."
         ),
     )

@@ -223,6 +223,18 @@ def test_chat_reads_the_message_from_stdin(demo_checkpoint, capsys, monkeypatch)
     assert THROUGHPUT.search(err)
 
 
+def typing(messages: list[str]) -> Callable[[str], str]:
+    """A stand-in for ``input``: the messages one by one, then Ctrl-D (EOFError)."""
+    remaining = list(messages)
+
+    def type_in(prompt: str) -> str:
+        if not remaining:
+            raise EOFError
+        return remaining.pop(0)
+
+    return type_in
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
@@ -244,16 +256,9 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
             streamer(np.array([token]), np.array([True]))
         return GenerationOutput([tokens], None, GenerationStats(len(prompts[0]), 1.0, len(tokens), 1.0, 0.0))
 
-    messages = ["What is the capital of France?", "And again?"]
-
-    def type_in(prompt: str) -> str:
-        if not messages:
-            raise EOFError  # Ctrl-D
-        return messages.pop(0)
-
     monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
     monkeypatch.setattr("sys.stdin", FakeTerminal())
-    monkeypatch.setattr("builtins.input", type_in)
+    monkeypatch.setattr("builtins.input", typing(["What is the capital of France?", "And again?"]))
     max_new_tokens = len(answer) + 1
     assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--seed", str(cli.SEED_LIMIT - 1),
                      "--max-new-tokens", str(max_new_tokens)]) == 0
@@ -265,6 +270,38 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
     assert lines.count(COMPILING) == 1  # before the first turn only
     _, second_reply_end = [i for i, line in enumerate(lines) if THROUGHPUT.match(line)]
     assert lines.index(f"[stopped at --max-new-tokens {max_new_tokens} before the reply ended]") == second_reply_end - 1
+
+
+def test_ctrl_c_in_an_interactive_chat_stops_the_reply_and_drops_the_turn(demo_checkpoint, capsys, monkeypatch):
+    tokenizer = Tokenizer.from_pretrained_dir(demo_checkpoint)
+    answer = tokenizer.encode("<|channel|>final<|message|>Paris.", allowed_special="all")
+    prompts = []
+
+    def scripted_generate(model, prompts_, *, streamer, **kwargs):
+        prompts.append(tokenizer.decode(prompts_[0]))
+        tokens = []
+        for token in answer:  # the first reply streams until the streamer asks to stop
+            tokens.append(token)
+            if streamer(np.array([token]), np.array([True])):
+                break
+        return GenerationOutput([tokens], None, GenerationStats(len(prompts_[0]), 1.0, len(tokens), 1.0, 0.0))
+
+    ctrl_c = iter([True])  # pressed once, while the first reply is being generated
+
+    def wait_for(event):
+        if next(ctrl_c, False):
+            raise KeyboardInterrupt
+        event.wait()
+
+    monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
+    monkeypatch.setattr(cli, "_wait_for", wait_for)
+    monkeypatch.setattr("sys.stdin", FakeTerminal())
+    monkeypatch.setattr("builtins.input", typing(["What is the capital of France?", "And of Italy?"]))
+    assert cli.main(["chat", "--checkpoint", str(demo_checkpoint)]) == 0  # not 130: the chat went on
+    err = capsys.readouterr().err
+
+    assert "[reply stopped; this turn is left out of the conversation]" in err.splitlines()
+    assert len(prompts) == 2 and "France" not in prompts[1] and "Italy" in prompts[1]
 
 
 def test_reply_printer_shows_analysis_apart_from_the_final_answer():
