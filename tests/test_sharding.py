@@ -86,12 +86,9 @@ def test_logits_match_one_device(worker: dict, mesh: str):
 
 @pytest.mark.parametrize("mesh", ["expert=4,tensor=2", "data=2,expert=2,tensor=2"])
 def test_greedy_generation_matches_one_device(worker: dict, mesh: str):
+    """On the second mesh the KV cache also grows from 8 to 16 slots midway."""
     assert worker["tokens"][mesh] == worker["tokens"]["single"]
     assert len(worker["tokens"]["single"][0]) == 10
-
-
-def test_a_growing_cache_on_a_mesh_gives_the_same_tokens(worker: dict):
-    assert worker["tokens"]["grown cache"] == worker["tokens"]["single"]
 
 
 def test_every_parameter_is_sharded_by_the_rules(worker: dict):
@@ -250,12 +247,12 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
     for mesh_spec in MESHES:
         model = build(mesh_spec)
         report["logits_error"][mesh_spec] = float(np.max(np.abs(logits(model) - expected)))
+        if mesh_spec == "data=2,expert=2,tensor=2":
+            # On this mesh the cache starts at 8 slots and grows to 16 during generation.
+            generation = importlib.import_module("gptoss_jax.generate")
+            generation._MIN_CACHE, generation.FIRST_CACHE_LENGTH = 8, 1
         if mesh_spec in ("expert=4,tensor=2", "data=2,expert=2,tensor=2"):
             report["tokens"][mesh_spec] = gptoss_jax.generate(model, prompts, max_new_tokens=10, temperature=0).tokens
-    # The same generation with a cache that starts at 8 slots and grows to 16 on the mesh.
-    generation = importlib.import_module("gptoss_jax.generate")
-    generation._MIN_CACHE, generation.FIRST_CACHE_LENGTH = 8, 1
-    report["tokens"]["grown cache"] = gptoss_jax.generate(model, prompts, max_new_tokens=10, temperature=0).tokens
     report["parameter_specs"] = {
         ".".join(map(str, path)): (_spec(v.get_value().sharding), list(v.get_value().addressable_shards[0].data.shape),
                                    list(v.get_value().shape))
