@@ -338,8 +338,8 @@ def _generate(
 
     Returns the output and whether Ctrl-C cut generation short; the caller finishes its output,
     then raises KeyboardInterrupt, so that ``main`` reports it (an interactive chat goes on to
-    the next prompt instead). ``turn`` counts the generations
-    of an interactive chat from 0: each samples with its own seed, ``--seed`` plus ``turn``.
+    the next prompt instead). ``turn`` counts the generations of an interactive chat from 0:
+    each samples with its own seed, ``--seed`` plus ``turn``.
 
     The compiled decode loop keeps the thread that runs it until the loop ends, and Python runs
     its Ctrl-C handler only in the main thread, between bytecodes. So generation runs in a worker
@@ -616,8 +616,9 @@ def _add_chat(subparsers: argparse._SubParsersAction) -> None:
             "Answer MESSAGE in the Harmony chat format and stream the reply to stdout: the "
             "analysis channel (the model's reasoning) apart from the final answer. Generation "
             "stops at <|return|> or <|call|>. Without MESSAGE, reads the message from stdin, or "
-            "on a terminal chats turn after turn (Ctrl-C stops a reply, Ctrl-D quits). Prefill and decode throughput "
-            "go to stderr after each reply, after a note when --max-new-tokens cut the reply off."
+            "on a terminal chats turn after turn (Ctrl-C stops a reply, Ctrl-D quits). Prefill and "
+            "decode throughput go to stderr after each reply, after a note when --max-new-tokens cut "
+            "the reply off."
         ),
     )
     parser.add_argument("message", nargs="?", metavar="MESSAGE", help="the user's message (default: stdin)")

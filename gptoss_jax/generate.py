@@ -146,7 +146,7 @@ def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, s
 
     def keep_going(carry: _DecodeState) -> jax.Array:
         has_room = jnp.max(carry.positions) < cache_length  # feed_back writes the last token there
-        return (carry.step < max_new_tokens) & jnp.any(carry.active) & ~carry.stop_requested & has_room
+        return ~_finished(carry, max_new_tokens) & has_room
 
     def sample_next(carry: _DecodeState) -> _DecodeState:
         token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
@@ -176,9 +176,9 @@ def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, s
     return jax.lax.while_loop(keep_going, lambda carry: sample_next(feed_back(carry)), carry)
 
 
-def _finished(carry: _DecodeState, max_new_tokens: int) -> bool:
-    step, active, stop_requested = jax.device_get((carry.step, carry.active, carry.stop_requested))
-    return step >= max_new_tokens or not active.any() or bool(stop_requested)
+def _finished(carry: _DecodeState, max_new_tokens: jax.Array | int) -> jax.Array:
+    """Whether decoding is over: max_new_tokens sampled, every row stopped, or the streamer asked."""
+    return (carry.step >= max_new_tokens) | ~jnp.any(carry.active) | carry.stop_requested
 
 
 class _Compiled:
@@ -358,6 +358,7 @@ def generate(
         arguments = (jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
                      jax.tree.map(jnp.float32, sampling))
         carry = decode(graphdef, state, carry, *arguments, first=True, stream=streamer is not None)
+        # The loop returned because it is over or because the cache is full (a device-to-host read).
         while carry.cache.max_length < final_cache_length and not _finished(carry, max_new_tokens):
             cache = carry.cache.extended(config, min(2 * carry.cache.max_length, final_cache_length))
             carry = decode(graphdef, state, carry._replace(cache=cache), *arguments, first=False,

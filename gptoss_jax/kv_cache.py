@@ -62,10 +62,7 @@ class KVCache(NamedTuple):
         mesh: Mesh | None = None,
     ) -> KVCache:
         """An empty cache for ``batch`` sequences of up to ``max_length`` positions, sharded over ``mesh`` if given."""
-        if max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}"
-            )
+        _check_length(config, max_length)
         if mesh is None:
             heads_sharding = rows_sharding = None
         else:
@@ -92,10 +89,7 @@ class KVCache(NamedTuple):
         A ring smaller than its window (a cache shorter than the window) has never wrapped, so
         its keys sit in the slots they keep in the longer ring.
         """
-        if max_length > config.max_position_embeddings:
-            raise ValueError(
-                f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}"
-            )
+        _check_length(config, max_length)
         layers = []
         for index, layer in enumerate(self.layers):
             extra = _slots(config, index, max_length) - layer.slots
@@ -109,3 +103,8 @@ class KVCache(NamedTuple):
 
 def _slots(config: GptOssConfig, layer: int, max_length: int) -> int:
     return min(config.sliding_window, max_length) if config.is_sliding(layer) else max_length
+
+
+def _check_length(config: GptOssConfig, max_length: int) -> None:
+    if max_length > config.max_position_embeddings:
+        raise ValueError(f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}")

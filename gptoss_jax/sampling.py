@@ -24,6 +24,8 @@ class SamplingConfig:
       temperature: 0 picks the most likely token (greedy); otherwise logits are divided by it.
       top_k: keep only the k most likely tokens (None: all).
       top_p: keep the smallest set of most likely tokens whose probability reaches p (None or 1: all).
+      greedy: (derived) temperature is 0.
+      filters_top_p: (derived) top_p keeps less than everything.
     """
 
     temperature: float = 1.0
@@ -37,26 +39,21 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        greedy = self.temperature == 0
-        object.__setattr__(self, "_static", (greedy, self.top_k, self.top_p is not None and self.top_p < 1))
-
-    @property
-    def greedy(self) -> bool:
-        return self._static[0]
-
-    @property
-    def filters_top_p(self) -> bool:
-        return self._static[2]
+        # Decided here, from concrete values: under tracing temperature and top_p are tracers.
+        object.__setattr__(self, "greedy", self.temperature == 0)
+        object.__setattr__(self, "filters_top_p", self.top_p is not None and self.top_p < 1)
 
     def tree_flatten(self):
-        return (self.temperature, self.top_p if self.filters_top_p else None), self._static
+        leaves = (self.temperature, self.top_p if self.filters_top_p else None)
+        return leaves, (self.top_k, self.greedy, self.filters_top_p)
 
     @classmethod
     def tree_unflatten(cls, static, leaves) -> SamplingConfig:
-        # The leaves may be tracers: set the fields without validating them again.
+        # The leaves may be tracers: set the attributes without validating them again.
         config = object.__new__(cls)
-        temperature, top_p = leaves
-        for name, value in (("temperature", temperature), ("top_k", static[1]), ("top_p", top_p), ("_static", static)):
+        (temperature, top_p), (top_k, greedy, filters_top_p) = leaves, static
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                            ("greedy", greedy), ("filters_top_p", filters_top_p)):
             object.__setattr__(config, name, value)
         return config
 
