@@ -33,7 +33,7 @@ from pallas_kernels.mxfp4_moe import (
     _e2m1_times_two_pow_minus_126,
     mxfp4_grouped_matmul,
 )
-from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
+from pallas_kernels.mxfp4_moe_reference import few_rows_product, mxfp4_grouped_matmul_reference
 
 HIDDEN = 2880  # gpt-oss-20b and 120b: hidden size = expert intermediate size
 INTERPRET = plgpu.InterpretGPUParams()
@@ -100,6 +100,20 @@ def test_gpu_decode_is_exact_for_every_byte_where_subnormals_are_kept(nibble):
     # Where subnormals are flushed (XLA on the CPU), 0.5 would decode as 0: why interpret mode
     # takes e2m1_decode="select".
     assert np.count_nonzero(scaled_down.view(np.uint16) & 0x7F80 == 0) == 64  # codes 0, 1, 8, 9
+
+
+@pytest.mark.parametrize("per_row", [True, False], ids=["per-row (CPU)", "batched (other backends)"])
+def test_reference_few_rows_product_against_float64(per_row):
+    # The reference picks its decode-sized form by backend, so the CPU runs only one of them
+    # inside it: both are checked here, on the CPU.
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((5, 48, 64)).astype(np.float32)
+    lhs = rng.standard_normal((3, 64)).astype(np.float32)
+    expert = np.array([4, 0, 4], np.int32)
+    got = few_rows_product(jnp.asarray(lhs), jnp.asarray(expert), lambda e: jnp.asarray(weights)[e], per_row=per_row)
+    want = np.einsum("mk,mnk->mn", lhs.astype(np.float64), weights[expert].astype(np.float64))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_interpret_mode_refuses_the_gpu_decode():
