@@ -23,6 +23,11 @@ SWIGLU_ALPHA = 1.702
 
 Epilogue = Literal["bias", "bias_swiglu"]
 
+# Bounds of the row tile of the many-rows path: small tiles waste little on padding but run
+# more, smaller matmuls.
+_MIN_ROW_TILE = 16
+_MAX_ROW_TILE = 512
+
 
 def clamped_swiglu(
     gate_up: jax.Array, limit: float = SWIGLU_LIMIT, alpha: float = SWIGLU_ALPHA
@@ -62,6 +67,55 @@ def few_rows_product(
     return jnp.einsum("mk,mnk->mn", lhs, weights_of(expert), preferred_element_type=jnp.float32)
 
 
+def _row_tile(rows: int, num_experts: int) -> int:
+    """Rows per matmul of one expert: about the mean group size, so padding at most doubles the work."""
+    mean_group = -(-rows // num_experts)
+    return min(rows, max(_MIN_ROW_TILE, min(_MAX_ROW_TILE, 1 << (mean_group - 1).bit_length())))
+
+
+def _rows_by_expert_tiles(
+    lhs: jax.Array, group_sizes: jax.Array, bias: jax.Array, weights_of: Callable[[jax.Array], jax.Array],
+    epilogue: Epilogue, out_features: int,
+) -> jax.Array:
+    """Many rows (prefill): each expert in turn, over its own rows only, a fixed-size tile at a time.
+
+    A tile that starts inside one expert's rows may run past them; those rows are computed and
+    dropped. So the matmuls cover at most ``rows + experts * tile`` rows, where multiplying every
+    row by every expert would cover ``rows * experts``.
+    """
+    rows = lhs.shape[0]
+    tile = _row_tile(rows, group_sizes.shape[0])
+    group_ends = jnp.cumsum(group_sizes)
+    group_starts = group_ends - group_sizes
+
+    def expert_rows(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
+        start, end = group_starts[expert], group_ends[expert]
+
+        def compute(out: jax.Array) -> jax.Array:
+            weights = weights_of(expert)  # decoded once for all its tiles
+
+            def tile_rows(index: jax.Array, out: jax.Array) -> jax.Array:
+                # The last tile may be moved back to stay inside the array; it recomputes rows
+                # an earlier tile already wrote, with the same result.
+                first = jnp.minimum(start + index * tile, rows - tile)
+                product = jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, first, tile), weights.T,
+                                  preferred_element_type=jnp.float32)
+                tile_out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
+                row = first + jnp.arange(tile)
+                kept = jax.lax.dynamic_slice_in_dim(out, first, tile)
+                tile_out = jnp.where(((row >= start) & (row < end))[:, None], tile_out, kept)
+                return jax.lax.dynamic_update_slice_in_dim(out, tile_out, first, 0)
+
+            return jax.lax.fori_loop(0, (end - start + tile - 1) // tile, tile_rows, out)
+
+        # Experts without rows cost nothing, not even decoding their weights.
+        return jax.lax.cond(end > start, compute, lambda out: out, out), None
+
+    out = jnp.zeros((rows, out_features), lhs.dtype)
+    out, _ = jax.lax.scan(expert_rows, out, jnp.arange(group_sizes.shape[0]))
+    return out
+
+
 def mxfp4_grouped_matmul_reference(
     lhs: jax.Array,
     group_sizes: jax.Array,
@@ -93,7 +147,6 @@ def mxfp4_grouped_matmul_reference(
     num_experts, n = blocks.shape[:2]
     rows = lhs.shape[0]
     out_features = n // 2 if epilogue == "bias_swiglu" else n
-    row_expert = expert_of_rows(group_sizes, rows)
 
     def weights_of(experts: jax.Array) -> jax.Array:
         """``[..., N, K]`` weights of ``experts [...]`` (an index or an array of them) in lhs.dtype."""
@@ -102,7 +155,9 @@ def mxfp4_grouped_matmul_reference(
         return decoded[experts].astype(lhs.dtype)
 
     if rows <= num_experts:
-        # Few rows (decode): no loop over experts, which would multiply every row by each.
+        # Few rows (decode): each row with its own expert's weights, in one step rather than a
+        # loop over the experts.
+        row_expert = expert_of_rows(group_sizes, rows)
         expert = jnp.minimum(row_expert, num_experts - 1)
         product = jax.lax.platform_dependent(
             cpu=functools.partial(few_rows_product, lhs, expert, weights_of, per_row=True),
@@ -111,18 +166,7 @@ def mxfp4_grouped_matmul_reference(
         out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
         out = jnp.where((row_expert < num_experts)[:, None], out, 0)
     else:
-
-        def accumulate(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
-            def compute(out: jax.Array) -> jax.Array:
-                product = jnp.dot(lhs, weights_of(expert).T, preferred_element_type=jnp.float32)
-                expert_out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
-                return jnp.where((row_expert == expert)[:, None], expert_out, out)
-
-            # Experts without rows cost nothing.
-            return jax.lax.cond(group_sizes[expert] > 0, compute, lambda out: out, out), None
-
-        out = jnp.zeros((rows, out_features), lhs.dtype)
-        out, _ = jax.lax.scan(accumulate, out, jnp.arange(num_experts))
+        out = _rows_by_expert_tiles(lhs, group_sizes, bias, weights_of, epilogue, out_features)
     if row_weights is None:
         return out
     return out.astype(jnp.float32) * row_weights.astype(jnp.float32)[:, None]

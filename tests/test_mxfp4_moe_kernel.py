@@ -116,6 +116,24 @@ def test_reference_few_rows_product_against_float64(per_row):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows, group_sizes", [(120, [37, 0, 5, 70, 0, 1]), (4, [1, 0, 2, 0, 0, 0])],
+                         ids=["row-tiles", "few-rows"])
+def test_reference_against_float64(rows, group_sizes):
+    # Row tiles of 32 (120 rows, 6 experts): two tiles for 37 rows, three for 70, the last moved
+    # back to stay in the array, 7 rows past the groups. Then the decode-sized path (no more rows
+    # than experts), one row past the groups.
+    problem, row_weights = _problem(rows, 64, 32, group_sizes)
+    problem["lhs"] = problem["lhs"].astype(jnp.float32)
+    got = mxfp4_grouped_matmul_reference(**problem, row_weights=row_weights)
+    weights = np.asarray(mxfp4.dequantize(problem["blocks"], problem["scales"], jnp.float32), np.float64)
+    lhs, bias = np.asarray(problem["lhs"], np.float64), np.asarray(problem["bias"], np.float64)
+    expert = np.repeat(np.arange(len(group_sizes)), group_sizes)
+    want = np.zeros((rows, 32))
+    for row, e in enumerate(expert):
+        want[row] = (weights[e] @ lhs[row] + bias[e]) * float(row_weights[row])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def test_interpret_mode_refuses_the_gpu_decode():
     problem, _ = _problem(4, 192, 128, [4])
     with pytest.raises(ValueError, match="flushes the subnormal"):
