@@ -35,6 +35,12 @@ kernel call goes through the Mosaic GPU lowering once (2 to 3 s of one CPU core,
 CPU) and the layers share it, but prefill and decode compile again for every batch size.
 ``--quick`` therefore runs one batch size; give each further batch size a call of its own.
 
+``--profile DIR`` runs each batch size a third time under ``jax.profiler.trace`` (a trace per
+batch size in ``DIR/batch-B``, for TensorBoard or xprof) and prints where the decode loop's time
+goes: operations per step, the device's busy fraction (well below 100% means the loop is bound
+by kernel launches and host round trips, not by the bytes it reads) and the costliest
+operations (:mod:`benchmarks.trace_summary`).
+
 Every run appends its row to ``--results-md`` (default benchmarks/RESULTS.md) and rewrites the
 ``--json`` file as soon as it finishes, so a crash or a timeout keeps the runs before it.
 
@@ -42,6 +48,7 @@ Usage (from the repository root)::
 
     python -m benchmarks.e2e --model gpt-oss-20b                 # batch 1, 8, 64; 1K/1K
     python -m benchmarks.e2e --model gpt-oss-120b --quick        # batch 1, 1K/256: one 10-minute slot
+    python -m benchmarks.e2e --model gpt-oss-20b --quick --profile /tmp/e2e-trace   # where decode time goes
     python -m benchmarks.e2e --model tiny --prompt-len 16 --new-tokens 8 --batch 1 2   # CPU
 """
 
@@ -65,6 +72,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.memory import parameter_bytes
+from benchmarks.trace_summary import DECODE_MODULE, format_module, summarize
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import generate
 from gptoss_jax.kernel_dispatch import resolve_kernels
@@ -240,11 +248,37 @@ def default_prefill_chunk_size(batch: int) -> int:
     return min(512, max(16, 1 << (PREFILL_TOKENS_PER_STEP // batch).bit_length() - 1))
 
 
+def profiled_decode(model: GptOss, prompts: np.ndarray, options: dict[str, Any], trace_dir: Path,
+                    steps: int) -> dict[str, Any]:
+    """Run ``generate`` once more under ``jax.profiler.trace(trace_dir)``; the decode loop's figures.
+
+    Python and most host events are left out of the trace, which keeps it small; the device's
+    kernels (on a GPU) or XLA's operations (on the CPU) are all there.
+    """
+    options_for_trace = jax.profiler.ProfileOptions()
+    options_for_trace.python_tracer_level = 0
+    options_for_trace.host_tracer_level = 1
+    with jax.profiler.trace(trace_dir, profiler_options=options_for_trace):
+        generate(model, prompts, **options)
+    decode = summarize(trace_dir)[DECODE_MODULE]
+    return {
+        "trace_dir": str(trace_dir),
+        "summary": format_module(decode, steps),
+        "operations_per_step": decode.calls / steps if steps else None,
+        "span_seconds": decode.span_seconds,
+        "busy_fraction": decode.busy_fraction,
+        "top_ops": [{"op": op, "calls": calls, "seconds": seconds} for op, calls, seconds in decode.top_ops],
+    }
+
+
 def run_once(
     model: GptOss, parts: dict[str, int], batch: int, prompt_len: int, new_tokens: int, prefill_chunk_size: int,
-    seed: int, bandwidth: float | None,
+    seed: int, bandwidth: float | None, trace_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then time one ``generate`` of ``batch`` random prompts; the run's figures."""
+    """Warm up, then time one ``generate`` of ``batch`` random prompts; the run's figures.
+
+    With ``trace_dir``, a third, profiled run follows the timed one (see :func:`profiled_decode`).
+    """
     config = model.config
     prompts = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, prompt_len), dtype=np.int32)
     options = dict(max_new_tokens=new_tokens, temperature=0.0, stop_tokens=(), prefill_chunk_size=prefill_chunk_size)
@@ -259,7 +293,7 @@ def run_once(
     step_bytes = decode_step_bytes(config, parts, batch, prompt_len + 1, cache_itemsize)
     roofline = (None if bandwidth is None else decode_roofline_seconds(
         config, parts, batch, prompt_len, new_tokens, cache_itemsize, bandwidth))
-    return {
+    run = {
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
@@ -279,6 +313,9 @@ def run_once(
         "decode_roofline_seconds": roofline,
         "decode_roofline_fraction": None if roofline is None else roofline / stats.decode_seconds,
     }
+    if trace_dir is not None:
+        run["decode_trace"] = profiled_decode(model, prompts, options, trace_dir, new_tokens - 1)
+    return run
 
 
 def _figure(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -325,6 +362,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="result file (default benchmarks/results/e2e-MODEL-DATE.json)")
     parser.add_argument("--results-md", type=Path, default=DEFAULT_RESULTS_MD, help="Markdown table to append to")
     parser.add_argument("--commit", help="commit to record, where the checkout has no .git (default: git)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="after each timed run, run once more under jax.profiler.trace(DIR/batch-B) and print "
+                             "where the decode loop's device time goes (benchmarks/trace_summary.py)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
@@ -371,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     for batch in args.batch:
         chunk = args.prefill_chunk_size or default_prefill_chunk_size(batch)
-        run = run_once(model, parts, batch, args.prompt_len, args.new_tokens, chunk, args.seed, bandwidth)
+        trace_dir = None if args.profile is None else args.profile / f"batch-{batch}"
+        run = run_once(model, parts, batch, args.prompt_len, args.new_tokens, chunk, args.seed, bandwidth, trace_dir)
         report["runs"].append(run)
         json_path.write_text(json.dumps(report, indent=2))
         append_row(args.results_md, markdown_row(report, run))
@@ -381,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               + ("" if fraction is None else f" ({100 * fraction:.1f}% of the HBM roofline)")
               + f", TTFT {run['time_to_first_token_seconds']:.3f} s, compile {run['compile_seconds']:.1f} s, "
               f"peak {_figure(run['peak_bytes_in_use'], 1e9, 2)} GB", flush=True)
+        if "decode_trace" in run:
+            print(run["decode_trace"]["summary"], flush=True)
     print(f"wrote {json_path} and appended {len(args.batch)} rows to {args.results_md}")
     return report
 

@@ -42,7 +42,7 @@ def test_cpu_mode_writes_the_json_and_appends_a_row_per_run(tmp_path, monkeypatc
     monkeypatch.setattr(e2e, "peak_bandwidth", lambda device: bandwidth)
     arguments = ["--model", "tiny", "--prompt-len", str(PROMPT_LEN), "--new-tokens", str(NEW_TOKENS),
                  "--results-md", str(results_md), "--json", str(json_path)]
-    report = e2e.main([*arguments, "--batch", "1", "2"])
+    report = e2e.main([*arguments, "--batch", "1", "2", "--profile", str(tmp_path / "trace")])
 
     written = json.loads(json_path.read_text())
     assert written == json.loads(json.dumps(report))
@@ -59,6 +59,11 @@ def test_cpu_mode_writes_the_json_and_appends_a_row_per_run(tmp_path, monkeypatc
         assert run["decode_roofline_fraction"] == pytest.approx(run["decode_roofline_seconds"] / run["decode_seconds"])
         # NEW_TOKENS - 1 steps (the first token is the prefill's); later ones read a longer cache.
         assert run["decode_roofline_seconds"] > (NEW_TOKENS - 1) * sum(run["first_decode_step_bytes"].values()) / bandwidth
+        # --profile: a trace per batch size, and the decode loop's operations in it.
+        trace = run["decode_trace"]
+        assert trace["trace_dir"] == str(tmp_path / "trace" / f"batch-{run['batch']}")
+        assert trace["operations_per_step"] > 10 and 0 < trace["busy_fraction"] <= 1 and trace["top_ops"]
+        assert trace["summary"].startswith("jit__decode:")
 
     markdown = results_md.read_text()
     assert markdown.startswith(e2e.RESULTS_HEADER)
