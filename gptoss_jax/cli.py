@@ -49,6 +49,9 @@ RANDOM_WEIGHTS_NOTE = (
 )
 # jax.random.key keeps a seed's low 32 bits, so larger seeds would repeat smaller ones.
 SEED_LIMIT = 2**32
+# A later chat turn whose first token takes longer than this says why: its longer prompt (or
+# cache) compiles anew, which takes a while with a big model.
+QUIET_START_SECONDS = 2.0
 # Stops of a raw completion: the end of a document, and of a Harmony answer.
 COMPLETION_STOP_TOKENS = ("<|endoftext|>", "<|return|>")
 
@@ -349,9 +352,11 @@ def _generate(
     from gptoss_jax.generate import GenerationInputError, generate
 
     stop, done = threading.Event(), threading.Event()
+    replying = threading.Event()  # the first token came, or generation ended without one
     outcome: dict[str, Any] = {}
 
     def streamer(tokens, active) -> bool:
+        replying.set()
         if active[0]:
             on_token(int(tokens[0]))
         return stop.is_set()
@@ -366,6 +371,7 @@ def _generate(
         except BaseException as e:  # handed to the main thread
             outcome["error"] = e
         finally:
+            replying.set()
             done.set()
 
     if turn == 0 and args.max_new_tokens > 0:
@@ -375,6 +381,8 @@ def _generate(
     # A daemon, so that a second Ctrl-C ends the process without waiting for the loop.
     threading.Thread(target=run, name="generate", daemon=True).start()
     try:
+        if turn > 0 and args.max_new_tokens > 0 and not _wait_for(replying, timeout=QUIET_START_SECONDS):
+            _status("prefilling ... (a longer conversation compiles once more)")
         _wait_for(done)
     except KeyboardInterrupt:
         stop.set()
@@ -401,11 +409,15 @@ def _quit_now() -> NoReturn:
     os._exit(_report_interrupted())
 
 
-def _wait_for(event: threading.Event) -> None:
+def _wait_for(event: threading.Event, timeout: float | None = None) -> bool:
+    """Wait until ``event`` is set (True) or ``timeout`` seconds have passed (False)."""
     # Short waits in a loop, so that Ctrl-C reaches the main thread at once on every platform. Not
     # Thread.join: on Python 3.12 a KeyboardInterrupt inside join marks the running thread as ended.
-    while not event.wait(timeout=0.2):
-        pass
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not event.wait(timeout=0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+    return True
 
 
 def _report_throughput(stats: GenerationStats) -> None:

@@ -27,6 +27,7 @@ NEW_TOKENS = ["--max-new-tokens", str(cli.DEMO_MAX_NEW_TOKENS)]
 THROUGHPUT = re.compile(r"prefill: \d+ tokens, [\d.]+ tokens/s \| decode: (\d+) tokens, [\d.]+ tokens/s")
 REPO = Path(__file__).resolve().parents[1]
 COMPILING = "compiling and prefilling ..."
+QUIET_START = "prefilling ... (a longer conversation compiles once more)"
 # Runs cli.main on each argv of a JSON list in one process; prints [[exit status, stderr], ...].
 RUN_COMMANDS = """
 import contextlib, io, json, sys
@@ -252,6 +253,8 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
     def scripted_generate(model, prompts, *, max_new_tokens, seed, streamer, **kwargs):
         tokens = replies[len(seeds)][:max_new_tokens]
         seeds.append(seed)
+        if len(seeds) == 2:
+            time.sleep(3 * cli.QUIET_START_SECONDS)
         for token in tokens:
             streamer(np.array([token]), np.array([True]))
         return GenerationOutput([tokens], None, GenerationStats(len(prompts[0]), 1.0, len(tokens), 1.0, 0.0))
@@ -259,6 +262,8 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
     monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
     monkeypatch.setattr("sys.stdin", FakeTerminal())
     monkeypatch.setattr("builtins.input", typing(["What is the capital of France?", "And again?"]))
+    # The second reply's first token comes after the quiet start: a status line says why.
+    monkeypatch.setattr(cli, "QUIET_START_SECONDS", 0.5)
     max_new_tokens = len(answer) + 1
     assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--seed", str(cli.SEED_LIMIT - 1),
                      "--max-new-tokens", str(max_new_tokens)]) == 0
@@ -268,6 +273,7 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
     assert out.count("final: Paris.\n") == 2
     lines = err.splitlines()
     assert lines.count(COMPILING) == 1  # before the first turn only
+    assert lines.count(QUIET_START) == 1 and lines.index(QUIET_START) > lines.index(COMPILING)
     _, second_reply_end = [i for i, line in enumerate(lines) if THROUGHPUT.match(line)]
     assert lines.index(f"[stopped at --max-new-tokens {max_new_tokens} before the reply ended]") == second_reply_end - 1
 
@@ -288,10 +294,10 @@ def test_ctrl_c_in_an_interactive_chat_stops_the_reply_and_drops_the_turn(demo_c
 
     ctrl_c = iter([True])  # pressed once, while the first reply is being generated
 
-    def wait_for(event):
+    def wait_for(event, timeout=None):
         if next(ctrl_c, False):
             raise KeyboardInterrupt
-        event.wait()
+        return event.wait(timeout)
 
     monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
     monkeypatch.setattr(cli, "_wait_for", wait_for)
@@ -301,6 +307,7 @@ def test_ctrl_c_in_an_interactive_chat_stops_the_reply_and_drops_the_turn(demo_c
     err = capsys.readouterr().err
 
     assert "[reply stopped; this turn is left out of the conversation]" in err.splitlines()
+    assert QUIET_START not in err  # the second reply started at once
     assert len(prompts) == 2 and "France" not in prompts[1] and "Italy" in prompts[1]
 
 
