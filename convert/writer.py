@@ -18,7 +18,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from convert.progress import ProgressBar
+from gptoss_jax.progress import ProgressBar
 from convert.reader import SafetensorsCheckpoint
 from gptoss_jax.checkpoint import (
     CONFIG_FILENAME,

@@ -37,6 +37,7 @@ from gptoss_jax import sharding as sharding_rules
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernel_dispatch import KernelChoice
 from gptoss_jax.model import GptOss
+from gptoss_jax.progress import ProgressBar
 
 FORMAT_NAME = "gptoss-jax-checkpoint"
 FORMAT_VERSION = 2
@@ -142,6 +143,7 @@ def build_model(
     kernels: KernelChoice = "auto",
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
 ) -> GptOss:
     """A model whose parameters come from a stream of ``(parameter path, array)`` pairs.
 
@@ -149,30 +151,38 @@ def build_model(
     the default device) as it arrives, so a streaming source keeps at most one tensor on the
     host. Of a host array (or a :class:`SliceableParameter`, which reads only what it is
     indexed with) only this process's shards are taken, each once. The stream must hold every
-    parameter exactly once, in the model's shapes and dtypes.
+    parameter exactly once, in the model's shapes and dtypes. ``progress`` draws a progress bar
+    on stderr when it is a terminal.
     """
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels, mesh=mesh))
     variables = {_path_name(path): variable for path, variable in nnx.to_flat_state(state)}
     if mesh is not None:
         shardings = {**parameter_shardings(config, mesh), **(shardings or {})}
+    total_bytes = sum(_nbytes(variable.get_value()) for variable in variables.values())
     filled: set[str] = set()
-    for path, array in parameters:
-        variable = variables.get(path)
-        if variable is None or path in filled:
-            raise CheckpointError(f"unexpected or repeated parameter {path!r}")
-        expected = variable.get_value()
-        if tuple(array.shape) != expected.shape or array.dtype != expected.dtype:
-            raise CheckpointError(
-                f"parameter {path!r}: expected {expected.dtype}{list(expected.shape)}, "
-                f"got {array.dtype}{list(array.shape)}"
-            )
-        sharding = shardings.get(path) if shardings is not None else None
-        variable.set_value(_place(array, sharding))
-        filled.add(path)
+    with ProgressBar("loading", len(variables), total_bytes, enabled=progress) as bar:
+        for path, array in parameters:
+            variable = variables.get(path)
+            if variable is None or path in filled:
+                raise CheckpointError(f"unexpected or repeated parameter {path!r}")
+            expected = variable.get_value()
+            if tuple(array.shape) != expected.shape or array.dtype != expected.dtype:
+                raise CheckpointError(
+                    f"parameter {path!r}: expected {expected.dtype}{list(expected.shape)}, "
+                    f"got {array.dtype}{list(array.shape)}"
+                )
+            sharding = shardings.get(path) if shardings is not None else None
+            variable.set_value(_place(array, sharding))
+            filled.add(path)
+            bar.advance(_nbytes(expected))
     missing = [path for path in variables if path not in filled]
     if missing:
         raise CheckpointError(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return nnx.merge(graphdef, state)
+
+
+def _nbytes(spec: jax.ShapeDtypeStruct) -> int:
+    return spec.size * spec.dtype.itemsize
 
 
 def _place(
@@ -291,6 +301,7 @@ def restore(
     kernels: KernelChoice = "auto",
     shardings: Mapping[str, jax.sharding.Sharding] | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
 ) -> GptOss:
     """Load a converted checkpoint into a model; each weight is created once, on its devices.
 
@@ -302,6 +313,7 @@ def restore(
         each process only the shards its devices hold. Parameters not named follow ``mesh``'s
         partition rules, or go to the default device without a mesh.
       mesh: a mesh from :func:`gptoss_jax.sharding.make_mesh`; the model runs sharded on it.
+      progress: draw a progress bar on stderr when it is a terminal.
 
     Raises:
       CheckpointError: the folder is not a converted checkpoint or does not match its config.
@@ -320,13 +332,13 @@ def restore(
         shardings = {**parameter_shardings(config, mesh), **(shardings or {})}  # for orbax too
     return build_model(
         config, _restored_parameters(folder, config, shardings), dtype=dtype, kernels=kernels,
-        shardings=shardings, mesh=mesh,
+        shardings=shardings, mesh=mesh, progress=progress,
     )
 
 
 def load(
     path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh | None = None, progress: bool = False,
 ) -> GptOss:
     """A model from a converted checkpoint or a raw safetensors folder (HF root or ``original/``).
 
@@ -337,6 +349,7 @@ def load(
       mesh: shard the model over this mesh (:func:`gptoss_jax.sharding.make_mesh`); each
         process reads and places only its devices' shards, one tensor at a time (from a raw
         folder through safetensors' slices, from a converted one through orbax).
+      progress: draw a progress bar (tensors and bytes placed) on stderr when it is a terminal.
 
     Returns:
       The model; ``model(tokens)`` maps int32 ``[B, T]`` to float32 logits ``[B, T, V]``.
@@ -346,10 +359,11 @@ def load(
       a gpt-oss checkpoint; the message names the file and tensor.
     """
     if is_converted_checkpoint(path):
-        return restore(path, dtype=dtype, kernels=kernels, mesh=mesh)
+        return restore(path, dtype=dtype, kernels=kernels, mesh=mesh, progress=progress)
     # `load` sits above `convert` like the CLI does: the design's arrows are
     # convert -> gptoss_jax -> pallas_kernels, so `convert` is imported here, not at module level.
     from convert.reader import SafetensorsCheckpoint
 
     source = SafetensorsCheckpoint(path)
-    return build_model(source.config, source.stored_parameters(), dtype=dtype, kernels=kernels, mesh=mesh)
+    return build_model(source.config, source.stored_parameters(), dtype=dtype, kernels=kernels, mesh=mesh,
+                       progress=progress)

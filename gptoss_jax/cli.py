@@ -326,7 +326,7 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[GptOss, Tokeniz
         settings.append("mesh " + ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items()))
     _status(f"loading {folder} ({'; '.join(settings)}) ...")
     start = time.perf_counter()
-    model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels, mesh=mesh)
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, args.dtype), kernels=args.kernels, mesh=mesh, progress=True)
     if args.decode_experts:
         model.decode_experts()
     _status(f"loaded in {time.perf_counter() - start:.1f} s")

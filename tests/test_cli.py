@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import gptoss_jax
+from fake_terminal import FakeTerminal
 from gptoss_jax import cli
 from gptoss_jax.demo import CACHE_ENV_VAR, demo_checkpoint_dir, ensure_demo_checkpoint
 from gptoss_jax.generate import GenerationOutput, GenerationStats
@@ -234,11 +235,6 @@ def typing(messages: list[str]) -> Callable[[str], str]:
         return remaining.pop(0)
 
     return type_in
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_marked(

@@ -26,6 +26,7 @@ from checkpoint_cases import (
     tiny_model,
     write_source,
 )
+from fake_terminal import FakeTerminal
 from convert import convert_checkpoint
 from convert.export import model_tensors
 from convert.layouts import parameter_sources
@@ -193,11 +194,6 @@ def test_reader_holds_one_parameter_at_a_time(monkeypatch: pytest.MonkeyPatch, s
     for name, shape in reads:
         elements_read[parameter_of[name]] += int(np.prod(shape))
     assert elements_read == {path: int(np.prod(array.shape)) for path, array in model_tensors(tiny_model()).items()}
-
-
-class FakeTerminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from checkpoint_cases import (
     tiny_model,
     write_source,
 )
+from fake_terminal import FakeTerminal
 import convert.reader
 from convert import convert_checkpoint
 from convert.export import model_tensors
@@ -114,6 +115,25 @@ def test_sharded_load_reads_each_shard_once(kind: SourceKind, sharded_loads: dic
     assert report["shards"]["block.0.attn.qkv.weight"] == 2
     # Every element exactly once, although each shard sits on two devices (data=2).
     assert elements_read == report["elements"]
+
+
+@pytest.mark.parametrize("layout", ["converted", "raw"])
+def test_load_draws_a_progress_bar_on_a_terminal_when_asked(
+    layout: str, converted: Path, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    folder = converted if layout == "converted" else sources["original"]
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    gptoss_jax.load(folder)  # progress is opt-in
+    assert terminal.getvalue() == ""
+    model = gptoss_jax.load(folder, progress=True)
+
+    parameters = jax.tree.leaves(nnx.state(model, nnx.Param))
+    total_gigabytes = sum(array.nbytes for array in parameters) / 1e9
+    final = terminal.getvalue().splitlines()[-1].split("\r")[-1]
+    assert terminal.getvalue().startswith("\rloading [") and terminal.getvalue().endswith("\n")
+    assert final == (f"loading [{'#' * 30}] {len(parameters)}/{len(parameters)} tensors, "
+                     f"{total_gigabytes:.2f} GB/{total_gigabytes:.2f} GB")
 
 
 def test_load_float32_compute(converted: Path):
