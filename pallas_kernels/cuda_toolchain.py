@@ -25,6 +25,6 @@ def check_attention_toolchain(interpret) -> None:
     """Refuse to compile masked attention for the GPU with a miscompiling CUDA."""
     if not interpret and cuda_miscompiles_attention_masks():
         raise NotImplementedError(
-            "CUDA 12.8.0 up to 12.9.1 miscompiles masked attention (ptxas); install CUDA 12.9.1 or "
+            "the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked attention; install CUDA 12.9.1 or "
             "newer, or use the XLA path (kernels='xla')"
         )
