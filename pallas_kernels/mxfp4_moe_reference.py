@@ -79,14 +79,17 @@ def _rows_by_expert_tiles(
 ) -> jax.Array:
     """Many rows (prefill): each expert in turn, over its own rows only, a fixed-size tile at a time.
 
-    A tile that starts inside one expert's rows may run past them; those rows are computed and
-    dropped. So the matmuls cover at most ``rows + experts * tile`` rows, where multiplying every
-    row by every expert would cover ``rows * experts``.
+    A tile that starts inside one expert's rows may run past them, into the next experts' rows
+    (written again when their turn comes, experts go in order) or past the groups (zeroed at
+    the end). So the matmuls cover at most ``rows + experts * tile`` rows, where multiplying
+    every row by every expert would cover ``rows * experts``, and each tile is a plain write.
     """
     rows = lhs.shape[0]
     tile = _row_tile(rows, group_sizes.shape[0])
     group_ends = jnp.cumsum(group_sizes)
     group_starts = group_ends - group_sizes
+    # A tile of room past the last row, so that no tile has to be moved back to fit.
+    padded_lhs = jnp.pad(lhs, ((0, tile), (0, 0)))
 
     def expert_rows(out: jax.Array, expert: jax.Array) -> tuple[jax.Array, None]:
         start, end = group_starts[expert], group_ends[expert]
@@ -95,15 +98,10 @@ def _rows_by_expert_tiles(
             weights = weights_of(expert)  # decoded once for all its tiles
 
             def tile_rows(index: jax.Array, out: jax.Array) -> jax.Array:
-                # The last tile may be moved back to stay inside the array; it recomputes rows
-                # an earlier tile already wrote, with the same result.
-                first = jnp.minimum(start + index * tile, rows - tile)
-                product = jnp.dot(jax.lax.dynamic_slice_in_dim(lhs, first, tile), weights.T,
+                first = start + index * tile
+                product = jnp.dot(jax.lax.dynamic_slice_in_dim(padded_lhs, first, tile), weights.T,
                                   preferred_element_type=jnp.float32)
                 tile_out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
-                row = first + jnp.arange(tile)
-                kept = jax.lax.dynamic_slice_in_dim(out, first, tile)
-                tile_out = jnp.where(((row >= start) & (row < end))[:, None], tile_out, kept)
                 return jax.lax.dynamic_update_slice_in_dim(out, tile_out, first, 0)
 
             return jax.lax.fori_loop(0, (end - start + tile - 1) // tile, tile_rows, out)
@@ -111,9 +109,9 @@ def _rows_by_expert_tiles(
         # Experts without rows cost nothing, not even decoding their weights.
         return jax.lax.cond(end > start, compute, lambda out: out, out), None
 
-    out = jnp.zeros((rows, out_features), lhs.dtype)
+    out = jnp.zeros((rows + tile, out_features), lhs.dtype)
     out, _ = jax.lax.scan(expert_rows, out, jnp.arange(group_sizes.shape[0]))
-    return out
+    return jnp.where((jnp.arange(rows) < group_ends[-1])[:, None], out[:rows], 0)
 
 
 def mxfp4_grouped_matmul_reference(

@@ -119,9 +119,9 @@ def test_reference_few_rows_product_against_float64(per_row):
 @pytest.mark.parametrize("rows, group_sizes", [(120, [37, 0, 5, 70, 0, 1]), (4, [1, 0, 2, 0, 0, 0])],
                          ids=["row-tiles", "few-rows"])
 def test_reference_against_float64(rows, group_sizes):
-    # Row tiles of 32 (120 rows, 6 experts): two tiles for 37 rows, three for 70, the last moved
-    # back to stay in the array, 7 rows past the groups. Then the decode-sized path (no more rows
-    # than experts), one row past the groups.
+    # Row tiles of 32 (120 rows, 6 experts): two tiles for 37 rows and three for 70, each
+    # expert's last tile running into the next one's rows or past the groups (7 rows past them).
+    # Then the decode-sized path (no more rows than experts), one row past the groups.
     problem, row_weights = _problem(rows, 64, 32, group_sizes)
     problem["lhs"] = problem["lhs"].astype(jnp.float32)
     got = mxfp4_grouped_matmul_reference(**problem, row_weights=row_weights)
