@@ -68,7 +68,8 @@ def few_rows_product(
 
 
 def _row_tile(rows: int, num_experts: int) -> int:
-    """Rows per matmul of one expert: about the mean group size, so padding at most doubles the work."""
+    """Rows per matmul of one expert: the mean group size rounded up to a power of two, so the
+    tiles' padding adds at most about twice the real rows (fewer when groups are even)."""
     mean_group = -(-rows // num_experts)
     return min(rows, max(_MIN_ROW_TILE, min(_MAX_ROW_TILE, 1 << (mean_group - 1).bit_length())))
 
