@@ -261,6 +261,8 @@ def profiled_decode(model: GptOss, prompts: np.ndarray, options: dict[str, Any],
     with jax.profiler.trace(trace_dir, profiler_options=options_for_trace):
         generate(model, prompts, **options)
     decode = summarize(trace_dir)[DECODE_MODULE]
+    if jax.devices()[0].platform == "gpu" and not decode.from_device:
+        print("warning: the trace has no GPU kernel events (CUPTI missing?); its times are the host's", flush=True)
     return {
         "trace_dir": str(trace_dir),
         "summary": format_module(decode, steps),

@@ -41,6 +41,8 @@ class ModuleTime:
       span_seconds: from the first operation's start to the last one's end.
       busy_seconds: time in the span during which at least one operation ran.
       top_ops: ``(hlo_op, calls, seconds)`` by seconds, most first.
+      from_device: the events are a device's (a GPU's kernels); False where the trace has no
+        device events (the CPU backend, or a GPU trace taken without CUPTI: host-side times).
     """
 
     module: str
@@ -49,6 +51,7 @@ class ModuleTime:
     span_seconds: float
     busy_seconds: float
     top_ops: tuple[tuple[str, int, float], ...]
+    from_device: bool
 
     @property
     def busy_fraction(self) -> float:
@@ -111,6 +114,7 @@ def summarize(trace_dir: Path, top: int = 20) -> dict[str, ModuleTime]:
             span_seconds=max(end for _, end in spans) - min(start for start, _ in spans),
             busy_seconds=_union_length(spans),
             top_ops=tuple((op, calls_by_op[op], seconds) for op, seconds in seconds_by_op.most_common(top)),
+            from_device=bool(devices),
         )
     return summaries
 
@@ -119,7 +123,8 @@ def format_module(summary: ModuleTime, steps: int | None = None) -> str:
     """A few lines of text: totals (per step too, given ``steps``), then the top operations."""
     per_step = "" if not steps else (f", per step {summary.calls / steps:.0f} operations, "
                                      f"{1e3 * summary.span_seconds / steps:.3f} ms")
-    lines = [f"{summary.module}: {summary.calls} operations in {1e3 * summary.span_seconds:.1f} ms, device busy "
+    where = "device" if summary.from_device else "host (no device events in the trace)"
+    lines = [f"{summary.module}: {summary.calls} operations in {1e3 * summary.span_seconds:.1f} ms, {where} busy "
              f"{100 * summary.busy_fraction:.0f}% of it{per_step}",
              "  calls   total ms  share  operation"]
     for op, calls, seconds in summary.top_ops:

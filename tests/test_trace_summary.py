@@ -40,6 +40,7 @@ def test_gpu_trace_counts_device_kernels_only_and_overlaps_once(tmp_path):
     assert decode.busy_seconds == pytest.approx(25e-6) and decode.busy_fraction == pytest.approx(25 / 40)
     assert decode.top_ops[0][:2] == ("fusion.1", 2) and decode.top_ops[0][2] == pytest.approx(20e-6)
     text = trace_summary.format_module(decode, steps=3)
+    assert decode.from_device
     assert text.startswith("jit__decode: 3 operations in 0.0 ms, device busy 62% of it, per step 1 operations")
 
 
@@ -52,6 +53,7 @@ def test_cpu_trace_counts_a_loop_body_not_the_loop_around_it(tmp_path):
     assert [name for name, _, _ in decode.top_ops] == ["fusion.3", "fusion.4", "dot.2"]
     assert decode.span_seconds == pytest.approx(50e-6)  # from dot.2's start to fusion.4's end
     assert decode.busy_seconds == pytest.approx(40e-6)
+    assert not decode.from_device and "host (no device events in the trace) busy 80%" in trace_summary.format_module(decode)
 
 
 def test_command_line_errors(tmp_path, capsys):
