@@ -210,10 +210,14 @@ def _checked_text(text: str, what: str) -> str:
     return text
 
 
+def _stdin_is_a_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()  # None: the process started with stdin closed
+
+
 def _text_from_stdin(what: str) -> str:
     """The whole of stdin, which must be open and not a terminal (then the text was expected as an
     argument)."""
-    if sys.stdin is None or sys.stdin.isatty():  # None: the process started with stdin closed
+    if sys.stdin is None or _stdin_is_a_terminal():
         raise InputError(f"no {what} given: pass it as an argument or pipe it to stdin")
     return _checked_text(sys.stdin.read().rstrip("\n"), what)
 
@@ -606,7 +610,7 @@ def _interactive_chat(model: GptOss, tokenizer: Tokenizer, conversation: Convers
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    interactive = args.message is None and sys.stdin is not None and sys.stdin.isatty()
+    interactive = args.message is None and _stdin_is_a_terminal()
     message = None
     if not interactive:
         message = _checked_text(args.message, "message") if args.message is not None else _text_from_stdin("message")
