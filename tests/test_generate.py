@@ -92,6 +92,18 @@ def test_streamer_sees_every_token_in_order(model, prompts, greedy_output):
     assert all(all(active) for _, active in steps)
 
 
+def test_streamer_marks_rows_inactive_after_their_stop_token(model, prompts, greedy_output):
+    # Row 0 stops at its 4th token; the others go on.
+    stop = greedy_output.tokens[0][3]
+    steps = []
+    out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, stop_tokens=[stop],
+                   streamer=lambda tokens, active: steps.append((tokens.tolist(), active.tolist())))
+    assert len(steps) == max(map(len, out.tokens))
+    for row, row_tokens in enumerate(out.tokens):
+        assert [active[row] for _, active in steps] == [step < len(row_tokens) for step in range(len(steps))]
+        assert [tokens[row] for tokens, _ in steps[:len(row_tokens)]] == row_tokens
+
+
 def test_streamer_stops_generation_after_the_step_it_returns_true(model, prompts, greedy_output):
     def run(stop_after: int):
         calls = []
@@ -152,6 +164,10 @@ def test_a_generation_that_fills_the_cache_goes_on_in_a_doubled_one(model, promp
     grown = generate(model, prompts, **options)
     assert extensions == [(64, 128)]  # the longest prompt (35) + 8, bucketed; then what 35 + 60 needs
     assert grown.tokens == whole.tokens
+    # Streamed: the loop that stops for the cache to grow hands each token over once, in order.
+    streamed = []
+    grown_streaming = generate(model, prompts, **options, streamer=lambda tokens, active: streamed.append(tokens))
+    assert grown_streaming.tokens == whole.tokens and np.array(streamed).T.tolist() == whole.tokens
     np.testing.assert_allclose(np.concatenate(grown.logprobs), np.concatenate(whole.logprobs), atol=1e-5)
 
 
