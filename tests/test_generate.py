@@ -289,3 +289,15 @@ def test_decoded_experts_change_nothing_but_speed(prompts, greedy_output):
     np.testing.assert_array_equal(np.asarray(full_forward(model, tokens)), packed_logits)
     out = generate(model, prompts, max_new_tokens=NEW_TOKENS, temperature=0, prefill_chunk_size=PREFILL_CHUNK)
     assert out.tokens == greedy_output.tokens
+
+
+def test_compiled_programs_are_keyed_by_model_structure_not_by_graphdef_object(model):
+    compiled = generate_module._Compiled(lambda graphdef, x: x, donate=(), static=())
+    graphdef, _ = nnx.split(model)
+    same_structure, _ = nnx.split(model)
+    other = GptOss(preset("tiny"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # same shapes, another dtype
+    other_graphdef, _ = nnx.split(other)
+    assert same_structure is not graphdef
+    assert compiled._graphdef_index(graphdef) == compiled._graphdef_index(same_structure) == 0
+    assert compiled._graphdef_index(other_graphdef) == 1
+    assert compiled._graphdef_index(graphdef) == 0
