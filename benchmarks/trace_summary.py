@@ -110,7 +110,7 @@ def summarize(trace_dir: Path, top: int = 20) -> dict[str, ModuleTime]:
             calls_by_op[op] += 1
         spans = [(start, end) for start, end, _ in module_events]
         summaries[module] = ModuleTime(
-            module=module, calls=len(spans), op_seconds=sum(end - start for start, end in spans),
+            module=module, calls=len(spans), op_seconds=sum(seconds_by_op.values()),
             span_seconds=max(end for _, end in spans) - min(start for start, _ in spans),
             busy_seconds=_union_length(spans),
             top_ops=tuple((op, calls_by_op[op], seconds) for op, seconds in seconds_by_op.most_common(top)),

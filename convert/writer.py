@@ -18,7 +18,6 @@ import uuid
 import warnings
 from pathlib import Path
 
-from gptoss_jax.progress import ProgressBar
 from convert.reader import SafetensorsCheckpoint
 from gptoss_jax.checkpoint import (
     CONFIG_FILENAME,
@@ -30,6 +29,7 @@ from gptoss_jax.checkpoint import (
     parameter_group,
     parameter_groups,
 )
+from gptoss_jax.progress import ProgressBar
 from gptoss_jax.tokenizer import TOKENIZER_FILENAME, checkpoint_tokenizer_file
 
 

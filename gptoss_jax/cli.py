@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 import threading
@@ -417,9 +418,9 @@ def _wait_for(event: threading.Event, timeout: float | None = None) -> bool:
     """Wait until ``event`` is set (True) or ``timeout`` seconds have passed (False)."""
     # Short waits in a loop, so that Ctrl-C reaches the main thread at once on every platform. Not
     # Thread.join: on Python 3.12 a KeyboardInterrupt inside join marks the running thread as ended.
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not event.wait(timeout=0.2 if deadline is None else min(0.2, max(0.0, deadline - time.monotonic()))):
-        if deadline is not None and time.monotonic() >= deadline:
+    deadline = math.inf if timeout is None else time.monotonic() + timeout
+    while not event.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
             return False
     return True
 

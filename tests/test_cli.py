@@ -237,6 +237,11 @@ def typing(messages: list[str]) -> Callable[[str], str]:
     return type_in
 
 
+def scripted_output(prompt: list[int], tokens: list[int]) -> GenerationOutput:
+    """What a stand-in for ``generate`` returns for one prompt and its reply (one second each phase)."""
+    return GenerationOutput([tokens], None, GenerationStats(len(prompt), 1.0, len(tokens), 1.0, 0.0))
+
+
 def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_marked(
     demo_checkpoint, capsys, monkeypatch
 ):
@@ -253,7 +258,7 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
             time.sleep(3 * cli.QUIET_START_SECONDS)
         for token in tokens:
             streamer(np.array([token]), np.array([True]))
-        return GenerationOutput([tokens], None, GenerationStats(len(prompts[0]), 1.0, len(tokens), 1.0, 0.0))
+        return scripted_output(prompts[0], tokens)
 
     monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
     monkeypatch.setattr("sys.stdin", FakeTerminal())
@@ -286,7 +291,7 @@ def test_ctrl_c_in_an_interactive_chat_stops_the_reply_and_drops_the_turn(demo_c
             tokens.append(token)
             if streamer(np.array([token]), np.array([True])):
                 break
-        return GenerationOutput([tokens], None, GenerationStats(len(prompts_[0]), 1.0, len(tokens), 1.0, 0.0))
+        return scripted_output(prompts_[0], tokens)
 
     ctrl_c = iter([True])  # pressed once, while the first reply is being generated
 
