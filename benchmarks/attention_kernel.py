@@ -5,7 +5,7 @@ the plain-XLA reference at gpt-oss attention shapes (64 query heads, 8 KV heads,
 prints a Markdown table with each figure as a fraction of the device's peak and the largest
 difference between kernel and reference where both ran. It measures; it asserts nothing.
 
-  python benchmarks/attention_kernel.py [--prefill 4096 32768 131072] [--decode 4096 32768 131072]
+  python -m benchmarks.attention_kernel [--prefill 4096 32768 131072] [--decode 4096 32768 131072]
       [--chunk 4096] [--chunk-after 28672]
 
 Prefill is a prompt's first chunk (the flash-attention kernel); "chunk" is a later prefill chunk
@@ -13,47 +13,27 @@ of ``--chunk`` tokens after ``--chunk-after`` cached ones on a full layer (the d
 kernel, written to the cache first as the model does). FLOPs count only visible (query, key)
 pairs: 4 * D per pair per query head (QK^T and PV), so a causal layer does about half and a
 sliding layer about 128/T of the square. Decode bytes are the K and V slots read (occupied
-slots only) plus q and the output.
+slots only) plus q and the output. Times are the kernels' own (CUPTI), with L2 evicted before
+each timed call (:func:`benchmarks.gpu_measure.kernel_seconds`): a decode call of a few
+microseconds would otherwise be mostly the host's dispatch time.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM, WINDOW = 64, 8, 64, 128
 SCALE = HEAD_DIM**-0.5
-# (bf16 dense tensor-core FLOP/s, HBM bytes/s) by device_kind substring.
-PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
-
-
-def device_peaks(kind: str) -> tuple[float, float] | None:
-    for name, peaks in PEAKS.items():
-        if name in kind:
-            return peaks
-    return None
-
-
-def time_call(fn, *args, iters: int) -> float:
-    """Median seconds of ``fn(*args)`` after compilation and a warm-up run."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def fits(nbytes: float) -> bool:
@@ -75,7 +55,7 @@ def random_inputs(seed: int, batch: int, q_len: int, kv_len: int) -> tuple[jax.A
     return q, k, v, jnp.linspace(-4.0, 4.0, Q_HEADS).astype(jnp.bfloat16)
 
 
-def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
+def bench_prefill(seq_len: int, window: int | None, peaks: Peaks | None, iters: int) -> dict:
     q, k, v, sinks = random_inputs(0, 1, seq_len, seq_len)
     positions = jnp.arange(seq_len, dtype=jnp.int32)[None]
     kernel = jax.jit(
@@ -88,12 +68,12 @@ def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
     )
     flops = 4 * HEAD_DIM * Q_HEADS * visible_pairs(seq_len, window)
     row = {"case": f"prefill T={seq_len} {'window' if window else 'full'}"}
-    seconds = time_call(kernel, q, k, v, sinks, iters=iters)
+    seconds = kernel_seconds(kernel, q, k, v, sinks, iters=iters)
     row["kernel"] = f"{seconds * 1e3:.3f} ms, {flops / seconds / 1e12:.1f} TFLOP/s"
-    row["peak"] = f"{flops / seconds / peaks[0]:.1%}" if peaks else "?"
+    row["peak"] = f"{flops / seconds / peaks.bf16_flops:.1%}" if peaks else "?"
     # The reference holds f32 scores, exponentials and bf16 probabilities for every head.
     if fits(10 * Q_HEADS * seq_len * seq_len):
-        ref_seconds = time_call(reference, q, k, v, sinks, iters=iters)
+        ref_seconds = kernel_seconds(reference, q, k, v, sinks, iters=iters)
         row["xla"] = f"{ref_seconds * 1e3:.3f} ms, {flops / ref_seconds / 1e12:.1f} TFLOP/s"
         diff = jnp.abs(kernel(q, k, v, sinks).astype(jnp.float32) - reference(q, k, v, sinks))
         row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
@@ -102,7 +82,7 @@ def bench_prefill(seq_len: int, window: int | None, peaks, iters: int) -> dict:
     return row
 
 
-def bench_chunk(chunk: int, cached: int, peaks, iters: int) -> dict:
+def bench_chunk(chunk: int, cached: int, peaks: Peaks | None, iters: int) -> dict:
     """A later prefill chunk on a full layer: positions cached..cached+chunk-1 against a cache
     holding positions 0..cached+chunk-1 (the chunk written first), one slot per position."""
     cache_len = cached + chunk
@@ -115,11 +95,11 @@ def bench_chunk(chunk: int, cached: int, peaks, iters: int) -> dict:
     pairs = visible_pairs(cache_len, None) - visible_pairs(cached, None)
     flops = 4 * HEAD_DIM * Q_HEADS * pairs
     row = {"case": f"chunk T={chunk} after {cached} full"}
-    seconds = time_call(kernel, *args, iters=iters)
+    seconds = kernel_seconds(kernel, *args, iters=iters)
     row["kernel"] = f"{seconds * 1e3:.3f} ms, {flops / seconds / 1e12:.1f} TFLOP/s"
-    row["peak"] = f"{flops / seconds / peaks[0]:.1%}" if peaks else "?"
+    row["peak"] = f"{flops / seconds / peaks.bf16_flops:.1%}" if peaks else "?"
     if fits(10 * Q_HEADS * chunk * cache_len):
-        ref_seconds = time_call(reference, *args, iters=iters)
+        ref_seconds = kernel_seconds(reference, *args, iters=iters)
         row["xla"] = f"{ref_seconds * 1e3:.3f} ms, {flops / ref_seconds / 1e12:.1f} TFLOP/s"
         diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
         row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
@@ -128,7 +108,7 @@ def bench_chunk(chunk: int, cached: int, peaks, iters: int) -> dict:
     return row
 
 
-def bench_decode(cache_len: int, batch: int, window: int | None, peaks, iters: int) -> dict:
+def bench_decode(cache_len: int, batch: int, window: int | None, peaks: Peaks | None, iters: int) -> dict:
     q, k, v, sinks = random_inputs(1, batch, 1, cache_len)
     # Full caches: every slot occupied, slot = position. The ring buffer: wrapped, positions
     # 10_000 - 128 .. 10_000 - 1 scattered over its slots.
@@ -149,10 +129,10 @@ def bench_decode(cache_len: int, batch: int, window: int | None, peaks, iters: i
     )
     nbytes = 2 * k.nbytes + 2 * q.nbytes + kv_positions.nbytes
     row = {"case": f"decode B={batch} S={cache_len} {'ring' if window else 'full'}"}
-    seconds = time_call(kernel, *args, iters=iters)
+    seconds = kernel_seconds(kernel, *args, iters=iters)
     row["kernel"] = f"{seconds * 1e6:.1f} us, {nbytes / seconds / 1e12:.2f} TB/s"
-    row["peak"] = f"{nbytes / seconds / peaks[1]:.1%}" if peaks else "?"
-    ref_seconds = time_call(reference, *args, iters=iters)
+    row["peak"] = f"{nbytes / seconds / peaks.hbm_bytes_per_second:.1%}" if peaks else "?"
+    ref_seconds = kernel_seconds(reference, *args, iters=iters)
     row["xla"] = f"{ref_seconds * 1e6:.1f} us, {nbytes / ref_seconds / 1e12:.2f} TB/s"
     diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
     row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
@@ -172,10 +152,10 @@ def main() -> None:
     device = jax.devices()[0]
     if device.platform != "gpu":
         sys.exit(f"attention_kernel.py needs a GPU (sm_90 for Mosaic GPU kernels); found {device}.")
-    peaks = device_peaks(device.device_kind)
+    peaks = device_peaks(device)
     if peaks:
-        print(f"device: {device.device_kind}; peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
-              f"{peaks[1] / 1e12:.2f} TB/s")
+        print(f"device: {device.device_kind}; peaks: {peaks.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+              f"{peaks.hbm_bytes_per_second / 1e12:.2f} TB/s")
     else:
         print(f"device: {device.device_kind}; peaks unknown, fractions of peak left out")
 

@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.gpu_measure import device_peaks
 from benchmarks.memory import parameter_bytes
 from benchmarks.trace_summary import DECODE_MODULE, format_module, summarize
 from gptoss_jax.config import GptOssConfig, preset
@@ -81,15 +82,6 @@ from gptoss_jax.model import GptOss
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
 DEFAULT_JSON_DIR = REPOSITORY / "benchmarks" / "results"
-
-# Datasheet HBM bandwidth by device_kind substring, most specific first: the H100 PCIe and NVL
-# cards carry slower memory than the SXM part ("NVIDIA H100 80GB HBM3").
-PEAK_HBM_BYTES_PER_SECOND: tuple[tuple[str, float], ...] = (
-    ("H200", 4.8e12),
-    ("H100 PCIe", 2.0e12),
-    ("H100 NVL", 3.9e12),
-    ("H100", 3.35e12),
-)
 
 # memory.parameter_bytes's categories.
 _EXPERT_PARTS = ("experts (MXFP4 blocks + scales)", "expert biases (bf16)")
@@ -216,12 +208,8 @@ def decode_roofline_seconds(
 
 def peak_bandwidth(device: jax.Device) -> float | None:
     """Datasheet HBM bytes/s of a known NVIDIA GPU; None elsewhere (no roofline on the CPU)."""
-    if device.platform != "gpu":
-        return None
-    for name, bandwidth in PEAK_HBM_BYTES_PER_SECOND:
-        if name in device.device_kind:
-            return bandwidth
-    return None
+    peaks = device_peaks(device)
+    return None if peaks is None else peaks.hbm_bytes_per_second
 
 
 def memory_stat(device: jax.Device, key: str) -> int | None:

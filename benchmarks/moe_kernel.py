@@ -17,12 +17,13 @@ Both expert matmuls are measured: ``mlp1`` (N=5760, bias + clamped SwiGLU) and `
 the active experts' weights (packed bytes + scales for the kernel, bf16 for ``bf16``, the packed
 ones for ``xla``, which rereads its dequantized copy besides), bias, activations in and out.
 Bandwidth is bytes / time as a fraction of the device's HBM peak; TFLOP/s count 2*M*N*K and are
-compared with the dense bf16 tensor-core peak. L2 is flushed before every timed call. It
-measures; it asserts nothing.
+compared with the dense bf16 tensor-core peak. Times are the kernels' own (CUPTI), with L2
+evicted before each timed call (:func:`benchmarks.gpu_measure.kernel_seconds`). Each case's rows
+print as it finishes. It measures; it asserts nothing.
 
-  python benchmarks/moe_kernel.py [--tokens 1 8 64 4096] [--models 20b 120b] [--iters 20]
-  python benchmarks/moe_kernel.py --sweep --models 20b --tokens 1 64 4096   # tune Config
-  python benchmarks/moe_kernel.py --interpret   # tiny CPU smoke run of the same code path
+  python -m benchmarks.moe_kernel [--tokens 1 8 64 4096] [--models 20b 120b] [--iters 20]
+  python -m benchmarks.moe_kernel --sweep --models 20b --tokens 1 64 4096   # tune Config
+  python -m benchmarks.moe_kernel --interpret   # tiny CPU smoke run of the same code path
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import argparse
 import dataclasses
 import functools
 import itertools
-import statistics
 import sys
 
 import jax
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from pallas_kernels import mxfp4
 from pallas_kernels.expert_routing import group_by_expert
 from pallas_kernels.mxfp4_moe import Config, mxfp4_grouped_matmul
@@ -46,18 +47,8 @@ from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
 HIDDEN, TOP_K = 2880, 4
 EXPERTS = {"20b": 32, "120b": 128}
-# (dense bf16 tensor-core FLOP/s, HBM bytes/s) by device_kind substring, most specific first.
-PEAKS = {"H100 PCIe": (756e12, 2.0e12), "H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12)}
-L2_FLUSH_BYTES = 256 << 20
 # Tuning configs --sweep tries; block_kb must divide K/2 = 1440 and be a multiple of 32.
 SWEEP = {"block_m": (16, 32, 64, 128), "block_kb": (96, 160, 288), "max_concurrent_steps": (2, 3, 4)}
-
-
-def device_peaks(kind: str) -> tuple[float, float] | None:
-    for name, peaks in PEAKS.items():
-        if name in kind:
-            return peaks
-    return None
 
 
 def routed_problem(tokens: int, experts: int, n: int, seed: int):
@@ -78,21 +69,6 @@ def routed_problem(tokens: int, experts: int, n: int, seed: int):
         scales=scales.astype(jnp.uint8),
         bias=bias,
     ), row_weights
-
-
-def gpu_seconds(fn, *args, iters: int) -> float:
-    """Median GPU time of ``fn(*args)`` (all its kernels, via CUPTI), L2 flushed before each."""
-    from jax.experimental.mosaic.gpu import profiler
-
-    flush = jax.jit(lambda b: b + 1)
-    buffer = jnp.zeros((L2_FLUSH_BYTES // 4,), jnp.float32)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        buffer = jax.block_until_ready(flush(buffer))
-        _, ms = profiler.measure(fn)(*args)
-        times.append(ms / 1e3)
-    return statistics.median(times)
 
 
 def bf16_grouped_matmul(lhs, group_sizes, weights_bf16):
@@ -146,7 +122,7 @@ class Case:
 
     def kernel_seconds(self, config: Config, iters: int) -> float:
         kernel = jax.jit(functools.partial(mxfp4_grouped_matmul, epilogue=self.epilogue, config=config))
-        return gpu_seconds(lambda *a: kernel(*a, row_weights=self.row_weights), *self.problem.values(), iters=iters)
+        return kernel_seconds(lambda *a: kernel(*a, row_weights=self.row_weights), *self.problem.values(), iters=iters)
 
 
 def bench(case: Case, iters: int) -> dict:
@@ -160,7 +136,7 @@ def bench(case: Case, iters: int) -> dict:
     args = (*case.problem.values(), case.row_weights)
     reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=case.epilogue))
     call = lambda *a: reference(*a[:5], row_weights=a[5])
-    row["xla"] = (gpu_seconds(call, *args, iters=iters), kernel_bytes)
+    row["xla"] = (kernel_seconds(call, *args, iters=iters), kernel_bytes)
     out = mxfp4_grouped_matmul(*args[:5], epilogue=case.epilogue, row_weights=case.row_weights)
     difference = out.astype(jnp.float32) - call(*args).astype(jnp.float32)
     row["max_abs_diff"] = float(jnp.max(jnp.abs(difference)))
@@ -168,7 +144,7 @@ def bench(case: Case, iters: int) -> dict:
     problem = case.problem
     weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
     try:
-        seconds = gpu_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
+        seconds = kernel_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
                               weights_bf16, iters=iters)
         row["bf16"] = (seconds, case.active * case.n * HIDDEN * 2 + case.io_bytes)
     except Exception as error:  # report the baseline's failure, keep measuring the rest
@@ -190,8 +166,7 @@ def sweep(case: Case, iters: int) -> list[tuple[Config, float | str]]:
     return timings
 
 
-def print_sweep(case: Case, timings: list[tuple[Config, float | str]], peaks) -> None:
-    flop_peak, hbm_peak = peaks
+def print_sweep(case: Case, timings: list[tuple[Config, float | str]], peaks: Peaks) -> None:
     print(f"### {case.model}, {case.tokens} tokens, {case.matmul} ({case.active} active experts)\n")
     print("| block_m | block_kb | stages | time (us) | % HBM peak | % bf16 peak |")
     print("|---|---|---|---|---|---|")
@@ -203,32 +178,33 @@ def print_sweep(case: Case, timings: list[tuple[Config, float | str]], peaks) ->
             continue
         mark = " **fastest**" if seconds == fastest else ""
         print(f"{head} {seconds * 1e6:.1f}{mark} | "
-              f"{100 * (case.packed_bytes + case.io_bytes) / seconds / hbm_peak:.0f}% | "
-              f"{100 * case.flops / seconds / flop_peak:.1f}% |")
+              f"{100 * (case.packed_bytes + case.io_bytes) / seconds / peaks.hbm_bytes_per_second:.0f}% | "
+              f"{100 * case.flops / seconds / peaks.bf16_flops:.1f}% |")
     print()
 
 
-def print_table(results: list[dict], peaks) -> None:
-    flop_peak, hbm_peak = peaks
+def print_table_header() -> None:
     print("| model | tokens | matmul | active experts | path | time (us) | MB moved | GB/s | "
-          "% HBM peak | TFLOP/s | % bf16 peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        for path in ("kernel", "kernel, select decode", "xla", "bf16"):
-            if path not in r:
-                continue
-            seconds, nbytes = r[path]
-            bandwidth, tflops = nbytes / seconds, r["flops"] / seconds / 1e12
-            print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | {path} | "
-                  f"{seconds * 1e6:.1f} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
-                  f"{100 * bandwidth / hbm_peak:.0f}% | {tflops:.1f} | "
-                  f"{100 * tflops * 1e12 / flop_peak:.1f}% |")
-        if "bf16_error" in r:
-            print(f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} | bf16 | "
-                  f"failed: {r['bf16_error']} | | | | | |")
-    print()
-    for r in results:
-        print(f"{r['model']} tokens={r['tokens']} {r['matmul']}: max |kernel - xla| = {r['max_abs_diff']:.3g}")
+          "% HBM peak | TFLOP/s | % bf16 peak | max abs diff to xla |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def print_case_rows(r: dict, peaks: Peaks) -> None:
+    """One case's rows of the table, a row per path (printed as each case is done, so a run cut
+    short keeps the cases before)."""
+    head = f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} |"
+    for path in ("kernel", "kernel, select decode", "xla", "bf16"):
+        if path not in r:
+            continue
+        seconds, nbytes = r[path]
+        bandwidth, flop_rate = nbytes / seconds, r["flops"] / seconds
+        difference = f"{r['max_abs_diff']:.3g}" if path == "kernel" else ""
+        print(f"{head} {path} | {seconds * 1e6:.1f} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
+              f"{100 * bandwidth / peaks.hbm_bytes_per_second:.0f}% | {flop_rate / 1e12:.1f} | "
+              f"{100 * flop_rate / peaks.bf16_flops:.1f}% | {difference} |")
+    if "bf16_error" in r:
+        print(f"{head} bf16 | failed: {r['bf16_error']} | | | | | | |")
+    sys.stdout.flush()
 
 
 def interpret_smoke() -> None:
@@ -268,11 +244,11 @@ def main() -> None:
     device = jax.devices()[0]
     if device.platform != "gpu":
         sys.exit(f"moe_kernel.py needs a GPU (found {device.platform}); use --interpret on a CPU.")
-    peaks = device_peaks(device.device_kind)
+    peaks = device_peaks(device)
     if peaks is None:
-        sys.exit(f"no peak figures for {device.device_kind!r}; add them to PEAKS")
-    print(f"device: {device.device_kind}, peaks: {peaks[0] / 1e12:.0f} TFLOP/s bf16, "
-          f"{peaks[1] / 1e12:.2f} TB/s HBM; jax {jax.__version__}\n")
+        sys.exit(f"no peak figures for {device.device_kind!r}; add them to gpu_measure.PEAKS")
+    print(f"device: {device.device_kind}, peaks: {peaks.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+          f"{peaks.hbm_bytes_per_second / 1e12:.2f} TB/s HBM; jax {jax.__version__}\n")
     # One case's operands at a time (120b's experts take 1 GB per matmul).
     cases = (Case.make(model, tokens, matmul)
              for model in args.models for tokens in args.tokens for matmul in ("mlp1", "mlp2"))
@@ -280,7 +256,9 @@ def main() -> None:
         for case in cases:
             print_sweep(case, sweep(case, args.iters), peaks)
         return
-    print_table([bench(case, args.iters) for case in cases], peaks)
+    print_table_header()
+    for case in cases:
+        print_case_rows(bench(case, args.iters), peaks)
 
 
 if __name__ == "__main__":
