@@ -1,0 +1,238 @@
+"""Every GPU check of a device session in one command, most important first, within a budget.
+
+A session lent a GPU has 15 minutes of device time in all, the machine's start included, and at
+most 10 minutes a command. So the checks run as one prepared command that stops in time, not
+as a list of commands typed one by one; from the repository root on the device machine::
+
+    PYTHONPATH=. python3 -m benchmarks.gpu_session --out $OUT --commit <HASH>
+
+(the device's copy of the tree has no .git: pass the commit from this side). The steps, in
+order (``--list`` prints their commands):
+
+* ``env``: the GPU, its driver and CUDA, jax's devices and versions;
+* ``kernel-tests``: ``pytest -k gpu`` on the kernel test files: the kernels compiled for the GPU
+  against their references, every test under a time limit of its own (a kernel that waits on a
+  barrier forever hangs the GPU rather than fail);
+* ``moe-kernel``, ``attention-kernel``: the kernel benchmarks against the XLA paths and the
+  device's peaks;
+* ``e2e-20b``: gpt-oss-20b end to end (``--quick``, profiled: where decode time goes);
+* ``e2e-120b``: gpt-oss-120b end to end (``--quick``);
+* ``e2e-20b-xla``: gpt-oss-20b on the XLA path, the end-to-end baseline;
+* ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes.
+
+Each step runs in a process group of its own under ``min(its limit, what is left of --budget)``
+seconds and is killed whole when that runs out. Its output goes to stdout and to
+``OUT/session.log``; the e2e steps write their JSON and Markdown rows under ``OUT``; the summary
+(each step's status and seconds, and the command that runs the steps left over) goes to stdout
+and ``OUT/summary.md``. A step that less than a minute of the budget is left for is skipped.
+The default budget (520 s) leaves one call's worth of the session's device time for a second
+call, ``--from STEP``, after the machine's start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import shutil
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_BUDGET_SECONDS = 520
+MIN_STEP_SECONDS = 60
+TEST_TIMEOUT_SECONDS = 150  # one test, its compiles included
+KERNEL_TEST_FILES = (
+    "tests/test_mxfp4_moe_kernel.py", "tests/test_attention_kernels.py", "tests/test_kernel_dispatch.py",
+    "tests/test_gpu_measure.py",
+)
+# The scratch folder of the profiled run: its trace files lie too deep for the device's $OUT.
+TRACE_DIR = "/tmp/gpu-session-trace"
+
+
+def print_environment() -> None:
+    """``nvidia-smi``, jax's version and devices, the device's compute capability, CUDA's versions."""
+    import jax
+    from jax._src.lib import cuda_versions  # None without a CUDA plugin
+
+    if shutil.which("nvidia-smi"):
+        subprocess.run(["nvidia-smi"], check=False)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__}; devices {jax.devices()}")
+    print(f"{device.device_kind}, compute capability {getattr(device, 'compute_capability', None)}")
+    if cuda_versions is not None:
+        print(f"CUDA runtime {cuda_versions.cuda_runtime_get_version()}, "
+              f"driver {cuda_versions.cuda_driver_get_version()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    command: tuple[str, ...]
+    limit_seconds: float
+    env: tuple[tuple[str, str], ...] = ()  # set for its command
+
+
+@dataclasses.dataclass
+class Outcome:
+    step: str
+    status: str  # "passed", "failed (exit N)", "timed out after N s", "skipped: ..."
+    seconds: float = 0.0
+
+    @property
+    def ran(self) -> bool:
+        return not self.status.startswith("skipped")
+
+
+def session_steps(out: Path, commit: str | None) -> list[Step]:
+    """The device session's steps, most important first; ``commit`` for the e2e rows (None: git's)."""
+    python = sys.executable
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu", *KERNEL_TEST_FILES]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        # The thread method: a test blocked in a wait on the GPU never returns to Python for a signal.
+        pytest += [f"--timeout={TEST_TIMEOUT_SECONDS}", "--timeout-method=thread"]
+    if importlib.util.find_spec("xdist") is not None:
+        pytest += ["-n", "4"]  # the Mosaic GPU lowering is CPU-bound; the tests share the GPU
+
+    def e2e(model: str, json_name: str, *extra: str) -> tuple[str, ...]:
+        return (python, "-m", "benchmarks.e2e", "--model", model, "--quick", *(("--commit", commit) if commit else ()),
+                "--results-md", str(out / "RESULTS.md"), "--json", str(out / json_name), *extra)
+
+    return [
+        Step("env", (python, "-c", "import benchmarks.gpu_session as s; s.print_environment()"), 60),
+        # Several test workers share the GPU: none may take most of its memory up front.
+        Step("kernel-tests", tuple(pytest), 300, env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
+        Step("moe-kernel", (python, "-m", "benchmarks.moe_kernel"), 240),
+        Step("attention-kernel", (python, "-m", "benchmarks.attention_kernel"), 180),
+        Step("e2e-20b", e2e("gpt-oss-20b", "e2e-20b.json", "--profile", TRACE_DIR), 300),
+        Step("e2e-120b", e2e("gpt-oss-120b", "e2e-120b.json"), 300),
+        Step("e2e-20b-xla", e2e("gpt-oss-20b", "e2e-20b-xla.json", "--kernels", "xla"), 300),
+        Step("moe-sweep", (python, "-m", "benchmarks.moe_kernel", "--sweep", "--models", "20b",
+                           "--tokens", "1", "64", "4096"), 300),
+    ]
+
+
+def _echo(text: str, log: TextIO) -> None:
+    """Write ``text`` to stdout and the session log."""
+    for stream in (sys.stdout, log):
+        stream.write(text)
+        stream.flush()
+
+
+def _run_command(command: Sequence[str], env: dict[str, str], seconds: float, log: TextIO) -> int | None:
+    """Run ``command`` in a process group of its own, its output to stdout and ``log``.
+
+    Returns its exit status, or None when it ran past ``seconds`` and the group was killed.
+    """
+    _echo(f"$ {shlex.join(command)}\n", log)
+    try:
+        process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    except OSError as error:  # not installed
+        _echo(f"cannot run {command[0]}: {error}\n", log)
+        return 127
+
+    def copy_output() -> None:
+        for line in process.stdout:
+            _echo(line, log)
+
+    copier = threading.Thread(target=copy_output, daemon=True)
+    copier.start()
+    try:
+        status = process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        status = None
+    copier.join(timeout=5)
+    return status
+
+
+def run_session(steps: Sequence[Step], out: Path, budget_seconds: float) -> list[Outcome]:
+    """Run ``steps`` in order within ``budget_seconds``; a failed step does not stop the others."""
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + budget_seconds
+    pythonpath = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
+    outcomes = []
+    with (out / "session.log").open("a") as log:
+        for step in steps:
+            left = deadline - time.monotonic()
+            if left < MIN_STEP_SECONDS:
+                outcomes.append(Outcome(step.name, f"skipped: {max(left, 0):.0f} s of the budget left"))
+                continue
+            limit = min(step.limit_seconds, left)
+            _echo(f"\n===== {step.name} (limit {limit:.0f} s) =====\n", log)
+            start = time.monotonic()
+            status = _run_command(step.command, {**environment, **dict(step.env)}, limit, log)
+            if status == 0:
+                text = "passed"
+            elif status is None:
+                text = f"timed out after {limit:.0f} s"
+            else:
+                text = f"failed (exit {status})"
+            outcomes.append(Outcome(step.name, text, time.monotonic() - start))
+    return outcomes
+
+
+def summary(outcomes: Sequence[Outcome], rerun: str) -> str:
+    lines = ["| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {o.step} | {o.status} | {o.seconds:.0f} |" for o in outcomes]
+    skipped = [o.step for o in outcomes if not o.ran]
+    if skipped:
+        lines += ["", f"left for another call: {rerun} --from {skipped[0]}"]
+    return "\n".join(lines) + "\n"
+
+
+def select(steps: list[Step], only: Sequence[str] | None, start: str | None) -> list[Step]:
+    names = [step.name for step in steps]
+    for name in [*(only or []), *([start] if start else [])]:
+        if name not in names:
+            raise SystemExit(f"unknown step {name!r}; the steps are: {', '.join(names)}")
+    if start:
+        steps = steps[names.index(start):]
+    return [step for step in steps if not only or step.name in only]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out/gpu-session")),
+                        help="folder for the log, the summary and the e2e results (default: $OUT, else out/gpu-session)")
+    parser.add_argument("--commit", help="commit the e2e rows record, where the tree has no .git (the device's copy)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_SECONDS,
+                        help=f"seconds for all the steps together (default {DEFAULT_BUDGET_SECONDS})")
+    parser.add_argument("--from", dest="start", metavar="STEP", help="start at this step")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
+    parser.add_argument("--list", action="store_true", help="print the steps and their commands, run nothing")
+    args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error("--budget must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    steps = select(session_steps(args.out, args.commit), args.only, args.start)
+    if args.list:
+        for step in steps:
+            print(f"{step.name} (limit {step.limit_seconds:.0f} s)")
+            print(f"    {shlex.join(step.command)}")
+        return 0
+    outcomes = run_session(steps, args.out, args.budget)
+    rerun = "PYTHONPATH=. python3 -m benchmarks.gpu_session --out $OUT" + (f" --commit {args.commit}" if args.commit else "")
+    text = summary(outcomes, rerun)
+    (args.out / "summary.md").write_text(text)
+    print("\n===== summary =====\n" + text, end="")
+    return 0 if all(o.status == "passed" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""benchmarks/gpu_session.py: steps in order under one budget, hung steps killed whole."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import e2e, gpu_session
+from benchmarks.gpu_session import REPOSITORY, Step, run_session, summary
+
+
+def python_step(name: str, code: str, limit_seconds: float = 30) -> Step:
+    return Step(name, (sys.executable, "-c", code), limit_seconds)
+
+
+def is_gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its reparented parent counts)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def test_steps_run_in_order_within_the_budget_and_a_hung_step_is_killed_with_its_children(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(gpu_session, "MIN_STEP_SECONDS", 2.5)
+    child_pid = tmp_path / "child.pid"
+    hang = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+            f"open({str(child_pid)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    steps = [
+        python_step("first", "print('first step output')"),
+        python_step("failing", "raise SystemExit(3)"),
+        python_step("hangs", hang, limit_seconds=2),
+        python_step("late", "print('never')"),
+    ]
+    outcomes = run_session(steps, tmp_path / "out", budget_seconds=4.0)
+
+    assert [(o.step, o.status) for o in outcomes[:3]] == [
+        ("first", "passed"), ("failing", "failed (exit 3)"), ("hangs", "timed out after 2 s"),
+    ]
+    assert outcomes[3].step == "late" and outcomes[3].status.startswith("skipped: ")
+    assert 2 <= outcomes[2].seconds < 4
+    assert is_gone(int(child_pid.read_text()))
+
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "===== first" in log and "first step output" in log and "never" not in log
+    assert "first step output" in capsys.readouterr().out
+
+    text = summary(outcomes, "RERUN")
+    assert "| hangs | timed out after 2 s |" in text
+    assert text.endswith("left for another call: RERUN --from late\n")
+
+
+def test_a_missing_program_fails_its_step_only(tmp_path):
+    steps = [Step("missing", ("no-such-program-here",), 30), python_step("next", "print('ran')")]
+    outcomes = run_session(steps, tmp_path, budget_seconds=120)
+    assert [o.status for o in outcomes] == ["failed (exit 127)", "passed"]
+    assert "left for another call" not in summary(outcomes, "RERUN")
+
+
+def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_path, capsys):
+    assert gpu_session.main(["--list", "--commit", "abc1234", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
+    assert names == ["env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
+                     "e2e-20b-xla", "moe-sweep"]
+    e2e_lines = [line for line in printed.splitlines() if "benchmarks.e2e" in line]
+    assert len(e2e_lines) == 3
+    assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
+
+    assert gpu_session.main(["--list", "--from", "e2e-120b", "--only", "e2e-120b", "moe-sweep"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")] == [
+        "e2e-120b (limit 300 s)", "moe-sweep (limit 300 s)"]
+
+
+def test_the_steps_commands_name_what_exists(tmp_path):
+    steps = {step.name: step for step in gpu_session.session_steps(tmp_path, "abc1234")}
+    assert all((REPOSITORY / path).is_file() for path in gpu_session.KERNEL_TEST_FILES)
+    assert set(gpu_session.KERNEL_TEST_FILES) <= set(steps["kernel-tests"].command)
+    for name in ("e2e-20b", "e2e-120b", "e2e-20b-xla"):
+        command = steps[name].command
+        assert command[1:3] == ("-m", "benchmarks.e2e")
+        args = e2e.parse_args(command[3:])
+        assert args.quick and args.commit == "abc1234" and args.json.parent == tmp_path
+    assert e2e.parse_args(steps["e2e-20b-xla"].command[3:]).kernels == "xla"
+
+
+def test_unknown_steps_are_named(capsys):
+    with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, kernel-tests"):
+        gpu_session.main(["--list", "--from", "e2e"])
