@@ -17,6 +17,8 @@ order (``--list`` prints their commands):
   device's peaks;
 * ``e2e-20b``: gpt-oss-20b end to end (``--quick``, profiled: where decode time goes);
 * ``e2e-120b``: gpt-oss-120b end to end (``--quick``);
+* ``e2e-120b-32k``: gpt-oss-120b with a 20000-token prompt, so a 32K-token cache: its peak
+  memory says whether 120b decodes with a 32K cache within an H100's 80 GB;
 * ``e2e-20b-xla``: gpt-oss-20b on the XLA path, the end-to-end baseline;
 * ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes.
 
@@ -102,6 +104,8 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
     if importlib.util.find_spec("xdist") is not None:
         pytest += ["-n", "4"]  # the Mosaic GPU lowering is CPU-bound; the tests share the GPU
 
+    # The device brings back at most 8 files from OUT: the log, the summary, the e2e rows and
+    # the e2e steps' JSON files make 7.
     def e2e(model: str, json_name: str, *extra: str) -> tuple[str, ...]:
         return (python, "-m", "benchmarks.e2e", "--model", model, "--quick", *(("--commit", commit) if commit else ()),
                 "--results-md", str(out / "RESULTS.md"), "--json", str(out / json_name), *extra)
@@ -114,6 +118,8 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         Step("attention-kernel", (python, "-m", "benchmarks.attention_kernel"), 180),
         Step("e2e-20b", e2e("gpt-oss-20b", "e2e-20b.json", "--profile", TRACE_DIR), 300),
         Step("e2e-120b", e2e("gpt-oss-120b", "e2e-120b.json"), 300),
+        # 20000 + 256 tokens round up to a 32K-token cache: does 120b fit 80 GB with one?
+        Step("e2e-120b-32k", e2e("gpt-oss-120b", "e2e-120b-32k.json", "--prompt-len", "20000"), 420),
         Step("e2e-20b-xla", e2e("gpt-oss-20b", "e2e-20b-xla.json", "--kernels", "xla"), 300),
         Step("moe-sweep", (python, "-m", "benchmarks.moe_kernel", "--sweep", "--models", "20b",
                            "--tokens", "1", "64", "4096"), 300),

@@ -67,9 +67,9 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
     assert names == ["env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
-                     "e2e-20b-xla", "moe-sweep"]
+                     "e2e-120b-32k", "e2e-20b-xla", "moe-sweep"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.e2e" in line]
-    assert len(e2e_lines) == 3
+    assert len(e2e_lines) == 4
     assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
 
     assert gpu_session.main(["--list", "--from", "e2e-120b", "--only", "e2e-120b", "moe-sweep"]) == 0
@@ -81,12 +81,14 @@ def test_the_steps_commands_name_what_exists(tmp_path):
     steps = {step.name: step for step in gpu_session.session_steps(tmp_path, "abc1234")}
     assert all((REPOSITORY / path).is_file() for path in gpu_session.KERNEL_TEST_FILES)
     assert set(gpu_session.KERNEL_TEST_FILES) <= set(steps["kernel-tests"].command)
-    for name in ("e2e-20b", "e2e-120b", "e2e-20b-xla"):
+    for name in ("e2e-20b", "e2e-120b", "e2e-120b-32k", "e2e-20b-xla"):
         command = steps[name].command
         assert command[1:3] == ("-m", "benchmarks.e2e")
         args = e2e.parse_args(command[3:])
         assert args.quick and args.commit == "abc1234" and args.json.parent == tmp_path
     assert e2e.parse_args(steps["e2e-20b-xla"].command[3:]).kernels == "xla"
+    long_context = e2e.parse_args(steps["e2e-120b-32k"].command[3:])
+    assert (long_context.batch, long_context.prompt_len, long_context.new_tokens) == ([1], 20000, 256)
 
 
 def test_unknown_steps_are_named(capsys):
