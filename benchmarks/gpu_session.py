@@ -190,6 +190,7 @@ def run_session(steps: Sequence[Step], out: Path, budget_seconds: float) -> list
 
 
 def summary(outcomes: Sequence[Outcome], rerun: str) -> str:
+    """A Markdown table of the outcomes, and ``rerun --from STEP`` for the steps left over."""
     lines = ["| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {o.step} | {o.status} | {o.seconds:.0f} |" for o in outcomes]
     skipped = [o.step for o in outcomes if not o.ran]
@@ -199,6 +200,7 @@ def summary(outcomes: Sequence[Outcome], rerun: str) -> str:
 
 
 def select(steps: list[Step], only: Sequence[str] | None, start: str | None) -> list[Step]:
+    """The steps from ``start`` on (all without it), only those in ``only`` (all without it)."""
     names = [step.name for step in steps]
     for name in [*(only or []), *([start] if start else [])]:
         if name not in names:
