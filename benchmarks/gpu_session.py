@@ -23,7 +23,8 @@ order (``--list`` prints their commands):
 * ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes.
 
 Each step runs in a process group of its own under ``min(its limit, what is left of --budget)``
-seconds and is killed whole when that runs out. Its output goes to stdout and to
+seconds; the group is killed when the step ends or that time runs out, so nothing it started
+keeps the GPU from the next step. Its output goes to stdout and to
 ``OUT/session.log``; the e2e steps write their JSON and Markdown rows under ``OUT``; the summary
 (each step's status and seconds, and the command that runs the steps left over) goes to stdout
 and ``OUT/summary.md``. A step that less than a minute of the budget is left for is skipped.
@@ -34,6 +35,7 @@ call, ``--from STEP``, after the machine's start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -140,8 +142,10 @@ def _run_command(command: Sequence[str], env: dict[str, str], seconds: float, lo
     """
     _echo(f"$ {shlex.join(command)}\n", log)
     try:
+        # A process group, not a session: whatever ends this command's session (the device
+        # tool's limit) ends the step with it instead of leaving it on the GPU.
         process = subprocess.Popen(command, cwd=REPOSITORY, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", process_group=0)
     except OSError as error:  # not installed
         _echo(f"cannot run {command[0]}: {error}\n", log)
         return 127
@@ -155,9 +159,13 @@ def _run_command(command: Sequence[str], env: dict[str, str], seconds: float, lo
     try:
         status = process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         status = None
+    finally:
+        # Whatever the group still holds (all of it past the limit or on Ctrl-C, a worker the
+        # step left behind otherwise) would keep the GPU from the next step.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     copier.join(timeout=5)
     return status
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,18 @@ def python_step(name: str, code: str, limit_seconds: float = 30) -> Step:
     return Step(name, (sys.executable, "-c", code), limit_seconds)
 
 
-def is_gone(pid: int) -> bool:
-    """Whether ``pid`` has ended (a zombie waiting for its reparented parent counts)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "State:\tZ" in status
+def is_gone(pid: int, seconds: float = 5) -> bool:
+    """Whether ``pid`` ends within ``seconds`` (SIGKILL lands a moment after it is sent; a zombie
+    waiting for its reparented parent counts as ended)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_steps_run_in_order_within_the_budget_and_a_hung_step_is_killed_with_its_children(
@@ -53,6 +59,15 @@ def test_steps_run_in_order_within_the_budget_and_a_hung_step_is_killed_with_its
     text = summary(outcomes, "RERUN")
     assert "| hangs | timed out after 2 s |" in text
     assert text.endswith("left for another call: RERUN --from late\n")
+
+
+def test_what_a_finished_step_leaves_running_is_killed(tmp_path):
+    child_pid = tmp_path / "child.pid"
+    leave_behind = (f"import subprocess; p = subprocess.Popen(['sleep', '60']); "
+                    f"open({str(child_pid)!r}, 'w').write(str(p.pid))")
+    (outcome,) = run_session([python_step("leaves", leave_behind)], tmp_path, budget_seconds=120)
+    assert outcome.status == "passed" and outcome.seconds < 5
+    assert is_gone(int(child_pid.read_text()))
 
 
 def test_a_missing_program_fails_its_step_only(tmp_path):
