@@ -24,12 +24,11 @@ order (``--list`` prints their commands):
 
 Each step runs in a process group of its own under ``min(its limit, what is left of --budget)``
 seconds; the group is killed when the step ends or that time runs out, so nothing it started
-keeps the GPU from the next step. Its output goes to stdout and to
-``OUT/session.log``; the e2e steps write their JSON and Markdown rows under ``OUT``; the summary
-(each step's status and seconds, and the command that runs the steps left over) goes to stdout
-and ``OUT/summary.md``. A step that less than a minute of the budget is left for is skipped.
-The default budget (520 s) leaves one call's worth of the session's device time for a second
-call, ``--from STEP``, after the machine's start.
+keeps the GPU from the next step. A step is skipped when less than a minute of the budget is
+left. The output goes to stdout and ``OUT/session.log``, the e2e steps' JSON and Markdown rows
+to ``OUT``, and the summary (each step's status and seconds, and the command that runs the
+steps left over) to stdout and ``OUT/summary.md``. The default budget (520 s) leaves about five
+of the session's 15 minutes, after the machine's start, for a second call (``--from STEP``).
 """
 
 from __future__ import annotations
