@@ -16,6 +16,7 @@ back in L2 (decode-sized expert weights fit there) before the timed run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -89,12 +90,21 @@ def timed_kernels_seconds(
                        f"among those launched, got {names}")
 
 
-def kernel_seconds(fn: Callable, *args, iters: int) -> float:
-    """Median GPU time of ``fn(*args)``: its kernels' CUPTI times summed, L2 evicted first."""
+@functools.cache
+def _eviction() -> tuple[jax.Array, list[tuple[str, float]]]:
+    """The eviction's buffer and the kernels a run of the eviction alone launches (once per process)."""
     from jax.experimental.mosaic.gpu import profiler
 
     buffer = jnp.zeros((L2_EVICTION_BYTES // 4,), jnp.float32)
     _, eviction_kernels = profiler.measure(jax.jit(lambda b: b + 1), aggregate=False)(buffer)
+    return buffer, eviction_kernels
+
+
+def kernel_seconds(fn: Callable, *args, iters: int) -> float:
+    """Median GPU time of ``fn(*args)``: its kernels' CUPTI times summed, L2 evicted first."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    buffer, eviction_kernels = _eviction()
     measured = profiler.measure(jax.jit(_evict_l2_first(fn)), aggregate=False)
     times = []
     for _ in range(iters):

@@ -145,7 +145,7 @@ def bench(case: Case, iters: int) -> dict:
     weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
     try:
         seconds = kernel_seconds(bf16_grouped_matmul, problem["lhs"], problem["group_sizes"],
-                              weights_bf16, iters=iters)
+                                 weights_bf16, iters=iters)
         row["bf16"] = (seconds, case.active * case.n * HIDDEN * 2 + case.io_bytes)
     except Exception as error:  # report the baseline's failure, keep measuring the rest
         row["bf16_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
