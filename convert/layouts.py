@@ -19,6 +19,7 @@ import numpy as np
 
 from gptoss_jax.checkpoint import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.model import fused_qkv_order
 
 
@@ -29,7 +30,7 @@ class Layout(enum.Enum):
     ORIGINAL = "original"  # config.json + model.safetensors (OpenAI's original/ folder)
 
 
-class LayoutError(ValueError):
+class LayoutError(GptOssError):
     """A folder that is not a gpt-oss checkpoint in a known layout."""
 
 

@@ -35,6 +35,7 @@ from flax import nnx
 
 from gptoss_jax import sharding as sharding_rules
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.kernel_dispatch import KernelChoice
 from gptoss_jax.model import GptOss
 from gptoss_jax.progress import ProgressBar
@@ -46,7 +47,7 @@ CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(GptOssError):
     """A checkpoint that cannot be read: the message names the file and, where known, the tensor."""
 
 

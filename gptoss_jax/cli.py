@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+from gptoss_jax.errors import GptOssError
+
 if TYPE_CHECKING:
     import jax
 
@@ -57,7 +59,7 @@ QUIET_START_SECONDS = 2.0
 COMPLETION_STOP_TOKENS = ("<|endoftext|>", "<|return|>")
 
 
-class InputError(ValueError):
+class InputError(GptOssError):
     """Bad command-line input, reported as one line."""
 
 
@@ -687,17 +689,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures caused by the user's input, reported without a traceback."""
-    from convert.layouts import LayoutError
-    from gptoss_jax.checkpoint import CheckpointError
-    from gptoss_jax.config import ConfigError
-    from gptoss_jax.sharding import MeshError
-    from gptoss_jax.tokenizer import TokenizerError
-
-    return InputError, CheckpointError, LayoutError, ConfigError, MeshError, TokenizerError, OSError
-
-
 def _enable_compilation_cache() -> None:
     """Keep compiled programs on disk between runs (compiling dominates a short CPU run).
 
@@ -744,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # generate re-raises it from the streamer, after stopping the loop
         _silence_stdout()
         return EXIT_BROKEN_PIPE
-    except _expected_errors() as e:
+    except (GptOssError, OSError) as e:  # the user's input or files: no traceback
         message = " ".join(str(e).split())  # one line, whatever the exception's formatting
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return EXIT_FAILURE

@@ -12,11 +12,12 @@ import math
 import os
 from typing import Any
 
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.rope import yarn_correction_range
 from pallas_kernels.mxfp4 import BLOCK_SIZE
 
 
-class ConfigError(ValueError):
+class ConfigError(GptOssError):
     """A config that gpt-oss cannot run with; the message names the offending key."""
 
 

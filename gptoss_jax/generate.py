@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import SamplingConfig, sample, token_logprobs
@@ -95,7 +96,7 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-class GenerationInputError(ValueError):
+class GenerationInputError(GptOssError):
     """An argument :func:`generate` cannot run with (empty prompt, too long for the context...)."""
 
 

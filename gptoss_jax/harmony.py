@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.tokenizer import Tokenizer, UnknownSpecialTokenError
 
 START = "<|start|>"
@@ -606,7 +607,7 @@ def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
     return _HarmonyTokenIds.of(tokenizer).stops
 
 
-class HarmonyParseError(ValueError):
+class HarmonyParseError(GptOssError):
     """Generated tokens that do not form Harmony messages."""
 
 

@@ -47,6 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gptoss_jax.config import GptOssConfig, preset
+from gptoss_jax.errors import GptOssError
 
 AXES = ("data", "expert", "tensor")
 """The mesh's axis names, outermost first."""
@@ -67,7 +68,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...]], ...] = (
 
 LogicalAxes = tuple[str | None, ...]
 
-class MeshError(ValueError):
+class MeshError(GptOssError):
     """A mesh that does not fit the devices or the model; the message says which size is wrong."""
 
 

@@ -22,6 +22,7 @@ from typing import Literal
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
+from gptoss_jax.errors import GptOssError
 from gptoss_jax.lfs import git_lfs_pointer_message, is_git_lfs_pointer
 
 TOKENIZER_FILENAME = "tokenizer.json"
@@ -75,11 +76,11 @@ that it splits text the way gpt-oss's tokenizer does."""
 AllowedSpecial = Literal["all"] | Collection[str]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(GptOssError):
     """A tokenizer that cannot be used: an unreadable `tokenizer.json` or an unsupported kind."""
 
 
-class UnknownSpecialTokenError(KeyError):
+class UnknownSpecialTokenError(GptOssError, KeyError):
     """A special-token name that the tokenizer does not have."""
 
     def __str__(self) -> str:
