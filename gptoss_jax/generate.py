@@ -14,6 +14,9 @@ returns, the cache doubles (the next bucket, compiled once) and the loop goes on
 the XLA path's attention (which reads every slot) follow the tokens generated, not
 ``max_new_tokens``.
 
+The compiled programs live in a :class:`Generator` (one shared by default), and nothing of a call
+lives outside it: several threads may generate at once, each streamer seeing its own tokens.
+
 Example::
 
     import gptoss_jax
@@ -26,6 +29,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -120,27 +125,51 @@ def _prefill_chunk(graphdef, state, tokens, positions, cache, last_index, has_la
     return jnp.where(has_last[:, None], chunk_logits, logits), cache
 
 
-# The compiled loop calls back into this module; generate() points it at the caller's streamer,
-# and re-raises what the streamer raised once the loop has stopped.
-_streamer: Streamer | None = None
-_streamer_error: BaseException | None = None
+class _Streams:
+    """The streamers of the generations running now, each under the id its decode loop carries.
+
+    A compiled loop is shared by every call of its shapes, so its callback cannot be one call's
+    streamer: it passes the id, and the callback hands the step to that call's streamer alone.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._streamers: dict[int, Streamer] = {}
+        self._errors: dict[int, BaseException] = {}
+
+    def open(self, streamer: Streamer) -> int:
+        with self._lock:
+            stream_id, self._next_id = self._next_id, (self._next_id + 1) % (1 << 31)
+            self._streamers[stream_id] = streamer
+        return stream_id
+
+    def close(self, stream_id: int) -> BaseException | None:
+        """Forget a stream; returns what its streamer raised, if it did."""
+        with self._lock:
+            self._streamers.pop(stream_id, None)
+            return self._errors.pop(stream_id, None)
+
+    def emit(self, stream_id: np.ndarray, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Hand one step to its streamer; returns whether to stop (bool scalar)."""
+        stream_id = int(stream_id)
+        with self._lock:
+            streamer = self._streamers[stream_id]
+        try:
+            stop = bool(streamer(np.asarray(tokens), np.asarray(active)))
+        except BaseException as error:  # raised through the runtime it would arrive wrapped and late
+            with self._lock:
+                self._errors[stream_id] = error
+            stop = True
+        return np.asarray(stop)
 
 
-def _emit(tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """Hand one step to the streamer; returns whether to stop (bool scalar)."""
-    global _streamer_error
-    try:
-        stop = bool(_streamer(np.asarray(tokens), np.asarray(active)))
-    except BaseException as error:  # raised through the runtime it would arrive wrapped and late
-        _streamer_error, stop = error, True
-    return np.asarray(stop)
-
-
-def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, sampling: SamplingConfig, *,
-            first: bool, stream: bool) -> _DecodeState:
+def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, sampling: SamplingConfig,
+            stream_id, *, first: bool, stream: bool, emit: Callable) -> _DecodeState:
     """Sample tokens in a device loop until done or until the cache is full (then it is extended).
 
     ``first``: the carry is fresh from the prefill, and its logits give the first token.
+    ``stream``: hand each step to ``emit(stream_id, tokens, active)`` on the host.
     """
     model = nnx.merge(graphdef, state)
     cache_length = carry.cache.max_length
@@ -153,8 +182,8 @@ def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, s
         token = sample(carry.logits, jax.random.fold_in(carry.key, carry.step), sampling)
         stop_requested = carry.stop_requested
         if stream:
-            stop_requested = io_callback(_emit, jax.ShapeDtypeStruct((), jnp.bool_), token, carry.active,
-                                         ordered=True)
+            stop_requested = io_callback(emit, jax.ShapeDtypeStruct((), jnp.bool_), stream_id, token,
+                                         carry.active, ordered=True)
         return carry._replace(
             step=carry.step + 1,
             stop_requested=stop_requested,
@@ -183,36 +212,43 @@ def _finished(carry: _DecodeState, max_new_tokens: jax.Array | int) -> jax.Array
 
 
 class _Compiled:
-    """Ahead-of-time compiled functions by argument shapes, so compile time is measured apart."""
+    """Ahead-of-time compiled functions by argument shapes, so compile time is measured apart.
+
+    Safe to call from several threads: one compiles a new shape while the others wait.
+    """
 
     def __init__(self, function: Callable, donate: tuple[str, ...], static: tuple[str, ...]):
         self._jitted = jax.jit(function, static_argnames=("graphdef", *static), donate_argnames=donate)
         self._executables: dict[Any, Any] = {}
         self._graphdefs: list[Any] = []  # distinct model structures, by index
         self._last_graphdef: tuple[Any, int] | None = None
-        self.compile_seconds = 0.0
+        self._lock = threading.Lock()
 
     def _graphdef_index(self, graphdef) -> int:
         # Hashing or comparing a model's graphdef walks its whole structure (2 ms at gpt-oss-20b's
         # size): do it once per new graphdef object (once per generate call), not at every call.
-        if self._last_graphdef is not None and self._last_graphdef[0] is graphdef:
-            return self._last_graphdef[1]
+        last = self._last_graphdef
+        if last is not None and last[0] is graphdef:
+            return last[1]
         index = next((i for i, known in enumerate(self._graphdefs) if known == graphdef), len(self._graphdefs))
         if index == len(self._graphdefs):
             self._graphdefs.append(graphdef)
         self._last_graphdef = (graphdef, index)
         return index
 
-    def __call__(self, graphdef, *args, **static):
-        signature = (self._graphdef_index(graphdef), tuple(sorted(static.items())),
-                     jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
-        executable = self._executables.get(signature)
-        if executable is None:
-            start = time.perf_counter()
-            executable = self._jitted.lower(graphdef, *args, **static).compile()
-            self.compile_seconds += time.perf_counter() - start
-            self._executables[signature] = executable
-        return executable(*args)
+    def __call__(self, graphdef, *args, **static) -> tuple[Any, float]:
+        """Run the function; returns (its result, seconds spent compiling it for this call)."""
+        compile_seconds = 0.0
+        with self._lock:
+            signature = (self._graphdef_index(graphdef), tuple(sorted(static.items())),
+                         jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
+            executable = self._executables.get(signature)
+            if executable is None:
+                start = time.perf_counter()
+                executable = self._jitted.lower(graphdef, *args, **static).compile()
+                compile_seconds = time.perf_counter() - start
+                self._executables[signature] = executable
+        return executable(*args), compile_seconds
 
 
 def _donated(name: str) -> tuple[str, ...]:
@@ -220,16 +256,33 @@ def _donated(name: str) -> tuple[str, ...]:
     return () if jax.default_backend() == "cpu" else (name,)
 
 
-_compiled_prefill: _Compiled | None = None
-_compiled_decode: _Compiled | None = None
+class Generator:
+    """The compiled prefill and decode programs of :func:`generate`, and the streams running on them.
+
+    :func:`generate` shares one (its programs are a cache, like ``jax.jit``'s); pass your own as
+    ``generator=`` to keep a set of programs apart. Several threads may generate with one
+    generator at once: each call's streamer gets that call's tokens only.
+    """
+
+    def __init__(self):
+        self.streams = _Streams()
+        self.prefill = _Compiled(_prefill_chunk, _donated("cache"), ("first",))
+        self.decode = _Compiled(functools.partial(_decode, emit=self.streams.emit), _donated("carry"),
+                                ("first", "stream"))
 
 
-def _compiled() -> tuple[_Compiled, _Compiled]:
-    global _compiled_prefill, _compiled_decode
-    if _compiled_prefill is None:
-        _compiled_prefill = _Compiled(_prefill_chunk, _donated("cache"), ("first",))
-        _compiled_decode = _Compiled(_decode, _donated("carry"), ("first", "stream"))
-    return _compiled_prefill, _compiled_decode
+_shared_generator: Generator | None = None
+_shared_generator_lock = threading.Lock()
+
+
+def _generator_for(generator: Generator | None) -> Generator:
+    global _shared_generator
+    if generator is not None:
+        return generator
+    with _shared_generator_lock:
+        if _shared_generator is None:
+            _shared_generator = Generator()
+        return _shared_generator
 
 
 def _validate(model: GptOss, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[np.ndarray]:
@@ -278,6 +331,7 @@ def generate(
     return_logprobs: bool = False,
     streamer: Streamer | None = None,
     prefill_chunk_size: int = 512,
+    generator: Generator | None = None,
 ) -> GenerationOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
@@ -297,6 +351,7 @@ def generate(
       prefill_chunk_size: prompt tokens per prefill step; bounds activation memory. Rounded up
         to a power of two of at least 16 (compiled shapes are bucketed), and no longer than the
         longest prompt's bucket.
+      generator: the compiled programs to use (None: the ones every call shares).
 
     Returns:
       A :class:`GenerationOutput`. With ``max_new_tokens=0`` nothing runs, not even the
@@ -340,8 +395,8 @@ def generate(
     columns = np.arange(padded_length, dtype=np.int32)
     positions = np.where(columns[None] < lengths[:, None], columns[None], -1).astype(np.int32)
 
-    prefill, decode = _compiled()
-    compile_before = prefill.compile_seconds + decode.compile_seconds
+    programs = _generator_for(generator)
+    compile_seconds = 0.0
     graphdef, state = nnx.split(model)
     cache = KVCache.create(config, batch, cache_length, model.dtype, model.mesh)
     logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
@@ -349,22 +404,23 @@ def generate(
     # compiles may compile a chunk's program while the one before it runs, which the compile
     # time subtracted then overstates.)
     begin = time.perf_counter()
-    compile_mark = prefill.compile_seconds
     for start in range(0, padded_length, chunk):
         last = lengths - 1 - start
         has_last = (last >= 0) & (last < chunk)
         arguments = (state, jnp.asarray(tokens[:, start:start + chunk]), jnp.asarray(positions[:, start:start + chunk]),
                      cache, jnp.asarray(np.clip(last, 0, chunk - 1)), jnp.asarray(has_last), logits)
-        logits, cache = prefill(graphdef, *arguments, first=start == 0)
+        (logits, cache), seconds = programs.prefill(graphdef, *arguments, first=start == 0)
+        compile_seconds += seconds
     jax.block_until_ready(logits)
-    prefill_seconds = time.perf_counter() - begin - (prefill.compile_seconds - compile_mark)
+    prefill_seconds = time.perf_counter() - begin - compile_seconds
 
     buffer = _bucket(max_new_tokens, _MIN_BUCKET)
-    global _streamer, _streamer_error
-    _streamer, _streamer_error = streamer, None
+    stream = streamer is not None
+    stream_id = programs.streams.open(streamer) if stream else -1
+    streamer_error = None
     try:
         begin = time.perf_counter()
-        compile_mark = decode.compile_seconds
+        prefill_compile_seconds = compile_seconds
         carry = _DecodeState(
             step=jnp.int32(0), stop_requested=jnp.bool_(False), key=jax.random.key(seed), cache=cache,
             logits=logits, positions=jnp.asarray(lengths), active=jnp.ones((batch,), bool),
@@ -372,25 +428,27 @@ def generate(
             logprobs=jnp.zeros((batch, buffer), jnp.float32),
         )
         arguments = (jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
-                     jax.tree.map(jnp.float32, sampling))
-        carry = decode(graphdef, state, carry, *arguments, first=True, stream=streamer is not None)
+                     jax.tree.map(jnp.float32, sampling), jnp.int32(stream_id))
+        carry, seconds = programs.decode(graphdef, state, carry, *arguments, first=True, stream=stream)
+        compile_seconds += seconds
         # The loop returned because it is over or because the cache is full (a device-to-host read).
         while carry.cache.max_length < final_cache_length and not _finished(carry, max_new_tokens):
             cache = carry.cache.extended(config, min(2 * carry.cache.max_length, final_cache_length))
-            carry = decode(graphdef, state, carry._replace(cache=cache), *arguments, first=False,
-                           stream=streamer is not None)
+            carry, seconds = programs.decode(graphdef, state, carry._replace(cache=cache), *arguments,
+                                             first=False, stream=stream)
+            compile_seconds += seconds
         generated_tokens, logprobs, generated = jax.device_get((carry.tokens, carry.logprobs, carry.generated))
         generated = generated[:prompt_count]
-        decode_seconds = time.perf_counter() - begin - (decode.compile_seconds - compile_mark)
-        if _streamer_error is not None:
-            raise _streamer_error
+        decode_seconds = time.perf_counter() - begin - (compile_seconds - prefill_compile_seconds)
     finally:
-        _streamer, _streamer_error = None, None
+        if stream:
+            streamer_error = programs.streams.close(stream_id)
+    if streamer_error is not None:
+        raise streamer_error
 
     stats = GenerationStats(
         prefill_tokens=int(lengths[:prompt_count].sum()), prefill_seconds=prefill_seconds,
-        decode_tokens=int(generated.sum()), decode_seconds=decode_seconds,
-        compile_seconds=prefill.compile_seconds + decode.compile_seconds - compile_before,
+        decode_tokens=int(generated.sum()), decode_seconds=decode_seconds, compile_seconds=compile_seconds,
     )
     return GenerationOutput(
         tokens=[generated_tokens[row, :n].tolist() for row, n in enumerate(generated)],

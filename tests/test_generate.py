@@ -1,6 +1,7 @@
 """generate: cache consistency, sampling, streaming, log-probabilities, bad input."""
 
 import importlib
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -134,13 +135,13 @@ def test_each_token_after_the_first_costs_one_forward(model, prompts, greedy_out
         return with_cache(self, tokens, *args, **kwargs)
 
     monkeypatch.setattr(GptOss, "with_cache", counted)
-    # Compile afresh: the cached executables were traced without the count.
-    monkeypatch.setattr(generate_module, "_compiled_prefill", None)
-    monkeypatch.setattr(generate_module, "_compiled_decode", None)
+    # Compile afresh: the shared executables were traced without the count.
+    generator = generate_module.Generator()
     stop = greedy_output.tokens[0][0]
     for max_new_tokens, stop_tokens, expected_tokens in ((1, (), 1), (5, (), 5), (5, [stop], 1)):
         decode_forwards.clear()
-        out = generate(model, prompts[:1], max_new_tokens=max_new_tokens, temperature=0, stop_tokens=stop_tokens)
+        out = generate(model, prompts[:1], max_new_tokens=max_new_tokens, temperature=0, stop_tokens=stop_tokens,
+                       generator=generator)
         jax.effects_barrier()
         assert len(out.tokens[0]) == expected_tokens
         assert len(decode_forwards) == expected_tokens - 1
@@ -301,3 +302,29 @@ def test_compiled_programs_are_keyed_by_model_structure_not_by_graphdef_object(m
     assert compiled._graphdef_index(graphdef) == compiled._graphdef_index(same_structure) == 0
     assert compiled._graphdef_index(other_graphdef) == 1
     assert compiled._graphdef_index(graphdef) == 0
+
+
+def test_generations_streaming_from_two_threads_at_once_each_get_their_own_tokens(model, prompts, greedy_output):
+    """Both calls share the compiled loop; each streamer must see only its own call's steps."""
+    barrier = threading.Barrier(2, timeout=60)
+    seen = {0: [], 1: []}
+    outputs = {}
+
+    def run(index):
+        def streamer(tokens, active):
+            if not seen[index]:
+                barrier.wait()  # both loops are running before either goes on
+            seen[index].append(tokens.copy())
+
+        outputs[index] = generate(model, [prompts[index]], max_new_tokens=NEW_TOKENS, temperature=0,
+                                  prefill_chunk_size=PREFILL_CHUNK, streamer=streamer)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    for index in (0, 1):
+        assert outputs[index].tokens == [greedy_output.tokens[index]]
+        assert [int(step[0]) for step in seen[index]] == greedy_output.tokens[index]
