@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from gptoss_jax.compiled import CompiledByShape, donated
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
@@ -211,51 +212,6 @@ def _finished(carry: _DecodeState, max_new_tokens: jax.Array | int) -> jax.Array
     return (carry.step >= max_new_tokens) | ~jnp.any(carry.active) | carry.stop_requested
 
 
-class _Compiled:
-    """Ahead-of-time compiled functions by argument shapes, so compile time is measured apart.
-
-    Safe to call from several threads: one compiles a new shape while the others wait.
-    """
-
-    def __init__(self, function: Callable, donate: tuple[str, ...], static: tuple[str, ...]):
-        self._jitted = jax.jit(function, static_argnames=("graphdef", *static), donate_argnames=donate)
-        self._executables: dict[Any, Any] = {}
-        self._graphdefs: list[Any] = []  # distinct model structures, by index
-        self._last_graphdef: tuple[Any, int] | None = None
-        self._lock = threading.Lock()
-
-    def _graphdef_index(self, graphdef) -> int:
-        # Hashing or comparing a model's graphdef walks its whole structure (2 ms at gpt-oss-20b's
-        # size): do it once per new graphdef object (once per generate call), not at every call.
-        last = self._last_graphdef
-        if last is not None and last[0] is graphdef:
-            return last[1]
-        index = next((i for i, known in enumerate(self._graphdefs) if known == graphdef), len(self._graphdefs))
-        if index == len(self._graphdefs):
-            self._graphdefs.append(graphdef)
-        self._last_graphdef = (graphdef, index)
-        return index
-
-    def __call__(self, graphdef, *args, **static) -> tuple[Any, float]:
-        """Run the function; returns (its result, seconds spent compiling it for this call)."""
-        compile_seconds = 0.0
-        with self._lock:
-            signature = (self._graphdef_index(graphdef), tuple(sorted(static.items())),
-                         jax.tree.structure(args), tuple((a.shape, a.dtype) for a in jax.tree.leaves(args)))
-            executable = self._executables.get(signature)
-            if executable is None:
-                start = time.perf_counter()
-                executable = self._jitted.lower(graphdef, *args, **static).compile()
-                compile_seconds = time.perf_counter() - start
-                self._executables[signature] = executable
-        return executable(*args), compile_seconds
-
-
-def _donated(name: str) -> tuple[str, ...]:
-    # The CPU backend cannot reuse donated buffers and warns when asked to.
-    return () if jax.default_backend() == "cpu" else (name,)
-
-
 class Generator:
     """The compiled prefill and decode programs of :func:`generate`, and the streams running on them.
 
@@ -266,8 +222,8 @@ class Generator:
 
     def __init__(self):
         self.streams = _Streams()
-        self.prefill = _Compiled(_prefill_chunk, _donated("cache"), ("first",))
-        self.decode = _Compiled(functools.partial(_decode, emit=self.streams.emit), _donated("carry"),
+        self.prefill = CompiledByShape(_prefill_chunk, donated("cache"), ("first",))
+        self.decode = CompiledByShape(functools.partial(_decode, emit=self.streams.emit), donated("carry"),
                                 ("first", "stream"))
 
 

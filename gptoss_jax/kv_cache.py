@@ -108,3 +108,17 @@ def _slots(config: GptOssConfig, layer: int, max_length: int) -> int:
 def _check_length(config: GptOssConfig, max_length: int) -> None:
     if max_length > config.max_position_embeddings:
         raise ValueError(f"max_length {max_length} exceeds the model's context of {config.max_position_embeddings}")
+
+
+def cache_bytes(config: GptOssConfig, batch: int, max_length: int, dtype: jnp.dtype = jnp.bfloat16,
+                mesh: Mesh | None = None) -> int:
+    """Bytes one device holds of a :meth:`KVCache.create` cache: keys, values and slot positions.
+
+    On a mesh, rows split over ``data`` and KV heads over ``tensor``, as the cache is placed.
+    """
+    rows, heads = batch, config.num_key_value_heads
+    if mesh is not None:
+        rows, heads = -(-batch // mesh.shape["data"]), heads // mesh.shape["tensor"]
+    slots = sum(_slots(config, layer, max_length) for layer in range(config.num_hidden_layers))
+    per_slot = 2 * heads * config.head_dim * jnp.dtype(dtype).itemsize + jnp.dtype(jnp.int32).itemsize
+    return rows * slots * per_slot

@@ -86,3 +86,86 @@ def sample(logits: jax.Array, key: jax.Array, config: SamplingConfig) -> jax.Arr
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """log p(token) under the untempered ``logits [B, V]`` for ``tokens [B]``; float32 ``[B]``."""
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Per-row sampling settings, as arrays, for a batch whose rows are different requests.
+
+    Every leaf is traced, so new values never recompile; ``filters`` (whether any row keeps
+    fewer than all tokens) is the one static choice, since filtering sorts the vocabulary.
+
+    Attributes:
+      temperature: float32 ``[B]``; 0 is greedy.
+      top_k: int32 ``[B]``; 0 keeps every token.
+      top_p: float32 ``[B]``; 1 keeps every token.
+      keys: PRNG keys ``[B]``, each row's own stream (folded with the row's token index).
+      filters: (static) some row has a top-k or a top-p below 1.
+    """
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    keys: jax.Array
+    filters: bool
+
+    def tree_flatten(self):
+        return (self.temperature, self.top_k, self.top_p, self.keys), self.filters
+
+    @classmethod
+    def tree_unflatten(cls, filters, leaves) -> RowSampling:
+        return cls(*leaves, filters)
+
+
+def _kept_tokens(scaled_logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """bool ``[B, V]``: the tokens each row's top-k, then top-p (over those k, renormalized), keep.
+
+    A row whose top_k is 0 and top_p 1 keeps every token, exactly (no rounding of the cumulative
+    sum can drop its tail), so its draw is the one it gets when no row filters.
+    """
+    vocab = scaled_logits.shape[-1]
+    sorted_logits = -jnp.sort(-scaled_logits, axis=-1)
+    rank = jnp.arange(vocab)[None]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    in_top_k = rank < k
+    probabilities = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probabilities, axis=-1) - probabilities
+    kept_sorted = in_top_k & ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1))
+    # The kept tokens are a prefix of the sorted order; keep every token at least as likely as its last.
+    threshold = jnp.take_along_axis(sorted_logits, jnp.sum(kept_sorted, axis=-1, keepdims=True) - 1, axis=-1)
+    return scaled_logits >= threshold
+
+
+def sample_rows(logits: jax.Array, step: jax.Array, sampling: RowSampling) -> jax.Array:
+    """Pick one token per row of float32 ``logits [B, V]``, each row by its own settings; int32 ``[B]``.
+
+    Row r draws with ``fold_in(keys[r], step[r])`` (``step``: int32 ``[B]``, the row's token
+    index), by Gumbel-max in vocabulary order, so its token depends on its logits, settings, key
+    and step only: never on the other rows, nor on whether they made the program filter.
+    """
+    greedy = sampling.temperature == 0
+    scaled = logits / jnp.where(greedy, 1.0, sampling.temperature)[:, None]
+    if sampling.filters:
+        scaled = jnp.where(_kept_tokens(scaled, sampling.top_k, sampling.top_p), scaled, -jnp.inf)
+    keys = jax.vmap(jax.random.fold_in)(sampling.keys, step)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+    sampled = jnp.argmax(scaled + noise, axis=-1)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+
+
+def top_logprobs(logits: jax.Array, tokens: jax.Array, count: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The chosen tokens' log-probabilities and the ``count`` most likely alternatives.
+
+    Args:
+      logits: float32 ``[B, V]`` (untempered).
+      tokens: int32 ``[B]``.
+      count: (static) alternatives per row.
+
+    Returns:
+      (float32 ``[B]``, int32 ``[B, count]`` token ids, float32 ``[B, count]`` their log-probabilities).
+    """
+    log_probabilities = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(log_probabilities, tokens[:, None], axis=-1)[:, 0]
+    top_values, top_ids = jax.lax.top_k(log_probabilities, count)
+    return chosen, top_ids.astype(jnp.int32), top_values

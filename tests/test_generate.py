@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gptoss_jax.compiled import CompiledByShape
 from gptoss_jax.config import preset
 from gptoss_jax.generate import GenerationInputError, generate
 from gptoss_jax.kv_cache import KVCache
@@ -293,7 +294,7 @@ def test_decoded_experts_change_nothing_but_speed(prompts, greedy_output):
 
 
 def test_compiled_programs_are_keyed_by_model_structure_not_by_graphdef_object(model):
-    compiled = generate_module._Compiled(lambda graphdef, x: x, donate=(), static=())
+    compiled = CompiledByShape(lambda graphdef, x: x, donate=(), static=())
     graphdef, _ = nnx.split(model)
     same_structure, _ = nnx.split(model)
     other = GptOss(preset("tiny"), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # same shapes, another dtype

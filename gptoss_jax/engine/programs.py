@@ -1,0 +1,138 @@
+"""The engine's device programs: a prompt chunk for a few rows, their first tokens, a decode burst.
+
+Every program works on the engine's one KV cache of ``[slots, max_context]`` and takes each row's
+state and settings as arrays, so requests come and go without recompiling. A row is addressed by
+its slot index; a row that is not decoding feeds position -1, which the model neither caches nor
+attends to, so it costs a row of compute and changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.engine.requests import MAX_TOP_LOGPROBS
+from gptoss_jax.kv_cache import KVCache
+from gptoss_jax.sampling import RowSampling, sample_rows, top_logprobs
+from pallas_kernels.attention_reference import EMPTY_SLOT
+
+MAX_BURST = 64
+"""The most decode steps one burst runs (its output buffer's width; the count itself is traced)."""
+
+
+class Rows(NamedTuple):
+    """The decoding state of every slot, all ``[slots]``: what a burst reads and returns."""
+
+    last_tokens: jax.Array  # int32: the newest token, not yet in the cache
+    positions: jax.Array  # int32: its position
+    active: jax.Array  # bool: decoding
+    generated: jax.Array  # int32: tokens made so far (the next one's PRNG step)
+    max_tokens: jax.Array  # int32
+    stop_tokens: jax.Array  # int32 [slots, MAX_STOP_TOKENS], -1 where unused
+
+
+class TokenLogprobs(NamedTuple):
+    """Per generated token: its log-probability and the top alternatives' ids and log-probabilities."""
+
+    chosen: jax.Array  # float32 [..., steps]
+    top_ids: jax.Array  # int32 [..., steps, MAX_TOP_LOGPROBS]
+    top_values: jax.Array  # float32 [..., steps, MAX_TOP_LOGPROBS]
+
+
+class Burst(NamedTuple):
+    """A burst's output: the cache and rows after it, and each step's tokens ``[slots, MAX_BURST]``."""
+
+    cache: KVCache
+    rows: Rows
+    tokens: jax.Array  # int32
+    valid: jax.Array  # bool: the row was decoding at that step
+    logprobs: TokenLogprobs | None
+
+
+def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax.Array, positions: jax.Array,
+                  last_index: jax.Array, *, first: bool) -> tuple[jax.Array, KVCache]:
+    """Run one prompt chunk of a few rows against their part of the cache.
+
+    Args:
+      cache: the engine's cache.
+      slots: int32 ``[rows]`` slot indices; an index past the last slot is padding (its writes are
+        dropped).
+      tokens, positions: int32 ``[rows, chunk]`` (positions -1 after a prompt's end).
+      last_index: int32 ``[rows]``: the chunk index whose logits to return.
+      first: (static) the chunk is each row's first: their slots are emptied first, and
+        attention stays within the chunk (the prefill kernel's case).
+
+    Returns:
+      (float32 logits ``[rows, V]``, the cache with the chunk written).
+    """
+    model = nnx.merge(graphdef, state)
+    rows = jax.tree.map(lambda array: jnp.take(array, slots, axis=0, mode="clip"), cache)
+    if first:
+        # A slot keeps its last request's keys; emptying the positions is what makes them unseen.
+        rows = KVCache(tuple(layer._replace(positions=jnp.full_like(layer.positions, EMPTY_SLOT))
+                             for layer in rows.layers))
+    logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
+    cache = jax.tree.map(lambda array, part: array.at[slots].set(part, mode="drop"), cache, rows)
+    return logits, cache
+
+
+def _logprobs(logits: jax.Array, tokens: jax.Array) -> TokenLogprobs:
+    return TokenLogprobs(*top_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1])))
+
+
+def first_tokens(logits: jax.Array, sampling: RowSampling, *, logprobs: bool) -> tuple[jax.Array, TokenLogprobs | None]:
+    """Each row's first token from its prompt's last logits ``[rows, V]`` (PRNG step 0)."""
+    tokens = sample_rows(logits, jnp.zeros(logits.shape[:1], jnp.int32), sampling)
+    return tokens, _logprobs(logits, tokens) if logprobs else None
+
+
+def decode_burst(graphdef, state, cache: KVCache, rows: Rows, sampling: RowSampling, steps: jax.Array, *,
+                 logprobs: bool) -> Burst:
+    """Up to ``steps`` (traced, at most :data:`MAX_BURST`) decode steps of every decoding row.
+
+    A row stops at a stop token or at its ``max_tokens``, within the burst; the burst ends early
+    when no row is decoding.
+    """
+    model = nnx.merge(graphdef, state)
+    slots = rows.last_tokens.shape[0]
+    vocab = model.config.vocab_size
+    out_tokens = jnp.zeros((slots, MAX_BURST), jnp.int32)
+    out_valid = jnp.zeros((slots, MAX_BURST), bool)
+    if logprobs:
+        shape = jax.eval_shape(_logprobs, jax.ShapeDtypeStruct((slots, vocab), jnp.float32),
+                               jax.ShapeDtypeStruct((slots,), jnp.int32))
+        out_logprobs = jax.tree.map(lambda s: jnp.zeros((s.shape[0], MAX_BURST, *s.shape[1:]), s.dtype), shape)
+    else:
+        out_logprobs = None
+
+    def keep_going(carry) -> jax.Array:
+        step, _, rows, *_ = carry
+        return (step < steps) & jnp.any(rows.active)
+
+    def one_step(carry):
+        step, cache, rows, out_tokens, out_valid, out_logprobs = carry
+        fed_positions = jnp.where(rows.active, rows.positions, -1)
+        logits, cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], cache)
+        logits = logits[:, 0]
+        tokens = jnp.where(rows.active, sample_rows(logits, rows.generated, sampling), 0)
+        if logprobs:
+            step_logprobs = _logprobs(logits, tokens)
+            out_logprobs = jax.tree.map(lambda out, new: out.at[:, step].set(new), out_logprobs, step_logprobs)
+        active = rows.active
+        generated = rows.generated + active
+        finished = jnp.any(tokens[:, None] == rows.stop_tokens, axis=-1) | (generated >= rows.max_tokens)
+        rows = rows._replace(
+            last_tokens=jnp.where(active, tokens, rows.last_tokens),
+            positions=rows.positions + active,
+            active=active & ~finished,
+            generated=generated,
+        )
+        return (step + 1, cache, rows, out_tokens.at[:, step].set(tokens),
+                out_valid.at[:, step].set(active), out_logprobs)
+
+    carry = (jnp.int32(0), cache, rows, out_tokens, out_valid, out_logprobs)
+    _, cache, rows, out_tokens, out_valid, out_logprobs = jax.lax.while_loop(keep_going, one_step, carry)
+    return Burst(cache, rows, out_tokens, out_valid, out_logprobs)
