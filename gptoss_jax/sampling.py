@@ -93,29 +93,32 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 class RowSampling:
     """Per-row sampling settings, as arrays, for a batch whose rows are different requests.
 
-    Every leaf is traced, so new values never recompile; ``filters`` (whether any row keeps
-    fewer than all tokens) is the one static choice, since filtering sorts the vocabulary.
+    Every leaf is traced, so new values never recompile. Two choices are static, since they
+    spare work: whether any row samples at all (drawing noise for every row), and whether any row
+    keeps fewer than all tokens (sorting the vocabulary). Neither changes a row's token.
 
     Attributes:
       temperature: float32 ``[B]``; 0 is greedy.
       top_k: int32 ``[B]``; 0 keeps every token.
       top_p: float32 ``[B]``; 1 keeps every token.
       keys: PRNG keys ``[B]``, each row's own stream (folded with the row's token index).
-      filters: (static) some row has a top-k or a top-p below 1.
+      samples: (static) some row has a temperature above 0.
+      filters: (static) some sampling row has a top-k or a top-p below 1.
     """
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     keys: jax.Array
+    samples: bool
     filters: bool
 
     def tree_flatten(self):
-        return (self.temperature, self.top_k, self.top_p, self.keys), self.filters
+        return (self.temperature, self.top_k, self.top_p, self.keys), (self.samples, self.filters)
 
     @classmethod
-    def tree_unflatten(cls, filters, leaves) -> RowSampling:
-        return cls(*leaves, filters)
+    def tree_unflatten(cls, static, leaves) -> RowSampling:
+        return cls(*leaves, *static)
 
 
 def _kept_tokens(scaled_logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -144,6 +147,8 @@ def sample_rows(logits: jax.Array, step: jax.Array, sampling: RowSampling) -> ja
     index), by Gumbel-max in vocabulary order, so its token depends on its logits, settings, key
     and step only: never on the other rows, nor on whether they made the program filter.
     """
+    if not sampling.samples:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     greedy = sampling.temperature == 0
     scaled = logits / jnp.where(greedy, 1.0, sampling.temperature)[:, None]
     if sampling.filters:

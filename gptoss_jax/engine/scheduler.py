@@ -290,11 +290,13 @@ class Engine:
             self._slots[index] = None
         handle._finish(reason)
 
-    def _sampling(self, slots: np.ndarray) -> RowSampling:
-        filters = bool(np.any((self._temperature[slots] > 0) & ((self._top_k[slots] > 0) | (self._top_p[slots] < 1))))
+    def _sampling(self, slots: np.ndarray, live: np.ndarray) -> RowSampling:
+        """The settings of ``slots``; the static choices follow the ``live`` ones (bool mask) only."""
+        sampling_rows = (self._temperature[slots] > 0) & live
+        filters = bool(np.any(sampling_rows & ((self._top_k[slots] > 0) | (self._top_p[slots] < 1))))
         return RowSampling(jnp.asarray(self._temperature[slots]), jnp.asarray(self._top_k[slots]),
                            jnp.asarray(self._top_p[slots]), jax.random.wrap_key_data(jnp.asarray(self._keys[slots])),
-                           filters)
+                           bool(sampling_rows.any()), filters)
 
     def _prefill_one_chunk(self) -> None:
         """Run the next chunk of the oldest prompts (one row per data shard) that share a chunk shape."""
@@ -337,7 +339,8 @@ class Engine:
         """Sample the first token of each row whose prompt is in, and hand it over."""
         sampling_slots = np.minimum(slots, self.max_batch - 1)
         wants_logprobs = any(self._slots[index].handle.params.logprobs for _, index in finished)
-        tokens, logprobs = jax.device_get(self._first_tokens(logits, self._sampling(sampling_slots),
+        live = np.isin(np.arange(slots.size), [row for row, _ in finished])
+        tokens, logprobs = jax.device_get(self._first_tokens(logits, self._sampling(sampling_slots, live),
                                                              logprobs=wants_logprobs))
         if logprobs is not None:  # one step per row, as a burst's are laid out
             logprobs = programs.TokenLogprobs(*(np.expand_dims(part, 1) for part in logprobs))
@@ -362,7 +365,8 @@ class Engine:
         wants_logprobs = any(slot is not None and slot.decoding and slot.handle.params.logprobs
                              for slot in self._slots)
         rows = jax.tree.map(jnp.asarray, self._rows)
-        burst, seconds = self._decode(self._graphdef, self._state, self._cache, rows, self._sampling(every_slot),
+        burst, seconds = self._decode(self._graphdef, self._state, self._cache, rows,
+                                      self._sampling(every_slot, self._rows.active),
                                       jnp.int32(steps), logprobs=wants_logprobs)
         self.compile_seconds += seconds
         self._cache = burst.cache
