@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -185,13 +184,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runners[mode]()  # warm-up: compiles every program the timed pass needs
         figures = summarize(workload, runners[mode]())
         results["modes"][mode] = figures
-        print(f"{mode:>10}: {figures['output_tokens_per_second']:8.1f} output tok/s   TTFT p50 {figures['ttft_p50']:.3f} "
-              f"p99 {figures['ttft_p99']:.3f} s   ITL p50 {figures['itl_p50'] * 1e3:.1f} p99 "
-              f"{figures['itl_p99'] * 1e3:.1f} ms", flush=True)
+        print(f"{mode:>10}: {figures['output_tokens_per_second']:8.1f} output tok/s   "
+              f"TTFT p50 {figures['ttft_p50']:.3f} p99 {figures['ttft_p99']:.3f} s   "
+              f"ITL p50 {figures['itl_p50'] * 1e3:.1f} p99 {figures['itl_p99'] * 1e3:.1f} ms", flush=True)
     engine.close()
     results["engine_programs"] = engine.programs
     for baseline in args.baselines:
-        ratio = results["modes"]["engine"]["output_tokens_per_second"] / results["modes"][baseline]["output_tokens_per_second"]
+        rates = {mode: figures["output_tokens_per_second"] for mode, figures in results["modes"].items()}
+        ratio = rates["engine"] / rates[baseline]
         results[f"engine_over_{baseline}"] = ratio
         print(f"engine / {baseline}: {ratio:.2f}x output tokens/s")
     print(f"engine programs compiled: {engine.programs}")
