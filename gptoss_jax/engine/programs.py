@@ -24,7 +24,7 @@ MAX_BURST = 64
 
 
 class Rows(NamedTuple):
-    """The decoding state of every slot, all ``[slots]``: what a burst reads and returns."""
+    """The decoding state of slots, all ``[rows]``: what a burst reads and returns."""
 
     last_tokens: jax.Array  # int32: the newest token, not yet in the cache
     positions: jax.Array  # int32: its position
@@ -43,7 +43,7 @@ class TokenLogprobs(NamedTuple):
 
 
 class Burst(NamedTuple):
-    """A burst's output: the cache and rows after it, and each step's tokens ``[slots, MAX_BURST]``."""
+    """A burst's output: the cache and rows after it, and each step's tokens ``[rows, MAX_BURST]``."""
 
     cache: KVCache
     rows: Rows
@@ -69,14 +69,13 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax
       (float32 logits ``[rows, V]``, the cache with the chunk written).
     """
     model = nnx.merge(graphdef, state)
-    rows = jax.tree.map(lambda array: jnp.take(array, slots, axis=0, mode="clip"), cache)
+    rows = _take_rows(cache, slots)
     if first:
         # A slot keeps its last request's keys; emptying the positions is what makes them unseen.
         rows = KVCache(tuple(layer._replace(positions=jnp.full_like(layer.positions, EMPTY_SLOT))
                              for layer in rows.layers))
     logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
-    cache = jax.tree.map(lambda array, part: array.at[slots].set(part, mode="drop"), cache, rows)
-    return logits, cache
+    return logits, _put_rows(cache, slots, rows)
 
 
 def _logprobs(logits: jax.Array, tokens: jax.Array) -> TokenLogprobs:
@@ -89,21 +88,31 @@ def first_tokens(logits: jax.Array, sampling: RowSampling, *, logprobs: bool) ->
     return tokens, _logprobs(logits, tokens) if logprobs else None
 
 
-def decode_burst(graphdef, state, cache: KVCache, rows: Rows, sampling: RowSampling, steps: jax.Array, *,
-                 logprobs: bool) -> Burst:
-    """Up to ``steps`` (traced, at most :data:`MAX_BURST`) decode steps of every decoding row.
+def _take_rows(cache: KVCache, slots: jax.Array) -> KVCache:
+    return jax.tree.map(lambda array: jnp.take(array, slots, axis=0, mode="clip"), cache)
 
-    A row stops at a stop token or at its ``max_tokens``, within the burst; the burst ends early
-    when no row is decoding.
+
+def _put_rows(cache: KVCache, slots: jax.Array, rows: KVCache) -> KVCache:
+    return jax.tree.map(lambda array, part: array.at[slots].set(part, mode="drop"), cache, rows)
+
+
+def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, sampling: RowSampling,
+                 steps: jax.Array, *, logprobs: bool) -> Burst:
+    """Up to ``steps`` (traced, at most :data:`MAX_BURST`) decode steps of the rows in ``slots``.
+
+    ``slots``: int32 ``[rows]``, the decoding slots (padded with an index past the last slot);
+    ``rows`` and ``sampling`` are theirs. Only these rows are computed, so a burst costs what its
+    live rows cost. A row stops at a stop token or at its ``max_tokens``, within the burst; the
+    burst ends early when no row is decoding.
     """
     model = nnx.merge(graphdef, state)
-    slots = rows.last_tokens.shape[0]
+    batch = rows.last_tokens.shape[0]
     vocab = model.config.vocab_size
-    out_tokens = jnp.zeros((slots, MAX_BURST), jnp.int32)
-    out_valid = jnp.zeros((slots, MAX_BURST), bool)
+    out_tokens = jnp.zeros((batch, MAX_BURST), jnp.int32)
+    out_valid = jnp.zeros((batch, MAX_BURST), bool)
     if logprobs:
-        shape = jax.eval_shape(_logprobs, jax.ShapeDtypeStruct((slots, vocab), jnp.float32),
-                               jax.ShapeDtypeStruct((slots,), jnp.int32))
+        shape = jax.eval_shape(_logprobs, jax.ShapeDtypeStruct((batch, vocab), jnp.float32),
+                               jax.ShapeDtypeStruct((batch,), jnp.int32))
         out_logprobs = jax.tree.map(lambda s: jnp.zeros((s.shape[0], MAX_BURST, *s.shape[1:]), s.dtype), shape)
     else:
         out_logprobs = None
@@ -113,9 +122,9 @@ def decode_burst(graphdef, state, cache: KVCache, rows: Rows, sampling: RowSampl
         return (step < steps) & jnp.any(rows.active)
 
     def one_step(carry):
-        step, cache, rows, out_tokens, out_valid, out_logprobs = carry
+        step, row_cache, rows, out_tokens, out_valid, out_logprobs = carry
         fed_positions = jnp.where(rows.active, rows.positions, -1)
-        logits, cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], cache)
+        logits, row_cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], row_cache)
         logits = logits[:, 0]
         tokens = jnp.where(rows.active, sample_rows(logits, rows.generated, sampling), 0)
         if logprobs:
@@ -130,9 +139,9 @@ def decode_burst(graphdef, state, cache: KVCache, rows: Rows, sampling: RowSampl
             active=active & ~finished,
             generated=generated,
         )
-        return (step + 1, cache, rows, out_tokens.at[:, step].set(tokens),
+        return (step + 1, row_cache, rows, out_tokens.at[:, step].set(tokens),
                 out_valid.at[:, step].set(active), out_logprobs)
 
-    carry = (jnp.int32(0), cache, rows, out_tokens, out_valid, out_logprobs)
-    _, cache, rows, out_tokens, out_valid, out_logprobs = jax.lax.while_loop(keep_going, one_step, carry)
-    return Burst(cache, rows, out_tokens, out_valid, out_logprobs)
+    carry = (jnp.int32(0), _take_rows(cache, slots), rows, out_tokens, out_valid, out_logprobs)
+    _, row_cache, rows, out_tokens, out_valid, out_logprobs = jax.lax.while_loop(keep_going, one_step, carry)
+    return Burst(_put_rows(cache, slots, row_cache), rows, out_tokens, out_valid, out_logprobs)

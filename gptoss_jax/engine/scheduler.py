@@ -68,8 +68,12 @@ class _Slot:
     decoding: bool = False
 
 
+def _power_of_two_at_least(n: int, minimum: int) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
 def _bucket(n: int) -> int:
-    return max(_MIN_CHUNK, 1 << max(n - 1, 0).bit_length())
+    return _power_of_two_at_least(n, _MIN_CHUNK)
 
 
 def _parameter_bytes_per_device(model: GptOss) -> int:
@@ -114,7 +118,8 @@ class Engine:
                  memory_fraction: float = 0.9):
         config = model.config
         self.model = model
-        self.rows_per_prefill = 1 if model.mesh is None else model.mesh.shape["data"]
+        self.data_shards = 1 if model.mesh is None else model.mesh.shape["data"]
+        """Rows split over the mesh's data axis: prefill groups and decode buckets are multiples of it."""
         if not 1 <= max_context <= config.max_position_embeddings:
             raise EngineSizeError(f"max_context must be from 1 to the model's {config.max_position_embeddings}, "
                                   f"got {max_context}")
@@ -307,9 +312,9 @@ class Engine:
         oldest = self._slots[pending[0][1]]
         shape = (oldest.chunk, oldest.prefilled == 0)
         group = [index for _, index in pending
-                 if (self._slots[index].chunk, self._slots[index].prefilled == 0) == shape][:self.rows_per_prefill]
+                 if (self._slots[index].chunk, self._slots[index].prefilled == 0) == shape][:self.data_shards]
         chunk, first = shape
-        padded = self.rows_per_prefill
+        padded = self.data_shards
         slots = np.full(padded, self.max_batch, np.int32)  # past the last slot: padding, writes dropped
         tokens = np.zeros((padded, chunk), np.int32)
         positions = np.full((padded, chunk), -1, np.int32)
@@ -359,27 +364,34 @@ class Engine:
                 self._release(index, "length")
 
     def _decode_one_burst(self) -> None:
+        """One burst of the decoding slots, gathered into the smallest bucket (a power of two) that holds them."""
         busy = bool(self._waiting) or any(slot is not None and not slot.decoding for slot in self._slots)
         steps = self.burst_steps_busy if busy else self.burst_steps
-        every_slot = np.arange(self.max_batch)
-        wants_logprobs = any(slot is not None and slot.decoding and slot.handle.params.logprobs
-                             for slot in self._slots)
-        rows = jax.tree.map(jnp.asarray, self._rows)
-        burst, seconds = self._decode(self._graphdef, self._state, self._cache, rows,
-                                      self._sampling(every_slot, self._rows.active),
+        decoding = np.flatnonzero(self._rows.active)
+        shards = self.data_shards  # rows split evenly over them
+        size = min(self.max_batch, shards * _power_of_two_at_least(-(-decoding.size // shards), 1))
+        slots = np.full(size, self.max_batch, np.int32)  # past the last slot: padding, writes dropped
+        slots[:decoding.size] = decoding
+        taken = np.minimum(slots, self.max_batch - 1)
+        live = np.arange(size) < decoding.size
+        rows = programs.Rows(*(np.where(live.reshape(-1, *[1] * (field.ndim - 1)), field[taken], 0).astype(field.dtype)
+                               for field in self._rows))
+        wants_logprobs = any(self._slots[index].handle.params.logprobs for index in decoding)
+        burst, seconds = self._decode(self._graphdef, self._state, self._cache, jnp.asarray(slots),
+                                      jax.tree.map(jnp.asarray, rows), self._sampling(taken, live),
                                       jnp.int32(steps), logprobs=wants_logprobs)
         self.compile_seconds += seconds
         self._cache = burst.cache
         new_rows, tokens, valid, logprobs = jax.device_get((burst.rows, burst.tokens, burst.valid, burst.logprobs))
         now = time.perf_counter()
-        was_active = self._rows.active.copy()
-        self._rows = programs.Rows(*(np.array(field) for field in new_rows))
-        for index in np.flatnonzero(was_active):
+        for field, new in zip(self._rows, new_rows):
+            field[decoding] = new[:decoding.size]
+        for row, index in enumerate(decoding):
             slot = self._slots[index]
-            steps_valid = np.flatnonzero(valid[index])
-            self._hand_over(index, tokens[index, steps_valid].tolist(), logprobs, index, steps_valid, now)
+            steps_valid = np.flatnonzero(valid[row])
+            self._hand_over(index, tokens[row, steps_valid].tolist(), logprobs, row, steps_valid, now)
             if not self._rows.active[index]:
-                stopped = int(tokens[index, steps_valid[-1]]) in slot.handle.params.stop_token_ids
+                stopped = int(tokens[row, steps_valid[-1]]) in slot.handle.params.stop_token_ids
                 self._release(index, "stop" if stopped else "length")
 
     def _hand_over(self, index: int, tokens: list[int], logprobs: programs.TokenLogprobs | None, row: int,
@@ -398,7 +410,7 @@ class Engine:
         self._slots[index].handle._push(Delta(tokens, entries, now))
 
     def _checked_batch(self, max_batch: int | None, memory_fraction: float) -> int:
-        model, config, data = self.model, self.model.config, self.rows_per_prefill
+        model, config, data = self.model, self.model.config, self.data_shards
         parameters = _parameter_bytes_per_device(model)
         available = memory_fraction * _device_memory_bytes(jax.local_devices()[0])
         per_row = cache_bytes(config, data, self.max_context, model.dtype, model.mesh) / data
