@@ -162,7 +162,8 @@ def test_completions_echo_the_prompt_with_its_logprobs(demo):
     assert choice.logprobs.token_logprobs[0] is None
     assert all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
     # Greedy: each generated token is the most likely one at its step.
-    for token_lp, top in zip(choice.logprobs.token_logprobs[prompt_tokens:], choice.logprobs.top_logprobs[prompt_tokens:]):
+    generated = slice(prompt_tokens, None)
+    for token_lp, top in zip(choice.logprobs.token_logprobs[generated], choice.logprobs.top_logprobs[generated]):
         assert token_lp == pytest.approx(max(top.values()), abs=1e-5)
     plain = client.completions.create(model="demo", prompt=prompt, max_tokens=5, temperature=0)
     assert choice.text == prompt + plain.choices[0].text

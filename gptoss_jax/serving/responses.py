@@ -143,7 +143,8 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
             id=response_id, object="response", created_at=created, status=status, model=state.model_name,
             output=items, instructions=instructions, error=None, incomplete_details=None, metadata={},
             parallel_tool_calls=True, temperature=body.temperature, top_p=body.top_p,
-            tool_choice=body.tool_choice or "auto", tools=body.tools or [], previous_response_id=body.previous_response_id, store=body.store,
+            tool_choice=body.tool_choice or "auto", tools=body.tools or [],
+            previous_response_id=body.previous_response_id, store=body.store,
             reasoning=dict(effort=effort, summary=None), text=dict(format=dict(type="text")), truncation="disabled",
             usage=usage,
         )
