@@ -62,7 +62,7 @@ def make_workload(count: int, prompt_len: tuple[int, int], new_tokens: tuple[int
     ]
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
@@ -73,8 +73,8 @@ def summarize(workload: Sequence[dict[str, Any]], token_times: Sequence[Sequence
     tokens = sum(len(times) for times in token_times)
     span = max(times[-1] for times in token_times) - min(request["arrival"] for request in workload)
     return dict(output_tokens=tokens, seconds=span, output_tokens_per_second=tokens / span,
-                ttft_p50=_percentile(first_tokens, 50), ttft_p99=_percentile(first_tokens, 99),
-                itl_p50=_percentile(gaps, 50), itl_p99=_percentile(gaps, 99))
+                ttft_p50=percentile(first_tokens, 50), ttft_p99=percentile(first_tokens, 99),
+                itl_p50=percentile(gaps, 50), itl_p99=percentile(gaps, 99))
 
 
 def run_engine(engine: Engine, workload: Sequence[dict[str, Any]]) -> list[list[float]]:

@@ -30,20 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import openai
 import uvicorn
 
-from benchmarks.engine import load_model, make_workload
+from benchmarks.engine import load_model, make_workload, percentile
 from gptoss_jax.demo import ensure_demo_checkpoint
 from gptoss_jax.engine import Engine
 from gptoss_jax.serving.app import create_app
 from gptoss_jax.serving.state import ServerState
 from gptoss_jax.tokenizer import Tokenizer, build_demo_tokenizer
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def one_stream(client: openai.OpenAI, request: dict[str, Any]) -> dict[str, Any]:
@@ -72,8 +67,8 @@ def run(client: openai.OpenAI, workload: Sequence[dict[str, Any]], concurrent: b
     gaps = [b - a for s in streams for a, b in zip(s["times"], s["times"][1:])]
     tokens = sum(s["tokens"] for s in streams)
     return dict(output_tokens=tokens, seconds=seconds, output_tokens_per_second=tokens / seconds,
-                ttft_p50=_percentile(first, 50), ttft_p99=_percentile(first, 99),
-                itl_p50=_percentile(gaps, 50), itl_p99=_percentile(gaps, 99))
+                ttft_p50=percentile(first, 50), ttft_p99=percentile(first, 99),
+                itl_p50=percentile(gaps, 50), itl_p99=percentile(gaps, 99))
 
 
 def _free_port() -> int:

@@ -14,22 +14,11 @@ from gptoss_jax.serving.generation import StopText, normalized_stops, submit_cho
 from gptoss_jax.serving.protocol import ChatCompletionRequest
 from gptoss_jax.serving.state import ServerState
 from gptoss_jax.serving.translate import (
-    ReplyParser, TranslationError, build_prompt, chat_messages, function_tools,
+    ReplyParser, build_prompt, chat_messages, function_tools, tool_choice_of,
 )
 from gptoss_jax.tokenizer import Tokenizer
 
 Emit = Callable[[dict[str, Any]], None]
-
-
-def _tool_choice(choice: str | dict[str, Any] | None) -> str:
-    if choice is None or isinstance(choice, str):
-        if choice not in (None, "auto", "none", "required"):
-            raise TranslationError(f"tool_choice: expected auto, none, required or a function, got {choice!r}")
-        return choice or "auto"
-    name = (choice.get("function") or {}).get("name")
-    if choice.get("type") != "function" or not name:
-        raise TranslationError("tool_choice: a named choice is {\"type\": \"function\", \"function\": {\"name\": ...}}")
-    return name
 
 
 def token_logprob_entry(tokenizer: Tokenizer, entry: TokenLogprob) -> dict[str, Any]:
@@ -113,7 +102,8 @@ def prepare(state: ServerState, body: ChatCompletionRequest, emit: Emit | None) 
     """Translate the request and submit its choices; returns them and the prompt's token count."""
     instructions, messages = chat_messages([message.model_dump() for message in body.messages])
     prompt = build_prompt(messages, state.tokenizer, instructions=instructions,
-                          tools=function_tools(body.tools, nested=True), tool_choice=_tool_choice(body.tool_choice),
+                          tools=function_tools(body.tools, nested=True),
+                          tool_choice=tool_choice_of(body.tool_choice, nested=True),
                           reasoning_effort=body.reasoning_effort)
     stops = normalized_stops(body.stop)
     params = SamplingParams(

@@ -24,7 +24,7 @@ from gptoss_jax.serving.protocol import ResponsesRequest
 from gptoss_jax.serving.state import ServerState, StoredResponse
 from gptoss_jax.serving.streaming import sse, until_done_or_disconnected
 from gptoss_jax.serving.translate import (
-    ReplyEvent, ReplyParser, TranslationError, build_prompt, function_tools, response_items,
+    ReplyEvent, ReplyParser, TranslationError, build_prompt, tool_choice_of, function_tools, response_items,
 )
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -107,16 +107,6 @@ class OutputItems:
         return messages
 
 
-def _tool_choice(choice: str | dict[str, Any] | None) -> str:
-    if choice is None or isinstance(choice, str):
-        if choice not in (None, "auto", "none", "required"):
-            raise TranslationError(f"tool_choice: expected auto, none, required or a function, got {choice!r}")
-        return choice or "auto"
-    if choice.get("type") != "function" or not choice.get("name"):
-        raise TranslationError("tool_choice: a named choice is {\"type\": \"function\", \"name\": ...}")
-    return choice["name"]
-
-
 async def respond(state: ServerState, body: ResponsesRequest, request: Request) -> Response:
     instructions = body.instructions
     history: list[Message] = []
@@ -130,7 +120,8 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
     input_messages = history + response_items(body.input, call_names)
     effort = body.reasoning.effort if body.reasoning is not None else None
     prompt = build_prompt(input_messages, state.tokenizer, instructions=instructions,
-                          tools=function_tools(body.tools, nested=False), tool_choice=_tool_choice(body.tool_choice),
+                          tools=function_tools(body.tools, nested=False),
+                          tool_choice=tool_choice_of(body.tool_choice, nested=False),
                           reasoning_effort=effort)
     handle = state.engine.submit(prompt.token_ids, SamplingParams(
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,

@@ -180,6 +180,23 @@ def function_tools(tools: Sequence[Mapping[str, Any]] | None, *, nested: bool) -
     return described
 
 
+def tool_choice_of(choice: str | Mapping[str, Any] | None, *, nested: bool) -> ToolChoice:
+    """OpenAI's ``tool_choice`` -> ``auto``, ``none``, ``required`` or a function's name.
+
+    ``nested``: chat's named form ``{"type": "function", "function": {"name": ...}}``; else the
+    Responses API's ``{"type": "function", "name": ...}``.
+    """
+    if choice is None or isinstance(choice, str):
+        if choice not in (None, "auto", "none", "required"):
+            raise TranslationError(f"tool_choice: expected auto, none, required or a function, got {choice!r}")
+        return choice or "auto"
+    name = (choice.get("function") or {}).get("name") if nested else choice.get("name")
+    if choice.get("type") != "function" or not name:
+        form = '{"function": {"name": ...}}' if nested else '{"name": ...}'
+        raise TranslationError(f'tool_choice: a named choice is {{"type": "function", ...}} with {form}')
+    return name
+
+
 def build_prompt(messages: Sequence[Message], tokenizer: Tokenizer, *, instructions: str | None = None,
                  tools: Sequence[ToolDescription] = (), tool_choice: ToolChoice = "auto",
                  reasoning_effort: str | None = None, today: datetime.date | None = None) -> Prompt:
