@@ -20,7 +20,10 @@ order (``--list`` prints their commands):
 * ``e2e-120b-32k``: gpt-oss-120b with a 20000-token prompt, so a 32K-token cache: its peak
   memory says whether 120b decodes with a 32K cache within an H100's 80 GB;
 * ``e2e-20b-xla``: gpt-oss-20b on the XLA path, the end-to-end baseline;
-* ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes.
+* ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes;
+* ``engine-20b``: the continuous-batching engine at gpt-oss-20b shapes, 64 concurrent 1K/1K
+  requests, against static batching;
+* ``serve-20b``: the HTTP server under 64 concurrent streaming clients at gpt-oss-20b shapes.
 
 Each step runs in a process group of its own under ``min(its limit, what is left of --budget)``
 seconds; the group is killed when the step ends or that time runs out, so nothing it started
@@ -124,6 +127,12 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         Step("e2e-20b-xla", e2e("gpt-oss-20b", "e2e-20b-xla.json", "--kernels", "xla"), 300),
         Step("moe-sweep", (python, "-m", "benchmarks.moe_kernel", "--sweep", "--models", "20b",
                            "--tokens", "1", "64", "4096"), 300),
+        # The engine's goal: 64 concurrent 1K/1K requests at gpt-oss-20b shapes, against static batching.
+        Step("engine-20b", (python, "-m", "benchmarks.engine", "--model", "gpt-oss-20b", "--requests", "64",
+                            "--prompt-len", "1024", "1024", "--new-tokens", "1024", "1024", "--baselines", "static",
+                            "--burst-steps", "32", "--json", str(out / "engine-20b.json")), 420),
+        Step("serve-20b", (python, "-m", "benchmarks.serve", "--model", "gpt-oss-20b", "--clients", "64",
+                           "--prompt-len", "1024", "1024", "--new-tokens", "256", "256", "--skip-sequential"), 300),
     ]
 
 
