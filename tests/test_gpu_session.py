@@ -82,7 +82,7 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
     assert names == ["env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
-                     "e2e-120b-32k", "e2e-20b-xla", "moe-sweep"]
+                     "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.e2e" in line]
     assert len(e2e_lines) == 4
     assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
@@ -109,3 +109,14 @@ def test_the_steps_commands_name_what_exists(tmp_path):
 def test_unknown_steps_are_named(capsys):
     with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, kernel-tests"):
         gpu_session.main(["--list", "--from", "e2e"])
+
+
+def test_the_engine_and_serve_steps_parse_with_their_scripts_own_parsers(tmp_path):
+    from benchmarks import engine, serve
+
+    steps = {step.name: step for step in gpu_session.session_steps(tmp_path, "abc1234")}
+    engine_args = engine.parse_args(steps["engine-20b"].command[3:])
+    assert (engine_args.model, engine_args.requests, engine_args.baselines) == ("gpt-oss-20b", 64, ["static"])
+    assert engine_args.json == tmp_path / "engine-20b.json"
+    serve_args = serve.parse_args(steps["serve-20b"].command[3:])
+    assert (serve_args.model, serve_args.clients, serve_args.skip_sequential) == ("gpt-oss-20b", 64, True)
