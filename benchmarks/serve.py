@@ -93,8 +93,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model = load_model(args.model, args.dtype, args.kernels)
+    # A preset's random weights need no real vocabulary: the demo tokenizer at the model's size
+    # (gpt-oss's special-token ids) decodes every id.
     tokenizer = Tokenizer.from_pretrained_dir(ensure_demo_checkpoint()) if args.model == "demo" else \
-        build_demo_tokenizer()
+        build_demo_tokenizer(model.config.vocab_size)
     vocab = min(model.config.vocab_size, tokenizer.vocab_size) - 32  # plain tokens, below the special ones
     workload = make_workload(args.clients, tuple(args.prompt_len), tuple(args.new_tokens), None, vocab, 0)
     context = max(len(r["prompt"]) + r["new_tokens"] for r in workload)
