@@ -1,575 +1,37 @@
-"""Harmony, gpt-oss's chat format: messages, rendering to text and tokens, streaming parsing.
+"""Parsing generated Harmony tokens into messages, one token at a time, and the tokens that
+stop assistant generation.
 
-A native implementation (no `openai_harmony`, no vocabulary download) of the format that
-openai/harmony documents in `docs/format.md` and implements in `src/encoding.rs`; the rendered
-text matches that renderer's test data character for character.
-
-A message is `<|start|>{header}<|message|>{content}{terminator}` with
-`header = role[":" name] [" to=" recipient] ["<|channel|>" channel] [" " content_type]`;
-tool messages write the tool's name in place of the role. Stored history always ends messages
-with `<|end|>` (or `<|call|>` for an assistant tool call); `<|return|>` only ends a generation.
-
-Special-token ids always come from the `Tokenizer`, so the same code serves o200k_harmony and
-the small demo tokenizer.
+The parser reads a header (role, channel, recipient, content type) and then content, which it
+decodes incrementally, so a caller can show each token's text as it arrives. Its state is a
+`StreamState`, as in openai_harmony's `StreamableParser`.
 """
 
 from __future__ import annotations
 
 import codecs
-import datetime
-import json
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from gptoss_jax.errors import GptOssError
-from gptoss_jax.tokenizer import Tokenizer, UnknownSpecialTokenError
-
-START = "<|start|>"
-END = "<|end|>"
-MESSAGE = "<|message|>"
-CHANNEL = "<|channel|>"
-CONSTRAIN = "<|constrain|>"
-RETURN = "<|return|>"
-CALL = "<|call|>"
-
-DEFAULT_MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
-DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
-DEFAULT_VALID_CHANNELS = ("analysis", "commentary", "final")
-FUNCTIONS_NAMESPACE = "functions"
-
-
-class _NamedChoice(StrEnum):
-    """A closed set of names that user input is checked against."""
-
-    def __init_subclass__(cls, what: str, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._what = what  # how an error message calls the set
-
-    @classmethod
-    def parse(cls, value: str) -> _NamedChoice:
-        """The member named `value`.
-
-        Raises:
-            ValueError: `value` names no member; the message lists the valid names.
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            names = ", ".join(member.value for member in cls)
-            raise ValueError(f"unknown {cls._what} {value!r}; expected one of {names}") from None
-
-
-class Role(_NamedChoice, what="role"):
-    """Who wrote a message; also the order of authority (system first)."""
-
-    SYSTEM = "system"
-    DEVELOPER = "developer"
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
-
-
-class ReasoningEffort(_NamedChoice, what="reasoning effort"):
-    """How long the model reasons; the `Reasoning: ...` line of the system message."""
-
-    LOW = "low"
-    MEDIUM = "medium"
-    HIGH = "high"
+from gptoss_jax.harmony.messages import (
+    CALL,
+    CHANNEL,
+    CONSTRAIN,
+    END,
+    MESSAGE,
+    RETURN,
+    START,
+    HarmonyError,
+    Message,
+    Role,
+)
+from gptoss_jax.tokenizer import Tokenizer, TokenizerError, UnknownSpecialTokenError
 
 
 @dataclass(frozen=True)
-class ToolDescription:
-    """A tool the model may call: its name, what it does, and its JSON-schema parameters."""
+class HarmonyTokenIds:
+    """The ids of the Harmony control tokens in one tokenizer."""
 
-    name: str
-    description: str
-    parameters: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        if self.parameters is not None and not isinstance(self.parameters, Mapping):
-            raise TypeError(
-                f"tool {self.name!r}: parameters must be a JSON-schema object (a mapping), "
-                f"got {type(self.parameters).__name__}"
-            )
-
-
-@dataclass(frozen=True)
-class ToolNamespace:
-    """A group of tools under one name, rendered as `## name` (e.g. the built-in `browser`)."""
-
-    name: str
-    description: str | None = None
-    tools: tuple[ToolDescription, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tools", tuple(self.tools))
-
-
-@dataclass(frozen=True)
-class SystemContent:
-    """The system message: identity, dates, reasoning effort, built-in tools, valid channels.
-
-    Function tools belong in `DeveloperContent`, not here; built-in tool namespaces (browser,
-    python) go in `tools`. `None` leaves a line out.
-    """
-
-    model_identity: str | None = DEFAULT_MODEL_IDENTITY
-    knowledge_cutoff: str | None = DEFAULT_KNOWLEDGE_CUTOFF
-    conversation_start_date: str | datetime.date | None = None
-    reasoning_effort: ReasoningEffort | str = ReasoningEffort.MEDIUM
-    valid_channels: tuple[str, ...] = DEFAULT_VALID_CHANNELS
-    channel_required: bool = True
-    tools: tuple[ToolNamespace, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "reasoning_effort", ReasoningEffort.parse(self.reasoning_effort))
-        if isinstance(self.conversation_start_date, datetime.date):
-            object.__setattr__(self, "conversation_start_date", self.conversation_start_date.isoformat())
-        object.__setattr__(self, "valid_channels", tuple(self.valid_channels))
-        object.__setattr__(self, "tools", tuple(self.tools))
-        names = [namespace.name for namespace in self.tools]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tool namespace names must be unique, got {names}")
-
-
-@dataclass(frozen=True)
-class DeveloperContent:
-    """The developer message: instructions (the usual "system prompt") and function tools.
-
-    Function tools are rendered as the TypeScript-like `namespace functions { ... }` and are
-    called with recipient `functions.<name>` on the commentary channel.
-    """
-
-    instructions: str | None = None
-    tools: tuple[ToolDescription, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "tools", tuple(self.tools))
-
-
-MessageContent = str | SystemContent | DeveloperContent
-
-
-@dataclass(frozen=True)
-class Message:
-    """One Harmony message.
-
-    Attributes:
-        role: the author's role.
-        content: the text, or `SystemContent` / `DeveloperContent` for those roles.
-        name: the author's name; for a tool message, the tool (e.g. `functions.get_weather`),
-            which Harmony writes in place of the role.
-        channel: `analysis`, `commentary` or `final` for assistant messages.
-        recipient: whom the message is for: a tool for an assistant tool call
-            (`functions.get_weather`), `assistant` for a tool result.
-        content_type: e.g. `<|constrain|>json` for a JSON tool call.
-    """
-
-    role: Role | str
-    content: MessageContent
-    name: str | None = None
-    channel: str | None = None
-    recipient: str | None = None
-    content_type: str | None = None
-
-    def __post_init__(self) -> None:
-        role = Role.parse(self.role)
-        object.__setattr__(self, "role", role)
-        if not isinstance(self.content, (str, SystemContent, DeveloperContent)):
-            raise TypeError(
-                "message content must be a str, SystemContent or DeveloperContent, "
-                f"got {type(self.content).__name__}"
-            )
-        if isinstance(self.content, SystemContent) and role is not Role.SYSTEM:
-            raise ValueError(f"SystemContent belongs in a system message, not a {role.value} message")
-        if isinstance(self.content, DeveloperContent) and role is not Role.DEVELOPER:
-            raise ValueError(f"DeveloperContent belongs in a developer message, not a {role.value} message")
-        if role is Role.TOOL and not self.name:
-            raise ValueError(
-                "a tool message needs name= (the tool, e.g. 'functions.get_weather'), "
-                "which Harmony writes in place of the role"
-            )
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """An ordered, immutable list of messages."""
-
-    messages: tuple[Message, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        messages = tuple(self.messages)
-        for message in messages:
-            if not isinstance(message, Message):
-                raise TypeError(f"a conversation holds Message objects, got {type(message).__name__}")
-        object.__setattr__(self, "messages", messages)
-
-    def extended(self, messages: Iterable[Message]) -> Conversation:
-        """A new conversation with `messages` appended."""
-        return Conversation(self.messages + tuple(messages))
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering
-
-
-class _SpecialToken(str):
-    """A rendered piece that is one special token rather than text to tokenize."""
-
-
-def _lines(text: str) -> list[str]:
-    """`text` split into lines the way Harmony's renderer (Rust `str::lines`) splits it.
-
-    Unlike `str.splitlines`, only `\\n` ends a line (a `\\r` before it is dropped), and a
-    trailing newline does not start an empty last line.
-    """
-    if not text:
-        return []
-    lines = text.split("\n")
-    if text.endswith("\n"):
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
-def _json_value(value: Any) -> str:
-    # Compact, like serde_json's Display of a value, which Harmony uses for non-string defaults.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _field(schema: Any, key: str) -> Any:
-    return schema.get(key) if isinstance(schema, Mapping) else None
-
-
-def _is_enum(schema: Any) -> bool:
-    values = _field(schema, "enum")
-    return isinstance(values, list) and len(values) > 0
-
-
-def _default_text(schema: Mapping[str, Any]) -> str:
-    """A property's default as Harmony comments it: enum strings bare, other strings quoted."""
-    default = schema["default"]
-    if isinstance(default, str):
-        return default if _is_enum(schema) else f'"{default}"'
-    return _json_value(default)
-
-
-def _with_nullable(schema: Any, type_text: str) -> str:
-    if _field(schema, "nullable") is True and "null" not in type_text:
-        return f"{type_text} | null"
-    return type_text
-
-
-def _schema_to_typescript(schema: Any, indent: str) -> str:
-    """A JSON schema as the TypeScript-like type Harmony puts in tool signatures."""
-    one_of = _field(schema, "oneOf")
-    if isinstance(one_of, list):
-        return _top_level_one_of(one_of, indent)
-    schema_type = _field(schema, "type")
-    if isinstance(schema_type, list):
-        names = ["number" if name == "integer" else name for name in schema_type if isinstance(name, str)]
-        return " | ".join(names) if names else "any"
-    if schema_type == "object":
-        return _object_to_typescript(schema, indent)
-    if schema_type == "string":
-        values = _field(schema, "enum")
-        strings = [value for value in values if isinstance(value, str)] if isinstance(values, list) else []
-        return " | ".join(f'"{value}"' for value in strings) if strings else "string"
-    if schema_type in ("number", "integer"):
-        return "number"
-    if schema_type == "boolean":
-        return "boolean"
-    if schema_type == "array":
-        items = _field(schema, "items")
-        return f"{_schema_to_typescript(items, indent)}[]" if items is not None else "Array<any>"
-    return "any"
-
-
-def _top_level_one_of(variants: list[Any], indent: str) -> str:
-    out = []
-    for variant in variants:
-        variant_text = _with_nullable(variant, _schema_to_typescript(variant, indent + "   "))
-        comments = []
-        description = _field(variant, "description")
-        if isinstance(description, str):
-            comments.append(description)
-        if isinstance(variant, Mapping) and "default" in variant:
-            # Here Harmony quotes every string default, enum or not (serde_json's Display).
-            default = variant["default"]
-            plain = isinstance(default, str) and not _is_enum(variant)
-            comments.append(f'default: "{default}"' if plain else f"default: {_json_value(default)}")
-        trailer = f" // {' '.join(comments)}" if comments else ""
-        out.append(f"\n{indent} | {variant_text}{trailer}")
-    return "".join(out)
-
-
-def _object_to_typescript(schema: Mapping[str, Any], indent: str) -> str:
-    out = []
-    description = schema.get("description")
-    if isinstance(description, str):
-        out.append(f"{indent}// {description}\n")
-    out.append("{\n")
-    properties = schema.get("properties")
-    if isinstance(properties, Mapping):
-        required_list = schema.get("required")
-        required = set(required_list) if isinstance(required_list, list) else set()
-        for key, prop in properties.items():
-            marker = "" if key in required else "?"
-            title = _field(prop, "title")
-            if isinstance(title, str):
-                out.append(f"{indent}// {title}\n{indent}//\n")
-            has_one_of = _field(prop, "oneOf") is not None
-            prop_description = _field(prop, "description")
-            if not has_one_of and isinstance(prop_description, str):
-                out.append(f"{indent}// {prop_description}\n")
-            examples = _field(prop, "examples")
-            if isinstance(examples, list) and examples:
-                out.append(f"{indent}// Examples:\n")
-                out.extend(f'{indent}// - "{example}"\n' for example in examples if isinstance(example, str))
-            one_of = _field(prop, "oneOf")
-            if isinstance(one_of, list):
-                out.append(_one_of_property(key, marker, prop, one_of, indent))
-                continue
-            type_text = _with_nullable(prop, _schema_to_typescript(prop, indent + "    "))
-            line = f"{indent}{key}{marker}: {type_text},"
-            if not has_one_of and isinstance(prop, Mapping) and "default" in prop:
-                line += f" // default: {_default_text(prop)}"
-            out.append(line + "\n")
-    out.append(f"{indent}}}")
-    return "".join(out)
-
-
-def _one_of_property(key: str, marker: str, prop: Mapping[str, Any], variants: list[Any], indent: str) -> str:
-    out = []
-    description = prop.get("description")
-    description = description if isinstance(description, str) else None
-    # The property's description goes above the name unless the first variant repeats it.
-    first_description = _field(variants[0], "description") if variants else None
-    described_above = description is not None and first_description != description
-    if described_above:
-        out.append(f"{indent}// {description}\n")
-    if "default" in prop:
-        out.append(f"{indent}// default: {_default_text(prop)}\n")
-    out.append(f"{indent}{key}{marker}:\n")
-    for position, variant in enumerate(variants):
-        variant_text = _with_nullable(variant, _schema_to_typescript(variant, indent + "   "))
-        comments = []
-        variant_description = _field(variant, "description")
-        if not (position == 0 and described_above) and isinstance(variant_description, str):
-            if variant_description != description:
-                comments.append(variant_description)
-        if isinstance(variant, Mapping) and "default" in variant:
-            comments.append(f"default: {_default_text(variant)}")
-        trailer = f" // {' '.join(comments)}" if comments else ""
-        out.append(f"{indent} | {variant_text}{trailer}\n")
-    out.append(f"{indent},\n")
-    return "".join(out)
-
-
-def _tools_section(namespaces: Iterable[ToolNamespace]) -> str:
-    sections = ["# Tools"]
-    # Harmony keeps namespaces in a map sorted by name.
-    for namespace in sorted(namespaces, key=lambda ns: ns.name):
-        lines = [f"## {namespace.name}\n"]
-        description_lines = _lines(namespace.description or "")
-        # Beside TypeScript declarations the description must be a comment; alone it is prose.
-        lines += [f"// {line}" for line in description_lines] if namespace.tools else description_lines
-        if namespace.tools:
-            lines.append(f"namespace {namespace.name} {{\n")
-            for tool in namespace.tools:
-                lines += [f"// {line}" for line in _lines(tool.description)]
-                if tool.parameters is None:
-                    lines.append(f"type {tool.name} = () => any;\n")
-                else:
-                    parameters = _schema_to_typescript(tool.parameters, "")
-                    lines.append(f"type {tool.name} = (_: {parameters}) => any;\n")
-            lines.append(f"}} // namespace {namespace.name}")
-        sections.append("\n".join(lines))
-    return "\n\n".join(sections)
-
-
-def _render_system(content: SystemContent, conversation_has_function_tools: bool) -> str:
-    sections = []
-    top = []
-    if content.model_identity is not None:
-        top.append(content.model_identity)
-    if content.knowledge_cutoff is not None:
-        top.append(f"Knowledge cutoff: {content.knowledge_cutoff}")
-    if content.conversation_start_date is not None:
-        top.append(f"Current date: {content.conversation_start_date}")
-    if top:
-        sections.append("\n".join(top))
-    sections.append(f"Reasoning: {content.reasoning_effort.value}")
-    if content.tools:
-        sections.append(_tools_section(content.tools))
-    if content.valid_channels:
-        channels = f"# Valid channels: {', '.join(content.valid_channels)}."
-        if content.channel_required:
-            channels += " Channel must be included for every message."
-        if conversation_has_function_tools:
-            channels += "\nCalls to these tools must go to the commentary channel: 'functions'."
-        sections.append(channels)
-    return "\n\n".join(sections)
-
-
-def _render_developer(content: DeveloperContent) -> str:
-    sections = []
-    if content.instructions is not None:
-        sections += ["# Instructions", content.instructions]
-    if content.tools:
-        sections.append(_tools_section([ToolNamespace(FUNCTIONS_NAMESPACE, None, content.tools)]))
-    return "\n\n".join(sections)
-
-
-def _message_pieces(message: Message, conversation_has_function_tools: bool) -> list[str]:
-    """The message as text pieces and `_SpecialToken`s, split where Harmony's renderer splits.
-
-    Harmony tokenizes each piece on its own; keeping the same pieces gives the same token ids.
-    """
-    pieces: list[str] = [_SpecialToken(START)]
-    if message.role is Role.TOOL:
-        pieces.append(message.name)
-    else:
-        pieces.append(message.role.value)
-        if message.name is not None:
-            pieces.append(f":{message.name}")
-    if message.recipient is not None:
-        pieces.append(f" to={message.recipient}")
-    if message.channel is not None:
-        pieces += [_SpecialToken(CHANNEL), message.channel]
-    if message.content_type is not None:
-        if message.content_type.startswith(CONSTRAIN):
-            # <|constrain|> must stay one special token (Harmony issue #27), so it is not
-            # part of the text that gets tokenized.
-            pieces += [" ", _SpecialToken(CONSTRAIN)]
-            rest = message.content_type.removeprefix(CONSTRAIN)
-            if rest:
-                pieces.append(rest)
-        else:
-            pieces.append(f" {message.content_type}")
-    pieces.append(_SpecialToken(MESSAGE))
-    if isinstance(message.content, SystemContent):
-        pieces.append(_render_system(message.content, conversation_has_function_tools))
-    elif isinstance(message.content, DeveloperContent):
-        pieces.append(_render_developer(message.content))
-    else:
-        pieces.append(message.content)
-    is_tool_call = message.role is Role.ASSISTANT and message.recipient is not None
-    pieces.append(_SpecialToken(CALL if is_tool_call else END))
-    return pieces
-
-
-def _as_messages(conversation: Conversation | Sequence[Message]) -> tuple[Message, ...]:
-    if isinstance(conversation, Conversation):
-        return conversation.messages
-    return Conversation(tuple(conversation)).messages
-
-
-def _kept_messages(messages: tuple[Message, ...], auto_drop_analysis: bool) -> list[Message]:
-    """The messages to render, without the chain of thought of finished turns.
-
-    An analysis message is dropped when a `final` message follows it and a user message
-    follows that final: the turn it belongs to ended with an answer and a new turn began.
-    The current turn's analysis, including the reasoning between a tool call and its result,
-    is kept. This is the rule docs/format.md states and reproduces every documented rendering
-    (test_dropping_cot_by_default, test_does_not_drop_if_ongoing_analysis,
-    test_keep_analysis_between_finals). openai_harmony's code approximates it: when the last
-    assistant message is a final one, it drops the analysis before the conversation's first
-    final. The two differ once two turns were answered, or when a tool call follows an
-    answered turn; there this module drops the old analysis and openai_harmony keeps it.
-    """
-    if not auto_drop_analysis:
-        return list(messages)
-    last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=0)
-    last_answered = max((i for i, m in enumerate(messages[:last_user]) if m.channel == "final"), default=-1)
-    return [m for i, m in enumerate(messages) if not (m.channel == "analysis" and i < last_answered)]
-
-
-def _conversation_pieces(
-    conversation: Conversation | Sequence[Message], next_role: Role | str | None, auto_drop_analysis: bool
-) -> list[str]:
-    messages = _as_messages(conversation)
-    has_function_tools = any(
-        isinstance(m.content, DeveloperContent) and m.content.tools for m in messages
-    )
-    pieces: list[str] = []
-    for message in _kept_messages(messages, auto_drop_analysis):
-        pieces += _message_pieces(message, has_function_tools)
-    if next_role is not None:
-        pieces += [_SpecialToken(START), Role.parse(next_role).value]
-    return pieces
-
-
-def render_conversation(
-    conversation: Conversation | Sequence[Message], *, auto_drop_analysis: bool = True
-) -> str:
-    """The conversation as Harmony text (no BOS).
-
-    For reading and tests: the text cannot tell special tokens from message text that happens
-    to spell them. Feed the model `encode_conversation` instead.
-
-    Args:
-        conversation: the messages.
-        auto_drop_analysis: leave out the analysis (chain of thought) of turns that ended in a
-            final answer before the latest user message (see `_kept_messages`).
-    """
-    return "".join(_conversation_pieces(conversation, None, auto_drop_analysis))
-
-
-def render_for_completion(
-    conversation: Conversation | Sequence[Message],
-    next_role: Role | str = Role.ASSISTANT,
-    *,
-    auto_drop_analysis: bool = True,
-) -> str:
-    """`render_conversation` followed by `<|start|>{next_role}`: the prompt for the next turn.
-
-    Raises:
-        ValueError: `next_role` is not a Harmony role.
-    """
-    return "".join(_conversation_pieces(conversation, next_role, auto_drop_analysis))
-
-
-def _encode_pieces(pieces: list[str], tokenizer: Tokenizer) -> list[int]:
-    ids: list[int] = []
-    for piece in pieces:
-        if isinstance(piece, _SpecialToken):
-            ids.append(tokenizer.special_token_id(piece))
-        else:
-            # Ordinary encoding: message text that spells a special token stays text.
-            ids += tokenizer.encode(piece)
-    return ids
-
-
-def encode_conversation(
-    conversation: Conversation | Sequence[Message], tokenizer: Tokenizer, *, auto_drop_analysis: bool = True
-) -> list[int]:
-    """The token ids of `render_conversation`, with every control token a single special token."""
-    return _encode_pieces(_conversation_pieces(conversation, None, auto_drop_analysis), tokenizer)
-
-
-def encode_for_completion(
-    conversation: Conversation | Sequence[Message],
-    tokenizer: Tokenizer,
-    next_role: Role | str = Role.ASSISTANT,
-    *,
-    auto_drop_analysis: bool = True,
-) -> list[int]:
-    """The token ids of `render_for_completion`: the prompt to generate the next turn from.
-
-    Raises:
-        ValueError: `next_role` is not a Harmony role.
-    """
-    return _encode_pieces(_conversation_pieces(conversation, next_role, auto_drop_analysis), tokenizer)
-
-
-# ----------------------------------------------------------------------------------------------
-# Token ids and parsing
-
-
-@dataclass(frozen=True)
-class _HarmonyTokenIds:
     start: int
     end: int
     message: int
@@ -577,11 +39,12 @@ class _HarmonyTokenIds:
     call: int
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> _HarmonyTokenIds:
+    def of(cls, tokenizer: Tokenizer) -> HarmonyTokenIds:
+        """Raises `TokenizerError` when the tokenizer lacks one of them."""
         try:
             return cls(*(tokenizer.special_token_id(name) for name in (START, END, MESSAGE, RETURN, CALL)))
         except UnknownSpecialTokenError as error:
-            raise ValueError(
+            raise TokenizerError(
                 f"this tokenizer lacks a Harmony special token ({error}); use gpt-oss's "
                 "tokenizer.json or build_demo_tokenizer"
             ) from None
@@ -602,12 +65,12 @@ def stop_token_ids(tokenizer: Tokenizer) -> frozenset[int]:
     (spec section 4.5; Harmony's `stop_tokens_for_assistant_actions`).
 
     Raises:
-        ValueError: the tokenizer lacks the Harmony special tokens.
+        TokenizerError: the tokenizer lacks the Harmony special tokens.
     """
-    return _HarmonyTokenIds.of(tokenizer).stops
+    return HarmonyTokenIds.of(tokenizer).stops
 
 
-class HarmonyParseError(GptOssError):
+class HarmonyParseError(HarmonyError):
     """Generated tokens that do not form Harmony messages."""
 
 
@@ -673,9 +136,15 @@ def _parse_header(header: str, role: Role | None) -> _Header:
     return _Header(role, name, channel, recipient, content_type)
 
 
-_PARSER_STATE_EXPECT_START = "expect_start"
-_PARSER_STATE_HEADER = "header"
-_PARSER_STATE_CONTENT = "content"
+class StreamState(enum.Enum):
+    """What the next token belongs to, in a `StreamParser` (openai_harmony's `StreamState`)."""
+
+    EXPECT_START = enum.auto()
+    """Between messages: the next token should be `<|start|>`."""
+    HEADER = enum.auto()
+    """A message header, until `<|message|>`."""
+    CONTENT = enum.auto()
+    """A message's content, until `<|end|>`, `<|return|>` or `<|call|>`."""
 
 
 class StreamParser:
@@ -715,20 +184,20 @@ class StreamParser:
             strict: raise on malformed output (see the class docstring).
 
         Raises:
-            ValueError: unknown role, role `tool`, or a tokenizer without the Harmony special
-                tokens.
+            HarmonyError: unknown role, or role `tool`.
+            TokenizerError: the tokenizer lacks the Harmony special tokens.
         """
         self._tokenizer = tokenizer
-        self._ids = _HarmonyTokenIds.of(tokenizer)
+        self._ids = HarmonyTokenIds.of(tokenizer)
         self._header_role = Role.parse(role) if role is not None else None
         if self._header_role is Role.TOOL:
-            raise ValueError(
+            raise HarmonyError(
                 "a parser cannot start inside a tool message's header: that header begins with "
                 "the tool's name, so start with role=None and the <|start|> token"
             )
         self._fallback_role = self._header_role or Role.ASSISTANT
         self._strict = strict
-        self._state = _PARSER_STATE_HEADER if role is not None else _PARSER_STATE_EXPECT_START
+        self._state = StreamState.HEADER if role is not None else StreamState.EXPECT_START
         self._header_tokens: list[int] = []
         self._header: _Header | None = None
         self._content: list[str] = []
@@ -737,6 +206,11 @@ class StreamParser:
         self._tokens: list[int] = []
         self._last_delta = ""
         self._stopped = False
+
+    @property
+    def state(self) -> StreamState:
+        """What the next token belongs to."""
+        return self._state
 
     @property
     def messages(self) -> tuple[Message, ...]:
@@ -768,7 +242,7 @@ class StreamParser:
         """The role of the message being read, once known."""
         if self._header is not None:
             return self._header.role
-        return self._header_role if self._state == _PARSER_STATE_HEADER else None
+        return self._header_role if self._state is StreamState.HEADER else None
 
     @property
     def current_channel(self) -> str | None:
@@ -790,15 +264,15 @@ class StreamParser:
 
         Raises:
             HarmonyParseError: in strict mode, the tokens do not form Harmony messages.
-            ValueError: the id is outside the vocabulary.
+            TokenizerError: the id is outside the vocabulary.
         """
         self._tokens.append(token_id)
         self._last_delta = ""
         self._stopped = token_id in self._ids.stops
         ends_message = token_id in self._ids.message_ends
-        if self._state == _PARSER_STATE_EXPECT_START:
+        if self._state is StreamState.EXPECT_START:
             if token_id == self._ids.start:
-                self._state = _PARSER_STATE_HEADER
+                self._state = StreamState.HEADER
                 self._header_role = None
             elif self._strict:
                 raise HarmonyParseError(
@@ -808,7 +282,7 @@ class StreamParser:
             elif not ends_message:
                 self._begin_content(_Header(self._fallback_role))
                 self._add_content(token_id)
-        elif self._state == _PARSER_STATE_HEADER:
+        elif self._state is StreamState.HEADER:
             if token_id == self._ids.message:
                 self._begin_content_after_header()
             elif ends_message:
@@ -830,9 +304,9 @@ class StreamParser:
             HarmonyParseError: in strict mode, generation ended inside a message header.
         """
         self._last_delta = ""
-        if self._state == _PARSER_STATE_CONTENT:
+        if self._state is StreamState.CONTENT:
             self._finish_message()
-        elif self._state == _PARSER_STATE_HEADER and self._header_tokens:
+        elif self._state is StreamState.HEADER and self._header_tokens:
             self._end_inside_header()
 
     def _header_text(self) -> str:
@@ -885,7 +359,7 @@ class StreamParser:
         self._header = header
         self._header_tokens = []
         self._content = []
-        self._state = _PARSER_STATE_CONTENT
+        self._state = StreamState.CONTENT
 
     def _add_content(self, token_id: int) -> None:
         delta = self._utf8.decode(self._tokenizer.decode_bytes([token_id]))
@@ -912,7 +386,7 @@ class StreamParser:
         )
         self._header = None
         self._content = []
-        self._state = _PARSER_STATE_EXPECT_START
+        self._state = StreamState.EXPECT_START
 
 
 def parse_completion(
