@@ -76,8 +76,9 @@ class HarmonyEncoding:
 
 
 class StreamableParser(StreamParser):
-    """`StreamParser` made from a `HarmonyEncoding`, whose `process` returns the parser itself
-    (so calls chain, as in openai_harmony); the content it added is in `last_content_delta`."""
+    """`StreamParser` made from a `HarmonyEncoding`, behaving as openai_harmony's: `process`
+    returns the parser itself (so calls chain), and `last_content_delta` is None, not "", when
+    the last token added no content."""
 
     def __init__(self, encoding: HarmonyEncoding, role: Role | str | None, *, strict: bool = True) -> None:
         super().__init__(encoding.tokenizer, role, strict=strict)
@@ -85,3 +86,8 @@ class StreamableParser(StreamParser):
     def process(self, token_id: int) -> StreamableParser:
         super().process(token_id)
         return self
+
+    @property
+    def last_content_delta(self) -> str | None:
+        """The content text the last token added, or None."""
+        return super().last_content_delta or None

@@ -122,12 +122,25 @@ def _kept_messages(messages: tuple[Message, ...], auto_drop_analysis: bool) -> l
     An analysis message is dropped when a `final` message follows it and a user message
     follows that final: the turn it belongs to ended with an answer and a new turn began.
     The current turn's analysis, including the reasoning between a tool call and its result,
-    is kept. This is the rule docs/format.md states and reproduces every documented rendering
-    (test_dropping_cot_by_default, test_does_not_drop_if_ongoing_analysis,
-    test_keep_analysis_between_finals). openai_harmony's code approximates it: when the last
-    assistant message is a final one, it drops the analysis before the conversation's first
-    final. The two differ once two turns were answered, or when a tool call follows an
-    answered turn; there this module drops the old analysis and openai_harmony keeps it.
+    is kept. This is the rule docs/format.md states ("drop any previous CoT content on
+    subsequent sampling if the responses by the assistant ended in a message to the final
+    channel", its example being the input after the next user message) and reproduces every
+    documented rendering (test_dropping_cot_by_default, test_does_not_drop_if_ongoing_analysis,
+    test_keep_analysis_between_finals).
+
+    openai_harmony 0.0.8 approximates it: when the last assistant message is a final one, it
+    drops the analysis before the conversation's first final, and otherwise drops nothing. The
+    two differ, deliberately (test_harmony_openai pins each case):
+
+    - A conversation that ends in a final answer, with one answered turn: openai_harmony drops
+      that turn's analysis, this module keeps it, as both keep the last turn's analysis once two
+      turns were answered (test_keep_analysis_between_finals). Rendering the same last turn two
+      ways depending on what came before would be the surprise; the next prompt, after the
+      next user message, drops it in both.
+    - Three or more turns: openai_harmony keeps the analysis of every answered turn but the
+      first (openai/harmony pull request #96 reports it), this module drops all of them.
+    - A tool call after an answered turn: openai_harmony keeps the answered turn's analysis,
+      this module drops it.
     """
     if not auto_drop_analysis:
         return list(messages)
