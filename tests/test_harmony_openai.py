@@ -247,6 +247,11 @@ def test_named_authors_and_text_that_spells_special_tokens(ours, openai_harmony_
     assert_same_prompt(ours, openai_harmony_encoding, messages)
 
 
+def test_single_messages(ours, openai_harmony_encoding):
+    for message in ongoing_tool_call_conversation().messages:
+        assert ours.render(message) == openai_harmony_encoding.render(to_openai(message))
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropping the analysis of answered turns
 
