@@ -1,8 +1,10 @@
 """The gpt-oss tokenizer: a byte-level BPE (o200k_harmony) with the Harmony special tokens.
 
 `Tokenizer` wraps a `tokenizers.Tokenizer` loaded from a checkpoint's `tokenizer.json`.
-`build_demo_tokenizer` makes a small tokenizer of the same kind on the spot, trained on a
-built-in English text, for tests and for the embedded demo model; nothing is downloaded.
+`o200k_harmony_tokenizer` builds gpt-oss's own from the o200k_base vocabulary that bpe-openai
+ships (`gptoss_jax.o200k`), for a checkpoint folder without one. `build_demo_tokenizer` makes a
+small tokenizer of the same kind on the spot, trained on a built-in English text, for tests and
+for the embedded demo model. Nothing is downloaded.
 
 Special tokens are looked up by name (`special_token_id("<|return|>")`), never by a fixed
 id, because the demo tokenizer places them differently from o200k_harmony (see
@@ -13,71 +15,45 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Collection, Iterable, Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.lfs import git_lfs_pointer_message, is_git_lfs_pointer
+from gptoss_jax.o200k import (
+    HARMONY_SPECIAL_TOKEN_IDS,
+    O200K_HARMONY_VOCAB_SIZE,
+    VocabularyError,
+    build_o200k_harmony,
+    byte_to_unicode,
+    o200k_pre_tokenizer,
+    reserved_token_name,
+    special_token_names,
+    vocabulary_source,
+)
 
 TOKENIZER_FILENAME = "tokenizer.json"
 ORIGINAL_DIRNAME = "original"
 """The folder of OpenAI's checkpoint inside gpt-oss's Hugging Face repositories, which keep
 `tokenizer.json` one level up, at the repository root."""
 
-O200K_HARMONY_VOCAB_SIZE = 201088
-"""Ids in o200k_harmony, and rows in gpt-oss's embedding table (spec section 4.1)."""
-
-HARMONY_SPECIAL_TOKEN_IDS: Mapping[str, int] = MappingProxyType(
-    {
-        "<|startoftext|>": 199998,
-        "<|endoftext|>": 199999,
-        "<|reserved_200000|>": 200000,
-        "<|reserved_200001|>": 200001,
-        "<|return|>": 200002,
-        "<|constrain|>": 200003,
-        "<|reserved_200004|>": 200004,
-        "<|channel|>": 200005,
-        "<|start|>": 200006,
-        "<|end|>": 200007,
-        "<|message|>": 200008,
-        "<|reserved_200009|>": 200009,
-        "<|reserved_200010|>": 200010,
-        "<|reserved_200011|>": 200011,
-        "<|call|>": 200012,
-    }
-)
-"""The contiguous block of o200k_harmony special tokens that carries every named Harmony token
-(spec section 4.1). Ids 200013..201087 above it are reserved."""
-
-_FIRST_RESERVED_ABOVE_BLOCK = 200013
-# Hugging Face's tokenizer.json keeps o200k_base's name for this reserved id (spec section 4.1).
-_HF_ENDOFPROMPT_ID = 200018
-
-O200K_SPLIT_PATTERN = "|".join(
-    [
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"\p{N}{1,3}",
-        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
-        r"\s*[\r\n]+",
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
-)
-"""o200k's pre-tokenization regex (tiktoken `openai_public.py`); the demo tokenizer uses it too so
-that it splits text the way gpt-oss's tokenizer does."""
-
 AllowedSpecial = Literal["all"] | Collection[str]
 
 
 class TokenizerError(GptOssError):
-    """A tokenizer that cannot be used: an unreadable `tokenizer.json` or an unsupported kind."""
+    """A tokenizer that cannot be used (an unreadable `tokenizer.json`, an unsupported kind), or
+    input it cannot take (a token id outside its vocabulary)."""
+
+
+class TokenizerFallbackWarning(UserWarning):
+    """A checkpoint folder without `tokenizer.json` gets o200k_harmony built from bpe-openai."""
 
 
 class UnknownSpecialTokenError(GptOssError, KeyError):
@@ -88,27 +64,7 @@ class UnknownSpecialTokenError(GptOssError, KeyError):
         return str(self.args[0])
 
 
-def _byte_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: each byte value as the printable character that stands for it.
-
-    Printable Latin-1 bytes stand for themselves; the others are shifted to code points from 256
-    up, in byte order (GPT-2's `bytes_to_unicode`, which every byte-level BPE vocabulary uses).
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    next_code_point = 256
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(next_code_point)
-            next_code_point += 1
-    return mapping
-
-
-_UNICODE_TO_BYTE = {char: byte for byte, char in _byte_to_unicode().items()}
+_UNICODE_TO_BYTE = {char: byte for byte, char in byte_to_unicode().items()}
 
 
 @lru_cache(maxsize=32)
@@ -158,7 +114,7 @@ class Tokenizer:
             # o200k_harmony id and may sample any of them.
             self._vocab_size = O200K_HARMONY_VOCAB_SIZE
             special_ids.update(
-                (_reserved_name(token_id), token_id)
+                (reserved_token_name(token_id), token_id)
                 for token_id in range(self._backend_vocab_size, O200K_HARMONY_VOCAB_SIZE)
             )
         self._special_ids = MappingProxyType(special_ids)
@@ -192,20 +148,38 @@ class Tokenizer:
         """Load the `tokenizer.json` of a checkpoint folder (see `checkpoint_tokenizer_file`):
         the folder's own, or for an `original/` folder the one in its parent.
 
+        Without one, a folder whose `config.json` has gpt-oss's vocabulary size (201088: an
+        `original/` folder copied alone, say) gets `o200k_harmony_tokenizer()` when bpe-openai
+        (the `o200k` extra) is installed, with a `TokenizerFallbackWarning` naming where the
+        vocabulary comes from.
+
         Raises:
-            FileNotFoundError: there is no such `tokenizer.json`.
+            FileNotFoundError: there is no such `tokenizer.json`, and no o200k_harmony to build.
             TokenizerError: it cannot be read (see `from_file`).
         """
         directory = Path(directory)
         path = checkpoint_tokenizer_file(directory)
-        if path is None:
-            looked_for = " and ".join(map(str, _tokenizer_candidates(directory)))
-            raise FileNotFoundError(
-                f"no {TOKENIZER_FILENAME} for checkpoint folder {directory} (looked for {looked_for}); "
-                f"put the tokenizer beside the weights, or for an {ORIGINAL_DIRNAME}/ folder in its "
-                "parent, as gpt-oss's Hugging Face repositories do"
-            )
-        return cls.from_file(path)
+        if path is not None:
+            return cls.from_file(path)
+        looked_for = " and ".join(map(str, _tokenizer_candidates(directory)))
+        missing = f"no {TOKENIZER_FILENAME} for checkpoint folder {directory} (looked for {looked_for})"
+        advice = (
+            f"put the tokenizer beside the weights, or for an {ORIGINAL_DIRNAME}/ folder in its "
+            "parent, as gpt-oss's Hugging Face repositories do"
+        )
+        if not _has_o200k_harmony_vocab_size(directory):
+            raise FileNotFoundError(f"{missing}; {advice}")
+        try:
+            source = vocabulary_source()
+        except VocabularyError as error:
+            raise FileNotFoundError(f"{missing}; {advice} ({error})") from None
+        warnings.warn(
+            f"{missing}; using gpt-oss's o200k_harmony tokenizer, built from OpenAI's o200k_base "
+            f"vocabulary in {source}",
+            TokenizerFallbackWarning,
+            stacklevel=2,
+        )
+        return o200k_harmony_tokenizer()
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` into `directory` (created if needed) and return its path."""
@@ -278,13 +252,13 @@ class Tokenizer:
         """The bytes that `ids` stand for; a special token gives its own text.
 
         Raises:
-            ValueError: an id is outside the vocabulary (negative, or `vocab_size` or more).
+            TokenizerError: an id is outside the vocabulary (negative, or `vocab_size` or more).
         """
         table = self._bytes_by_id()
         pieces = []
         for token_id in ids:
             if not 0 <= token_id < len(table):
-                raise ValueError(f"token id {token_id} is outside the vocabulary (size {len(table)})")
+                raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {len(table)})")
             pieces.append(table[token_id])
         return b"".join(pieces)
 
@@ -292,7 +266,7 @@ class Tokenizer:
         """The text of `ids`, special tokens included; invalid UTF-8 becomes U+FFFD.
 
         Raises:
-            ValueError: an id is outside the vocabulary.
+            TokenizerError: an id is outside the vocabulary.
         """
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
@@ -306,20 +280,42 @@ class Tokenizer:
             for token_id, token in self._backend.get_added_tokens_decoder().items():
                 table[token_id] = token.content.encode("utf-8")
             table += [
-                _reserved_name(token_id).encode("utf-8")
+                reserved_token_name(token_id).encode("utf-8")
                 for token_id in range(self._backend_vocab_size, self._vocab_size)
             ]
             self._token_bytes = table
         return self._token_bytes
 
 
-def _reserved_name(token_id: int) -> str:
-    return f"<|reserved_{token_id}|>"
-
-
 def _is_o200k_harmony(special_ids: Mapping[str, int]) -> bool:
     """Whether the special tokens sit at o200k_harmony's ids, as in gpt-oss's tokenizer.json."""
     return all(special_ids.get(name) == token_id for name, token_id in HARMONY_SPECIAL_TOKEN_IDS.items())
+
+
+@cache
+def o200k_harmony_tokenizer() -> Tokenizer:
+    """gpt-oss's tokenizer, o200k_harmony, built from the o200k_base vocabulary that bpe-openai
+    ships (see `gptoss_jax.o200k`); once per process, in about 5 s, then shared.
+
+    It equals gpt-oss's Hugging Face `tokenizer.json` and encodes as tiktoken's o200k_harmony.
+
+    Raises:
+        VocabularyError: bpe-openai (the `o200k` extra) is not installed, or its file differs.
+    """
+    return Tokenizer(build_o200k_harmony())
+
+
+def _has_o200k_harmony_vocab_size(directory: Path) -> bool:
+    """Whether `directory/config.json` gives gpt-oss's vocabulary size, so o200k_harmony fits.
+
+    Both config.json dialects call it `vocab_size`; a config that cannot be read is left for the
+    model loader to report.
+    """
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("vocab_size") == O200K_HARMONY_VOCAB_SIZE
 
 
 def checkpoint_tokenizer_file(directory: str | Path) -> Path | None:
@@ -343,14 +339,9 @@ def _tokenizer_candidates(directory: Path) -> list[Path]:
 
 def _demo_special_token_names(vocab_size: int) -> list[str]:
     """Special tokens of the demo tokenizer, in id order, ending at the top of the vocabulary."""
-    block = list(HARMONY_SPECIAL_TOKEN_IDS)
     if vocab_size != O200K_HARMONY_VOCAB_SIZE:
-        return block
-    reserved = [
-        "<|endofprompt|>" if token_id == _HF_ENDOFPROMPT_ID else _reserved_name(token_id)
-        for token_id in range(_FIRST_RESERVED_ABOVE_BLOCK, O200K_HARMONY_VOCAB_SIZE)
-    ]
-    return block + reserved
+        return list(HARMONY_SPECIAL_TOKEN_IDS)
+    return special_token_names(O200K_HARMONY_VOCAB_SIZE - 1)
 
 
 def build_demo_tokenizer(vocab_size: int) -> Tokenizer:
@@ -372,20 +363,17 @@ def build_demo_tokenizer(vocab_size: int) -> Tokenizer:
     `<|unused_ID|>` that encoding never produces (they decode to their own text).
 
     Raises:
-        ValueError: `vocab_size` leaves no room for the 256 byte tokens and the special tokens.
+        TokenizerError: `vocab_size` leaves no room for the 256 byte tokens and the special tokens.
     """
     special_names = _demo_special_token_names(vocab_size)
     regular_size = vocab_size - len(special_names)
     if regular_size < 256:
-        raise ValueError(
+        raise TokenizerError(
             f"vocab_size {vocab_size} is too small: the demo tokenizer needs 256 byte tokens "
             f"and {len(special_names)} special tokens (at least {256 + len(special_names)})"
         )
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     trainee = BackendTokenizer(models.BPE())
-    trainee.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(O200K_SPLIT_PATTERN), behavior="isolated"), byte_level]
-    )
+    trainee.pre_tokenizer = o200k_pre_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=regular_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
