@@ -39,8 +39,8 @@ import transformers
 from flax import nnx
 
 import gptoss_jax
-from convert.export import write_checkpoint
-from convert.layouts import Layout
+from gptoss_jax.checkpoints.layouts import Layout
+from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.model import GptOss
 

@@ -1,5 +1,5 @@
-"""Converter from the public gpt-oss safetensors layouts to the project's orbax checkpoint."""
+"""The checkpoint conversion script: ``python -m convert SRC DST``, the same as ``gptoss-jax convert SRC DST``.
 
-from convert.writer import ConversionWarning, convert_checkpoint
-
-__all__ = ["ConversionWarning", "convert_checkpoint"]
+A thin entry point over the library (:mod:`gptoss_jax.checkpoints`); it is not installed with the
+package, whose console script ``gptoss-jax convert`` does the same.
+"""

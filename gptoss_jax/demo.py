@@ -85,10 +85,8 @@ def _write_demo_checkpoint(folder: Path) -> None:
     import jax
     from flax import nnx
 
-    # `convert` depends on `gptoss_jax`, not the other way round, so it is imported here, where
-    # the demo needs its writer, as gptoss_jax.load does for its reader.
-    from convert.export import write_checkpoint
-    from convert.layouts import Layout
+    from gptoss_jax.checkpoints.layouts import Layout
+    from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
     from gptoss_jax.model import GptOss
     from gptoss_jax.tokenizer import build_demo_tokenizer
 

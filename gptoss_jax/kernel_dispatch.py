@@ -4,10 +4,15 @@
 ``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
 mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
 ``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
+
+Each kernel takes only the shapes it was written for, so a choice becomes a :class:`KernelPlan`
+(:func:`kernel_plan`), which says what runs each part of the model: the one place that decides,
+for the model as for what the CLI shows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Literal
 
@@ -16,13 +21,19 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.errors import GptOssError
 from pallas_kernels import mxfp4_moe
 from pallas_kernels.cuda_toolchain import cuda_miscompiles_attention_masks
 
 KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
+Implementation = Literal["pallas", "xla", "interpret"]  # what a resolved choice runs
 ENV_VAR = "GPTOSS_JAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla", "interpret")
 _MIN_COMPUTE_CAPABILITY = 9.0  # WGMMA and TMA
+
+
+class KernelChoiceError(GptOssError):
+    """A kernel choice that is no choice: an unknown name, in an argument or the environment."""
 
 
 def has_hopper_gpu() -> bool:
@@ -36,14 +47,14 @@ def has_hopper_gpu() -> bool:
         return False
 
 
-def resolve_kernels(choice: KernelChoice = "auto") -> Literal["pallas", "xla", "interpret"]:
-    """Turn ``auto`` into ``pallas`` or ``xla``; reject unknown names."""
+def resolve_kernels(choice: KernelChoice = "auto") -> Implementation:
+    """Turn ``auto`` into ``pallas`` or ``xla``; reject unknown names (:class:`KernelChoiceError`)."""
     if choice not in _CHOICES:
-        raise ValueError(f"kernels must be one of {_CHOICES}, got {choice!r}")
+        raise KernelChoiceError(f"kernels must be one of {_CHOICES}, got {choice!r}")
     if choice == "auto":
         choice = os.environ.get(ENV_VAR, "auto").lower() or "auto"
         if choice not in _CHOICES:
-            raise ValueError(f"{ENV_VAR} must be one of {_CHOICES}, got {choice!r}")
+            raise KernelChoiceError(f"{ENV_VAR} must be one of {_CHOICES}, got {choice!r}")
     if choice == "auto":
         return "pallas" if has_hopper_gpu() else "xla"
     return choice
@@ -73,6 +84,34 @@ def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
         jnp.dtype(dtype) == jnp.bfloat16
         and all(size % step == 0 and size % mxfp4_moe.BLOCK_N == 0
                 for size in (config.hidden_size, config.intermediate_size))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """What runs each part of the model: ``pallas``, ``interpret`` (the kernels) or ``xla``."""
+
+    attention: Implementation
+    experts: Implementation
+
+    def describe(self) -> str:
+        """``kernels xla`` when one runs everything, else ``kernels: attention pallas, experts xla``."""
+        parts = dataclasses.asdict(self)
+        if len(set(parts.values())) == 1:
+            return f"kernels {self.attention}"
+        return "kernels: " + ", ".join(f"{part} {implementation}" for part, implementation in parts.items())
+
+
+def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> KernelPlan:
+    """What runs attention and the experts of a ``config`` model computing in ``dtype`` under ``choice``.
+
+    A kernel runs a part where the choice resolves to it and the part's shapes fit it; the XLA
+    reference runs the rest, so ``pallas`` may leave a part on XLA.
+    """
+    kernels = resolve_kernels(choice)
+    return KernelPlan(
+        attention=kernels if attention_kernel_fits(config, dtype) else "xla",
+        experts=kernels if moe_kernel_fits(config, dtype) else "xla",
     )
 
 

@@ -30,10 +30,11 @@ from jax.sharding import Mesh
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernel_dispatch import (
+    Implementation,
     KernelChoice,
-    attention_kernel_fits,
+    KernelPlan,
     interpret_params,
-    moe_kernel_fits,
+    kernel_plan,
     resolve_kernels,
 )
 from gptoss_jax.kv_cache import KVCache, LayerCache
@@ -163,7 +164,7 @@ class AttentionBlock(nnx.Module):
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, in_axis=HEADS, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None,
+        self, x: jax.Array, positions: jax.Array, kernels: Implementation, cache: LayerCache | None,
         cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attend over the cache and this chunk.
@@ -171,7 +172,8 @@ class AttentionBlock(nnx.Module):
         Args:
           x: ``[B, T, H]``.
           positions: int32 ``[B, T]`` absolute positions; negative marks padding.
-          kernels: ``pallas``, ``xla`` or ``interpret``.
+          kernels: what runs attention (``pallas``, ``xla`` or ``interpret``): the attention of
+            the model's :class:`~gptoss_jax.kernel_dispatch.KernelPlan`, which checked the shapes.
           cache: this layer's cache, or None for a forward pass over positions 0..T-1.
           cache_is_empty: the cache holds nothing yet and this chunk starts at position 0 (a
             prompt's first chunk), so it attends within itself only, like a forward pass.
@@ -211,10 +213,10 @@ class AttentionBlock(nnx.Module):
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
-        cache: LayerCache | None, *, kernels: str, cache_is_empty: bool,
+        cache: LayerCache | None, *, kernels: Implementation, cache_is_empty: bool,
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
-        use_kernels = kernels != "xla" and attention_kernel_fits(self.config, q.dtype)
+        use_kernels = kernels != "xla"
         if cache is None or cache_is_empty:
             # Right-padding needs no mask here: a padded key comes after every real query.
             if use_kernels:
@@ -277,17 +279,22 @@ class MLPBlock(nnx.Module):
         self.mlp2_weight = MXFP4Weight(experts, hidden, inner, rngs=rngs)
         self.mlp2_bias = _normal(rngs, (experts, hidden), (EXPERTS, None))
 
-    def __call__(self, x: jax.Array, kernels: str) -> jax.Array:
-        """``x [B, T, H]`` -> ``[B, T, H]`` (before the residual add)."""
+    def __call__(self, x: jax.Array, kernels: Implementation) -> jax.Array:
+        """``x [B, T, H]`` -> ``[B, T, H]`` (before the residual add).
+
+        ``kernels`` runs the expert matmuls: the experts of the model's
+        :class:`~gptoss_jax.kernel_dispatch.KernelPlan`, which checked the shapes.
+        """
         config = self.config
         batch, length, hidden = x.shape
         t = self.norm(x).reshape(batch * length, hidden)
         routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
-        mlp1_matmul = mlp2_matmul = _grouped_matmul(kernels, self.config, x.dtype)
+        mlp1_matmul = mlp2_matmul = _grouped_matmul(kernels)
         if self.mlp1_weight.decoded is not None and mlp1_matmul is mxfp4_grouped_matmul_reference:
             mlp1_matmul = functools.partial(mlp1_matmul, decoded=self.mlp1_weight.decoded[...])
             mlp2_matmul = functools.partial(mlp2_matmul, decoded=self.mlp2_weight.decoded[...])
-        experts = functools.partial(_local_experts, mlp1_matmul=mlp1_matmul, mlp2_matmul=mlp2_matmul)
+        experts = functools.partial(_local_experts, mlp1_matmul=mlp1_matmul, mlp2_matmul=mlp2_matmul,
+                                    swiglu_limit=config.swiglu_limit)
         weights = (self.mlp1_weight.blocks[...], self.mlp1_weight.scales[...], self.mlp1_bias[...],
                    self.mlp2_weight.blocks[...], self.mlp2_weight.scales[...], self.mlp2_bias[...])
         if self.mesh is None:
@@ -304,7 +311,7 @@ class MLPBlock(nnx.Module):
 def _local_experts(
     tokens: jax.Array, routing_weights: jax.Array, expert_indices: jax.Array, mlp1_blocks: jax.Array,
     mlp1_scales: jax.Array, mlp1_bias: jax.Array, mlp2_blocks: jax.Array, mlp2_scales: jax.Array,
-    mlp2_bias: jax.Array, *, first_expert: jax.Array | int, mlp1_matmul, mlp2_matmul,
+    mlp2_bias: jax.Array, *, first_expert: jax.Array | int, mlp1_matmul, mlp2_matmul, swiglu_limit: float,
 ) -> jax.Array:
     """The experts ``first_expert ... first_expert + E_local - 1`` held here, on the tokens routed to them.
 
@@ -314,6 +321,7 @@ def _local_experts(
       mlp1_*, mlp2_*: the local experts' weights, ``E_local`` on their leading axis.
       first_expert: the global id of local expert 0.
       mlp1_matmul, mlp2_matmul: the grouped matmul of each (the Pallas kernel or its XLA reference).
+      swiglu_limit: the clamp of mlp1's SwiGLU (the config's).
 
     Returns:
       float32 ``[N, H]``: each token's weighted sum over those of its experts held here.
@@ -327,6 +335,7 @@ def _local_experts(
     group_sizes = groups.group_sizes[:local_experts]
     activations = mlp1_matmul(
         tokens[groups.token_index], group_sizes, mlp1_blocks, mlp1_scales, mlp1_bias, epilogue="bias_swiglu",
+        swiglu_limit=swiglu_limit,
     )
     weighted = mlp2_matmul(
         activations, group_sizes, mlp2_blocks, mlp2_scales, mlp2_bias, epilogue="bias",
@@ -356,12 +365,12 @@ class TransformerBlock(nnx.Module):
         self.mlp = MLPBlock(config, mesh=mesh, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kernels: str, cache: LayerCache | None,
+        self, x: jax.Array, positions: jax.Array, kernels: KernelPlan, cache: LayerCache | None,
         cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
-        attended, cache = self.attn(x, positions, kernels, cache, cache_is_empty)
+        attended, cache = self.attn(x, positions, kernels.attention, cache, cache_is_empty)
         x = x + attended
-        return x + self.mlp(x, kernels), cache
+        return x + self.mlp(x, kernels.experts), cache
 
 
 class GptOss(nnx.Module):
@@ -466,7 +475,7 @@ class GptOss(nnx.Module):
     def _blocks(
         self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, cache_is_empty: bool = False
     ) -> tuple[jax.Array, KVCache | None]:
-        kernels = resolve_kernels(self.kernels)
+        kernels = kernel_plan(self.kernels, self.config, self.dtype)
         if self.mesh is not None and tokens.shape[0] % self.mesh.shape["data"]:
             raise ValueError(
                 f"batch {tokens.shape[0]} does not divide over the mesh's data axis of {self.mesh.shape['data']}"
@@ -480,9 +489,9 @@ class GptOss(nnx.Module):
         return x, None if cache is None else KVCache(tuple(layer_caches))
 
 
-def _grouped_matmul(kernels: str, config: GptOssConfig, dtype: jnp.dtype):
-    """The expert matmul: the Pallas kernel (bfloat16 only) or its XLA reference."""
-    if kernels == "xla" or not moe_kernel_fits(config, dtype):
+def _grouped_matmul(kernels: Implementation):
+    """The expert matmul: the Pallas kernel or its XLA reference."""
+    if kernels == "xla":
         return mxfp4_grouped_matmul_reference
     from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
 

@@ -4,27 +4,76 @@ ptxas from CUDA 12.8.0 up to (not including) 12.9.1 miscompiles masked attention
 Hopper flash attention (``jax.experimental.pallas.ops.gpu.attention_mgpu``) refuses causal masks
 there for that reason. The attention kernels here mask every tile (causal, window, cache
 positions), so they refuse those releases too, and the model takes the XLA path there.
+
+What decides is the ptxas that compiles the kernels, not the CUDA runtime. Mosaic GPU (the
+0.11.2 plugins) runs the ``ptxas`` on ``PATH``, else ``/usr/local/cuda/bin/ptxas`` (its search,
+seen with strace; it does not use the pip ``nvidia-cuda-nvcc`` package's), and its
+``--version`` names the exact build: CUDA 12.8.0's is V12.8.61, 12.9.0's V12.9.41 and the fixed
+12.9.1's V12.9.86 (the pins of PyPI's ``cuda-toolkit`` releases). ``cudaRuntimeGetVersion()``
+cannot tell them apart: it returns ``1000 * major + 10 * minor``, 12090 for every 12.9.
 """
 
 from __future__ import annotations
 
-# cudaRuntimeGetVersion's 1000 * major + 10 * minor + patch.
-_FIRST_MISCOMPILING, _FIXED = 12080, 12091
+import functools
+import re
+import shutil
+import subprocess
+
+_FIRST_MISCOMPILING = (12, 8, 0)
+_FIXED = (12, 9, 86)  # CUDA 12.9.1's ptxas
+_FALLBACK_PTXAS = "/usr/local/cuda/bin/ptxas"
+
+
+def mosaic_ptxas() -> str | None:
+    """The ptxas Mosaic GPU compiles with: the one on PATH, else CUDA's default install's."""
+    found = shutil.which("ptxas")
+    if found is None and shutil.which(_FALLBACK_PTXAS):
+        found = _FALLBACK_PTXAS
+    return found
+
+
+def parse_ptxas_version(text: str) -> tuple[int, int, int] | None:
+    """``(major, minor, build)`` from ``ptxas --version``'s ``V12.9.86``; None if absent."""
+    match = re.search(r"\bV(\d+)\.(\d+)\.(\d+)\b", text)
+    return tuple(int(part) for part in match.groups()) if match else None
+
+
+@functools.cache
+def ptxas_version() -> tuple[int, int, int] | None:
+    """The version of :func:`mosaic_ptxas`, or None when there is none (or it does not run)."""
+    ptxas = mosaic_ptxas()
+    if ptxas is None:
+        return None
+    try:
+        result = subprocess.run([ptxas, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_ptxas_version(result.stdout)
 
 
 def cuda_miscompiles_attention_masks() -> bool:
-    """Whether the installed CUDA is one whose ptxas miscompiles masked attention."""
+    """Whether the kernels would be compiled by a ptxas that miscompiles masked attention.
+
+    Without a CUDA plugin nothing is compiled for a GPU. Without a ptxas to ask, the runtime's
+    major version decides: CUDA 12 is refused (its 12.9.0 and 12.9.1 read the same), 13 is not.
+    """
     from jax._src.lib import cuda_versions  # None without a CUDA plugin
 
     if cuda_versions is None:
         return False
-    return _FIRST_MISCOMPILING <= cuda_versions.cuda_runtime_get_version() < _FIXED
+    version = ptxas_version()
+    if version is None:
+        return cuda_versions.cuda_runtime_get_version() < 13000
+    return _FIRST_MISCOMPILING <= version < _FIXED
 
 
 def check_attention_toolchain(interpret) -> None:
-    """Refuse to compile masked attention for the GPU with a miscompiling CUDA."""
+    """Refuse to compile masked attention for the GPU with a miscompiling ptxas."""
     if not interpret and cuda_miscompiles_attention_masks():
+        found = ptxas_version()
+        which = f"ptxas {'.'.join(map(str, found))}" if found else "CUDA 12 with no ptxas to ask"
         raise NotImplementedError(
-            "the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked attention; install CUDA 12.9.1 or "
-            "newer, or use the XLA path (kernels='xla')"
+            f"the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked attention ({which}); put "
+            "CUDA 12.9.1's ptxas (V12.9.86) or newer first on PATH, or use the XLA path (kernels='xla')"
         )

@@ -71,6 +71,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -169,15 +170,17 @@ def _round(x: jax.Array) -> jax.Array:
     return x.astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _clamped_swiglu(gate: jax.Array, linear: jax.Array) -> jax.Array:
+def _clamped_swiglu(gate: jax.Array, linear: jax.Array, limit: float) -> jax.Array:
     """The reference's bf16 clamped SwiGLU on bf16-valued float32 tiles, same rounding points.
 
     XLA expands the bf16 logistic into ``1 / (1 + exp(-x))`` with each operation rounded to
     bf16, and rounds alpha to bf16 first; Mosaic GPU has no logistic primitive, so spelling it
-    out here reproduces the reference bit for bit (up to the last bit of ``exp``).
+    out here reproduces the reference bit for bit (up to the last bit of ``exp``). The
+    reference clamps to the limit rounded to bf16 (gpt-oss's 7.0 is exact), so this does too.
     """
-    gate = jnp.minimum(gate, SWIGLU_LIMIT)
-    linear = jnp.clip(linear, -SWIGLU_LIMIT, SWIGLU_LIMIT)
+    limit = float(ml_dtypes.bfloat16(limit))  # ml_dtypes: in the kernel's trace jnp would give a traced value
+    gate = jnp.minimum(gate, limit)
+    linear = jnp.clip(linear, -limit, limit)
     scaled = _round(_ALPHA_BF16 * gate)
     sigmoid = _round(1.0 / _round(1.0 + _round(jnp.exp(-scaled))))
     return _round(_round(gate * sigmoid) * _round(linear + 1.0))
@@ -244,7 +247,7 @@ def _store_rows(o_smem, o_gmem, block_start, offset, count, col_start, max_rows:
 
 # Jitted with its options static: the model calls it with the same shapes in every layer, and
 # each call would otherwise go through the whole Mosaic GPU lowering again.
-@functools.partial(jax.jit, static_argnames=("epilogue", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("epilogue", "swiglu_limit", "config", "interpret"))
 def mxfp4_grouped_matmul(
     lhs: jax.Array,
     group_sizes: jax.Array,
@@ -253,6 +256,7 @@ def mxfp4_grouped_matmul(
     bias: jax.Array,
     *,
     epilogue: Epilogue = "bias",
+    swiglu_limit: float = SWIGLU_LIMIT,
     row_weights: jax.Array | None = None,
     config: Config | None = None,
     interpret: plgpu.InterpretGPUParams | None = None,
@@ -269,6 +273,8 @@ def mxfp4_grouped_matmul(
         flushed to zero; 255, NaN in E8M0, is not supported).
       bias: ``[E, N]``, rounded to bfloat16.
       epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
+      swiglu_limit: the SwiGLU's clamp, the config's ``swiglu_limit`` (static: a new value
+        compiles anew).
       row_weights: optional ``[M]`` routing weight of each row; when given the result is the
         float32 product ``weight * out``.
       config: tuning; ``None`` picks :class:`Config` defaults, with the interpretable forms
@@ -340,6 +346,7 @@ def mxfp4_grouped_matmul(
         stages=stages,
         config=config,
         apply_weights=row_weights is not None,
+        swiglu_limit=swiglu_limit,
     )
     # The output tile stays linear (unswizzled): its TMA stores start at any row (see
     # _store_rows), and a swizzled tile sliced off an 8-row boundary would start mid-pattern.
@@ -383,6 +390,7 @@ def _kernel(
     stages: int,
     config: Config,
     apply_weights: bool,
+    swiglu_limit: float,
 ):
     *maybe_weights_gmem, out_gmem = weights_and_out
     task = lax.axis_index("task")
@@ -485,7 +493,7 @@ def _kernel(
             bias = plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ROW, optimized=False)
             bias = lax.broadcast_in_dim(bias.astype(jnp.float32), (BLOCK_N, block_m), (0,))
             outs.append(_round(_round(acc) + bias))
-        out = _clamped_swiglu(*outs) if halves == 2 else outs[0]
+        out = _clamped_swiglu(*outs, swiglu_limit) if halves == 2 else outs[0]
         if apply_weights:
             (weights_gmem,) = maybe_weights_gmem
             weights = plgpu.load(weights_gmem.at[rows], layout=_COL, optimized=False)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from pallas_kernels import mxfp4
 from pallas_kernels.expert_routing import expert_of_rows
 
-SWIGLU_LIMIT = 7.0
+SWIGLU_LIMIT = 7.0  # gpt-oss's; a config may set another (``swiglu_limit``)
 SWIGLU_ALPHA = 1.702
 
 Epilogue = Literal["bias", "bias_swiglu"]
@@ -42,10 +42,12 @@ def clamped_swiglu(
     return gate * jax.nn.sigmoid(alpha * gate) * (linear + 1)
 
 
-def _epilogue(product: jax.Array, bias: jax.Array, epilogue: Epilogue, dtype: jnp.dtype) -> jax.Array:
+def _epilogue(
+    product: jax.Array, bias: jax.Array, epilogue: Epilogue, dtype: jnp.dtype, swiglu_limit: float
+) -> jax.Array:
     """Round the float32 ``product [M, N]``, add ``bias`` (``[N]`` or ``[M, N]``), then SwiGLU if asked."""
     out = product.astype(dtype) + bias.astype(dtype)
-    return clamped_swiglu(out) if epilogue == "bias_swiglu" else out
+    return clamped_swiglu(out, swiglu_limit) if epilogue == "bias_swiglu" else out
 
 
 def few_rows_product(
@@ -76,7 +78,7 @@ def _row_tile(rows: int, num_experts: int) -> int:
 
 def _rows_by_expert_tiles(
     lhs: jax.Array, group_sizes: jax.Array, bias: jax.Array, weights_of: Callable[[jax.Array], jax.Array],
-    epilogue: Epilogue, out_features: int,
+    epilogue: Epilogue, out_features: int, swiglu_limit: float,
 ) -> jax.Array:
     """Many rows (prefill): each expert in turn, over its own rows only, a fixed-size tile at a time.
 
@@ -102,7 +104,7 @@ def _rows_by_expert_tiles(
                 first = start + index * tile
                 product = jnp.dot(jax.lax.dynamic_slice_in_dim(padded_lhs, first, tile), weights.T,
                                   preferred_element_type=jnp.float32)
-                tile_out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
+                tile_out = _epilogue(product, bias[expert], epilogue, lhs.dtype, swiglu_limit)
                 return jax.lax.dynamic_update_slice_in_dim(out, tile_out, first, 0)
 
             return jax.lax.fori_loop(0, (end - start + tile - 1) // tile, tile_rows, out)
@@ -123,6 +125,7 @@ def mxfp4_grouped_matmul_reference(
     bias: jax.Array,
     *,
     epilogue: Epilogue = "bias",
+    swiglu_limit: float = SWIGLU_LIMIT,
     row_weights: jax.Array | None = None,
     decoded: jax.Array | None = None,
 ) -> jax.Array:
@@ -135,6 +138,7 @@ def mxfp4_grouped_matmul_reference(
       scales: uint8 ``[E, N, K/32]``.
       bias: ``[E, N]``.
       epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
+      swiglu_limit: the SwiGLU's clamp (:func:`clamped_swiglu`), the config's ``swiglu_limit``.
       row_weights: optional ``[M]`` routing weight of each row; when given the result is the
         float32 product ``weight * out`` ready for a single-rounding sum over experts.
       decoded: optional ``[E, N, K]``, the same weights already decoded to lhs.dtype
@@ -162,10 +166,10 @@ def mxfp4_grouped_matmul_reference(
             cpu=functools.partial(few_rows_product, lhs, expert, weights_of, per_row=True),
             default=functools.partial(few_rows_product, lhs, expert, weights_of, per_row=False),
         )
-        out = _epilogue(product, bias[expert], epilogue, lhs.dtype)
+        out = _epilogue(product, bias[expert], epilogue, lhs.dtype, swiglu_limit)
         out = jnp.where((row_expert < num_experts)[:, None], out, 0)
     else:
-        out = _rows_by_expert_tiles(lhs, group_sizes, bias, weights_of, epilogue, out_features)
+        out = _rows_by_expert_tiles(lhs, group_sizes, bias, weights_of, epilogue, out_features, swiglu_limit)
     if row_weights is None:
         return out
     return out.astype(jnp.float32) * row_weights.astype(jnp.float32)[:, None]

@@ -21,8 +21,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from convert.export import model_tensors, write_checkpoint
-from convert.layouts import Layout, parameter_sources
+from gptoss_jax.checkpoints.layouts import Layout, parameter_sources
+from gptoss_jax.checkpoints.safetensors_writer import model_tensors, write_checkpoint
 from gptoss_jax.config import preset
 from gptoss_jax.model import GptOss
 

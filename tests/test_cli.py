@@ -18,13 +18,18 @@ import pytest
 import gptoss_jax
 from fake_terminal import FakeTerminal
 from gptoss_jax import cli
+from gptoss_jax.cli import chat as cli_chat
+from gptoss_jax.cli import generation as cli_generation
+from gptoss_jax.cli.arguments import SEED_LIMIT, option_flag
 from gptoss_jax.demo import CACHE_ENV_VAR, demo_checkpoint_dir, ensure_demo_checkpoint
 from gptoss_jax.generate import GenerationOutput, GenerationStats
 from gptoss_jax.kernel_dispatch import has_hopper_gpu
+from gptoss_jax.opening import random_weights_note
 from gptoss_jax.tokenizer import Tokenizer, build_demo_tokenizer
 
+RANDOM_WEIGHTS_NOTE = random_weights_note(option_flag)  # what the CLI says of the demo model
 # The demo's own token count, so that every run below shares its compiled decode loop.
-NEW_TOKENS = ["--max-new-tokens", str(cli.DEMO_MAX_NEW_TOKENS)]
+NEW_TOKENS = ["--max-new-tokens", str(cli_chat.DEMO_MAX_NEW_TOKENS)]
 THROUGHPUT = re.compile(r"prefill: \d+ tokens, [\d.]+ tokens/s \| decode: (\d+) tokens, [\d.]+ tokens/s")
 REPO = Path(__file__).resolve().parents[1]
 COMPILING = "compiling and prefilling ..."
@@ -44,7 +49,8 @@ print(json.dumps(results))
 RUN_WITHOUT_STOPS = """
 import sys
 from gptoss_jax import cli
-cli.COMPLETION_STOP_TOKENS = ()
+from gptoss_jax.cli import commands
+commands.COMPLETION_STOP_TOKENS = ()
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -74,8 +80,8 @@ def test_demo_streams_a_final_answer_and_reports_throughput(demo_checkpoint, cap
     assert cli.main(["demo"]) == 0
     out, err = capsys.readouterr()
     assert re.search(r"^final: \S", out, re.MULTILINE)
-    assert err.count(cli.RANDOM_WEIGHTS_NOTE) == 1
-    assert f"user: {cli.DEMO_MESSAGE}" in err
+    assert err.count(RANDOM_WEIGHTS_NOTE) == 1
+    assert f"user: {cli_chat.DEMO_MESSAGE}" in err
     loading = r"^loading \S+demo-\w+ \(bfloat16; kernels xla(; mesh [^)]+)?\) \.\.\.\nloaded in [\d.]+ s$"
     assert re.search(loading, err, re.MULTILINE)
     assert err.count(f"\n{COMPILING}\n") == 1 and err.index(COMPILING) < THROUGHPUT.search(err).start()
@@ -85,7 +91,7 @@ def test_generate_continues_a_prompt_on_the_embedded_default(demo_checkpoint, ca
     assert cli.main(["generate", "The capital of France is", *NEW_TOKENS, "--seed", "3"]) == 0
     out, err = capsys.readouterr()
     assert out.strip()
-    assert cli.RANDOM_WEIGHTS_NOTE in err
+    assert RANDOM_WEIGHTS_NOTE in err
     assert THROUGHPUT.search(err)
 
 
@@ -221,7 +227,7 @@ def test_chat_reads_the_message_from_stdin(demo_checkpoint, capsys, monkeypatch)
     assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--reasoning-effort", "low", *NEW_TOKENS]) == 0
     out, err = capsys.readouterr()
     assert re.match(r"(analysis|commentary|final): ", out)
-    assert cli.RANDOM_WEIGHTS_NOTE not in err  # a checkpoint was named
+    assert RANDOM_WEIGHTS_NOTE not in err  # a checkpoint was named
     assert THROUGHPUT.search(err)
 
 
@@ -255,7 +261,7 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
         tokens = replies[len(seeds)][:max_new_tokens]
         seeds.append(seed)
         if len(seeds) == 2:
-            time.sleep(3 * cli.QUIET_START_SECONDS)
+            time.sleep(3 * cli_generation.QUIET_START_SECONDS)
         for token in tokens:
             streamer(np.array([token]), np.array([True]))
         return scripted_output(prompts[0], tokens)
@@ -264,13 +270,13 @@ def test_interactive_chat_turns_sample_with_their_own_seeds_and_cut_replies_are_
     monkeypatch.setattr("sys.stdin", FakeTerminal())
     monkeypatch.setattr("builtins.input", typing(["What is the capital of France?", "And again?"]))
     # The second reply's first token comes after the quiet start: a status line says why.
-    monkeypatch.setattr(cli, "QUIET_START_SECONDS", 0.5)
+    monkeypatch.setattr(cli_generation, "QUIET_START_SECONDS", 0.5)
     max_new_tokens = len(answer) + 1
-    assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--seed", str(cli.SEED_LIMIT - 1),
+    assert cli.main(["chat", "--checkpoint", str(demo_checkpoint), "--seed", str(SEED_LIMIT - 1),
                      "--max-new-tokens", str(max_new_tokens)]) == 0
     out, err = capsys.readouterr()
 
-    assert seeds == [cli.SEED_LIMIT - 1, 0]  # --seed, then --seed + 1 modulo 2**32
+    assert seeds == [SEED_LIMIT - 1, 0]  # --seed, then --seed + 1 modulo 2**32
     assert out.count("final: Paris.\n") == 2
     lines = err.splitlines()
     assert lines.count(COMPILING) == 1  # before the first turn only
@@ -301,7 +307,7 @@ def test_ctrl_c_in_an_interactive_chat_stops_the_reply_and_drops_the_turn(demo_c
         return event.wait(timeout)
 
     monkeypatch.setattr("gptoss_jax.generate.generate", scripted_generate)
-    monkeypatch.setattr(cli, "_wait_for", wait_for)
+    monkeypatch.setattr(cli_generation, "_wait_for", wait_for)
     monkeypatch.setattr("sys.stdin", FakeTerminal())
     monkeypatch.setattr("builtins.input", typing(["What is the capital of France?", "And of Italy?"]))
     assert cli.main(["chat", "--checkpoint", str(demo_checkpoint)]) == 0  # not 130: the chat went on
@@ -320,7 +326,7 @@ def test_reply_printer_shows_analysis_apart_from_the_final_answer():
         allowed_special="all",
     )
     stream = io.StringIO()
-    printer = cli._ReplyPrinter(tokenizer, stream)
+    printer = cli_chat.ReplyPrinter(tokenizer, stream)
     for token in reply:
         printer.process(token)
     messages = printer.finish()
@@ -369,7 +375,7 @@ def test_a_seed_out_of_range_is_a_usage_error(seed, capsys):
 
 
 def test_the_largest_seed_is_accepted():
-    assert cli.build_parser().parse_args(["generate", "--seed", str(cli.SEED_LIMIT - 1)]).seed == 2**32 - 1
+    assert cli.build_parser().parse_args(["generate", "--seed", str(SEED_LIMIT - 1)]).seed == 2**32 - 1
 
 
 def test_processes_without_a_coordinator_give_one_error_line(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -11,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import convert.reader
-import convert.writer
 from checkpoint_cases import (
     BREAKAGES,
     SOURCE_KINDS,
@@ -27,12 +27,16 @@ from checkpoint_cases import (
     write_source,
 )
 from fake_terminal import FakeTerminal
-from convert import convert_checkpoint
-from convert.export import model_tensors
-from convert.layouts import parameter_sources
-from convert.reader import SafetensorsCheckpoint
-from gptoss_jax.checkpoint import CONFIG_FILENAME, MARKER_FILENAME, CheckpointError, restore
+from gptoss_jax.checkpoints import orbax_writer, safetensors_reader
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, CheckpointError
+from gptoss_jax.checkpoints.layouts import parameter_sources
+from gptoss_jax.checkpoints.orbax_format import MARKER_FILENAME, restore
+from gptoss_jax.checkpoints.orbax_writer import convert_checkpoint
+from gptoss_jax.checkpoints.safetensors_reader import SafetensorsCheckpoint
+from gptoss_jax.checkpoints.safetensors_writer import model_tensors
 from gptoss_jax.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, list[str]]:
@@ -81,6 +85,17 @@ def test_cli_converts(capsys: pytest.CaptureFixture, sources: dict[str, Path], t
 
     assert (status, err) == (0, [])
     assert out == f"wrote {tmp_path / 'converted'}\n"
+    assert_same_parameters(restore(tmp_path / "converted"), tiny_model())
+
+
+def test_the_conversion_script_in_the_source_tree_converts(sources: dict[str, Path], tmp_path: Path):
+    # `python -m convert` from a checkout, as the README says (convert/ is not installed).
+    result = subprocess.run(
+        [sys.executable, "-m", "convert", sources["hf-sharded"], tmp_path / "converted", "--no-progress"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert (result.returncode, result.stdout) == (0, f"wrote {tmp_path / 'converted'}\n"), result.stderr[-4000:]
     assert_same_parameters(restore(tmp_path / "converted"), tiny_model())
 
 
@@ -157,14 +172,14 @@ def test_failure_while_writing_removes_the_partial_checkpoint(
     failure: BaseException, status: int, message: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture, sources: dict[str, Path], tmp_path: Path,
 ):
-    real_nest = convert.writer.nest
+    real_nest = orbax_writer.nest
 
     def nest_then_fail(group, arrays):
         if group == "block.1":  # after four groups are on disk
             raise failure
         return real_nest(group, arrays)
 
-    monkeypatch.setattr(convert.writer, "nest", nest_then_fail)
+    monkeypatch.setattr(orbax_writer, "nest", nest_then_fail)
     # The folder it had to make for DST goes too.
     assert run_cli(capsys, "convert", sources["hf-sharded"], tmp_path / "new" / "converted", "--no-progress") == (
         status, "", [message],
@@ -174,7 +189,7 @@ def test_failure_while_writing_removes_the_partial_checkpoint(
 
 def test_reader_holds_one_parameter_at_a_time(monkeypatch: pytest.MonkeyPatch, sources: dict[str, Path]):
     reads: list[tuple[str, tuple[int, ...]]] = []
-    monkeypatch.setattr(convert.reader, "safe_open", recording_safe_open(reads))
+    monkeypatch.setattr(safetensors_reader, "safe_open", recording_safe_open(reads))
     source = SafetensorsCheckpoint(sources["hf-sharded"])
     assert reads == []  # validation reads headers only
     tensors_of = parameter_sources(source.config, source.layout)

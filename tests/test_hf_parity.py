@@ -12,8 +12,8 @@ import torch
 from flax import nnx
 
 import gptoss_jax
-from convert.export import write_checkpoint
-from convert.layouts import Layout
+from gptoss_jax.checkpoints.layouts import Layout
+from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
 from gptoss_jax.config import preset
 from gptoss_jax.model import GptOss
 

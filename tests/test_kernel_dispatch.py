@@ -18,12 +18,15 @@ from flax import nnx
 
 from gptoss_jax.config import preset
 from gptoss_jax.kernel_dispatch import (
+    KernelPlan,
     attention_kernel_fits,
+    kernel_plan,
     moe_kernel_fits,
     resolve_kernels,
 )
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
+from pallas_kernels import cuda_toolchain
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 
@@ -62,10 +65,26 @@ def test_the_kernels_fit_this_config_and_gpt_oss():
     assert not moe_kernel_fits(KERNEL_CONFIG, jnp.float32)
 
 
-@pytest.mark.parametrize("cuda, miscompiles", [(12060, False), (12080, True), (12090, True), (12091, False),
-                                               (13000, False), (None, False)])
-def test_attention_kernels_stay_off_a_miscompiling_cuda(monkeypatch, cuda, miscompiles):
-    versions = None if cuda is None else types.SimpleNamespace(cuda_runtime_get_version=lambda: cuda)
+def test_the_plan_runs_each_kernel_where_its_shapes_fit():
+    experts_only = dataclasses.replace(KERNEL_CONFIG, head_dim=32)
+    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan(attention="pallas", experts="pallas")
+    assert kernel_plan("interpret", experts_only, jnp.bfloat16) == KernelPlan(attention="xla", experts="interpret")
+    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.float32) == KernelPlan(attention="xla", experts="xla")
+    assert kernel_plan("xla", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan(attention="xla", experts="xla")
+    assert KernelPlan("xla", "xla").describe() == "kernels xla"
+    assert KernelPlan("xla", "pallas").describe() == "kernels: attention xla, experts pallas"
+
+
+@pytest.mark.parametrize("ptxas, miscompiles", [
+    ("Cuda compilation tools, release 12.6, V12.6.85", False),
+    ("Cuda compilation tools, release 12.8, V12.8.61", True),  # CUDA 12.8.0
+    ("Cuda compilation tools, release 12.9, V12.9.41", True),  # 12.9.0
+    ("Cuda compilation tools, release 12.9, V12.9.86", False),  # 12.9.1: runtime 12090 like 12.9.0
+    ("Cuda compilation tools, release 13.0, V13.0.88", False),
+])
+def test_attention_kernels_stay_off_a_miscompiling_ptxas(monkeypatch, ptxas, miscompiles):
+    monkeypatch.setattr(cuda_toolchain, "ptxas_version", lambda: cuda_toolchain.parse_ptxas_version(ptxas))
+    versions = types.SimpleNamespace(cuda_runtime_get_version=lambda: 12090)
     monkeypatch.setattr("jax._src.lib.cuda_versions", versions)
     assert attention_kernel_fits(KERNEL_CONFIG, jnp.bfloat16) is not miscompiles
     for jitted in (flash_attention, decode_attention):
@@ -79,6 +98,27 @@ def test_attention_kernels_stay_off_a_miscompiling_cuda(monkeypatch, cuda, misco
         with refused if miscompiles else contextlib.nullcontext():
             jax.eval_shape(kernel)
         jax.eval_shape(functools.partial(kernel, interpret=True))  # interpret mode compiles nothing for CUDA
+
+
+@pytest.mark.parametrize("runtime, miscompiles", [(None, False), (12090, True), (13000, False)])
+def test_without_a_ptxas_the_cuda_major_decides(monkeypatch, runtime, miscompiles):
+    monkeypatch.setattr(cuda_toolchain, "ptxas_version", lambda: None)
+    versions = None if runtime is None else types.SimpleNamespace(cuda_runtime_get_version=lambda: runtime)
+    monkeypatch.setattr("jax._src.lib.cuda_versions", versions)
+    assert cuda_toolchain.cuda_miscompiles_attention_masks() is miscompiles
+
+
+def test_the_ptxas_version_is_read_from_the_one_mosaic_gpu_runs(monkeypatch, tmp_path):
+    ptxas = tmp_path / "ptxas"
+    ptxas.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.9, V12.9.86'\n")
+    ptxas.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    cuda_toolchain.ptxas_version.cache_clear()
+    try:
+        assert cuda_toolchain.mosaic_ptxas() == str(ptxas)
+        assert cuda_toolchain.ptxas_version() == (12, 9, 86)
+    finally:
+        cuda_toolchain.ptxas_version.cache_clear()
 
 
 def test_chunked_prefill_and_decode_with_kernels_match_the_xla_path(model_and_tokens, kernel_mode):

@@ -32,12 +32,13 @@ from checkpoint_cases import (
     write_source,
 )
 from fake_terminal import FakeTerminal
-import convert.reader
-from convert import convert_checkpoint
-from convert.export import model_tensors
-from convert.layouts import Layout, LayoutError, parameter_sources
-from convert.reader import SafetensorsCheckpoint
-from gptoss_jax.checkpoint import FORMAT_VERSION, MARKER_FILENAME, CheckpointError, restore
+from gptoss_jax.checkpoints import safetensors_reader
+from gptoss_jax.checkpoints.folder import CheckpointError
+from gptoss_jax.checkpoints.layouts import Layout, LayoutError, parameter_sources
+from gptoss_jax.checkpoints.orbax_format import FORMAT_VERSION, MARKER_FILENAME, restore
+from gptoss_jax.checkpoints.orbax_writer import convert_checkpoint
+from gptoss_jax.checkpoints.safetensors_reader import SafetensorsCheckpoint
+from gptoss_jax.checkpoints.safetensors_writer import model_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDED_MESH = "data=2,expert=2,tensor=2"  # 8 devices; every shard has a replica on data
@@ -68,7 +69,7 @@ def test_load_raw_folder(kind: SourceKind, sources: dict[str, Path]):
 @pytest.mark.parametrize("kind", SOURCE_KINDS, ids=lambda kind: kind.name)
 def test_reading_a_slice_reads_only_its_rows(kind: SourceKind, sources: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     reads: list[tuple[str, tuple[int, ...]]] = []
-    monkeypatch.setattr(convert.reader, "safe_open", recording_safe_open(reads))
+    monkeypatch.setattr(safetensors_reader, "safe_open", recording_safe_open(reads))
     source = SafetensorsCheckpoint(sources[kind.name])
     expected = model_tensors(tiny_model())
     qkv = expected["block.1.attn.qkv.weight"]
@@ -266,7 +267,7 @@ def _sharded_load_report(folders: list[str]) -> dict:
     report = {}
     for kind, folder in zip(SOURCE_KINDS, folders):
         reads: list[tuple[str, tuple[int, ...]]] = []
-        convert.reader.safe_open = recording_safe_open(reads)
+        safetensors_reader.safe_open = recording_safe_open(reads)
         model = gptoss_jax.load(folder, kernels="xla", mesh=make_mesh(SHARDED_MESH))
         loaded = model_tensors(model)
         arrays = {".".join(map(str, path)): variable.get_value()

@@ -33,7 +33,7 @@ from pallas_kernels.mxfp4_moe import (
     _e2m1_times_two_pow_minus_126,
     mxfp4_grouped_matmul,
 )
-from pallas_kernels.mxfp4_moe_reference import few_rows_product, mxfp4_grouped_matmul_reference
+from pallas_kernels.mxfp4_moe_reference import SWIGLU_LIMIT, few_rows_product, mxfp4_grouped_matmul_reference
 
 HIDDEN = 2880  # gpt-oss-20b and 120b: hidden size = expert intermediate size
 INTERPRET = plgpu.InterpretGPUParams()
@@ -56,7 +56,7 @@ def _problem(rows, k, n, group_sizes, *, scale_range=(122, 132), seed=0):
     ), jnp.asarray(row_weights)
 
 
-def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weights=None):
+def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weights=None, swiglu_limit=SWIGLU_LIMIT):
     """Run the kernel (interpreted with the decoded tile in shared memory, or compiled with it in
     registers) and compare with the reference; returns the output."""
     interpreted = kernel_mode == "interpret"
@@ -66,10 +66,11 @@ def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weight
         e2m1_decode="select" if interpreted else "multiply",
     )
     out = mxfp4_grouped_matmul(
-        **problem, epilogue=epilogue, row_weights=row_weights, config=config,
+        **problem, epilogue=epilogue, swiglu_limit=swiglu_limit, row_weights=row_weights, config=config,
         interpret=INTERPRET if interpreted else None,
     )
-    ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue, row_weights=row_weights)
+    ref = mxfp4_grouped_matmul_reference(**problem, epilogue=epilogue, swiglu_limit=swiglu_limit,
+                                         row_weights=row_weights)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     # Same bf16 rounding points as the reference: only the float32 summation order (and, for
@@ -168,6 +169,14 @@ def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode):
         epilogue="bias_swiglu",
         row_weights=row_weights,
     )
+
+
+def test_swiglu_limit_of_the_config(kernel_mode):
+    # Not gpt-oss's 7.0, and no bf16 number: the reference's bf16 arithmetic clamps at 3.296875.
+    problem, _ = _problem(6, 192, 256, [2, 4], seed=4)
+    clamped = _check(problem, kernel_mode, config=Config(block_kb=32), epilogue="bias_swiglu", swiglu_limit=3.3)
+    gpt_oss = mxfp4_grouped_matmul_reference(**problem, epilogue="bias_swiglu")
+    assert np.mean(clamped != np.asarray(gpt_oss, np.float32)) > 0.1  # the limit reached the clamps
 
 
 def test_gpt_oss_first_expert_matmul_shape(kernel_mode):

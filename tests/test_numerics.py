@@ -5,6 +5,8 @@ softmax, and an expert MLP against Hugging Face's ``GptOssExperts`` (hidden size
 so a missing transpose cannot hide).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,21 +135,22 @@ def test_rmsnorm_uses_the_gain_as_stored():
     np.testing.assert_allclose(np.asarray(norm(x)), [[2.0, -1.0, 0.5, 0.0]], rtol=1e-5)
 
 
-def test_expert_mlp_matches_transformers_gpt_oss_experts():
+@pytest.mark.parametrize("swiglu_limit", [7.0, 3.5])  # gpt-oss's, and another config's
+def test_expert_mlp_matches_transformers_gpt_oss_experts(swiglu_limit):
     from transformers import GptOssConfig as HFConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssTopKRouter
 
-    config: GptOssConfig = preset("tiny")
+    config: GptOssConfig = dataclasses.replace(preset("tiny"), swiglu_limit=swiglu_limit)
     mlp = MLPBlock(config, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(3)
-    # Large activations so the +-7 clamps are exercised.
+    # Large activations so the clamps are exercised.
     mlp.mlp1_bias[...] = jnp.asarray(rng.uniform(-12, 12, mlp.mlp1_bias.shape), jnp.bfloat16)
     tokens = rng.standard_normal((1, 24, config.hidden_size)).astype(np.float32) * 3
     ours = np.asarray(mlp(jnp.asarray(tokens), kernels="xla"))
 
     hf_config = HFConfig(
         num_local_experts=config.num_experts, num_experts_per_tok=config.experts_per_token,
-        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size, swiglu_limit=swiglu_limit,
     )
     experts, router = GptOssExperts(hf_config), GptOssTopKRouter(hf_config)
 

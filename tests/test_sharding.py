@@ -59,8 +59,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import jax.numpy as jnp
     from flax import nnx
 
-    from convert.export import write_checkpoint
-    from convert.layouts import Layout
+    from gptoss_jax.checkpoints.layouts import Layout
+    from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
     from gptoss_jax.model import GptOss
 
     model = GptOss(test_config(), dtype=jnp.float32, kernels="xla", rngs=nnx.Rngs(0))
@@ -221,7 +221,7 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
     from flax import nnx
 
     import gptoss_jax
-    from convert import convert_checkpoint
+    from gptoss_jax.checkpoints.orbax_writer import convert_checkpoint
     from gptoss_jax.kv_cache import KVCache
     from gptoss_jax.model import GptOss
     from gptoss_jax.sharding import MeshError, make_mesh

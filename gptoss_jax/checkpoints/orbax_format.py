@@ -1,6 +1,7 @@
-"""The project's checkpoint format, and building a model from it or from any stream of weights.
+"""The project's own checkpoint format (what ``gptoss-jax convert`` writes), and restoring it.
 
-A converted checkpoint (written by ``convert.convert_checkpoint``) is a folder::
+A converted checkpoint (written by :func:`gptoss_jax.checkpoints.orbax_writer.convert_checkpoint`)
+is a folder::
 
     config.json                  GptOssConfig.to_dict() (the original/ dialect)
     gptoss_jax_checkpoint.json   {"format": "gptoss-jax-checkpoint", "version": 2, "groups": [...]}
@@ -14,8 +15,7 @@ by one layer (plus the largest single tensor), not the whole model, and restore 
 group on its target devices before reading the next. Inside an item the tree is nested dicts
 following the rest of the parameter path (``attn -> qkv -> weight``).
 
-Parameter paths are the model's state paths joined by dots, which are also the tensor names of
-OpenAI's ``original/`` checkpoints (``block.0.mlp.mlp1_weight.blocks``). Arrays are stored as the
+Parameter paths are those of :mod:`gptoss_jax.checkpoints.parameters`. Arrays are stored as the
 model holds them: version 2 groups the fused QKV rows by KV head (``model.fused_qkv_order``), so
 a tensor-parallel restore reads each device's heads straight from disk.
 """
@@ -26,71 +26,22 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from gptoss_jax import sharding as sharding_rules
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, CheckpointError
+from gptoss_jax.checkpoints.parameters import build_model, parameter_shardings, parameter_specs
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.errors import GptOssError
 from gptoss_jax.kernel_dispatch import KernelChoice
 from gptoss_jax.model import GptOss
-from gptoss_jax.progress import ProgressBar
 
 FORMAT_NAME = "gptoss-jax-checkpoint"
 FORMAT_VERSION = 2
 MARKER_FILENAME = "gptoss_jax_checkpoint.json"
-CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"
-
-
-class CheckpointError(GptOssError):
-    """A checkpoint that cannot be read: the message names the file and, where known, the tensor."""
-
-
-def checked_checkpoint_folder(path: str | os.PathLike) -> Path:
-    """``path``, checked to be a folder with a ``config.json``, as every checkpoint layout has.
-
-    Raises:
-      CheckpointError: ``path`` does not exist, is a file (``config.json`` itself, say: the
-        message names the folder to pass instead), or is a folder without ``config.json``.
-    """
-    folder = Path(path)
-    if folder.is_file():
-        raise CheckpointError(f"{folder} is a file: pass the checkpoint folder that holds it, {folder.parent}")
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
-    if not (folder / CONFIG_FILENAME).is_file():
-        raise CheckpointError(f"{folder}: not a gpt-oss checkpoint folder (no {CONFIG_FILENAME})")
-    return folder
-
-
-def abstract_model(
-    config: GptOssConfig, *, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
-    mesh: jax.sharding.Mesh | None = None,
-) -> GptOss:
-    """The model with ``jax.ShapeDtypeStruct`` in place of every parameter: nothing is allocated."""
-    return nnx.eval_shape(lambda: GptOss(config, dtype=dtype, kernels=kernels, mesh=mesh, rngs=nnx.Rngs(0)))
-
-
-def parameter_shardings(config: GptOssConfig, mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
-    """Every parameter path -> its sharding on ``mesh`` (:mod:`gptoss_jax.sharding`'s rules)."""
-    state = nnx.state(abstract_model(config, kernels="xla"), nnx.Param)
-    return {_path_name(path): sharding.get_value()
-            for path, sharding in nnx.to_flat_state(sharding_rules.parameter_shardings(state, mesh))}
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    return ".".join(map(str, path))
-
-
-def parameter_specs(config: GptOssConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Every parameter path -> the shape and dtype the model holds it in (independent of compute dtype)."""
-    state = nnx.state(abstract_model(config, kernels="xla"), nnx.Param)
-    return {_path_name(path): variable.get_value() for path, variable in nnx.to_flat_state(state)}
 
 
 def parameter_group(path: str) -> str:
@@ -125,90 +76,8 @@ def _flatten(group: str, tree: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
-class SliceableParameter(Protocol):
-    """A host parameter that reads (from disk, say) only the part it is indexed with."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray: ...
-
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray: ...
-
-
-def build_model(
-    config: GptOssConfig,
-    parameters: Iterable[tuple[str, np.ndarray | jax.Array | SliceableParameter]],
-    *,
-    dtype: jnp.dtype = jnp.bfloat16,
-    kernels: KernelChoice = "auto",
-    shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    progress: bool = False,
-) -> GptOss:
-    """A model whose parameters come from a stream of ``(parameter path, array)`` pairs.
-
-    Each array goes to its devices (``shardings[path]``, else the mesh's partition rules, else
-    the default device) as it arrives, so a streaming source keeps at most one tensor on the
-    host. Of a host array (or a :class:`SliceableParameter`, which reads only what it is
-    indexed with) only this process's shards are taken, each once. The stream must hold every
-    parameter exactly once, in the model's shapes and dtypes. ``progress`` draws a progress bar
-    on stderr when it is a terminal.
-    """
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, kernels=kernels, mesh=mesh))
-    variables = {_path_name(path): variable for path, variable in nnx.to_flat_state(state)}
-    if mesh is not None:
-        shardings = {**parameter_shardings(config, mesh), **(shardings or {})}
-    total_bytes = sum(_nbytes(variable.get_value()) for variable in variables.values())
-    filled: set[str] = set()
-    with ProgressBar("loading", len(variables), total_bytes, enabled=progress) as bar:
-        for path, array in parameters:
-            variable = variables.get(path)
-            if variable is None or path in filled:
-                raise CheckpointError(f"unexpected or repeated parameter {path!r}")
-            expected = variable.get_value()
-            if tuple(array.shape) != expected.shape or array.dtype != expected.dtype:
-                raise CheckpointError(
-                    f"parameter {path!r}: expected {expected.dtype}{list(expected.shape)}, "
-                    f"got {array.dtype}{list(array.shape)}"
-                )
-            sharding = shardings.get(path) if shardings is not None else None
-            variable.set_value(_place(array, sharding))
-            filled.add(path)
-            bar.advance(_nbytes(expected))
-    missing = [path for path in variables if path not in filled]
-    if missing:
-        raise CheckpointError(f"missing parameters {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return nnx.merge(graphdef, state)
-
-
-def _nbytes(spec: jax.ShapeDtypeStruct) -> int:
-    return spec.size * spec.dtype.itemsize
-
-
-def _place(
-    array: np.ndarray | jax.Array | SliceableParameter, sharding: jax.sharding.Sharding | None
-) -> jax.Array:
-    if isinstance(array, jax.Array):
-        return jax.device_put(array, sharding)
-    if sharding is None:
-        return jax.device_put(np.asarray(array))
-    # Slices for this process's devices only: device_put would need every device of a
-    # multi-process sharding to be addressable, and a SliceableParameter reads no more than
-    # them. Devices that hold the same slice (replicas) share one read.
-    shards: dict[tuple[tuple[int | None, ...], ...], np.ndarray] = {}
-
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        key = tuple((part.start, part.stop, part.step) for part in index)
-        if key not in shards:
-            shards[key] = np.asarray(array[index])
-        return shards[key]
-
-    return jax.make_array_from_callback(array.shape, sharding, shard)
-
-
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder written by ``convert.convert_checkpoint``."""
+    """Whether ``path`` is a folder written by ``gptoss-jax convert`` (:func:`gptoss_jax.checkpoints.orbax_writer.convert_checkpoint`)."""
     return (Path(path) / MARKER_FILENAME).is_file()
 
 
@@ -307,7 +176,7 @@ def restore(
     """Load a converted checkpoint into a model; each weight is created once, on its devices.
 
     Args:
-      path: a folder written by ``convert.convert_checkpoint``.
+      path: a folder written by ``gptoss-jax convert``.
       dtype: compute dtype of the model (``bfloat16`` or ``float32``); parameters keep theirs.
       kernels: ``auto``, ``pallas`` or ``xla`` (see :mod:`gptoss_jax.kernel_dispatch`).
       shardings: parameter path -> target sharding; orbax reads each array straight into it,
@@ -335,36 +204,3 @@ def restore(
         config, _restored_parameters(folder, config, shardings), dtype=dtype, kernels=kernels,
         shardings=shardings, mesh=mesh, progress=progress,
     )
-
-
-def load(
-    path: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, kernels: KernelChoice = "auto",
-    mesh: jax.sharding.Mesh | None = None, progress: bool = False,
-) -> GptOss:
-    """A model from a converted checkpoint or a raw safetensors folder (HF root or ``original/``).
-
-    Args:
-      path: the checkpoint folder.
-      dtype: compute dtype, ``bfloat16`` (the reference's numerics) or ``float32``.
-      kernels: ``auto``, ``pallas`` or ``xla``.
-      mesh: shard the model over this mesh (:func:`gptoss_jax.sharding.make_mesh`); each
-        process reads and places only its devices' shards, one tensor at a time (from a raw
-        folder through safetensors' slices, from a converted one through orbax).
-      progress: draw a progress bar (tensors and bytes placed) on stderr when it is a terminal.
-
-    Returns:
-      The model; ``model(tokens)`` maps int32 ``[B, T]`` to float32 logits ``[B, T, V]``.
-
-    Raises:
-      CheckpointError, convert.layouts.LayoutError, ConfigError: the folder cannot be read as
-      a gpt-oss checkpoint; the message names the file and tensor.
-    """
-    if is_converted_checkpoint(path):
-        return restore(path, dtype=dtype, kernels=kernels, mesh=mesh, progress=progress)
-    # `load` sits above `convert` like the CLI does: the design's arrows are
-    # convert -> gptoss_jax -> pallas_kernels, so `convert` is imported here, not at module level.
-    from convert.reader import SafetensorsCheckpoint
-
-    source = SafetensorsCheckpoint(path)
-    return build_model(source.config, source.stored_parameters(), dtype=dtype, kernels=kernels, mesh=mesh,
-                       progress=progress)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss_jax.checkpoint import CONFIG_FILENAME, checked_checkpoint_folder
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.model import fused_qkv_order

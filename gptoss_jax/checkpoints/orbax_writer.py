@@ -1,4 +1,4 @@
-"""Writer of the project's checkpoint (format: :mod:`gptoss_jax.checkpoint`), atomically.
+"""Writer of the project's checkpoint (format: :mod:`gptoss_jax.checkpoints.orbax_format`), atomically.
 
 Everything goes into a hidden temporary sibling of the destination, renamed into place only
 when complete; any error, Ctrl-C included, removes it, so the destination either does not
@@ -18,9 +18,8 @@ import uuid
 import warnings
 from pathlib import Path
 
-from convert.reader import SafetensorsCheckpoint
-from gptoss_jax.checkpoint import (
-    CONFIG_FILENAME,
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME
+from gptoss_jax.checkpoints.orbax_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MARKER_FILENAME,
@@ -29,6 +28,7 @@ from gptoss_jax.checkpoint import (
     parameter_group,
     parameter_groups,
 )
+from gptoss_jax.checkpoints.safetensors_reader import SafetensorsCheckpoint
 from gptoss_jax.progress import ProgressBar
 from gptoss_jax.tokenizer import TOKENIZER_FILENAME, checkpoint_tokenizer_file
 

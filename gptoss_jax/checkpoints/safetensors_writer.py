@@ -15,14 +15,14 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from convert.layouts import Layout, parameter_sources, qkv_split_rows, to_checkpoint_rows
+from gptoss_jax.checkpoints.layouts import Layout, parameter_sources, qkv_split_rows, to_checkpoint_rows
 from gptoss_jax.config import GptOssConfig, to_hf_dict
 from gptoss_jax.model import GptOss
 
 
 def model_tensors(model: GptOss) -> dict[str, np.ndarray]:
     """The model's parameters as host arrays, keyed by parameter path (= original/ names), in the model's
-    row order (see ``convert.layouts.checkpoint_rows``)."""
+    row order (see :func:`gptoss_jax.checkpoints.layouts.checkpoint_rows`)."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(map(str, path)): np.asarray(variable[...]) for path, variable in flat}
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from convert.layouts import (
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, CheckpointError
+from gptoss_jax.checkpoints.layouts import (
     Layout,
     checkpoint_rows,
     detect_layout,
@@ -33,7 +34,7 @@ from convert.layouts import (
     safetensors_files,
     source_shapes,
 )
-from gptoss_jax.checkpoint import CONFIG_FILENAME, CheckpointError, parameter_specs
+from gptoss_jax.checkpoints.parameters import parameter_specs
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.lfs import git_lfs_pointer_message, is_git_lfs_pointer
 

@@ -1,0 +1,675 @@
+"""Every Pallas kernel compiled to SASS on the CPU: ptxas' registers and spills, the launch's
+shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
+at gpt-oss's shapes. No GPU is needed or used.
+
+  python -m benchmarks.kernel_sass [--only moe flash decode] [--write] [--jobs N] [--tools DIR]
+
+``--write`` replaces this tool's section of ``benchmarks/RESULTS.md`` with the tables and writes
+each kernel's SASS to ``benchmarks/sass/``. Other tools take the figures from
+:func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases: per-shard
+shapes are cases built from a config with a shard's sizes (:func:`gpt_oss_cases`) or directly.
+
+How (design.md, testing without a GPU, item 6). ``jax.export`` for ``cuda`` lowers a kernel to
+its Mosaic GPU module (``mosaic.gpu.core.KNOWN_KERNELS``); the CUDA 13 PJRT plugin's
+``MosaicGpuCompile`` takes it through LLVM, PTX and ptxas for ``sm_90a``, printing ptxas'
+report, the SASS and the host code that launches it (``MOSAIC_GPU_DUMP_*``); its launch call
+names the grid, the threads and the dynamic shared memory. The plugin asks the CUDA driver for
+the compute capability first, so a stand-in ``libcuda.so.1`` (``stand_in_libcuda.c``, built here
+with the machine's C compiler) answers 9.0. Loading the module then fails, which is where the
+compile stops.
+
+The tools (about 500 MB, installed once with pip into ``--tools``, by default
+``~/.cache/gptoss-jax/kernel-sass``): the PJRT plugin of the device image's jax-cuda13 0.11.2,
+CUDA 13.0's ptxas and nvlink (the ``nvidia-cuda-nvcc`` wheel, the same 13.0.88 as this machine's
+``/usr/local/cuda``) and an nvdisasm (the oldest CUDA 13 one on PyPI). Mosaic GPU runs the
+``ptxas`` first on ``PATH``, so they go first on the worker's ``PATH``; ``--ptxas`` compiles with
+another.
+
+What the columns count. *Registers* and *spills* are ptxas' (``-v``); *SMEM* is the launch's
+dynamic shared memory plus ptxas' static bytes. *CTAs/SM*: by registers, 65536 per SM allocated
+per warp in units of 256; by shared memory, 228 KB per SM with 1 KB reserved per CTA; the
+smaller of the two (and of 32). *The main loop* is the outermost loop of the SASS
+(:mod:`benchmarks.sass_reading` says how it is found): the K-step pipeline loop of the expert
+matmul, the KV-tile loop of both attention kernels, one iteration of one warp; its classes are
+:data:`benchmarks.sass_reading.INSTRUCTION_CLASSES`. For the expert matmul, *per weight byte*
+divides a class's count times the CTA's warps by the packed weight bytes one iteration decodes
+(``halves * 64 * block_kb``): an SM issues at most 4 warp instructions a cycle, so 4 over the
+total is the most weight bytes per cycle an SM can decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import hashlib
+import math
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from benchmarks.sass_reading import (
+    CLASS_NAMES,
+    CompileError,
+    Launch,
+    PtxasReport,
+    count_classes,
+    main_loop,
+    parse_launch,
+    parse_ptxas,
+    split_dump,
+)
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
+SASS_DIR = REPOSITORY / "benchmarks" / "sass"
+SECTION_TITLE = "## Kernels compiled to SASS on the CPU"
+DRIVER_SOURCE = Path(__file__).with_name("stand_in_libcuda.c")
+DEFAULT_TOOLS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-jax" / "kernel-sass"
+# jax-cuda13-pjrt is the device image's plugin at the project's jax; nvcc 13.0.88 is this
+# machine's CUDA 13.0; 13.2.51 is the oldest CUDA 13 nvdisasm on PyPI.
+TOOL_PINS = ("jax-cuda13-pjrt==0.11.2", "nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-nvdisasm==13.2.51")
+TARGET = "sm_90a"
+
+# Hopper (sm_90) per-SM limits.
+REGISTERS_PER_SM = 65536
+REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
+MAX_REGISTERS = 255
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+SMEM_UNIT = 128
+MAX_CTAS_PER_SM = 32
+MAX_WARPS_PER_SM = 64
+ISSUE_PER_SM = 4  # warp instructions per cycle: one per scheduler
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: one kernel at one shape and config.
+
+@dataclasses.dataclass(frozen=True)
+class MoeCase:
+    """The MXFP4 expert matmul for one layer's tokens: ``[tokens * top_k, k] x [experts, n, k]``.
+
+    ``mlp1`` is the bias + SwiGLU matmul (n = 2 * expert size), ``mlp2`` the bias + routing-weight
+    one (n = hidden size, k = expert size).
+    """
+
+    model: str
+    matmul: Literal["mlp1", "mlp2"]
+    tokens: int
+    experts: int
+    n: int
+    k: int
+    top_k: int = 4
+    config: Any = None  # pallas_kernels.mxfp4_moe.Config; None for its defaults
+
+    kernel = "moe"
+
+    @property
+    def name(self) -> str:
+        return f"moe {self.model} {self.matmul} tokens={self.tokens}" + config_suffix(self.config)
+
+    @property
+    def epilogue(self) -> str:
+        return "bias_swiglu" if self.matmul == "mlp1" else "bias"
+
+    def weight_bytes_per_step(self) -> int:
+        """Packed weight bytes one pipeline step (one main-loop iteration) decodes per CTA."""
+        from pallas_kernels.mxfp4_moe import BLOCK_N, Config
+
+        halves = 2 if self.matmul == "mlp1" else 1
+        return halves * BLOCK_N * (self.config or Config()).block_kb
+
+    def export(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+
+        rows, blocks = self.tokens * self.top_k, self.k // 32
+        shapes = [
+            jax.ShapeDtypeStruct((rows, self.k), jnp.bfloat16),
+            jax.ShapeDtypeStruct((self.experts,), jnp.int32),
+            jax.ShapeDtypeStruct((self.experts, self.n, blocks, 16), jnp.uint8),
+            jax.ShapeDtypeStruct((self.experts, self.n, blocks), jnp.uint8),
+            jax.ShapeDtypeStruct((self.experts, self.n), jnp.bfloat16),
+        ]
+        if self.matmul == "mlp2":
+            shapes.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
+
+        def matmul(lhs, group_sizes, blocks, scales, bias, row_weights=None):
+            return mxfp4_grouped_matmul(lhs, group_sizes, blocks, scales, bias, epilogue=self.epilogue,
+                                        row_weights=row_weights, config=self.config)
+
+        jax.export.export(jax.jit(matmul), platforms=["cuda"])(*shapes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionHeads:
+    """gpt-oss's attention geometry (both models): 64 query heads sharing 8 KV heads of 64."""
+
+    q_heads: int = 64
+    kv_heads: int = 8
+    head_dim: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillCase(AttentionHeads):
+    """Flash attention over a prompt of ``seq_len`` tokens, full or with a sliding window."""
+
+    seq_len: int
+    window: int | None
+    batch: int = 1
+    config: Any = None  # pallas_kernels.flash_attention.FlashAttentionConfig
+
+    kernel = "flash"
+
+    @property
+    def name(self) -> str:
+        return f"flash T={self.seq_len} {'window' if self.window else 'full'}" + config_suffix(self.config)
+
+    def export(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from pallas_kernels.flash_attention import flash_attention
+
+        def attention(q, k, v, sinks):
+            return flash_attention(q, k, v, sinks, sliding_window=self.window,
+                                   softmax_scale=self.head_dim**-0.5, config=self.config)
+
+        kv = jax.ShapeDtypeStruct((self.batch, self.seq_len, self.kv_heads, self.head_dim), jnp.bfloat16)
+        jax.export.export(jax.jit(attention), platforms=["cuda"])(
+            jax.ShapeDtypeStruct((self.batch, self.seq_len, self.q_heads, self.head_dim), jnp.bfloat16),
+            kv, kv, jax.ShapeDtypeStruct((self.q_heads,), jnp.bfloat16),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase(AttentionHeads):
+    """Decode attention of ``q_len`` new tokens per sequence against a cache of ``context`` tokens.
+
+    A sliding layer's cache is its ring of ``window`` slots, whatever the context.
+    """
+
+    batch: int
+    context: int
+    window: int | None
+    q_len: int = 1
+    config: Any = None  # pallas_kernels.decode_attention.DecodeAttentionConfig
+
+    kernel = "decode"
+
+    @property
+    def cache_len(self) -> int:
+        return min(self.window, self.context) if self.window else self.context
+
+    @property
+    def name(self) -> str:
+        layer = "sliding" if self.window else "full"
+        return f"decode {layer} ctx={self.context // 1024}K batch={self.batch}" + config_suffix(self.config)
+
+    def export(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from pallas_kernels.decode_attention import decode_attention
+
+        def attention(q, k, v, sinks, q_positions, kv_positions):
+            return decode_attention(q, k, v, sinks, q_positions, kv_positions, sliding_window=self.window,
+                                    softmax_scale=self.head_dim**-0.5, config=self.config)
+
+        cache = jax.ShapeDtypeStruct((self.batch, self.cache_len, self.kv_heads, self.head_dim), jnp.bfloat16)
+        jax.export.export(jax.jit(attention), platforms=["cuda"])(
+            jax.ShapeDtypeStruct((self.batch, self.q_len, self.q_heads, self.head_dim), jnp.bfloat16),
+            cache, cache, jax.ShapeDtypeStruct((self.q_heads,), jnp.bfloat16),
+            jax.ShapeDtypeStruct((self.batch, self.q_len), jnp.int32),
+            jax.ShapeDtypeStruct((self.batch, self.cache_len), jnp.int32),
+        )
+
+
+Case = MoeCase | PrefillCase | DecodeCase
+
+
+def gpt_oss_cases(
+    configs: Sequence[Any] | None = None,
+    tokens: Sequence[int] = (1, 8, 64, 4096),
+    prefill: Sequence[int] = (4096,),
+    contexts: Sequence[int] = (4096, 32768),
+    batches: Sequence[int] = (1, 64),
+    kernels: Sequence[str] = ("moe", "flash", "decode"),
+) -> list[Case]:
+    """Every kernel at the shapes of each config (default: gpt-oss-20b and -120b, whole).
+
+    A config with one shard's sizes (fewer experts, heads or expert columns) gives that shard's
+    kernels. Attention cases that two configs share are listed once.
+    """
+    from gptoss_jax.config import preset
+
+    configs = configs or (preset("gpt-oss-20b"), preset("gpt-oss-120b"))
+    cases: list[Case] = []
+    if "moe" in kernels:
+        for config in configs:
+            for matmul, n, k in (("mlp1", 2 * config.intermediate_size, config.hidden_size),
+                                 ("mlp2", config.hidden_size, config.intermediate_size)):
+                cases += [MoeCase(config_label(config), matmul, t, config.num_experts, n, k,
+                                  config.experts_per_token) for t in tokens]
+    for config in configs:
+        heads = dict(q_heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                     head_dim=config.head_dim)
+        windows = (config.sliding_window, None)
+        if "flash" in kernels:
+            cases += [PrefillCase(t, window, **heads) for t in prefill for window in windows]
+        if "decode" in kernels:
+            cases += [DecodeCase(b, c, window, **heads) for window in windows for c in contexts for b in batches]
+    return list(dict.fromkeys(cases))
+
+
+def config_suffix(config: Any) -> str:
+    """`` block_q=8`` for the fields of a kernel config that differ from its defaults ('' for None)."""
+    if config is None:
+        return ""
+    default = type(config)()
+    changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(default, f.name)]
+    return "".join(f" {c}" for c in changed)
+
+
+def config_label(config: Any) -> str:
+    """'20b' / '120b' for the presets' expert counts, else 'E<experts>'."""
+    return {32: "20b", 128: "120b"}.get(config.num_experts, f"E{config.num_experts}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: what ptxas, the launch and the SASS say about one case.
+
+@dataclasses.dataclass(frozen=True)
+class KernelReport:
+    """One compiled case. ``loop`` counts the main loop's instructions by class (one warp)."""
+
+    case: Case
+    ptxas: PtxasReport
+    launch: Launch
+    loop: dict[str, int]
+    sass: str
+
+    @property
+    def registers(self) -> int:
+        return self.ptxas.registers
+
+    @property
+    def smem(self) -> int:
+        return self.launch.dynamic_smem + self.ptxas.static_smem
+
+    @property
+    def warps(self) -> int:
+        return math.ceil(self.launch.threads / 32)
+
+    @property
+    def ctas_by_registers(self) -> int:
+        per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
+        return min(REGISTERS_PER_SM // per_warp, MAX_WARPS_PER_SM) // self.warps
+
+    @property
+    def ctas_by_smem(self) -> int:
+        per_cta = math.ceil(self.smem / SMEM_UNIT) * SMEM_UNIT + SMEM_RESERVED_PER_CTA
+        return SMEM_PER_SM // per_cta
+
+    @property
+    def ctas_per_sm(self) -> int:
+        return min(self.ctas_by_registers, self.ctas_by_smem, MAX_CTAS_PER_SM)
+
+    @property
+    def loop_total(self) -> int:
+        return sum(self.loop.values())
+
+    def per_weight_byte(self, name: str | None = None) -> float:
+        """Warp instructions of a class (None: all) per packed weight byte (expert matmul only)."""
+        count = self.loop_total if name is None else self.loop[name]
+        return count * self.warps / self.case.weight_bytes_per_step()
+
+
+# The register budget (what --check holds every kernel to): registers need not allow more CTAs
+# per SM than shared memory does, nor more than 4 (16 warps, 4 per scheduler), so a kernel's
+# budget is the most registers that still allow that many.
+TARGET_CTAS_PER_SM = 4
+# Flash attention is held to the cap instead: its 128-row tile (16 tokens x 8 heads) holds the
+# [128, 64] float32 accumulator and scores and the bf16 probabilities, 160 registers a thread;
+# ptxas needs 205 without the masks and spills below 255 with them (at 248: 12 bytes), so it runs
+# 2 CTAs per SM where shared memory would allow 4. A 64-row tile (block_q=8) needs 136.
+FLASH_REGISTER_BUDGET = MAX_REGISTERS
+
+
+def registers_allowing(ctas: int, threads: int) -> int:
+    """The most registers per thread with which ``ctas`` CTAs of ``threads`` fit on one SM."""
+    per_warp = REGISTERS_PER_SM // (max(ctas, 1) * math.ceil(threads / 32)) // REGISTER_UNIT * REGISTER_UNIT
+    return min(MAX_REGISTERS, per_warp // 32)
+
+
+def register_budget(report: KernelReport) -> int:
+    if report.case.kernel == "flash":
+        return FLASH_REGISTER_BUDGET
+    return registers_allowing(min(report.ctas_by_smem, TARGET_CTAS_PER_SM), report.launch.threads)
+
+
+def violations(report: KernelReport) -> list[str]:
+    """What the check refuses in one compiled kernel: spills or local memory, ptxas warnings, and
+    registers over :func:`register_budget`."""
+    found = []
+    p = report.ptxas
+    if p.spill_stores or p.spill_loads or p.stack_frame:
+        found.append(f"spills {p.spill_stores} B stored / {p.spill_loads} B loaded, stack frame {p.stack_frame} B")
+    found += [f"ptxas: {w}" for w in p.warnings]
+    if report.registers > (budget := register_budget(report)):
+        found.append(f"{report.registers} registers, over its budget of {budget}")
+    return [f"{report.case.name}: {v}" for v in found]
+
+
+def report(case: Case, output: str) -> KernelReport:
+    ptxas, sass, host = split_dump(output)
+    return KernelReport(case, parse_ptxas(ptxas), parse_launch(host), count_classes(main_loop(sass)), sass)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tools and the compile.
+
+@dataclasses.dataclass(frozen=True)
+class Tools:
+    site: Path  # pip --target folder: jax_plugins.xla_cuda13 and the nvidia/cu13 binaries
+    cuda_root: Path  # bin/ptxas, bin/nvlink, bin/nvdisasm
+    driver_dir: Path  # the stand-in libcuda.so.1
+
+    @property
+    def ptxas_version(self) -> str:
+        out = subprocess.run([self.cuda_root / "bin" / "ptxas", "--version"], capture_output=True, text=True)
+        release = [line for line in out.stdout.splitlines() if "release" in line]
+        return "ptxas " + (release[0].split("tools, ")[-1] if release else out.stdout.strip())
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in [n for n in env if n.startswith("MOSAIC_GPU_")]:
+            del env[name]
+
+        def path(name: str, first: Path | str) -> str:
+            return os.pathsep.join([str(first), *filter(None, [env.get(name)])])
+
+        env.update(
+            JAX_PLATFORMS="cpu",
+            CUDA_ROOT=str(self.cuda_root),  # jax points Mosaic GPU's nvdisasm here
+            PATH=path("PATH", self.cuda_root / "bin"),  # ...and Mosaic GPU's ptxas is PATH's first
+            LD_LIBRARY_PATH=path("LD_LIBRARY_PATH", self.driver_dir),
+            PYTHONPATH=path("PYTHONPATH", os.pathsep.join([str(self.site), str(REPOSITORY)])),
+        )
+        return env
+
+
+def installed_tools(root: Path = DEFAULT_TOOLS, ptxas: Path | None = None) -> Tools | None:
+    """The tools under ``root`` if a previous :func:`install_tools` completed, else None."""
+    site = root / "site"
+    if (site / ".pins").is_file() and (site / ".pins").read_text() == "\n".join(TOOL_PINS):
+        return Tools(site, _cuda_root(root, site, ptxas), _driver(root))
+    return None
+
+
+def install_tools(root: Path = DEFAULT_TOOLS, ptxas: Path | None = None) -> Tools:
+    """The tools, installed under ``root`` with pip (and the stand-in driver built) if missing."""
+    if (tools := installed_tools(root, ptxas)) is not None:
+        return tools
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="site-", dir=root))
+    print(f"installing {' '.join(TOOL_PINS)} into {root} (about 500 MB, once)", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", staging,
+                    *TOOL_PINS], check=True)
+    (staging / ".pins").write_text("\n".join(TOOL_PINS))
+    shutil.rmtree(root / "site", ignore_errors=True)
+    staging.rename(root / "site")
+    return Tools(root / "site", _cuda_root(root, root / "site", ptxas), _driver(root))
+
+
+def _cuda_root(root: Path, site: Path, ptxas: Path | None) -> Path:
+    """A CUDA folder of links: the chosen (default: the pinned) ptxas with its nvlink, and nvdisasm."""
+    wheel_bin = site / "nvidia" / "cu13" / "bin"
+    ptxas = Path(ptxas).resolve() if ptxas else wheel_bin / "ptxas"
+    nvlink = ptxas.with_name("nvlink") if ptxas.with_name("nvlink").exists() else wheel_bin / "nvlink"
+    name = hashlib.sha256(str(ptxas).encode()).hexdigest()[:12]
+    bin_dir = root / f"cuda-{name}" / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for link, target in (("ptxas", ptxas), ("nvlink", nvlink), ("nvdisasm", wheel_bin / "nvdisasm")):
+        if not target.exists():
+            raise CompileError(f"{target} does not exist")
+        (bin_dir / link).unlink(missing_ok=True)
+        (bin_dir / link).symlink_to(target)
+    return bin_dir.parent
+
+
+def _driver(root: Path) -> Path:
+    """The folder of the stand-in ``libcuda.so.1``, built from its C source unless already built."""
+    source = DRIVER_SOURCE.read_bytes()
+    folder = root / f"driver-{hashlib.sha256(source).hexdigest()[:12]}"
+    library = folder / "libcuda.so.1"
+    if not library.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise CompileError("no C compiler (cc, gcc or $CC) to build the stand-in libcuda.so.1")
+        folder.mkdir(parents=True, exist_ok=True)
+        built = folder / f"libcuda.so.1.{os.getpid()}"
+        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", built, DRIVER_SOURCE], check=True)
+        built.rename(library)
+    return folder
+
+
+def compile_kernels(cases: Sequence[Case], tools: Tools | None = None, jobs: int = 2) -> list[KernelReport]:
+    """Compile each case to SASS on the CPU and read its report; the tools are installed if needed.
+
+    Raises :class:`CompileError` naming every case that failed.
+    """
+    tools = tools or install_tools()
+    cases = list(cases)
+    jobs = max(1, min(jobs, len(cases)))
+    with tempfile.TemporaryDirectory(prefix="kernel-sass-") as scratch:
+        scratch = Path(scratch)
+        workers = []
+        for j in range(jobs):
+            mine = list(range(j, len(cases), jobs))
+            (scratch / f"cases-{j}.pickle").write_bytes(pickle.dumps([(i, cases[i]) for i in mine]))
+            command = [sys.executable, "-m", "benchmarks.kernel_sass", "--worker", str(scratch / f"cases-{j}.pickle"),
+                       str(scratch)]
+            workers.append(subprocess.Popen(command, cwd=REPOSITORY, env=tools.environment(),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        worker_errors = [w.communicate()[1] for w in workers]
+        reports, failures = [], []
+        for i, case in enumerate(cases):
+            output, error = scratch / f"{i}.out", scratch / f"{i}.error"
+            try:
+                if error.exists():
+                    raise CompileError(error.read_text())
+                if not output.exists():
+                    raise CompileError("the worker died before it:\n" + "\n".join(e[-3000:] for e in worker_errors))
+                reports.append(report(case, output.read_text(errors="replace")))
+            except CompileError as e:
+                failures.append(f"{case.name}: {e}")
+    if failures:
+        raise CompileError("\n\n".join(failures))
+    return reports
+
+
+def _compile_in_worker(cases_file: Path, out_dir: Path) -> None:
+    """Worker process (the tools' environment): lower and compile each case, writing its dumps."""
+    import jax_plugins.xla_cuda13 as plugin
+    from jax.experimental.mosaic.gpu import core
+
+    compile_module = ctypes.CDLL(str(plugin._get_library_path())).MosaicGpuCompile
+    compile_module.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    compile_module.restype = ctypes.c_void_p
+    for i, case in pickle.loads(cases_file.read_bytes()):
+        try:
+            core.KNOWN_KERNELS.clear()
+            case.export()
+            modules = list(core.KNOWN_KERNELS.values())
+            if len(modules) != 1:
+                raise CompileError(f"lowering gave {len(modules)} Mosaic GPU kernels, not one")
+            output = out_dir / f"{i}.out"
+            with _dumps_to(output):
+                compile_module(modules[0], len(modules[0]))  # fails at loading: the driver is a stand-in
+        except Exception as e:  # noqa: BLE001 -- reported per case by the parent
+            (out_dir / f"{i}.error").write_text(f"{type(e).__name__}: {e}")
+
+
+class _dumps_to:
+    """Send this process's stdout and stderr (the C++ dumps) to a file, with the dumps on."""
+
+    _DUMPS = ("MOSAIC_GPU_DUMP_PTXAS", "MOSAIC_GPU_DUMP_SASS", "MOSAIC_GPU_DUMP_HOST_LLVM")
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.file = self.path.open("wb")
+        self.saved = os.dup(1), os.dup(2)
+        os.dup2(self.file.fileno(), 1)
+        os.dup2(self.file.fileno(), 2)
+        os.environ.update(dict.fromkeys(self._DUMPS, "1"))
+
+    def __exit__(self, *exc):
+        for name in self._DUMPS:
+            del os.environ[name]
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables.
+
+def resources_table(reports: Sequence[KernelReport], sass_files: dict[str, str] | None = None) -> str:
+    sass_files = sass_files or {}
+    rows = ["| case | grid | threads | registers | budget | spill st/ld B | SMEM B | CTAs/SM regs | CTAs/SM SMEM "
+            "| CTAs/SM |" + (" SASS |" if sass_files else ""),
+            "|---" * (10 + bool(sass_files)) + "|"]
+    for r in reports:
+        grid = "x".join(map(str, r.launch.grid))
+        sass = f" `{sass_files[r.case.name]}` |" if sass_files else ""
+        rows.append(f"| {r.case.name} | {grid} | {r.launch.threads} | {r.registers} | {register_budget(r)} | "
+                    f"{r.ptxas.spill_stores}/{r.ptxas.spill_loads} | {r.smem} | {r.ctas_by_registers} | "
+                    f"{r.ctas_by_smem} | {r.ctas_per_sm} |{sass}")
+    return "\n".join(rows) + "\n"
+
+
+def loop_table(reports: Sequence[KernelReport]) -> str:
+    rows = ["| case | " + " | ".join(CLASS_NAMES) + " | total |", "|---" * (len(CLASS_NAMES) + 2) + "|"]
+    for r in reports:
+        rows.append(f"| {r.case.name} | " + " | ".join(str(r.loop[n]) for n in CLASS_NAMES) + f" | {r.loop_total} |")
+    return "\n".join(rows) + "\n"
+
+
+def moe_byte_table(reports: Sequence[KernelReport]) -> str:
+    shown = ("int", "perm/logic", "half2", "ld.global", "ld.shared", "hgmma")
+    rows = ["| case | weight B/iteration | " + " | ".join(shown) + " | all | weight B/cycle/SM at issue limit |",
+            "|---" * (len(shown) + 4) + "|"]
+    for r in reports:
+        if r.case.kernel != "moe":
+            continue
+        cells = " | ".join(f"{r.per_weight_byte(n):.3f}" for n in shown)
+        rows.append(f"| {r.case.name} | {r.case.weight_bytes_per_step()} | {cells} | {r.per_weight_byte():.3f} | "
+                    f"{ISSUE_PER_SM / r.per_weight_byte():.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def tables(reports: Sequence[KernelReport], sass_files: dict[str, str] | None = None) -> str:
+    return (
+        "Resources (ptxas' registers and spills; SMEM = the launch's dynamic plus ptxas' static bytes):\n\n"
+        + resources_table(reports, sass_files)
+        + "\nThe main loop's instructions by class (one iteration, one warp):\n\n"
+        + loop_table(reports)
+        + ("\nThe expert matmul's main loop per packed weight byte (warp instructions x warps / bytes):\n\n"
+           + moe_byte_table(reports) if any(r.case.kernel == "moe" for r in reports) else "")
+    )
+
+
+def sass_file_name(case: Case) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", case.name.lower()).strip("-") + ".sass"
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` (RESULTS.md) with this tool's section replaced, or added before its first ``## ``."""
+    section = section.rstrip("\n") + "\n"
+    start = text.find(SECTION_TITLE + "\n")
+    if start < 0:
+        start = end = text.find("\n## ") + 1 if "\n## " in text else len(text)
+        if start == len(text) and not text.endswith("\n\n"):
+            section = "\n" + section
+    else:
+        following = text.find("\n## ", start + len(SECTION_TITLE))
+        end = following + 1 if following >= 0 else len(text)
+    return text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
+
+
+def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Path = RESULTS_MD,
+                  sass_dir: Path = SASS_DIR) -> None:
+    """Replace this tool's section of RESULTS.md and the SASS files under ``sass_dir``."""
+    import jax
+
+    from benchmarks.e2e import git_commit
+
+    sass_dir.mkdir(parents=True, exist_ok=True)
+    for old in sass_dir.glob("*.sass"):
+        old.unlink()
+    sass_files, by_shape = {}, {}
+    for r in reports:  # cases whose SASS differs only in constants (expert counts, grids) share a file
+        name = by_shape.setdefault(re.sub(r"0x[0-9a-f]+|\b\d+\b", "#", r.sass), sass_file_name(r.case))
+        sass_files[r.case.name] = name
+        if not (sass_dir / name).exists():
+            (sass_dir / name).write_text(r.sass)
+    section = (
+        f"{SECTION_TITLE}\n\n"
+        f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernel_sass --write` for `{TARGET}` with "
+        f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {git_commit()}; "
+        "each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 routing). "
+        f"Each kernel's SASS is in `{sass_dir.relative_to(REPOSITORY)}/` (column SASS; cases whose SASS differs "
+        "only in constants, such as the expert count, share one). The tool's docstring says "
+        "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
+        + tables(reports, sass_files)
+    )
+    results_md.write_text(replace_section(results_md.read_text(), section))
+
+
+def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=["moe", "flash", "decode"], default=["moe", "flash", "decode"])
+    parser.add_argument("--write", action="store_true", help="write RESULTS.md's section and benchmarks/sass/")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if a kernel spills, draws a ptxas warning or exceeds its register budget")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument("--tools", type=Path, default=DEFAULT_TOOLS, help="where the tools are installed")
+    parser.add_argument("--ptxas", type=Path, help="compile with this ptxas instead of the pinned CUDA 13.0 one")
+    parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _compile_in_worker(*args.worker)
+        return []
+    tools = install_tools(args.tools, args.ptxas)
+    reports = compile_kernels(gpt_oss_cases(kernels=args.only), tools, jobs=args.jobs)
+    print(f"{tools.ptxas_version}, {TARGET}\n")
+    print(tables(reports))
+    refused = [v for r in reports for v in violations(r)]
+    print("\n".join(refused) or f"{len(reports)} kernels: no spills, no ptxas warnings, registers within budget")
+    if args.write:
+        write_results(reports, tools)
+    if args.check and refused:
+        sys.exit(1)
+    return reports
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Opening a model for a program to run: the policy the CLI follows, and a server can.
+
+:func:`open_model` takes a checkpoint folder (or none, for the embedded demo model), a compute
+dtype, a kernel choice, a mesh and whether to keep decoded experts, and gives the model, its
+tokenizer and what runs where (:class:`OpenedModel`). What can be checked without the weights
+is checked before any is read, and before the demo checkpoint is written: the folder and its
+tokenizer, the mesh and the kernels against the model's sizes, whether decoded experts would
+be read. Its messages name the options as the caller's user knows them (``option_name``): as
+keyword arguments by default, as flags for the CLI.
+
+Importing this module is cheap (JAX loads when a model is opened), so the CLI can use it for
+``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptoss_jax.errors import GptOssError
+
+if TYPE_CHECKING:
+    import jax
+
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.kernel_dispatch import KernelChoice, KernelPlan
+    from gptoss_jax.model import GptOss
+    from gptoss_jax.tokenizer import Tokenizer
+
+DTYPES = ("bfloat16", "float32")
+# How messages name an option, given its name and, where a value matters, the value.
+OptionName = Callable[..., str]
+
+
+class ModelOptionError(GptOssError):
+    """An option of :func:`open_model` that cannot work with this model or on these devices."""
+
+
+def keyword_argument(name: str, value: Any = None) -> str:
+    """An option as :func:`open_model`'s keyword argument: ``kernels='xla'``, or ``checkpoint``."""
+    return name if value is None else f"{name}={value!r}"
+
+
+def random_weights_note(option_name: OptionName = keyword_argument) -> str:
+    """What :func:`open_model` reports when it opens the embedded demo model."""
+    return ("note: the embedded demo model has random weights, so its text is gibberish; "
+            f"pass {option_name('checkpoint')} for a real gpt-oss checkpoint")
+
+
+def describe_settings(dtype: str, kernels: KernelPlan, mesh: jax.sharding.Mesh | None) -> str:
+    """``bfloat16; kernels xla; mesh data=1, expert=2, tensor=2`` (no mesh part without one)."""
+    settings = [dtype, kernels.describe()]
+    if mesh is not None:
+        settings.append("mesh " + ", ".join(f"{axis}={size}" for axis, size in mesh.shape.items()))
+    return "; ".join(settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedModel:
+    """A model :func:`open_model` opened, with its tokenizer and what it runs with.
+
+    Attributes:
+      model: the model, its weights on the devices.
+      tokenizer: the checkpoint's tokenizer.
+      folder: the checkpoint folder read (the demo checkpoint's when none was named).
+      dtype: the compute dtype's name, ``bfloat16`` or ``float32``.
+      kernels: what runs attention and the experts (the Pallas kernels or the XLA reference).
+      mesh: the mesh the model is sharded over, or None on one device.
+      is_demo: the embedded demo model (random weights) was opened.
+    """
+
+    model: GptOss
+    tokenizer: Tokenizer
+    folder: Path
+    dtype: str
+    kernels: KernelPlan
+    mesh: jax.sharding.Mesh | None
+    is_demo: bool
+
+    def describe(self) -> str:
+        """The settings as the load line shows them: see :func:`describe_settings`."""
+        return describe_settings(self.dtype, self.kernels, self.mesh)
+
+
+def _ignore(message: str) -> None:
+    """The default ``on_status``: tell nobody."""
+
+
+def open_model(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    dtype: str = "bfloat16",
+    kernels: KernelChoice = "auto",
+    mesh: str | jax.sharding.Mesh | None = None,
+    decode_experts: bool = False,
+    progress: bool = False,
+    on_status: Callable[[str], None] = _ignore,
+    option_name: OptionName = keyword_argument,
+) -> OpenedModel:
+    """Open a checkpoint, or the embedded demo model, the way the CLI does.
+
+    Args:
+      checkpoint: a folder in any layout ``gptoss_jax.load`` reads, with its ``tokenizer.json``
+        (for an ``original/`` folder, in its parent). None: the embedded demo model, written
+        into the cache on first use (:mod:`gptoss_jax.demo`).
+      dtype: the compute dtype, ``bfloat16`` or ``float32``.
+      kernels: ``auto``, ``pallas``, ``xla`` or ``interpret`` (:mod:`gptoss_jax.kernel_dispatch`);
+        ``pallas`` (asked for, or by ``GPTOSS_JAX_KERNELS`` under ``auto``) needs a Hopper GPU.
+      mesh: a spec such as ``expert=2,tensor=4`` or a mesh, checked against the model; None:
+        the model's default mesh over every device (:func:`gptoss_jax.sharding.make_mesh`), or
+        no mesh on a single device.
+      decode_experts: keep a bfloat16 copy of the expert weights (``GptOss.decode_experts``);
+        single device and the XLA expert path only.
+      progress: draw a progress bar on stderr while loading, when stderr is a terminal.
+      on_status: called with each line worth telling a user: the demo checkpoint being written,
+        the demo's note, ``loading <folder> (<settings>) ...`` and ``loaded in <s> s``.
+      option_name: how messages name an option, ``option_name(name)`` or ``option_name(name,
+        value)`` (:func:`keyword_argument` by default; the CLI passes one that gives its flags).
+
+    Returns:
+      The :class:`OpenedModel`.
+
+    Raises:
+      CheckpointError, LayoutError, ConfigError, TokenizerError, FileNotFoundError: the folder
+        or its tokenizer cannot be read.
+      MeshError, KernelChoiceError, ModelOptionError: the mesh, the kernels or
+        ``decode_experts`` cannot work with this model here.
+    """
+    import jax.numpy as jnp
+
+    import gptoss_jax
+    from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, checked_checkpoint_folder
+    from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.demo import demo_config, ensure_demo_checkpoint
+    from gptoss_jax.tokenizer import Tokenizer
+
+    if dtype not in DTYPES:
+        raise ModelOptionError(f"{option_name('dtype')} must be one of {DTYPES}, got {dtype!r}")
+    if checkpoint is None:
+        config = demo_config()
+    else:
+        folder = checked_checkpoint_folder(checkpoint)
+        config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)  # every layout has one
+        tokenizer = Tokenizer.from_pretrained_dir(folder)
+    device_mesh = _checked_mesh(mesh, config)
+    plan = _checked_kernels(kernels, config, dtype, option_name)
+    if decode_experts:
+        _check_decode_experts(device_mesh, plan, option_name)
+    if checkpoint is None:
+        folder = ensure_demo_checkpoint(
+            on_create=lambda path: on_status(f"writing the embedded demo checkpoint to {path}")
+        )
+        on_status(random_weights_note(option_name))
+        tokenizer = Tokenizer.from_pretrained_dir(folder)
+    on_status(f"loading {folder} ({describe_settings(dtype, plan, device_mesh)}) ...")
+    start = time.perf_counter()
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels=kernels, mesh=device_mesh, progress=progress)
+    if decode_experts:
+        model.decode_experts()
+    on_status(f"loaded in {time.perf_counter() - start:.1f} s")
+    return OpenedModel(model, tokenizer, Path(folder), dtype, plan, device_mesh, is_demo=checkpoint is None)
+
+
+def _checked_mesh(mesh: str | jax.sharding.Mesh | None, config: GptOssConfig) -> jax.sharding.Mesh | None:
+    """The mesh asked for, or the model's default mesh (none on one device), checked against the model."""
+    import jax
+
+    from gptoss_jax.sharding import check_mesh, make_mesh
+
+    if mesh is None and jax.device_count() == 1:
+        return None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = make_mesh(mesh, config=config)
+    check_mesh(mesh, config)
+    return mesh
+
+
+def _checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str, option_name: OptionName) -> KernelPlan:
+    """What runs attention and the experts under ``kernels``; the kernels need a Hopper GPU."""
+    import jax
+
+    from gptoss_jax.kernel_dispatch import ENV_VAR, has_hopper_gpu, kernel_plan, resolve_kernels
+
+    if resolve_kernels(kernels) == "pallas" and not has_hopper_gpu():
+        asked = option_name("kernels", "pallas") if kernels == "pallas" else f"{ENV_VAR}=pallas"
+        raise ModelOptionError(
+            f"{asked} needs an NVIDIA Hopper GPU (sm_90 or newer), but the device is "
+            f"{jax.devices()[0].device_kind}; use {option_name('kernels', 'xla')}"
+        )
+    return kernel_plan(kernels, config, dtype)
+
+
+def _check_decode_experts(mesh: jax.sharding.Mesh | None, kernels: KernelPlan, option_name: OptionName) -> None:
+    """Refuse ``decode_experts`` where the model could not or would not read the copy."""
+    if mesh is not None:
+        raise ModelOptionError(f"{option_name('decode_experts')} works on a single device, but this run uses a "
+                               f"mesh of {mesh.devices.size} devices")
+    if kernels.experts != "xla":
+        raise ModelOptionError(
+            f"{option_name('decode_experts')} is for the XLA path, but the {kernels.experts} expert kernel "
+            f"runs here and reads the packed weights; add {option_name('kernels', 'xla')}"
+        )

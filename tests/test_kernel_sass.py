@@ -1,0 +1,165 @@
+"""benchmarks/kernel_sass.py (and sass_reading.py): its reading of ptxas' report, the launch and the SASS, its occupancy and
+budget arithmetic, and its stand-in CUDA driver. The compile itself (every kernel through ptxas,
+about 2 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
+--check``, not here."""
+
+import ctypes
+import dataclasses
+import shutil
+
+import pytest
+
+from benchmarks import kernel_sass as ks
+from benchmarks import sass_reading as sr
+from gptoss_jax.config import preset
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for kernel_mosaic_gpu_kernel
+    24 bytes stack frame, 20 bytes spill stores, 16 bytes spill loads
+ptxas warning : Registers are spilled to local memory in function 'kernel_mosaic_gpu_kernel', 20 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 232 registers, used 2 barriers, 1 bytes smem
+ptxas info    : Compile time = 222.791 ms
+"""
+
+# A loop from .L_x_1 to the branch at 0xb0 whose barrier wait retries out of line (.L_x_3, after
+# EXIT) and jumps back into it: that jump spans more code than the loop but is no back edge.
+SASS = """\
+\t.target\tsm_90a
+kernel:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   ISETP.NE.AND P0, PT, R0, RZ, PT ;
+        /*0020*/               @P0 EXIT ;
+.L_x_1:
+        /*0030*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [R2], R3 ;
+        /*0040*/              @!P1 BRA `(.L_x_3) ;
+.L_x_4:
+        /*0050*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0060*/                   LOP3.LUT R4, R5, 0xf, RZ, 0xc0, !PT ;
+        /*0070*/                   IMAD R6, R7, R8, R9 ;
+        /*0080*/                   HMUL2.BF16_V2 R10, R11, R12 ;
+        /*0090*/                   UIADD3 UR4, UR4, 0x1, URZ ;
+        /*00a0*/                   ISETP.GE.AND P2, PT, R6, R13, PT ;
+        /*00b0*/              @!P2 BRA `(.L_x_1) ;
+        /*00c0*/                   EXIT ;
+.L_x_3:
+        /*00d0*/                   SYNCS.PHASECHK.TRANS64 P1, [R2], R3 ;
+        /*00e0*/              @!P1 BRA `(.L_x_3) ;
+        /*00f0*/                   BRA `(.L_x_4) ;
+.L_x_5:
+        /*0100*/                   BRA `(.L_x_5);
+"""
+
+HOST_LLVM = """\
+; ModuleID = 'LLVMDialectModule'
+declare i32 @mosaic_gpu_launch_kernel(ptr, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, ptr, ptr)
+  %375 = call i32 @mosaic_gpu_launch_kernel(ptr %0, i32 1, i32 8, i32 256, i32 0, i32 0, i32 0, i32 128, i32 1, i32 1, i32 52248, i32 0, ptr %1, ptr %372)
+"""
+
+
+def fake_report(case, registers=128, smem=1000, threads=128, spills=0, warnings=()):
+    ptxas = sr.PtxasReport(registers, spills, spills, spills, 2, 1, tuple(warnings))
+    return ks.KernelReport(case, ptxas, sr.Launch((1, 1, 1), threads, smem - 1), {}, "")
+
+
+MOE = ks.MoeCase("20b", "mlp1", 1, 32, 5760, 2880)
+FLASH = ks.PrefillCase(4096, None)
+
+
+def test_ptxas_report():
+    report = sr.parse_ptxas(PTXAS_LOG)
+    assert (report.registers, report.spill_stores, report.spill_loads, report.stack_frame) == (232, 20, 16, 24)
+    assert (report.barriers, report.static_smem) == (2, 1)
+    assert report.warnings == (PTXAS_LOG.splitlines()[4],)
+    with pytest.raises(sr.CompileError, match="registers"):
+        sr.parse_ptxas("ptxas info    : 0 bytes gmem\n")
+
+
+def test_the_output_of_one_compile_splits_into_report_sass_and_launch():
+    report = ks.report(FLASH, PTXAS_LOG + "\n" + SASS + "\n" + HOST_LLVM)
+    assert report.launch == sr.Launch((1, 8, 256), 128, 52248)
+    assert report.smem == 52249  # plus ptxas' static byte
+    assert report.sass.startswith(".target\tsm_90a") and "ModuleID" not in report.sass
+    with pytest.raises(sr.CompileError, match="no SASS"):
+        ks.report(FLASH, PTXAS_LOG + HOST_LLVM)
+
+
+def test_the_main_loop_is_the_outermost_back_edge_not_a_retry_jumping_into_it():
+    loop = sr.main_loop(SASS)
+    assert loop[0].startswith("SYNCS.PHASECHK.TRANS64.TRYWAIT") and loop[-1] == "@!P2 BRA `(.L_x_1)"
+    assert len(loop) == 9
+    counts = sr.count_classes(loop)
+    assert counts == dict.fromkeys(sr.CLASS_NAMES, 0) | {
+        "int": 2, "perm/logic": 1, "half2": 1, "hgmma": 1, "barrier": 1, "uniform": 1, "other": 2}
+    with pytest.raises(sr.CompileError, match="no loop"):
+        sr.main_loop(SASS.split(".L_x_1:")[0])
+
+
+def test_opcodes_lose_predicates_and_modifiers():
+    assert sr.opcode("@!P2 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24") == "HGMMA"
+    assert sr.instruction_class("PRMT") == "perm/logic"
+    assert sr.instruction_class("UTMALDG") == "uniform" and sr.instruction_class("SHFL") == "other"
+
+
+@pytest.mark.parametrize("registers, ctas", [(96, 5), (113, 4), (128, 4), (129, 3), (167, 3), (168, 3),
+                                             (169, 2), (255, 2)])
+def test_ctas_per_sm_by_registers(registers, ctas):
+    assert fake_report(MOE, registers=registers).ctas_by_registers == ctas
+    assert ks.registers_allowing(ctas, 128) >= registers
+
+
+@pytest.mark.parametrize("smem, ctas", [(38945, 5), (62497, 3), (155681, 1), (164905, 1)])
+def test_ctas_per_sm_by_shared_memory(smem, ctas):
+    assert fake_report(MOE, smem=smem).ctas_by_smem == ctas
+
+
+def test_budgets_follow_what_shared_memory_allows_up_to_four_ctas():
+    assert ks.register_budget(fake_report(MOE, smem=62497)) == 168  # 3 CTAs by shared memory
+    assert ks.register_budget(fake_report(MOE, smem=38945)) == 128  # 5 by shared memory, 4 wanted
+    assert ks.register_budget(fake_report(MOE, smem=155681)) == 255
+    assert ks.register_budget(fake_report(FLASH, smem=52249)) == 255  # 4 by shared memory: the exception
+
+
+def test_the_check_refuses_spills_warnings_and_registers_over_budget():
+    assert ks.violations(fake_report(MOE, registers=167, smem=62497)) == []
+    assert ks.violations(fake_report(FLASH, registers=255, smem=52249)) == []
+    over = ks.violations(fake_report(MOE, registers=176, smem=62497))
+    assert over == ["moe 20b mlp1 tokens=1: 176 registers, over its budget of 168"]
+    spilled = ks.violations(fake_report(FLASH, registers=255, spills=8, warnings=["ptxas warning : spilled"]))
+    assert len(spilled) == 2 and "spills 8 B" in spilled[0] and spilled[1].endswith("ptxas warning : spilled")
+
+
+def test_per_weight_byte_counts_every_warp_of_the_cta():
+    report = dataclasses.replace(fake_report(MOE), loop=dict.fromkeys(sr.CLASS_NAMES, 0) | {"int": 384})
+    assert MOE.weight_bytes_per_step() == 2 * 64 * 96  # gate and linear halves, block_kb bytes
+    assert report.per_weight_byte("int") == pytest.approx(384 * 4 / 12288)
+    assert report.per_weight_byte() == report.per_weight_byte("int")
+
+
+def test_default_cases_cover_every_kernel_shape_once():
+    cases = ks.gpt_oss_cases()
+    names = [c.name for c in cases]
+    assert len(names) == len(set(names)) == 2 * 2 * 4 + 2 + 2 * 2 * 2
+    assert {c.cache_len for c in cases if c.kernel == "decode" and c.window} == {128}  # the ring
+    shard = dataclasses.replace(preset("gpt-oss-120b"), num_experts=32 // 4)  # expert-parallel shard
+    (mlp2,) = [c for c in ks.gpt_oss_cases([shard], tokens=(64,), kernels=("moe",)) if c.matmul == "mlp2"]
+    assert (mlp2.model, mlp2.experts, mlp2.n, mlp2.k) == ("E8", 8, 2880, 2880)
+
+
+def test_the_section_replaces_only_itself(tmp_path):
+    text = "# Results\n\nintro\n\n## On a GPU session\n\nrows\n"
+    first = ks.replace_section(text, f"{ks.SECTION_TITLE}\n\nfirst\n")
+    assert first == f"# Results\n\nintro\n\n{ks.SECTION_TITLE}\n\nfirst\n\n## On a GPU session\n\nrows\n"
+    second = ks.replace_section(first, f"{ks.SECTION_TITLE}\n\nsecond\n")
+    assert second == first.replace("first", "second")
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_the_stand_in_driver_reports_one_sm90_device_and_loads_nothing(tmp_path):
+    driver = ctypes.CDLL(str(ks._driver(tmp_path) / "libcuda.so.1"))
+    value = ctypes.c_int(-1)
+    assert driver.cuInit(0) == 0
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 75, 0) == 0 and value.value == 9
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 76, 0) == 0 and value.value == 0
+    assert driver.cuModuleLoadData(ctypes.byref(ctypes.c_void_p()), None) != 0
