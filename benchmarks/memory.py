@@ -244,6 +244,71 @@ def programs_main(cases: Sequence[tuple[str, GenerateCase]], json_path: str | No
     return reports
 
 
+FIT_BATCHES = (1, 4, 16, 64)
+FIT_CONTEXTS = (8192, 32768, 131072)
+_FIT_NEW_TOKENS = 256
+
+
+def cpu_weight_copies_bytes(config: GptOssConfig, program: str) -> int:
+    """The float32 weight copies the CPU compiler holds in a decode loop and a GPU does not.
+
+    The unembedding's upcast and transpose, and every layer's attention weights hoisted out of
+    the loop (see the module docstring; gpt-oss-20b's 7.19 GB of decode temporaries are these
+    plus 0.02 GB). Counted for the decode loop only, so that what is taken off is never more than
+    the CPU added.
+    """
+    if not program.startswith("decode"):
+        return 0
+    attention = config.hidden_size * (config.qkv_size + config.num_attention_heads * config.head_dim)
+    return 4 * (2 * config.vocab_size * config.hidden_size + config.num_hidden_layers * attention)
+
+
+def fit_table(model: str, device_bytes: float, batches: Sequence[int] = FIT_BATCHES,
+              contexts: Sequence[int] = FIT_CONTEXTS) -> list[dict]:
+    """Whether generating at each batch x context fits beside ``model``'s parameters on one GPU.
+
+    A point is compiled (prefill's later chunk and the decode loop, ``generate``'s largest
+    programs, at a cache of ``context`` positions) unless its parameters and cache alone are
+    over the limit. Rows give the compiler's peak (an upper bound) and that peak less the CPU's
+    float32 weight copies (:func:`cpu_weight_copies_bytes`, the estimate for a GPU).
+    """
+    from benchmarks.e2e import default_prefill_chunk_size  # e2e imports this module
+
+    config = preset(model)
+    limit = DEVICE_MEMORY_FRACTION * device_bytes
+    parameters = sum(parameter_bytes_of(config).values())
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            row = {"batch": batch, "context": context, "cache_bytes": cache_bytes(config, batch, context),
+                   "peak_bytes": None, "gpu_estimate_bytes": None}
+            if parameters + row["cache_bytes"] <= limit:
+                case = GenerateCase(model, "pallas", batch, context - _FIT_NEW_TOKENS, _FIT_NEW_TOKENS,
+                                    default_prefill_chunk_size(batch))
+                programs = [p for p in generate_memory(config, case) if p.program in ("prefill (later chunk)", "decode")]
+                row["peak_bytes"] = max(p.peak_bytes for p in programs)
+                row["gpu_estimate_bytes"] = max(p.peak_bytes - cpu_weight_copies_bytes(config, p.program)
+                                                for p in programs)
+            row["fits"] = row["gpu_estimate_bytes"] is not None and row["gpu_estimate_bytes"] <= limit
+            rows.append(row)
+            print(format_fit_row(row, parameters, limit), flush=True)
+    return rows
+
+
+FIT_HEADER = ("| batch | context | parameters GB | cache GB | peak GB (CPU compile, upper bound) | "
+              "peak GB (less the CPU's float32 copies) | fits |\n|---|---|---|---|---|---|---|")
+
+
+def format_fit_row(row: dict, parameter_bytes_total: int, limit: float) -> str:
+    gb = lambda value: "-" if value is None else f"{value / 1e9:.1f}"  # noqa: E731
+    if row["peak_bytes"] is None:
+        verdict = f"no: parameters + cache alone are over {limit / 1e9:.0f} GB"
+    else:
+        verdict = "yes" if row["fits"] else "no"
+    return (f"| {row['batch']} | {row['context'] // 1024}K | {gb(parameter_bytes_total)} | {gb(row['cache_bytes'])} | "
+            f"{gb(row['peak_bytes'])} | {gb(row['gpu_estimate_bytes'])} | {verdict} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -251,7 +316,17 @@ def main() -> None:
                         help="compile the programs of every generating step of benchmarks/gpu_session.py on the CPU "
                              "and print their peak memory against the GPUs' (minutes)")
     parser.add_argument("--step", nargs="+", metavar="STEP", help="with --programs: only these gpu_session steps")
+    parser.add_argument("--fit", choices=["gpt-oss-20b", "gpt-oss-120b"],
+                        help="which batch x context fit beside this model on one GPU of --device-gb (compiles; minutes)")
+    parser.add_argument("--device-gb", type=float, default=80.0, help="with --fit: the GPU's memory (default 80)")
     args = parser.parse_args()
+    if args.fit:
+        print(f"{args.fit} on one {args.device_gb:g} GB GPU (XLA may take {DEVICE_MEMORY_FRACTION:.0%}), "
+              f"{_FIT_NEW_TOKENS} tokens generated after context - {_FIT_NEW_TOKENS}:\n{FIT_HEADER}", flush=True)
+        rows = fit_table(args.fit, args.device_gb * 1e9)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     if args.programs:
         cases = [(step, case) for step, case in plan_cases() if not args.step or step in args.step]
         programs_main(cases, args.json)
