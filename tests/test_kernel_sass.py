@@ -1,6 +1,6 @@
 """benchmarks/kernel_sass.py (and sass_reading.py): its reading of ptxas' report, the launch and the SASS, its occupancy and
 budget arithmetic, and its stand-in CUDA driver. The compile itself (every kernel through ptxas,
-about 2 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
+74 kernels in 2-3 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
 --check``, not here."""
 
 import ctypes
