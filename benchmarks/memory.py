@@ -40,6 +40,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -58,7 +60,7 @@ from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import lower_generate
 from gptoss_jax.kv_cache import cache_bytes
 from gptoss_jax.random_weights import PART_KINDS, part_initializer
-from gptoss_jax.sharding import AXES, default_mesh_shape, partition_spec
+from gptoss_jax.sharding import AXES, default_mesh_shape, make_mesh, partition_spec
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 
@@ -168,10 +170,14 @@ def initializer_memory(config: GptOssConfig) -> list[ProgramMemory]:
     return rows
 
 
-def generate_memory(config: GptOssConfig, case: GenerateCase) -> list[ProgramMemory]:
-    """Every program ``generate`` runs for ``case``, compiled on the CPU (kernels as opaque calls)."""
+def generate_memory(config: GptOssConfig, case: GenerateCase,
+                    mesh: jax.sharding.Mesh | None = None) -> list[ProgramMemory]:
+    """Every program ``generate`` runs for ``case``, compiled on the CPU (kernels as opaque calls).
+
+    On a mesh, the figures are one device's.
+    """
     with kernels_as_opaque_calls():
-        model = abstract_model(config, kernels=case.kernels)
+        model = abstract_model(config, kernels=case.kernels, mesh=mesh)
         programs = lower_generate(model, case.batch, case.prompt_len, case.new_tokens,
                                   prefill_chunk_size=case.prefill_chunk_size)
         return [ProgramMemory.of(name, program.lowered.compile(), program.cache_length)
@@ -310,6 +316,34 @@ def format_fit_row(row: dict, parameter_bytes_total: int, limit: float) -> str:
             f"{gb(row['peak_bytes'])} | {gb(row['gpu_estimate_bytes'])} | {verdict} |")
 
 
+PER_DEVICE_CASE = GenerateCase("gpt-oss-120b", "pallas", 1, 20000, 256)  # e2e-120b-32k's: a 32K cache
+
+
+def per_device_table(case: GenerateCase = PER_DEVICE_CASE, device_counts: Sequence[int] = DEVICE_COUNTS) -> list[dict]:
+    """One device's parameters, cache and peak for ``case`` on the default mesh of each device count.
+
+    Needs ``max(device_counts)`` devices (on the CPU, ``--xla_force_host_platform_device_count``).
+    """
+    config = preset(case.model)
+    rows = []
+    for count in device_counts:
+        shape = default_mesh_shape(count, config)
+        mesh = make_mesh(shape, jax.devices()[:count]) if count > 1 else None
+        programs = generate_memory(config, case, mesh)
+        largest = max(programs, key=lambda program: program.peak_bytes)
+        rows.append({
+            "devices": count, "mesh": ",".join(f"{axis}={shape[axis]}" for axis in AXES),
+            "parameter_bytes": per_device_bytes(case.model, shape),
+            "cache_bytes": cache_bytes(config, case.batch, largest.cache_length, mesh=mesh),
+            "cache_length": largest.cache_length, "program": largest.program,
+            "temp_bytes": largest.temp_bytes, "peak_bytes": largest.peak_bytes,
+        })
+        row = rows[-1]
+        print(f"| {count} | {row['mesh']} | {row['parameter_bytes'] / 1e9:.2f} | {row['cache_bytes'] / 1e9:.2f} | "
+              f"{row['program']} | {row['temp_bytes'] / 1e9:.2f} | {row['peak_bytes'] / 1e9:.2f} |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -320,7 +354,22 @@ def main() -> None:
     parser.add_argument("--fit", choices=["gpt-oss-20b", "gpt-oss-120b"],
                         help="which batch x context fit beside this model on one GPU of --device-gb (compiles; minutes)")
     parser.add_argument("--device-gb", type=float, default=80.0, help="with --fit: the GPU's memory (default 80)")
+    parser.add_argument("--per-device", action="store_true",
+                        help=f"one device's memory for {PER_DEVICE_CASE.name} on the default mesh of "
+                             f"{', '.join(map(str, DEVICE_COUNTS))} GPUs (compiles; minutes)")
     args = parser.parse_args()
+    if args.per_device:
+        if jax.device_count() < max(DEVICE_COUNTS):
+            # The CPU's device count is fixed when JAX starts: start again with enough.
+            flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(DEVICE_COUNTS)}"
+            os.execve(sys.executable, [sys.executable, "-m", "benchmarks.memory", *sys.argv[1:]],
+                      {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"})
+        print(f"{PER_DEVICE_CASE.name}, one device's share:\n| GPUs | mesh | parameters GB | cache GB | "
+              "largest program | its temporaries GB | its peak GB |\n|---|---|---|---|---|---|---|", flush=True)
+        rows = per_device_table()
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     if args.fit:
         print(f"{args.fit} on one {args.device_gb:g} GB GPU (XLA may take {DEVICE_MEMORY_FRACTION:.0%}), "
               f"{_FIT_NEW_TOKENS} tokens generated after context - {_FIT_NEW_TOKENS}:\n{FIT_HEADER}", flush=True)
