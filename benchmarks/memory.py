@@ -13,57 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-from collections import defaultdict
 
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
+from gptoss_jax import footprint
 from gptoss_jax.config import preset
-from gptoss_jax.model import GptOss
-from gptoss_jax.sharding import AXES, default_mesh_shape, partition_spec
+from gptoss_jax.sharding import AXES, default_mesh_shape
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 
 GOALS_GB = {"gpt-oss-20b": 14.0, "gpt-oss-120b": 66.0}
 
 
-def _abstract_parameters(name: str) -> list[tuple[tuple, nnx.Variable]]:
-    abstract = nnx.eval_shape(lambda: GptOss(preset(name), dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    return nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-
-
 def parameter_bytes(name: str) -> dict[str, int]:
-    """Bytes of each kind of parameter of a preset: MXFP4 experts, expert biases, the rest."""
-    totals: dict[str, int] = defaultdict(int)
-    for path, variable in _abstract_parameters(name):
-        leaf = variable.get_value()
-        size = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-        key = ".".join(map(str, path))
-        if key.endswith((".blocks", ".scales")):
-            totals["experts (MXFP4 blocks + scales)"] += size
-        elif key.endswith(("mlp1_bias", "mlp2_bias")):
-            totals["expert biases (bf16)"] += size
-        elif key.startswith(("embedding", "unembedding")):
-            totals["embedding + unembedding (bf16)"] += size
-        else:
-            totals["attention, router, norms"] += size
-    return dict(totals)
+    """Bytes of each kind of parameter of a preset: :func:`gptoss_jax.footprint.parameter_bytes`."""
+    return footprint.parameter_bytes(preset(name))
 
 
 def per_device_bytes(name: str, mesh_shape: dict[str, int]) -> int:
     """Parameter bytes one device holds on a mesh of these axis sizes (the largest shard, if uneven)."""
-    total = 0
-    for _, variable in _abstract_parameters(name):
-        leaf = variable.get_value()
-        spec = partition_spec(*variable.get_metadata().get("out_sharding", ()))
-        shard_shape = list(leaf.shape)
-        for dim, mesh_axes in enumerate(spec):
-            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
-            shard_shape[dim] = -(-shard_shape[dim] // math.prod(mesh_shape[axis] for axis in mesh_axes))
-        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
+    return footprint.per_device_parameter_bytes(preset(name), mesh_shape)
 
 
 def main() -> None:
