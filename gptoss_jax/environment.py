@@ -22,7 +22,15 @@ from gptoss_jax import footprint
 from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import PRESETS, GptOssConfig, preset
 from gptoss_jax.kernel_dispatch import kernel_decisions
-from gptoss_jax.opening import ModelOptionError, OptionName, checked_kernels, checked_mesh, keyword_argument
+from gptoss_jax.opening import (
+    ModelOptionError,
+    ModelTooLargeError,
+    OptionName,
+    check_parameters_fit,
+    checked_kernels,
+    checked_mesh,
+    keyword_argument,
+)
 from pallas_kernels.cuda_toolchain import mosaic_ptxas, ptxas_version
 
 PACKAGES = ("gptoss-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy")
@@ -84,7 +92,8 @@ def _kernels(config: GptOssConfig, option_name: OptionName) -> dict[str, Any]:
     return {"refused": None, "parts": parts}
 
 
-def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None) -> tuple[GptOssConfig, dict[str, Any]]:
+def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None,
+                option_name: OptionName) -> tuple[GptOssConfig, dict[str, Any]]:
     """A checkpoint's model and its memory on this machine's devices, from ``config.json`` alone."""
     folder = checked_checkpoint_folder(checkpoint)
     config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)
@@ -92,6 +101,11 @@ def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None) -> tuple[GptOss
     devices = [jax.devices()[0]] if device_mesh is None else list(device_mesh.local_devices)
     parameters = footprint.per_device_parameter_bytes(config, None if device_mesh is None else device_mesh.shape)
     known_free = [free for free in map(footprint.device_free_bytes, devices) if free is not None]
+    try:
+        check_parameters_fit(config, device_mesh, option_name)
+        refused = None
+    except ModelTooLargeError as e:
+        refused = str(e)
     room = footprint.MEMORY_FRACTION * min(map(footprint.device_memory_bytes, devices)) - parameters
     return config, {
         "folder": str(folder),
@@ -100,7 +114,7 @@ def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None) -> tuple[GptOss
         "mesh": None if device_mesh is None else dict(device_mesh.shape),
         "parameter_bytes_per_device": parameters,
         "free_bytes": min(known_free) if known_free else None,
-        "fits": parameters <= min(known_free) if known_free else None,
+        "refused": refused,
         "largest_context_at_batch_1": footprint.largest_context(config, room, jnp.bfloat16, device_mesh),
         "max_context": config.max_position_embeddings,
     }
@@ -127,7 +141,7 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
     """
     config, model = preset("gpt-oss-20b"), None  # 120b has the same kernel shapes
     if checkpoint is not None:
-        config, model = _checkpoint(checkpoint, mesh)
+        config, model = _checkpoint(checkpoint, mesh, option_name)
     found_ptxas = mosaic_ptxas()
     version = ptxas_version()
     return {
@@ -189,15 +203,19 @@ def describe_environment(report: dict[str, Any]) -> str:
     model = report["checkpoint"]
     if model is not None:
         mesh = ", ".join(f"{axis}={size}" for axis, size in model["mesh"].items()) if model["mesh"] else "one device"
-        verdict = {True: "fits", False: "does NOT fit", None: "free memory unknown"}[model["fits"]]
+        verdict = "free memory unknown" if model["free_bytes"] is None else "fits"
         context = model["largest_context_at_batch_1"]
-        limit = " (the model's limit)" if context == model["max_context"] else ""
+        if context == model["max_context"]:
+            context_text = f"{context} positions, the model's limit"
+        else:
+            context_text = f"{context} positions" if context else "none"
         lines += [
             f"checkpoint {model['folder']}: {model['model'] or 'a gpt-oss model'}, {model['layers']} layers, "
             f"{model['experts']} experts",
             f"  parameters {_gigabytes(model['parameter_bytes_per_device'])} per device ({mesh}), "
-            f"{_gigabytes(model['free_bytes'])} free: {verdict}",
-            f"  largest context at batch 1: {context} positions{limit} (a bfloat16 KV cache within "
+            f"{_gigabytes(model['free_bytes'])} free: {'does NOT fit' if model['refused'] else verdict}",
+            *([f"  refused: {model['refused']}"] if model["refused"] else []),
+            f"  largest context at batch 1: {context_text} (a bfloat16 KV cache within "
             f"{footprint.MEMORY_FRACTION:.0%} of a device's memory beside the parameters)",
         ]
     return "\n".join(lines)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from gptoss_jax.tokenizer import Tokenizer
 
 DTYPES = ("bfloat16", "float32")
+_GPU_MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # How messages name an option, given its name and, where a value matters, the value.
 OptionName = Callable[..., str]
 
@@ -240,10 +241,15 @@ def check_parameters_fit(config: GptOssConfig, mesh: jax.sharding.Mesh | None,
     for device in [jax.devices()[0]] if mesh is None else mesh.local_devices:
         free = device_free_bytes(device)
         if free is not None and needed > free:
-            where = "the machine's RAM" if device.platform == "cpu" else f"{device.device_kind} (device {device.id})"
+            if device.platform == "cpu":
+                where, share = "the machine's RAM", ""
+            else:  # XLA's allocator takes a share of the GPU when the backend starts
+                fraction = os.environ.get(_GPU_MEMORY_FRACTION_VARIABLE, "0.75 by default")
+                where = f"{device.device_kind} (device {device.id})"
+                share = f"give JAX more of the GPU than {fraction} ({_GPU_MEMORY_FRACTION_VARIABLE}=0.95), "
             raise ModelTooLargeError(
                 f"the model's parameters take {needed / 1e9:.2f} GB per device, but {where} has "
-                f"{free / 1e9:.2f} GB free; free memory, use a device with more, or split the model over "
+                f"{free / 1e9:.2f} GB free; {share}use a device with more memory, or split the model over "
                 f"more devices ({option_name('mesh')})"
             )
 

@@ -57,7 +57,7 @@ def test_options_that_cannot_work_are_refused_before_any_weight_is_read(
 ):
     monkeypatch.setattr(gptoss_jax, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     # The tiny model's experts fit no kernel; these sizes would.
-    monkeypatch.setattr("gptoss_jax.kernel_dispatch.moe_kernel_fits", lambda config, dtype: True)
+    monkeypatch.setattr("gptoss_jax.kernel_dispatch.moe_kernel_misfit", lambda config, dtype: None)
     with pytest.raises(error) as raised:
         open_model(checkpoint, **options)
     assert message in str(raised.value)
