@@ -59,17 +59,26 @@ def has_hopper_gpu() -> bool:
     return hopper_gpu_missing() is None
 
 
-def _resolved(choice: KernelChoice) -> tuple[Implementation, str]:
-    """What ``choice`` runs where shapes allow, and why: ``("xla", "needs ...; the device is cpu")``."""
+def requested_kernels(choice: KernelChoice = "auto") -> tuple[KernelChoice, str | None]:
+    """The choice in force and who made it: ``choice`` (None), else ``GPTOSS_JAX_KERNELS`` (its name) for ``auto``.
+
+    ``("auto", None)`` when neither asks for anything; unknown names raise :class:`KernelChoiceError`.
+    """
     if choice not in _CHOICES:
         raise KernelChoiceError(f"kernels must be one of {_CHOICES}, got {choice!r}")
     if choice != "auto":
-        return choice, f"kernels={choice!r} asked for"
+        return choice, None
     from_environment = os.environ.get(ENV_VAR, "auto").lower() or "auto"
     if from_environment not in _CHOICES:
         raise KernelChoiceError(f"{ENV_VAR} must be one of {_CHOICES}, got {from_environment!r}")
-    if from_environment != "auto":
-        return from_environment, f"{ENV_VAR}={from_environment}"
+    return from_environment, ENV_VAR if from_environment != "auto" else None
+
+
+def _resolved(choice: KernelChoice) -> tuple[Implementation, str]:
+    """What ``choice`` runs where shapes allow, and why: ``("xla", "auto: ...; the device is cpu")``."""
+    requested, source = requested_kernels(choice)
+    if requested != "auto":
+        return requested, f"kernels={requested!r} asked for" if source is None else f"{source}={requested}"
     missing = hopper_gpu_missing()
     if missing is None:
         return "pallas", f"auto: the device is {jax.devices()[0].device_kind}"

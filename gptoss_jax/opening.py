@@ -206,19 +206,20 @@ def checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str,
       MiscompilingCudaError: ``pallas`` where the CUDA toolchain miscompiles the attention kernels
         (``auto`` leaves attention on XLA there instead).
     """
-    from gptoss_jax.kernel_dispatch import ENV_VAR, HOPPER_GPU, hopper_gpu_missing, kernel_plan, resolve_kernels
+    from gptoss_jax.kernel_dispatch import HOPPER_GPU, hopper_gpu_missing, kernel_plan, requested_kernels
     from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
 
-    if resolve_kernels(kernels) == "pallas":
-        asked = option_name("kernels", "pallas") if kernels == "pallas" else f"{ENV_VAR}=pallas"
+    requested, source = requested_kernels(kernels)
+    if requested == "pallas":
+        asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
         missing = hopper_gpu_missing()
         if missing is not None:
             raise KernelsUnavailableError(f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
         culprit = miscompiling_toolchain()
         if culprit is not None:
+            auto = option_name("kernels", "auto") if source is None else f"unset {source}"
             raise MiscompilingCudaError(
-                f"{asked}: {MISCOMPILES} ({culprit}); {FIX}, or use {option_name('kernels', 'auto')}, which "
-                "keeps attention on XLA there"
+                f"{asked}: {MISCOMPILES} ({culprit}); {FIX}, or {auto} to keep attention on XLA there"
             )
     return kernel_plan(kernels, config, dtype)
 
