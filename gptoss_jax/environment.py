@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -124,10 +125,11 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
                        option_name: OptionName = keyword_argument) -> dict[str, Any]:
     """This machine's facts as a JSON-ready dict (:func:`describe_environment` prints it).
 
-    Keys: ``python``, ``platform``, ``packages`` and ``cuda_plugins`` (versions), ``backend``,
+    Keys: ``python``, ``executable``, ``platform``, ``packages`` and ``cuda_plugins`` (versions), ``backend``,
     ``process_count``, ``devices`` (id, platform, kind, compute capability, memory and free bytes,
     the allocator's ``memory_stats``), ``cuda`` (runtime and driver, None without a CUDA plugin),
-    ``ptxas`` (path and version, None if none is found), ``variables`` (``GPTOSS_JAX_*``, ``JAX_*``,
+    ``ptxas`` (path and version, None if none is found), ``cuda_path`` (JAX's CUDA folder:
+    ``$CUDA_ROOT`` or pip's CUDA, None without either), ``variables`` (``GPTOSS_JAX_*``, ``JAX_*``,
     ``XLA_*``), ``kernels`` (under ``auto`` in bfloat16: each kernel's ``runs`` and ``why``, or
     ``refused`` with opening's message), ``compilation_cache`` (JAX's folder, None if off),
     ``checkpoint`` (given one: its model, parameter bytes per device against the devices' free
@@ -142,6 +144,8 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
     config, model = preset("gpt-oss-20b"), None  # 120b has the same kernel shapes
     if checkpoint is not None:
         config, model = _checkpoint(checkpoint, mesh, option_name)
+    from jax._src.lib import cuda_path as jax_cuda_path  # $CUDA_ROOT, else the pip CUDA's folder, else None
+
     found_ptxas = mosaic_ptxas()
     version = ptxas_version()
     return {
@@ -156,6 +160,7 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
         "cuda": _cuda(),
         "ptxas": None if found_ptxas is None else {
             "path": found_ptxas, "version": None if version is None else ".".join(map(str, version))},
+        "cuda_path": jax_cuda_path,
         "variables": {name: value for name, value in sorted(os.environ.items()) if name.startswith(VARIABLE_PREFIXES)},
         "kernels": _kernels(config, option_name),
         "compilation_cache": jax.config.jax_compilation_cache_dir,
@@ -188,8 +193,12 @@ def describe_environment(report: dict[str, Any]) -> str:
     lines.append("CUDA: no CUDA plugin (the CPU build of jax)" if cuda is None else
                  f"CUDA: runtime {cuda['runtime'] or 'unknown'}, driver {cuda['driver'] or 'unknown'}")
     ptxas = report["ptxas"]
-    lines.append("ptxas: none on PATH or in /usr/local/cuda/bin" if ptxas is None else
-                 f"ptxas: {ptxas['path']}, version {ptxas['version'] or 'unknown'}")
+    if ptxas is not None:
+        lines.append(f"ptxas: {ptxas['path']}, version {ptxas['version'] or 'unknown'}")
+    else:
+        pip_bin = None if report["cuda_path"] is None else Path(report["cuda_path"]) / "bin"
+        hint = f"; pip's is in {pip_bin}: put that first on PATH" if pip_bin and (pip_bin / "ptxas").exists() else ""
+        lines.append(f"ptxas: none on PATH or in /usr/local/cuda/bin{hint}")
     if report["variables"]:
         lines.append("variables: " + " ".join(f"{name}={value}" for name, value in report["variables"].items()))
     kernels = report["kernels"]

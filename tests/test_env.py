@@ -85,6 +85,16 @@ def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(cap
         assert [line for line in lines if line.strip().startswith(kernel)] == [f"  {kernel:17}  xla     {reason}"]
 
 
+def test_env_points_to_pips_ptxas_when_mosaic_gpu_would_find_none(monkeypatch, tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "ptxas").touch()
+    monkeypatch.setattr("gptoss_jax.environment.mosaic_ptxas", lambda: None)
+    monkeypatch.setattr("jax._src.lib.cuda_path", str(tmp_path))
+    text = describe_environment(gather_environment())
+    assert f"ptxas: none on PATH or in /usr/local/cuda/bin; pip's is in {tmp_path / 'bin'}: put that first on PATH" in (
+        text.splitlines())
+
+
 def test_env_sizes_a_checkpoint_from_its_config_against_the_device(gpt_oss_120b_config, monkeypatch):
     fake_gpu(monkeypatch, H100, "9.0", limit=int(0.95 * 79.6e9))  # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
     report = gather_environment(gpt_oss_120b_config, option_name=option_flag)
