@@ -1,6 +1,6 @@
 """Choice between the Pallas Mosaic-GPU kernels and their plain-XLA references.
 
-``auto`` takes the kernels on Hopper-or-newer NVIDIA GPUs and the references elsewhere;
+``auto`` takes the kernels on NVIDIA Hopper GPUs (sm_90) and the references elsewhere;
 ``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
 mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
 ``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
@@ -31,8 +31,10 @@ KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 Implementation = Literal["pallas", "xla", "interpret"]  # what a resolved choice runs
 ENV_VAR = "GPTOSS_JAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla", "interpret")
-_MIN_COMPUTE_CAPABILITY = 9.0  # WGMMA and TMA
-HOPPER_GPU = "an NVIDIA Hopper GPU (sm_90 or newer)"
+# The kernels' WGMMA exists on Hopper only: sm_90a code does not run on later GPUs (Blackwell
+# has tcgen05 instead).
+_HOPPER_MAJOR = 9
+HOPPER_GPU = "an NVIDIA Hopper GPU (sm_90)"
 
 
 class KernelChoiceError(GptOssError):
@@ -45,17 +47,17 @@ def hopper_gpu_missing() -> str | None:
     if device.platform != "gpu":
         return f"the device is {device.platform}"
     capability = str(getattr(device, "compute_capability", "unknown"))
-    try:
-        if float(capability) >= _MIN_COMPUTE_CAPABILITY:
-            return None
-        architecture = "sm_" + capability.replace(".", "")
-    except ValueError:  # not an NVIDIA compute capability
-        architecture = f"compute capability {capability}"
-    return f"the device is {device.device_kind} ({architecture})"
+    major, _, minor = capability.partition(".")
+    if not (major.isdigit() and minor.isdigit()):  # not an NVIDIA compute capability
+        return f"the device is {device.device_kind} (compute capability {capability})"
+    if int(major) == _HOPPER_MAJOR:
+        return None
+    later = ": WGMMA, which the kernels use, is Hopper's alone" if int(major) > _HOPPER_MAJOR else ""
+    return f"the device is {device.device_kind} (sm_{major}{minor}{later})"
 
 
 def has_hopper_gpu() -> bool:
-    """Whether the default device is an NVIDIA GPU with WGMMA and TMA (sm_90 or newer)."""
+    """Whether the default device is an NVIDIA Hopper GPU (sm_90: WGMMA and TMA)."""
     return hopper_gpu_missing() is None
 
 

@@ -79,7 +79,7 @@ def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(cap
     assert "jax:    " + jax.__version__ in report["jax_environment_info"]
     lines = text.splitlines()
     assert f"compilation cache: {tmp_path / 'jax-compilation'}" in lines
-    reason = "auto: the kernels need an NVIDIA Hopper GPU (sm_90 or newer); the device is cpu"
+    reason = "auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is cpu"
     for kernel in ("MoE experts", "prefill attention", "decode attention"):
         assert report["kernels"]["parts"][kernel] == {"runs": "xla", "why": reason}
         assert [line for line in lines if line.strip().startswith(kernel)] == [f"  {kernel:17}  xla     {reason}"]
@@ -127,15 +127,20 @@ def test_free_memory_is_the_allocators_limit_less_what_is_in_use():
     assert 0 < footprint.device_free_bytes(cpu) <= footprint.device_memory_bytes(cpu)
 
 
-def test_pallas_on_an_older_gpu_is_refused_with_the_fix(no_loading, monkeypatch):
-    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", "8.0")
+@pytest.mark.parametrize(("kind", "capability", "architecture"), [
+    ("NVIDIA A100-SXM4-80GB", "8.0", "sm_80"),
+    ("NVIDIA B200", "10.0", "sm_100: WGMMA, which the kernels use, is Hopper's alone"),
+])
+def test_pallas_off_hopper_is_refused_with_the_fix(no_loading, monkeypatch, kind, capability, architecture):
+    fake_gpu(monkeypatch, kind, capability)
     with pytest.raises(KernelsUnavailableError) as raised:
         open_model(kernels="pallas", option_name=option_flag)
-    assert str(raised.value) == ("--kernels pallas needs an NVIDIA Hopper GPU (sm_90 or newer), but the device is "
-                                 "NVIDIA A100-SXM4-80GB (sm_80); use --kernels xla")
+    assert str(raised.value) == (f"--kernels pallas needs an NVIDIA Hopper GPU (sm_90), but the device is {kind} "
+                                 f"({architecture}); use --kernels xla")
     assert not any(no_loading.iterdir())
     parts = gather_environment()["kernels"]["parts"]
-    assert parts["MoE experts"]["why"].endswith("the device is NVIDIA A100-SXM4-80GB (sm_80)")
+    assert parts["MoE experts"] == {
+        "runs": "xla", "why": f"auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} ({architecture})"}
 
 
 def test_a_miscompiling_cuda_refuses_pallas_and_keeps_auto_attention_on_xla(no_loading, monkeypatch, capsys):
