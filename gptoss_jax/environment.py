@@ -180,7 +180,8 @@ def _count(number: int, thing: str) -> str:
 
 def describe_environment(report: dict[str, Any]) -> str:
     """:func:`gather_environment`'s report as one screen of text (without ``jax_environment_info``)."""
-    packages = ", ".join(f"{name} {version}" for name, version in {**report["packages"], **report["cuda_plugins"]}.items())
+    versions = {**report["packages"], **report["cuda_plugins"]}
+    packages = ", ".join(f"{name} {version}" for name, version in versions.items())
     lines = [f"Python {report['python']} ({report['executable']}) on {report['platform']}", packages,
              f"backend {report['backend']}: {_count(report['device_count'], 'device')} in "
              f"{_count(report['process_count'], 'process')}"]

@@ -127,7 +127,8 @@ def moe_kernel_misfit(config: GptOssConfig, dtype: jnp.dtype) -> str | None:
     multiple = math.lcm(2 * mxfp4_moe.Config().block_kb, mxfp4_moe.BLOCK_N)  # K values per pipeline step, N tile
     sizes = (config.hidden_size, config.intermediate_size)
     if any(size % multiple for size in sizes):
-        return f"the expert kernel takes hidden and expert sizes in multiples of {multiple}, not {sizes[0]} and {sizes[1]}"
+        return (f"the expert kernel takes hidden and expert sizes in multiples of {multiple}, "
+                f"not {sizes[0]} and {sizes[1]}")
     return None
 
 

@@ -214,7 +214,8 @@ def checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str,
         asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
         missing = hopper_gpu_missing()
         if missing is not None:
-            raise KernelsUnavailableError(f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
+            raise KernelsUnavailableError(
+                f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
         culprit = miscompiling_toolchain()
         if culprit is not None:
             auto = option_name("kernels", "auto") if source is None else f"unset {source}"

@@ -139,8 +139,8 @@ def test_pallas_off_hopper_is_refused_with_the_fix(no_loading, monkeypatch, kind
                                  f"({architecture}); use --kernels xla")
     assert not any(no_loading.iterdir())
     parts = gather_environment()["kernels"]["parts"]
-    assert parts["MoE experts"] == {
-        "runs": "xla", "why": f"auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} ({architecture})"}
+    why = f"auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} ({architecture})"
+    assert parts["MoE experts"] == {"runs": "xla", "why": why}
 
 
 def test_a_miscompiling_cuda_refuses_pallas_and_keeps_auto_attention_on_xla(no_loading, monkeypatch, capsys):
