@@ -1,8 +1,9 @@
 """End-to-end generation at the real gpt-oss shapes, measured against the HBM roofline.
 
 Builds ``GptOss`` with the exact gpt-oss-20b or gpt-oss-120b shapes and random weights (MXFP4
-expert blocks and scales drawn directly as uint8), created on the device by one jitted
-initializer, so 120b's 65 GB never passes through the host and exists once. Then, per batch
+expert blocks and scales drawn directly as uint8), drawn on the device part by part
+(:mod:`gptoss_jax.random_weights`), so 120b's 65 GB never passes through the host and exists
+once, with one part's temporaries beside it. Then, per batch
 size, runs :func:`gptoss_jax.generate` greedily with no stop tokens (every row generates the
 full length) from random prompts: once to compile and warm up, once timed.
 
@@ -72,12 +73,14 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.gpu_measure import device_peaks
+from benchmarks.gpu_session import DEVICE_MEMORY_FRACTION
 from benchmarks.memory import parameter_bytes
 from benchmarks.trace_summary import DECODE_MODULE, format_module, summarize
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import generate
 from gptoss_jax.kernel_dispatch import resolve_kernels
 from gptoss_jax.model import GptOss
+from gptoss_jax.random_weights import random_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
@@ -96,7 +99,7 @@ PREFILL_TOKENS_PER_STEP = 8192
 
 # XLA's GPU allocator takes 75% of the card unless told otherwise: 60 GB of an H100, less than
 # 120b's 65 GB of weights. An explicit setting in the environment wins.
-GPU_MEMORY_FRACTION = "0.95"
+GPU_MEMORY_FRACTION = str(DEVICE_MEMORY_FRACTION)
 
 # One batch size: each new batch size compiles prefill and decode again, which takes minutes at
 # the real depths (see the module docstring).
@@ -137,18 +140,9 @@ Columns:
 
 
 def build_model(config: GptOssConfig, kernels: str, seed: int) -> GptOss:
-    """A bfloat16 model with random weights, initialized on the default device in one jitted call.
-
-    ``nnx.eval_shape`` gives the structure for free; the jitted initializer then writes each
-    parameter straight into device memory, so the weights are never on the host nor held twice.
-    """
-
-    def construct() -> GptOss:
-        return GptOss(config, dtype=jnp.bfloat16, kernels=kernels, rngs=nnx.Rngs(seed))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(construct))
-    state = jax.jit(lambda: nnx.state(construct()))()
-    return nnx.merge(graphdef, state)
+    """A bfloat16 model with random weights, drawn on the default device part by part
+    (:func:`gptoss_jax.random_weights.random_model`: the parameters plus one part's temporaries)."""
+    return random_model(config, seed=seed, dtype=jnp.bfloat16, kernels=kernels, progress=True)
 
 
 def expected_distinct_experts(num_experts: int, experts_per_token: int, batch: int) -> float:

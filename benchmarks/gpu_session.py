@@ -25,6 +25,12 @@ order (``--list`` prints their commands):
   requests, against static batching;
 * ``serve-20b``: the HTTP server under 64 concurrent streaming clients at gpt-oss-20b shapes.
 
+The generating steps (``e2e-*``) are checked against the GPU's memory first: at the start,
+``benchmarks.memory --programs`` compiles their programs at the real shapes on the CPU, beside
+the steps before them, and a step whose peak is over 95% of the GPU's memory is left out, with
+the program and the figures, rather than run into an out-of-memory error (its log goes into the
+session log; the engine and server steps at gpt-oss-20b, 17 GB in all, size themselves).
+
 Each step runs in a process group of its own under ``min(its limit, what is left of --budget)``
 seconds; the group is killed when the step ends or that time runs out, so nothing it started
 keeps the GPU from the next step. A step is skipped when less than a minute of the budget is
@@ -40,6 +46,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import shlex
@@ -62,6 +69,11 @@ KERNEL_TEST_FILES = (
 )
 # The scratch folder of the profiled run: its trace files lie too deep for the device's $OUT.
 TRACE_DIR = "/tmp/gpu-session-trace"
+# The memory check's JSON and log: $OUT brings back 8 files, all taken (see session_steps).
+MEMORY_CHECK_DIR = Path("/tmp/gpu-session-memory")
+# The share of the GPU's memory the benchmarks give XLA (XLA_PYTHON_CLIENT_MEM_FRACTION), and
+# so what a step's programs must fit in.
+DEVICE_MEMORY_FRACTION = 0.95
 
 
 def print_environment() -> None:
@@ -80,22 +92,45 @@ def print_environment() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateCase:
+    """One ``benchmarks.e2e`` run: a model generating ``new_tokens`` after ``prompt_len`` for ``batch`` rows."""
+
+    model: str
+    kernels: str  # "pallas" or "xla"
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    prefill_chunk_size: int = 512
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.kernels} batch {self.batch}, {self.prompt_len}+{self.new_tokens} tokens"
+
+    def e2e_arguments(self) -> tuple[str, ...]:
+        return ("--model", self.model, "--kernels", self.kernels, "--batch", str(self.batch),
+                "--prompt-len", str(self.prompt_len), "--new-tokens", str(self.new_tokens),
+                "--prefill-chunk-size", str(self.prefill_chunk_size))
+
+
+@dataclasses.dataclass(frozen=True)
 class Step:
     name: str
     command: tuple[str, ...]
     limit_seconds: float
     env: tuple[tuple[str, str], ...] = ()  # set for its command
+    memory_case: GenerateCase | None = None  # run only if its programs fit the GPU's memory
 
 
 @dataclasses.dataclass
 class Outcome:
     step: str
-    status: str  # "passed", "failed (exit N)", "timed out after N s", "skipped: ..."
+    status: str  # "passed", "failed (exit N)", "timed out after N s", "skipped: ...", "left out: ..."
     seconds: float = 0.0
 
     @property
-    def ran(self) -> bool:
-        return not self.status.startswith("skipped")
+    def left_over(self) -> bool:
+        """Skipped for want of budget, so for another call (a step left out for memory is not)."""
+        return self.status.startswith("skipped")
 
 
 def session_steps(out: Path, commit: str | None) -> list[Step]:
@@ -110,9 +145,10 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
 
     # The device brings back at most 8 files from OUT: the log, the summary, the e2e rows and
     # the e2e steps' JSON files make 7.
-    def e2e(model: str, json_name: str, *extra: str) -> tuple[str, ...]:
-        return (python, "-m", "benchmarks.e2e", "--model", model, "--quick", *(("--commit", commit) if commit else ()),
-                "--results-md", str(out / "RESULTS.md"), "--json", str(out / json_name), *extra)
+    def e2e(name: str, case: GenerateCase, limit_seconds: float, *extra: str) -> Step:
+        command = (python, "-m", "benchmarks.e2e", *case.e2e_arguments(), *(("--commit", commit) if commit else ()),
+                   "--results-md", str(out / "RESULTS.md"), "--json", str(out / f"{name}.json"), *extra)
+        return Step(name, command, limit_seconds, memory_case=case)
 
     return [
         Step("env", (python, "-c", "import benchmarks.gpu_session as s; s.print_environment()"), 60),
@@ -120,11 +156,12 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         Step("kernel-tests", tuple(pytest), 300, env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
         Step("moe-kernel", (python, "-m", "benchmarks.moe_kernel"), 240),
         Step("attention-kernel", (python, "-m", "benchmarks.attention_kernel"), 180),
-        Step("e2e-20b", e2e("gpt-oss-20b", "e2e-20b.json", "--profile", TRACE_DIR), 300),
-        Step("e2e-120b", e2e("gpt-oss-120b", "e2e-120b.json"), 300),
+        # One batch size each, as e2e's --quick: every batch size compiles again.
+        e2e("e2e-20b", GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256), 300, "--profile", TRACE_DIR),
+        e2e("e2e-120b", GenerateCase("gpt-oss-120b", "pallas", 1, 1024, 256), 300),
         # 20000 + 256 tokens round up to a 32K-token cache: does 120b fit 80 GB with one?
-        Step("e2e-120b-32k", e2e("gpt-oss-120b", "e2e-120b-32k.json", "--prompt-len", "20000"), 420),
-        Step("e2e-20b-xla", e2e("gpt-oss-20b", "e2e-20b-xla.json", "--kernels", "xla"), 300),
+        e2e("e2e-120b-32k", GenerateCase("gpt-oss-120b", "pallas", 1, 20000, 256), 420),
+        e2e("e2e-20b-xla", GenerateCase("gpt-oss-20b", "xla", 1, 1024, 256), 300),
         Step("moe-sweep", (python, "-m", "benchmarks.moe_kernel", "--sweep", "--models", "20b",
                            "--tokens", "1", "64", "4096"), 300),
         # The engine's goal: 64 concurrent 1K/1K requests at gpt-oss-20b shapes, against static batching.
@@ -178,16 +215,99 @@ def _run_command(command: Sequence[str], env: dict[str, str], seconds: float, lo
     return status
 
 
-def run_session(steps: Sequence[Step], out: Path, budget_seconds: float) -> list[Outcome]:
-    """Run ``steps`` in order within ``budget_seconds``; a failed step does not stop the others."""
+def gpu_memory_bytes() -> int | None:
+    """The first GPU's memory as ``nvidia-smi`` reports it; None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                            capture_output=True, text=True, check=False)
+    try:
+        return int(result.stdout.split()[0]) << 20  # MiB
+    except (IndexError, ValueError):
+        return None
+
+
+def memory_check_command(step_names: Sequence[str], json_path: Path) -> tuple[str, ...]:
+    """The command that writes the steps' program memory to ``json_path`` (``benchmarks.memory --programs``)."""
+    return (sys.executable, "-m", "benchmarks.memory", "--programs", "--json", str(json_path), "--step", *step_names)
+
+
+class MemoryCheck:
+    """``benchmarks.memory --programs`` for the steps that generate, on the CPU, beside the GPU steps.
+
+    It compiles each step's programs at the real shapes (minutes of CPU, none of the GPU's), so
+    a step whose peak is over the GPU's memory is skipped rather than run into an out-of-memory
+    error. The steps before the first generating one (the kernel tests and benchmarks) run
+    meanwhile.
+    """
+
+    def __init__(self, steps: Sequence[Step], environment: dict[str, str], folder: Path = MEMORY_CHECK_DIR):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.json_path = folder / "memory.json"
+        self.json_path.unlink(missing_ok=True)
+        self.log_path = folder / "memory.log"
+        command = memory_check_command([step.name for step in steps if step.memory_case is not None], self.json_path)
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(command, cwd=REPOSITORY, env={**environment, "JAX_PLATFORMS": "cpu"},
+                                            stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        self._reported = False
+
+    def skip_reason(self, step: Step, device_bytes: int | None, wait_seconds: float, log: TextIO) -> str | None:
+        """Why ``step`` cannot fit the GPU, or None to run it (also when nothing could be checked)."""
+        try:
+            self.process.wait(timeout=max(wait_seconds, 0))
+        except subprocess.TimeoutExpired:
+            _echo(f"memory check: not done within {wait_seconds:.0f} s; {step.name} runs unchecked\n", log)
+            return None
+        if not self._reported:
+            self._reported = True
+            _echo(f"\n===== memory check (exit {self.process.returncode}) =====\n{self.log_path.read_text()}\n", log)
+        reports = json.loads(self.json_path.read_text()) if self.json_path.exists() else {}
+        report = reports.get(step.name)
+        if report is None or device_bytes is None:
+            _echo(f"memory check: no {'figure' if report is None else 'GPU memory'} for {step.name}; "
+                  "it runs unchecked\n", log)
+            return None
+        limit = DEVICE_MEMORY_FRACTION * device_bytes
+        if report["peak_bytes"] <= limit:
+            return None
+        largest = max(report["programs"], key=lambda program: program["peak_bytes"])
+        return (f"left out: its {largest['program']} needs {largest['peak_bytes'] / 1e9:.1f} GB, over the "
+                f"{limit / 1e9:.1f} GB XLA may take of this GPU's {device_bytes / 1e9:.1f} GB")
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+def run_session(steps: Sequence[Step], out: Path, budget_seconds: float,
+                memory_check_dir: Path = MEMORY_CHECK_DIR) -> list[Outcome]:
+    """Run ``steps`` in order within ``budget_seconds``; a failed step does not stop the others.
+
+    A step with a ``memory_case`` waits for the memory check (:class:`MemoryCheck`) and is
+    skipped, with the reason, when its programs do not fit the GPU.
+    """
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_seconds
     pythonpath = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
     environment = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath)
     outcomes = []
-    with (out / "session.log").open("a") as log:
+    memory_check = (MemoryCheck(steps, environment, memory_check_dir)
+                    if any(step.memory_case is not None for step in steps) else None)
+    device_bytes = gpu_memory_bytes()
+    with (out / "session.log").open("a") as log, contextlib.ExitStack() as cleanup:
+        if memory_check is not None:
+            cleanup.callback(memory_check.close)
         for step in steps:
             left = deadline - time.monotonic()
+            if left >= MIN_STEP_SECONDS and step.memory_case is not None and memory_check is not None:
+                reason = memory_check.skip_reason(step, device_bytes, left - MIN_STEP_SECONDS, log)
+                if reason is not None:
+                    _echo(f"\n===== {step.name}: {reason} =====\n", log)
+                    outcomes.append(Outcome(step.name, reason))
+                    continue
+                left = deadline - time.monotonic()
             if left < MIN_STEP_SECONDS:
                 outcomes.append(Outcome(step.name, f"skipped: {max(left, 0):.0f} s of the budget left"))
                 continue
@@ -209,7 +329,7 @@ def summary(outcomes: Sequence[Outcome], rerun: str) -> str:
     """A Markdown table of the outcomes, and ``rerun --from STEP`` for the steps left over."""
     lines = ["| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {o.step} | {o.status} | {o.seconds:.0f} |" for o in outcomes]
-    skipped = [o.step for o in outcomes if not o.ran]
+    skipped = [o.step for o in outcomes if o.left_over]
     if skipped:
         lines += ["", f"left for another call: {rerun} --from {skipped[0]}"]
     return "\n".join(lines) + "\n"

@@ -1,13 +1,14 @@
 """Every Pallas kernel compiled to SASS on the CPU: ptxas' registers and spills, the launch's
 shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
-at gpt-oss's shapes. No GPU is needed or used.
+at gpt-oss's shapes, on one GPU and at one device's shapes on each mesh of
+:mod:`benchmarks.sharded_kernels` (:func:`shard_cases`). No GPU is needed or used.
 
   python -m benchmarks.kernel_sass [--only moe flash decode] [--write] [--jobs N] [--tools DIR]
 
 ``--write`` replaces this tool's section of ``benchmarks/RESULTS.md`` with the tables and writes
 each kernel's SASS to ``benchmarks/sass/``. Other tools take the figures from
-:func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases: per-shard
-shapes are cases built from a config with a shard's sizes (:func:`gpt_oss_cases`) or directly.
+:func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases: built from a
+config (:func:`gpt_oss_cases`; one with a shard's sizes gives that shard's) or directly.
 
 How (design.md, testing without a GPU, item 6). ``jax.export`` for ``cuda`` lowers a kernel to
 its Mosaic GPU module (``mosaic.gpu.core.KNOWN_KERNELS``); the CUDA 13 PJRT plugin's
@@ -159,6 +160,14 @@ class AttentionHeads:
     kv_heads: int = 8
     head_dim: int = 64
 
+    @property
+    def heads_suffix(self) -> str:
+        """`` heads=8/1`` for one device's query / KV heads under ``tensor`` ('' for all 64 / 8)."""
+        whole = AttentionHeads()
+        if (self.q_heads, self.kv_heads) == (whole.q_heads, whole.kv_heads):
+            return ""
+        return f" heads={self.q_heads}/{self.kv_heads}"
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefillCase(AttentionHeads):
@@ -173,7 +182,8 @@ class PrefillCase(AttentionHeads):
 
     @property
     def name(self) -> str:
-        return f"flash T={self.seq_len} {'window' if self.window else 'full'}" + config_suffix(self.config)
+        return (f"flash T={self.seq_len} {'window' if self.window else 'full'}" + self.heads_suffix
+                + config_suffix(self.config))
 
     def export(self) -> None:
         import jax
@@ -214,7 +224,8 @@ class DecodeCase(AttentionHeads):
     @property
     def name(self) -> str:
         layer = "sliding" if self.window else "full"
-        return f"decode {layer} ctx={self.context // 1024}K batch={self.batch}" + config_suffix(self.config)
+        return (f"decode {layer} ctx={self.context // 1024}K batch={self.batch}" + self.heads_suffix
+                + config_suffix(self.config))
 
     def export(self) -> None:
         import jax
@@ -270,6 +281,30 @@ def gpt_oss_cases(
         if "decode" in kernels:
             cases += [DecodeCase(b, c, window, **heads) for window in windows for c in contexts for b in batches]
     return list(dict.fromkeys(cases))
+
+
+def shard_cases(kernels: Sequence[str] = ("moe", "flash", "decode")) -> list[Case]:
+    """Every kernel at one device's shapes on each mesh of :mod:`benchmarks.sharded_kernels`,
+    less those :func:`gpt_oss_cases` lists: fewer experts (``E<n>``), fewer query and KV heads
+    (``heads=q/kv``), and under ``data`` fewer decode rows (its 64 rows split).
+    """
+    from benchmarks.sharded_kernels import DECODE_BATCH, MODELS, PREFILL_TOKENS, meshes, shard_config
+    from gptoss_jax.config import preset
+
+    whole = set(gpt_oss_cases(kernels=kernels))
+    cases = []
+    for sizes in meshes():
+        rows = DECODE_BATCH // sizes["data"]
+        configs = [shard_config(preset(model), sizes) for model in MODELS]
+        cases += gpt_oss_cases(configs, tokens=(1, rows, PREFILL_TOKENS), prefill=(PREFILL_TOKENS,),
+                               contexts=(4096,), batches=(1, rows), kernels=kernels)
+    return sorted((case for case in dict.fromkeys(cases) if case not in whole), key=_shard_order)
+
+
+def _shard_order(case: Case) -> tuple:
+    """Kernel by kernel, as :func:`gpt_oss_cases` lists them; the largest shard first."""
+    share = (-case.experts, case.matmul, case.tokens) if case.kernel == "moe" else (-case.kv_heads, case.name)
+    return (("moe", "flash", "decode").index(case.kernel), *share)
 
 
 def config_suffix(config: Any) -> str:
@@ -636,6 +671,10 @@ def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Pat
         f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernel_sass --write` for `{TARGET}` with "
         f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {git_commit()}; "
         "each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 routing). "
+        "After gpt-oss's own shapes come one device's on each mesh of `benchmarks/sharded_kernels.py` (the "
+        "README's Multiple GPUs table) that one GPU does not have: `E<n>`, n experts per device (a device "
+        "gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per "
+        "device. "
         f"Each kernel's SASS is in `{sass_dir.relative_to(REPOSITORY)}/` (column SASS; cases whose SASS differs "
         "only in constants, such as the expert count, share one). The tool's docstring says "
         "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
@@ -659,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
         _compile_in_worker(*args.worker)
         return []
     tools = install_tools(args.tools, args.ptxas)
-    reports = compile_kernels(gpt_oss_cases(kernels=args.only), tools, jobs=args.jobs)
+    reports = compile_kernels(gpt_oss_cases(kernels=args.only) + shard_cases(args.only), tools, jobs=args.jobs)
     print(f"{tools.ptxas_version}, {TARGET}\n")
     print(tables(reports))
     refused = [v for r in reports for v in violations(r)]

@@ -28,7 +28,7 @@ CACHE_ENV_VAR = "GPTOSS_JAX_CACHE"
 DEMO_PRESET = "small"
 DEMO_SEED = 0
 # Bump when the way the demo checkpoint is made changes, so that stale folders are not reused.
-DEMO_FORMAT_VERSION = 1
+DEMO_FORMAT_VERSION = 2
 
 
 def cache_root() -> Path:

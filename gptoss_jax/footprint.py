@@ -1,6 +1,6 @@
 """What a model takes in device memory, from shapes alone, and what a device has.
 
-Parameter bytes come from the model built abstractly (``nnx.eval_shape``): nothing is allocated
+Parameter bytes come from the model built abstractly (``abstract_model``): nothing is allocated
 and no weights are read, so a checkpoint's ``config.json`` is enough, on any machine. On a mesh,
 each parameter's shard is its shape divided by the mesh axes its partition spec names
 (:mod:`gptoss_jax.sharding`). The KV cache's bytes are :func:`gptoss_jax.kv_cache.cache_bytes`.
@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax.checkpoints.parameters import abstract_model
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kv_cache import cache_bytes
-from gptoss_jax.model import GptOss
 from gptoss_jax.sharding import partition_spec
 
 # The share of a device's memory the parameters and the KV cache may take; the rest is for the
@@ -34,8 +34,7 @@ _MEMINFO = "/proc/meminfo"
 
 @functools.cache
 def _abstract_parameters(config: GptOssConfig) -> list[tuple[tuple, nnx.Variable]]:
-    abstract = nnx.eval_shape(lambda: GptOss(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    return nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return nnx.to_flat_state(nnx.state(abstract_model(config, kernels="xla"), nnx.Param))
 
 
 def parameter_bytes(config: GptOssConfig) -> dict[str, int]:

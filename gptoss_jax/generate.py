@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -100,6 +101,33 @@ class GenerationOutput:
 
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """The bucketed shapes of one :func:`generate` call."""
+
+    chunk: int  # prompt tokens per row per prefill step
+    padded_length: int  # the prompts' columns, a whole number of chunks
+    cache_length: int  # the cache's positions at the start
+    final_cache_length: int  # ... once it has grown for the whole generation
+    buffer: int  # the output columns
+
+    @classmethod
+    def plan(cls, config, longest: int, max_new_tokens: int, prefill_chunk_size: int) -> _Shapes:
+        chunk = min(_bucket(prefill_chunk_size, _MIN_BUCKET), _bucket(longest, _MIN_BUCKET))
+        # The cache starts with room for the whole generation, or for FIRST_CACHE_LENGTH positions
+        # past the prompt if that is less, and doubles whenever it fills: a large max_new_tokens
+        # costs neither memory nor (on the XLA path, which reads every slot) time until it is used.
+        final_cache_length = min(_bucket(longest + max_new_tokens, _MIN_CACHE), config.max_position_embeddings)
+        return cls(
+            chunk=chunk, padded_length=-(-longest // chunk) * chunk,
+            cache_length=min(_bucket(longest + FIRST_CACHE_LENGTH, _MIN_CACHE), final_cache_length),
+            final_cache_length=final_cache_length, buffer=_bucket(max_new_tokens, _MIN_BUCKET),
+        )
+
+    def next_cache_length(self, cache_length: int) -> int:
+        return min(2 * cache_length, self.final_cache_length)
 
 
 class GenerationInputError(GptOssError):
@@ -205,6 +233,24 @@ def _decode(graphdef, state, carry: _DecodeState, max_new_tokens, stop_tokens, s
         # the last sampled token is never run through the model.
         carry = sample_next(carry)
     return jax.lax.while_loop(keep_going, lambda carry: sample_next(feed_back(carry)), carry)
+
+
+def _first_carry(cache: KVCache, logits: jax.Array, lengths: jax.Array, buffer: int, seed: int) -> _DecodeState:
+    """The decode loop's state after the prefill: ``lengths`` [B] prompt tokens, ``logits`` [B, V]."""
+    batch = lengths.shape[0]
+    return _DecodeState(
+        step=jnp.int32(0), stop_requested=jnp.bool_(False), key=jax.random.key(seed), cache=cache,
+        logits=logits, positions=lengths, active=jnp.ones((batch,), bool),
+        generated=jnp.zeros((batch,), jnp.int32), tokens=jnp.zeros((batch, buffer), jnp.int32),
+        logprobs=jnp.zeros((batch, buffer), jnp.float32),
+    )
+
+
+def _decode_arguments(max_new_tokens: int, stop_tokens: Sequence[int], sampling: SamplingConfig,
+                      stream_id: int) -> tuple:
+    """The decode program's arguments after its state, as arrays."""
+    return (jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
+            jax.tree.map(jnp.float32, sampling), jnp.int32(stream_id))
 
 
 def _finished(carry: _DecodeState, max_new_tokens: jax.Array | int) -> jax.Array:
@@ -338,13 +384,8 @@ def generate(
     lengths = np.array([a.size for a in arrays], np.int32)
     config = model.config
     longest = int(lengths.max())
-    chunk = min(_bucket(prefill_chunk_size, _MIN_BUCKET), _bucket(longest, _MIN_BUCKET))
-    padded_length = -(-longest // chunk) * chunk
-    # The cache starts with room for the whole generation, or for FIRST_CACHE_LENGTH positions past
-    # the prompt if that is less, and doubles whenever it fills: a large max_new_tokens costs
-    # neither memory nor (on the XLA path, which reads every slot) time until it is used.
-    final_cache_length = min(_bucket(longest + max_new_tokens, _MIN_CACHE), config.max_position_embeddings)
-    cache_length = min(_bucket(longest + FIRST_CACHE_LENGTH, _MIN_CACHE), final_cache_length)
+    shapes = _Shapes.plan(config, longest, max_new_tokens, prefill_chunk_size)
+    chunk, padded_length, cache_length = shapes.chunk, shapes.padded_length, shapes.cache_length
     tokens = np.zeros((batch, padded_length), np.int32)
     for row, ids in enumerate(arrays):
         tokens[row, :ids.size] = ids
@@ -370,26 +411,20 @@ def generate(
     jax.block_until_ready(logits)
     prefill_seconds = time.perf_counter() - begin - compile_seconds
 
-    buffer = _bucket(max_new_tokens, _MIN_BUCKET)
+    buffer = shapes.buffer
     stream = streamer is not None
     stream_id = programs.streams.open(streamer) if stream else -1
     streamer_error = None
     try:
         begin = time.perf_counter()
         prefill_compile_seconds = compile_seconds
-        carry = _DecodeState(
-            step=jnp.int32(0), stop_requested=jnp.bool_(False), key=jax.random.key(seed), cache=cache,
-            logits=logits, positions=jnp.asarray(lengths), active=jnp.ones((batch,), bool),
-            generated=jnp.zeros((batch,), jnp.int32), tokens=jnp.zeros((batch, buffer), jnp.int32),
-            logprobs=jnp.zeros((batch, buffer), jnp.float32),
-        )
-        arguments = (jnp.int32(max_new_tokens), jnp.asarray(np.asarray(stop_tokens, np.int32).reshape(-1)),
-                     jax.tree.map(jnp.float32, sampling), jnp.int32(stream_id))
+        carry = _first_carry(cache, logits, jnp.asarray(lengths), buffer, seed)
+        arguments = _decode_arguments(max_new_tokens, stop_tokens, sampling, stream_id)
         carry, seconds = programs.decode(graphdef, state, carry, *arguments, first=True, stream=stream)
         compile_seconds += seconds
         # The loop returned because it is over or because the cache is full (a device-to-host read).
-        while carry.cache.max_length < final_cache_length and not _finished(carry, max_new_tokens):
-            cache = carry.cache.extended(config, min(2 * carry.cache.max_length, final_cache_length))
+        while carry.cache.max_length < shapes.final_cache_length and not _finished(carry, max_new_tokens):
+            cache = carry.cache.extended(config, shapes.next_cache_length(carry.cache.max_length))
             carry, seconds = programs.decode(graphdef, state, carry._replace(cache=cache), *arguments,
                                              first=False, stream=stream)
             compile_seconds += seconds
@@ -411,3 +446,65 @@ def generate(
         logprobs=[logprobs[row, :n].tolist() for row, n in enumerate(generated)] if return_logprobs else None,
         stats=stats,
     )
+
+
+class LoweredProgram(NamedTuple):
+    """One program of a generation, lowered (:func:`lower_generate`), and its cache's length."""
+
+    lowered: jax.stages.Lowered
+    cache_length: int
+
+
+def lower_generate(
+    model: GptOss, batch: int, prompt_length: int, max_new_tokens: int, *, prefill_chunk_size: int = 512,
+) -> dict[str, LoweredProgram]:
+    """The programs :func:`generate` runs for ``batch`` prompts of ``prompt_length`` tokens, lowered, not run.
+
+    For checking a generation's memory before running it: ``model`` may be abstract
+    (:func:`gptoss_jax.checkpoints.parameters.abstract_model`), nothing is allocated, and the
+    programs donate their cache as they do on an accelerator (the CPU backend does not reuse
+    donated buffers, so :func:`generate` does not ask it to). Greedy sampling without logprobs
+    or a streamer, as a benchmark runs.
+
+    Returns:
+      By name: ``prefill (first chunk)``, ``prefill (later chunk)`` when the prompt takes more
+      than one chunk, ``decode``, and, when the cache grows during the generation, ``cache growth``
+      (the last doubling) and ``decode (grown cache)``.
+    """
+    config = model.config
+    if model.mesh is not None:
+        batch += -batch % model.mesh.shape["data"]
+    shapes = _Shapes.plan(config, prompt_length, max_new_tokens, prefill_chunk_size)
+    graphdef, state = nnx.split(model)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    columns = jax.ShapeDtypeStruct((batch, shapes.chunk), jnp.int32)
+
+    def cache_of(length: int) -> KVCache:
+        return jax.eval_shape(lambda: KVCache.create(config, batch, length, model.dtype, model.mesh))
+
+    logits = jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32)
+    prefill = jax.jit(_prefill_chunk, static_argnames=("graphdef", "first"), donate_argnames=("cache",))
+    decode = jax.jit(functools.partial(_decode, emit=None), static_argnames=("graphdef", "first", "stream"),
+                     donate_argnames=("carry",))
+    decode_arguments = jax.eval_shape(lambda: _decode_arguments(max_new_tokens, (), SamplingConfig(temperature=0.0), 0))
+    cache = cache_of(shapes.cache_length)
+    prefill_arguments = (graphdef, state, columns, columns, cache, rows, jax.ShapeDtypeStruct((batch,), jnp.bool_), logits)
+    carry = jax.eval_shape(lambda: _first_carry(cache, logits, jnp.zeros((batch,), jnp.int32), shapes.buffer, 0))
+    first, final = shapes.cache_length, shapes.final_cache_length
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        programs = {"prefill (first chunk)": LoweredProgram(prefill.lower(*prefill_arguments, first=True), first)}
+        if shapes.padded_length > shapes.chunk:
+            programs["prefill (later chunk)"] = LoweredProgram(prefill.lower(*prefill_arguments, first=False), first)
+        programs["decode"] = LoweredProgram(
+            decode.lower(graphdef, state, carry, *decode_arguments, first=True, stream=False), first)
+        if first < final:
+            length = first
+            while shapes.next_cache_length(length) < final:
+                length = shapes.next_cache_length(length)
+            growth = jax.jit(lambda cache: cache.extended(config, final))
+            programs["cache growth"] = LoweredProgram(growth.lower(cache_of(length)), final)
+            grown = carry._replace(cache=cache_of(final))
+            programs["decode (grown cache)"] = LoweredProgram(
+                decode.lower(graphdef, state, grown, *decode_arguments, first=False, stream=False), final)
+    return programs

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
+from benchmarks.sharded_kernels import KERNEL_PRIMITIVES, sub_jaxprs
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
@@ -36,7 +37,6 @@ PREFILL_TOKENS = 4096
 CHUNK_TOKENS = 512
 KERNELS_PER_LAYER = 3  # attention, expert matmul 1 (bias + SwiGLU), expert matmul 2
 LOWERED_LAYERS = 2  # layer 0 slides, layer 1 attends to all: both kinds of layer
-_KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")
 
 
 def abstract_step(config: GptOssConfig, mode: str, batch: int) -> tuple[Callable, tuple]:
@@ -63,24 +63,15 @@ def abstract_step(config: GptOssConfig, mode: str, batch: int) -> tuple[Callable
     return prefill, (abstract_state, jax.ShapeDtypeStruct((batch, PREFILL_TOKENS), jnp.int32))
 
 
-def _sub_jaxprs(equation: jax_core.JaxprEqn) -> Iterator[jax_core.Jaxpr]:
-    for value in equation.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax_core.ClosedJaxpr):
-                yield item.jaxpr
-            elif isinstance(item, jax_core.Jaxpr):
-                yield item
-
-
 def kernel_calls(jaxpr: jax_core.Jaxpr) -> list[str]:
     """Every Pallas kernel call in a jaxpr, nested ones included, as the text of its parameters
     (grid, memory spaces, the kernel body), in program order."""
     calls = []
     for equation in jaxpr.eqns:
-        if equation.primitive.name in _KERNEL_PRIMITIVES:
+        if equation.primitive.name in KERNEL_PRIMITIVES:
             calls.append(str(equation.params))
         else:
-            for sub in _sub_jaxprs(equation):
+            for sub in sub_jaxprs(equation):
                 calls.extend(kernel_calls(sub))
     return calls
 

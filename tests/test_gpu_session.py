@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -97,13 +98,49 @@ def test_the_steps_commands_name_what_exists(tmp_path):
     assert all((REPOSITORY / path).is_file() for path in gpu_session.KERNEL_TEST_FILES)
     assert set(gpu_session.KERNEL_TEST_FILES) <= set(steps["kernel-tests"].command)
     for name in ("e2e-20b", "e2e-120b", "e2e-120b-32k", "e2e-20b-xla"):
-        command = steps[name].command
+        command, case = steps[name].command, steps[name].memory_case
         assert command[1:3] == ("-m", "benchmarks.e2e")
         args = e2e.parse_args(command[3:])
-        assert args.quick and args.commit == "abc1234" and args.json.parent == tmp_path
+        assert args.commit == "abc1234" and args.json.parent == tmp_path
+        # The memory check compiles what the step runs.
+        assert (args.model, args.kernels, args.batch, args.prompt_len, args.new_tokens, args.prefill_chunk_size) == (
+            case.model, case.kernels, [case.batch], case.prompt_len, case.new_tokens, case.prefill_chunk_size)
     assert e2e.parse_args(steps["e2e-20b-xla"].command[3:]).kernels == "xla"
     long_context = e2e.parse_args(steps["e2e-120b-32k"].command[3:])
     assert (long_context.batch, long_context.prompt_len, long_context.new_tokens) == ([1], 20000, 256)
+
+
+def test_a_step_whose_programs_do_not_fit_the_gpu_is_left_out_and_the_rest_run(tmp_path, monkeypatch):
+    fits = gpu_session.GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256)
+    too_big = gpu_session.GenerateCase("gpt-oss-120b", "pallas", 64, 20000, 256)
+    figures = {
+        "small": {"peak_bytes": 20e9, "programs": [{"program": "decode", "peak_bytes": 20e9}]},
+        "large": {"peak_bytes": 90e9, "programs": [{"program": "prefill (first chunk)", "peak_bytes": 70e9},
+                                                   {"program": "decode", "peak_bytes": 90e9}]},
+    }
+
+    def fake_check(names, json_path):
+        assert names == ["small", "large", "unchecked"]
+        return (sys.executable, "-c", f"import json, time; time.sleep(1); "
+                f"open({str(json_path)!r}, 'w').write(json.dumps({figures!r})); print('compiled')")
+
+    monkeypatch.setattr(gpu_session, "memory_check_command", fake_check)
+    monkeypatch.setattr(gpu_session, "gpu_memory_bytes", lambda: 80 << 30)
+    steps = [
+        python_step("kernels", "print('no memory check needed')"),
+        dataclasses.replace(python_step("small", "print('small ran')"), memory_case=fits),
+        dataclasses.replace(python_step("large", "print('large ran')"), memory_case=too_big),
+        dataclasses.replace(python_step("unchecked", "print('unchecked ran')"), memory_case=fits),
+    ]
+    outcomes = run_session(steps, tmp_path / "out", budget_seconds=120, memory_check_dir=tmp_path / "memory")
+
+    assert [o.status for o in outcomes[:2]] == ["passed", "passed"]
+    assert outcomes[2].status == ("left out: its decode needs 90.0 GB, over the 81.6 GB XLA may take of this "
+                                  "GPU's 85.9 GB")
+    assert outcomes[3].status == "passed"  # no figure for it: it runs
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "compiled" in log and "large ran" not in log and "no figure for unchecked" in log
+    assert "left for another call" not in summary(outcomes, "RERUN")
 
 
 def test_unknown_steps_are_named(capsys):

@@ -1,6 +1,6 @@
 """benchmarks/kernel_sass.py (and sass_reading.py): its reading of ptxas' report, the launch and the SASS, its occupancy and
 budget arithmetic, and its stand-in CUDA driver. The compile itself (every kernel through ptxas,
-about 2 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
+74 kernels in 2-3 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
 --check``, not here."""
 
 import ctypes
@@ -145,6 +145,17 @@ def test_default_cases_cover_every_kernel_shape_once():
     shard = dataclasses.replace(preset("gpt-oss-120b"), num_experts=32 // 4)  # expert-parallel shard
     (mlp2,) = [c for c in ks.gpt_oss_cases([shard], tokens=(64,), kernels=("moe",)) if c.matmul == "mlp2"]
     assert (mlp2.model, mlp2.experts, mlp2.n, mlp2.k) == ("E8", 8, 2880, 2880)
+
+
+def test_shard_cases_add_each_devices_kernels_once():
+    shards = ks.shard_cases()
+    names = [c.name for c in ks.gpt_oss_cases() + shards]
+    assert len(names) == len(set(names))
+    # 20b's 32 and 120b's 128 experts over 2, 4 or 8 expert x tensor devices; 32 is 20b's own.
+    assert {c.experts for c in shards if c.kernel == "moe"} == {64, 32, 16, 8, 4}
+    assert {(c.q_heads, c.kv_heads) for c in shards if c.kernel != "moe"} == {(32, 4), (16, 2), (8, 1)}
+    assert {c.batch for c in shards if c.kernel == "decode"} == {1, 32, 64}  # data=2 halves the 64 rows
+    assert ks.MoeCase("E8", "mlp1", 32, 8, 5760, 2880) in shards
 
 
 def test_the_section_replaces_only_itself(tmp_path):

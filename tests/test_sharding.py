@@ -103,6 +103,10 @@ def test_every_parameter_is_sharded_by_the_rules(worker: dict):
         assert shard_shape == [size // split for size, split in zip(shape, splits)], path
 
 
+def test_a_random_model_is_drawn_in_place_on_the_mesh(worker: dict):
+    assert worker["random_model"] == {"same values": True, "placed by the rules": True}
+
+
 def test_kv_cache_is_split_by_heads_and_rows(worker: dict):
     assert worker["cache_specs"] == [["data", None, "tensor", None], ["data", None, "tensor", None], ["data", None]]
     assert worker["extended_cache_specs"] == worker["cache_specs"]
@@ -225,6 +229,7 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
     from gptoss_jax.checkpoints.orbax_writer import convert_checkpoint
     from gptoss_jax.kv_cache import KVCache
     from gptoss_jax.model import GptOss
+    from gptoss_jax.random_weights import random_model
     from gptoss_jax.sharding import MeshError, make_mesh
 
     config = test_config()
@@ -258,6 +263,16 @@ def _run_worker(checkpoint: str, converted: str) -> dict:
         ".".join(map(str, path)): (_spec(v.get_value().sharding), list(v.get_value().addressable_shards[0].data.shape),
                                    list(v.get_value().shape))
         for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    # A random model drawn on the mesh: each device draws its shards, the values those of one device.
+    single_random = nnx.to_flat_state(nnx.state(random_model(config, seed=3, kernels="xla"), nnx.Param))
+    sharded_random = nnx.to_flat_state(nnx.state(random_model(config, seed=3, kernels="xla", mesh=model.mesh),
+                                                  nnx.Param))
+    rules = {path: _spec(v.get_value().sharding) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    report["random_model"] = {
+        "same values": all(np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+                           for (_, a), (_, b) in zip(single_random, sharded_random, strict=True)),
+        "placed by the rules": all(_spec(v.get_value().sharding) == rules[path] for path, v in sharded_random),
     }
     cache = KVCache.create(config, 2, 16, jnp.float32, model.mesh)
     report["cache_specs"] = [_spec(array.sharding) for array in cache.layers[1]]
