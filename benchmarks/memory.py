@@ -225,8 +225,9 @@ def cpu_weight_copies_bytes(config: GptOssConfig, program: str) -> int:
 
     The unembedding's upcast and transpose, and every layer's attention weights hoisted out of
     the loop (see the module docstring; gpt-oss-20b's 7.19 GB of decode temporaries are these
-    plus 0.02 GB). Counted for the decode loop only, so that what is taken off is never more than
-    the CPU added.
+    plus 0.02 GB). Counted for the decode loop only, and never more than a program's temporaries
+    (at larger batches the CPU compiler does not hoist them), so that what is taken off is never
+    more than the CPU added.
     """
     if not program.startswith("decode"):
         return 0
@@ -258,8 +259,8 @@ def fit_table(model: str, device_bytes: float, batches: Sequence[int] = FIT_BATC
                                     default_prefill_chunk_size(batch))
                 programs = [p for p in generate_memory(config, case) if p.program in ("prefill (later chunk)", "decode")]
                 row["peak_bytes"] = max(p.peak_bytes for p in programs)
-                row["gpu_estimate_bytes"] = max(p.peak_bytes - cpu_weight_copies_bytes(config, p.program)
-                                                for p in programs)
+                row["gpu_estimate_bytes"] = max(
+                    p.peak_bytes - min(cpu_weight_copies_bytes(config, p.program), p.temp_bytes) for p in programs)
             row["fits"] = row["gpu_estimate_bytes"] is not None and row["gpu_estimate_bytes"] <= limit
             rows.append(row)
             print(format_fit_row(row, parameters, limit), flush=True)
