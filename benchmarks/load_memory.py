@@ -47,7 +47,7 @@ def measure(folder: Path) -> dict:
     from flax import nnx
 
     import gptoss_jax
-    from benchmarks.memory import parameter_bytes_of
+    from gptoss_jax.footprint import parameter_bytes
     from gptoss_jax.checkpoints.parameters import parameter_specs
 
     jax.devices()  # start the backend before the baseline
@@ -59,7 +59,7 @@ def measure(folder: Path) -> dict:
     specs = parameter_specs(config)
     return {
         "folder": str(folder),
-        "parameter_bytes": sum(parameter_bytes_of(config).values()),
+        "parameter_bytes": sum(parameter_bytes(config).values()),
         "largest_tensor_bytes": max(spec.size * spec.dtype.itemsize for spec in specs.values()),
         "peak_resident_over_baseline_bytes": peak - before,
         "device_bytes_loaded": sum(array.nbytes for array in jax.live_arrays()),

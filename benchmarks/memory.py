@@ -39,78 +39,42 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.gpu_session import GenerateCase, session_steps
+from benchmarks.gpu_session import DEVICE_MEMORY_FRACTION, GenerateCase, session_steps
+from gptoss_jax import footprint
 from gptoss_jax.checkpoints.parameters import abstract_model
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import lower_generate
 from gptoss_jax.kv_cache import cache_bytes
 from gptoss_jax.random_weights import PART_KINDS, part_initializer
-from gptoss_jax.sharding import AXES, default_mesh_shape, make_mesh, partition_spec
+from gptoss_jax.sharding import AXES, default_mesh_shape, make_mesh
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 
 GOALS_GB = {"gpt-oss-20b": 14.0, "gpt-oss-120b": 66.0}
 
-# The share of a GPU's memory XLA is given by the benchmarks (benchmarks/e2e.py), and the GPUs
-# the table is held against (their memory as sold, in bytes).
-DEVICE_MEMORY_FRACTION = 0.95
+# The GPUs the tables are held against (their memory as sold, in bytes).
 DEVICES = {"H100 80 GB": 80e9, "H200 141 GB": 141e9}
-
-
-def _abstract_parameters(config: GptOssConfig) -> list[tuple[tuple, nnx.Variable]]:
-    return nnx.to_flat_state(nnx.state(abstract_model(config, kernels="xla"), nnx.Param))
 
 
 def parameter_bytes(name: str) -> dict[str, int]:
     """Bytes of each kind of parameter of a preset: MXFP4 experts, expert biases, the rest."""
-    return parameter_bytes_of(preset(name))
-
-
-def parameter_bytes_of(config: GptOssConfig) -> dict[str, int]:
-    """:func:`parameter_bytes` of any configuration."""
-    totals: dict[str, int] = defaultdict(int)
-    for path, variable in _abstract_parameters(config):
-        leaf = variable.get_value()
-        size = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-        key = ".".join(map(str, path))
-        if key.endswith((".blocks", ".scales")):
-            totals["experts (MXFP4 blocks + scales)"] += size
-        elif key.endswith(("mlp1_bias", "mlp2_bias")):
-            totals["expert biases (bf16)"] += size
-        elif key.startswith(("embedding", "unembedding")):
-            totals["embedding + unembedding (bf16)"] += size
-        else:
-            totals["attention, router, norms"] += size
-    return dict(totals)
+    return footprint.parameter_bytes(preset(name))
 
 
 def per_device_bytes(name: str, mesh_shape: dict[str, int]) -> int:
     """Parameter bytes one device holds on a mesh of these axis sizes (the largest shard, if uneven)."""
-    total = 0
-    for _, variable in _abstract_parameters(preset(name)):
-        leaf = variable.get_value()
-        spec = partition_spec(*variable.get_metadata().get("out_sharding", ()))
-        shard_shape = list(leaf.shape)
-        for dim, mesh_axes in enumerate(spec):
-            mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ()
-            shard_shape[dim] = -(-shard_shape[dim] // math.prod(mesh_shape[axis] for axis in mesh_axes))
-        total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
+    return footprint.per_device_parameter_bytes(preset(name), mesh_shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +124,7 @@ def initializer_memory(config: GptOssConfig) -> list[ProgramMemory]:
     Its arguments are counted as every parameter outside the part, so its peak is the whole
     model's parameters plus the part's temporaries.
     """
-    total = sum(parameter_bytes_of(config).values())
+    total = sum(footprint.parameter_bytes(config).values())
     rows = []
     for kind in PART_KINDS:
         compiled = part_initializer(config, kind).lower(jax.random.key(0)).compile()
@@ -199,7 +163,7 @@ def case_report(case: GenerateCase, *, layers: int | None = None) -> dict:
         "case": dataclasses.asdict(case),
         "name": case.name,
         "layers": config.num_hidden_layers,
-        "parameter_bytes": sum(parameter_bytes_of(config).values()),
+        "parameter_bytes": sum(footprint.parameter_bytes(config).values()),
         "programs": [{**dataclasses.asdict(p), "peak_bytes": p.peak_bytes,
                       "cache_bytes": None if p.cache_length is None else cache_bytes(config, case.batch, p.cache_length)}
                      for p in programs],
@@ -283,7 +247,7 @@ def fit_table(model: str, device_bytes: float, batches: Sequence[int] = FIT_BATC
 
     config = preset(model)
     limit = DEVICE_MEMORY_FRACTION * device_bytes
-    parameters = sum(parameter_bytes_of(config).values())
+    parameters = sum(footprint.parameter_bytes(config).values())
     rows = []
     for batch in batches:
         for context in contexts:

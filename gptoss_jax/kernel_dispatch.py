@@ -1,18 +1,20 @@
 """Choice between the Pallas Mosaic-GPU kernels and their plain-XLA references.
 
-``auto`` takes the kernels on Hopper-or-newer NVIDIA GPUs and the references elsewhere;
+``auto`` takes the kernels on NVIDIA Hopper GPUs (sm_90) and the references elsewhere;
 ``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
 mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
 ``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
 
 Each kernel takes only the shapes it was written for, so a choice becomes a :class:`KernelPlan`
 (:func:`kernel_plan`), which says what runs each part of the model: the one place that decides,
-for the model as for what the CLI shows.
+for the model as for what the CLI shows. :func:`kernel_decisions` gives each part's reason too
+(the device, the shapes, the CUDA toolchain), which ``gptoss-jax env`` prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Literal
 
@@ -23,68 +25,116 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import GptOssError
 from pallas_kernels import mxfp4_moe
-from pallas_kernels.cuda_toolchain import cuda_miscompiles_attention_masks
+from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
 
 KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 Implementation = Literal["pallas", "xla", "interpret"]  # what a resolved choice runs
 ENV_VAR = "GPTOSS_JAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla", "interpret")
-_MIN_COMPUTE_CAPABILITY = 9.0  # WGMMA and TMA
+# The kernels' WGMMA exists on Hopper only: sm_90a code does not run on later GPUs (Blackwell
+# has tcgen05 instead).
+_HOPPER_MAJOR = 9
+HOPPER_GPU = "an NVIDIA Hopper GPU (sm_90)"
 
 
 class KernelChoiceError(GptOssError):
     """A kernel choice that is no choice: an unknown name, in an argument or the environment."""
 
 
-def has_hopper_gpu() -> bool:
-    """Whether the default device is an NVIDIA GPU with WGMMA and TMA (sm_90 or newer)."""
+def hopper_gpu_missing() -> str | None:
+    """Why the default device cannot run the kernels (``the device is cpu``); None on a Hopper GPU."""
     device = jax.devices()[0]
     if device.platform != "gpu":
-        return False
-    try:
-        return float(device.compute_capability) >= _MIN_COMPUTE_CAPABILITY
-    except (AttributeError, ValueError):
-        return False
+        return f"the device is {device.platform}"
+    capability = str(getattr(device, "compute_capability", "unknown"))
+    major, _, minor = capability.partition(".")
+    if not (major.isdigit() and minor.isdigit()):  # not an NVIDIA compute capability
+        return f"the device is {device.device_kind} (compute capability {capability})"
+    if int(major) == _HOPPER_MAJOR:
+        return None
+    later = ": WGMMA, which the kernels use, is Hopper's alone" if int(major) > _HOPPER_MAJOR else ""
+    return f"the device is {device.device_kind} (sm_{major}{minor}{later})"
+
+
+def has_hopper_gpu() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (sm_90: WGMMA and TMA)."""
+    return hopper_gpu_missing() is None
+
+
+def requested_kernels(choice: KernelChoice = "auto") -> tuple[KernelChoice, str | None]:
+    """The choice in force and who made it: ``choice`` (None), else ``GPTOSS_JAX_KERNELS`` (its name) for ``auto``.
+
+    ``("auto", None)`` when neither asks for anything; unknown names raise :class:`KernelChoiceError`.
+    """
+    if choice not in _CHOICES:
+        raise KernelChoiceError(f"kernels must be one of {_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice, None
+    from_environment = os.environ.get(ENV_VAR, "auto").lower() or "auto"
+    if from_environment not in _CHOICES:
+        raise KernelChoiceError(f"{ENV_VAR} must be one of {_CHOICES}, got {from_environment!r}")
+    return from_environment, ENV_VAR if from_environment != "auto" else None
+
+
+def _resolved(choice: KernelChoice) -> tuple[Implementation, str]:
+    """What ``choice`` runs where shapes allow, and why: ``("xla", "auto: ...; the device is cpu")``."""
+    requested, source = requested_kernels(choice)
+    if requested != "auto":
+        return requested, f"kernels={requested!r} asked for" if source is None else f"{source}={requested}"
+    missing = hopper_gpu_missing()
+    if missing is None:
+        return "pallas", f"auto: the device is {jax.devices()[0].device_kind}"
+    return "xla", f"auto: the kernels need {HOPPER_GPU}; {missing}"
 
 
 def resolve_kernels(choice: KernelChoice = "auto") -> Implementation:
     """Turn ``auto`` into ``pallas`` or ``xla``; reject unknown names (:class:`KernelChoiceError`)."""
-    if choice not in _CHOICES:
-        raise KernelChoiceError(f"kernels must be one of {_CHOICES}, got {choice!r}")
-    if choice == "auto":
-        choice = os.environ.get(ENV_VAR, "auto").lower() or "auto"
-        if choice not in _CHOICES:
-            raise KernelChoiceError(f"{ENV_VAR} must be one of {_CHOICES}, got {choice!r}")
-    if choice == "auto":
-        return "pallas" if has_hopper_gpu() else "xla"
-    return choice
+    return _resolved(choice)[0]
 
 
-def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
-    """Whether the Pallas attention kernels take these shapes here (gpt-oss's own always fit).
+def attention_kernel_misfit(config: GptOssConfig, dtype: jnp.dtype) -> str | None:
+    """Why the Pallas attention kernels do not take these shapes here; None if they do (gpt-oss's do).
 
     They are written for bfloat16, head_dim 64 and groups of 8 query heads per KV head (one
     64-row WGMMA tile holds 8 heads of 8 tokens), and are not used with a CUDA whose ptxas
     miscompiles them (:mod:`pallas_kernels.cuda_toolchain`).
     """
-    return (
-        jnp.dtype(dtype) == jnp.bfloat16 and config.head_dim == 64 and config.q_per_kv % 8 == 0
-        and not cuda_miscompiles_attention_masks()
-    )
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return f"the attention kernels compute in bfloat16, not {jnp.dtype(dtype).name}"
+    if config.head_dim != 64:
+        return f"the attention kernels take head_dim 64, not {config.head_dim}"
+    if config.q_per_kv % 8:
+        return f"the attention kernels take multiples of 8 query heads per KV head, not {config.q_per_kv}"
+    culprit = miscompiling_toolchain()
+    if culprit is not None:
+        return f"{MISCOMPILES} ({culprit}); {FIX}"
+    return None
 
 
-def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
-    """Whether the Pallas MXFP4 expert kernel takes these sizes (gpt-oss's 2880 does).
+def attention_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
+    """Whether the Pallas attention kernels take these shapes here: :func:`attention_kernel_misfit`."""
+    return attention_kernel_misfit(config, dtype) is None
+
+
+def moe_kernel_misfit(config: GptOssConfig, dtype: jnp.dtype) -> str | None:
+    """Why the Pallas MXFP4 expert kernel does not take these sizes; None if it does (gpt-oss's 2880 does).
 
     It reads weights in 64-row tiles and K in ``block_kb``-byte steps, for both expert
     matmuls (K = hidden size, then K = expert size).
     """
-    step = 2 * mxfp4_moe.Config().block_kb  # K values per pipeline step
-    return (
-        jnp.dtype(dtype) == jnp.bfloat16
-        and all(size % step == 0 and size % mxfp4_moe.BLOCK_N == 0
-                for size in (config.hidden_size, config.intermediate_size))
-    )
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return f"the expert kernel computes in bfloat16, not {jnp.dtype(dtype).name}"
+    multiple = math.lcm(2 * mxfp4_moe.Config().block_kb, mxfp4_moe.BLOCK_N)  # K values per pipeline step, N tile
+    sizes = (config.hidden_size, config.intermediate_size)
+    if any(size % multiple for size in sizes):
+        return (f"the expert kernel takes hidden and expert sizes in multiples of {multiple}, "
+                f"not {sizes[0]} and {sizes[1]}")
+    return None
+
+
+def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
+    """Whether the Pallas MXFP4 expert kernel takes these sizes: :func:`moe_kernel_misfit`."""
+    return moe_kernel_misfit(config, dtype) is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,17 +152,32 @@ class KernelPlan:
         return "kernels: " + ", ".join(f"{part} {implementation}" for part, implementation in parts.items())
 
 
-def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> KernelPlan:
-    """What runs attention and the experts of a ``config`` model computing in ``dtype`` under ``choice``.
+@dataclasses.dataclass(frozen=True)
+class PartDecision:
+    """What runs one part of the model, and why (``auto: the device is NVIDIA H100 80GB HBM3``)."""
+
+    runs: Implementation
+    why: str
+
+
+def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> dict[str, PartDecision]:
+    """What runs ``attention`` and ``experts`` of a ``config`` model computing in ``dtype`` under ``choice``, and why.
 
     A kernel runs a part where the choice resolves to it and the part's shapes fit it; the XLA
     reference runs the rest, so ``pallas`` may leave a part on XLA.
     """
-    kernels = resolve_kernels(choice)
-    return KernelPlan(
-        attention=kernels if attention_kernel_fits(config, dtype) else "xla",
-        experts=kernels if moe_kernel_fits(config, dtype) else "xla",
-    )
+    kernels, why = _resolved(choice)
+    misfits = {"attention": attention_kernel_misfit, "experts": moe_kernel_misfit}
+    decisions = {}
+    for part, misfit in misfits.items():
+        reason = misfit(config, dtype) if kernels != "xla" else None
+        decisions[part] = PartDecision("xla", reason) if reason else PartDecision(kernels, why)
+    return decisions
+
+
+def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> KernelPlan:
+    """What runs attention and the experts: :func:`kernel_decisions` without the reasons."""
+    return KernelPlan(**{part: decision.runs for part, decision in kernel_decisions(choice, config, dtype).items()})
 
 
 def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:

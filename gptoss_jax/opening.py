@@ -4,9 +4,10 @@
 dtype, a kernel choice, a mesh and whether to keep decoded experts, and gives the model, its
 tokenizer and what runs where (:class:`OpenedModel`). What can be checked without the weights
 is checked before any is read, and before the demo checkpoint is written: the folder and its
-tokenizer, the mesh and the kernels against the model's sizes, whether decoded experts would
-be read. Its messages name the options as the caller's user knows them (``option_name``): as
-keyword arguments by default, as flags for the CLI.
+tokenizer, the mesh and the kernels against the model's sizes and the devices, whether decoded
+experts would be read, whether the parameters fit the devices' free memory. Its messages name
+the options as the caller's user knows them (``option_name``): as keyword arguments by default,
+as flags for the CLI.
 
 Importing this module is cheap (JAX loads when a model is opened), so the CLI can use it for
 ``--help``.
@@ -32,12 +33,25 @@ if TYPE_CHECKING:
     from gptoss_jax.tokenizer import Tokenizer
 
 DTYPES = ("bfloat16", "float32")
+_GPU_MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # How messages name an option, given its name and, where a value matters, the value.
 OptionName = Callable[..., str]
 
 
 class ModelOptionError(GptOssError):
     """An option of :func:`open_model` that cannot work with this model or on these devices."""
+
+
+class KernelsUnavailableError(ModelOptionError):
+    """The Pallas kernels asked for on a device that has none: not an NVIDIA Hopper GPU."""
+
+
+class MiscompilingCudaError(ModelOptionError):
+    """The Pallas kernels asked for where the CUDA toolchain would compile attention wrongly."""
+
+
+class ModelTooLargeError(GptOssError):
+    """A model whose parameters alone exceed the free memory of a device; the message gives the figures."""
 
 
 def keyword_argument(name: str, value: Any = None) -> str:
@@ -128,7 +142,10 @@ def open_model(
       CheckpointError, LayoutError, ConfigError, TokenizerError, FileNotFoundError: the folder
         or its tokenizer cannot be read.
       MeshError, KernelChoiceError, ModelOptionError: the mesh, the kernels or
-        ``decode_experts`` cannot work with this model here.
+        ``decode_experts`` cannot work with this model here (:class:`KernelsUnavailableError`:
+        ``pallas`` without a Hopper GPU; :class:`MiscompilingCudaError`: ``pallas`` with a CUDA
+        that miscompiles attention).
+      ModelTooLargeError: the parameters alone exceed a device's free memory.
     """
     import jax.numpy as jnp
 
@@ -146,10 +163,11 @@ def open_model(
         folder = checked_checkpoint_folder(checkpoint)
         config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)  # every layout has one
         tokenizer = Tokenizer.from_pretrained_dir(folder)
-    device_mesh = _checked_mesh(mesh, config)
-    plan = _checked_kernels(kernels, config, dtype, option_name)
+    device_mesh = checked_mesh(mesh, config)
+    plan = checked_kernels(kernels, config, dtype, option_name)
     if decode_experts:
         _check_decode_experts(device_mesh, plan, option_name)
+    check_parameters_fit(config, device_mesh, option_name)
     if checkpoint is None:
         folder = ensure_demo_checkpoint(
             on_create=lambda path: on_status(f"writing the embedded demo checkpoint to {path}")
@@ -165,7 +183,7 @@ def open_model(
     return OpenedModel(model, tokenizer, Path(folder), dtype, plan, device_mesh, is_demo=checkpoint is None)
 
 
-def _checked_mesh(mesh: str | jax.sharding.Mesh | None, config: GptOssConfig) -> jax.sharding.Mesh | None:
+def checked_mesh(mesh: str | jax.sharding.Mesh | None, config: GptOssConfig) -> jax.sharding.Mesh | None:
     """The mesh asked for, or the model's default mesh (none on one device), checked against the model."""
     import jax
 
@@ -179,19 +197,63 @@ def _checked_mesh(mesh: str | jax.sharding.Mesh | None, config: GptOssConfig) ->
     return mesh
 
 
-def _checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str, option_name: OptionName) -> KernelPlan:
-    """What runs attention and the experts under ``kernels``; the kernels need a Hopper GPU."""
+def checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str,
+                    option_name: OptionName = keyword_argument) -> KernelPlan:
+    """What runs attention and the experts under ``kernels``, refusing kernels asked for that cannot run here.
+
+    Raises:
+      KernelsUnavailableError: ``pallas`` (asked for, or by ``GPTOSS_JAX_KERNELS``) without a Hopper GPU.
+      MiscompilingCudaError: ``pallas`` where the CUDA toolchain miscompiles the attention kernels
+        (``auto`` leaves attention on XLA there instead).
+    """
+    from gptoss_jax.kernel_dispatch import HOPPER_GPU, hopper_gpu_missing, kernel_plan, requested_kernels
+    from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
+
+    requested, source = requested_kernels(kernels)
+    if requested == "pallas":
+        asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
+        missing = hopper_gpu_missing()
+        if missing is not None:
+            raise KernelsUnavailableError(
+                f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
+        culprit = miscompiling_toolchain()
+        if culprit is not None:
+            auto = option_name("kernels", "auto") if source is None else f"unset {source}"
+            raise MiscompilingCudaError(
+                f"{asked}: {MISCOMPILES} ({culprit}); {FIX}, or {auto} to keep attention on XLA there"
+            )
+    return kernel_plan(kernels, config, dtype)
+
+
+def check_parameters_fit(config: GptOssConfig, mesh: jax.sharding.Mesh | None,
+                         option_name: OptionName = keyword_argument) -> None:
+    """Refuse a model whose parameters alone exceed the free memory of a device it would go to.
+
+    The parameters' bytes come from shapes (:mod:`gptoss_jax.footprint`), so this costs no weight
+    read; a device whose free memory is unknown is not checked.
+
+    Raises:
+      ModelTooLargeError: with the figures and the fix.
+    """
     import jax
 
-    from gptoss_jax.kernel_dispatch import ENV_VAR, has_hopper_gpu, kernel_plan, resolve_kernels
+    from gptoss_jax.footprint import device_free_bytes, per_device_parameter_bytes
 
-    if resolve_kernels(kernels) == "pallas" and not has_hopper_gpu():
-        asked = option_name("kernels", "pallas") if kernels == "pallas" else f"{ENV_VAR}=pallas"
-        raise ModelOptionError(
-            f"{asked} needs an NVIDIA Hopper GPU (sm_90 or newer), but the device is "
-            f"{jax.devices()[0].device_kind}; use {option_name('kernels', 'xla')}"
-        )
-    return kernel_plan(kernels, config, dtype)
+    needed = per_device_parameter_bytes(config, None if mesh is None else mesh.shape)
+    for device in [jax.devices()[0]] if mesh is None else mesh.local_devices:
+        free = device_free_bytes(device)
+        if free is not None and needed > free:
+            if device.platform == "cpu":
+                where, share = "the machine's RAM", ""
+            else:  # XLA's allocator takes a share of the GPU when the backend starts
+                fraction = os.environ.get(_GPU_MEMORY_FRACTION_VARIABLE, "0.75 by default")
+                where = f"{device.device_kind} (device {device.id})"
+                share = f"give JAX more of the GPU than {fraction} ({_GPU_MEMORY_FRACTION_VARIABLE}=0.95), "
+            raise ModelTooLargeError(
+                f"the model's parameters take {needed / 1e9:.2f} GB per device, but {where} has "
+                f"{free / 1e9:.2f} GB free; {share}use a device with more memory, or split the model over "
+                f"more devices ({option_name('mesh')})"
+            )
 
 
 def _check_decode_experts(mesh: jax.sharding.Mesh | None, kernels: KernelPlan, option_name: OptionName) -> None:

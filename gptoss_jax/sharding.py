@@ -72,6 +72,10 @@ class MeshError(GptOssError):
     """A mesh that does not fit the devices or the model; the message says which size is wrong."""
 
 
+class MeshDeviceCountError(MeshError):
+    """A mesh whose sizes multiply to more (or fewer) devices than there are."""
+
+
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     """``"data=1,expert=4,tensor=2"`` (or a mapping) -> axis sizes; missing axes are 1."""
     if isinstance(spec, str):
@@ -139,15 +143,17 @@ def make_mesh(
         It does not check ``spec``; :func:`check_mesh` does.
 
     Raises:
-      MeshError: a malformed spec, or sizes whose product is not the device count.
+      MeshError: a malformed spec; :class:`MeshDeviceCountError`: sizes whose product is not the
+        device count.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = default_mesh_shape(len(devices), config) if spec is None else parse_mesh_spec(spec)
     shape = tuple(sizes[axis] for axis in AXES)
     if math.prod(shape) != len(devices):
-        raise MeshError(
+        raise MeshDeviceCountError(
             f"mesh {', '.join(f'{a}={s}' for a, s in sizes.items())} needs {math.prod(shape)} devices, "
-            f"but there are {len(devices)}"
+            f"but there are {len(devices)}; give sizes whose product is {len(devices)}, or leave the mesh out "
+            "(the default spans every device)"
         )
     # Auto axes: XLA propagates the parameters' shardings through the model outside the
     # shard_map regions, as in any jit; explicit axes would make every op state its sharding.

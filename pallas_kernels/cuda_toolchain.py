@@ -52,8 +52,13 @@ def ptxas_version() -> tuple[int, int, int] | None:
     return parse_ptxas_version(result.stdout)
 
 
-def cuda_miscompiles_attention_masks() -> bool:
-    """Whether the kernels would be compiled by a ptxas that miscompiles masked attention.
+# What goes wrong and its fix, as every message about it says them.
+MISCOMPILES = "the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked attention"
+FIX = "put CUDA 12.9.1's ptxas (V12.9.86) or newer first on PATH"
+
+
+def miscompiling_toolchain() -> str | None:
+    """What would compile the kernels wrongly here (``ptxas 12.8.61``), or None if nothing would.
 
     Without a CUDA plugin nothing is compiled for a GPU. Without a ptxas to ask, the runtime's
     major version decides: CUDA 12 is refused (its 12.9.0 and 12.9.1 read the same), 13 is not.
@@ -61,19 +66,24 @@ def cuda_miscompiles_attention_masks() -> bool:
     from jax._src.lib import cuda_versions  # None without a CUDA plugin
 
     if cuda_versions is None:
-        return False
+        return None
     version = ptxas_version()
     if version is None:
-        return cuda_versions.cuda_runtime_get_version() < 13000
-    return _FIRST_MISCOMPILING <= version < _FIXED
+        return "CUDA 12 with no ptxas to ask" if cuda_versions.cuda_runtime_get_version() < 13000 else None
+    if _FIRST_MISCOMPILING <= version < _FIXED:
+        return f"ptxas {'.'.join(map(str, version))}"
+    return None
+
+
+def cuda_miscompiles_attention_masks() -> bool:
+    """Whether the kernels would be compiled by a ptxas that miscompiles masked attention."""
+    return miscompiling_toolchain() is not None
 
 
 def check_attention_toolchain(interpret) -> None:
     """Refuse to compile masked attention for the GPU with a miscompiling ptxas."""
-    if not interpret and cuda_miscompiles_attention_masks():
-        found = ptxas_version()
-        which = f"ptxas {'.'.join(map(str, found))}" if found else "CUDA 12 with no ptxas to ask"
+    culprit = None if interpret else miscompiling_toolchain()
+    if culprit is not None:
         raise NotImplementedError(
-            f"the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked attention ({which}); put "
-            "CUDA 12.9.1's ptxas (V12.9.86) or newer first on PATH, or use the XLA path (kernels='xla')"
+            f"{MISCOMPILES} ({culprit}); {FIX}, or use the XLA path (kernels='xla')"
         )

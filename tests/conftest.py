@@ -13,7 +13,7 @@ import pytest
 
 from gptoss_jax.kernel_dispatch import has_hopper_gpu
 
-_NO_GPU = pytest.mark.skipif(not has_hopper_gpu(), reason="needs a Hopper (sm_90+) GPU")
+_NO_GPU = pytest.mark.skipif(not has_hopper_gpu(), reason="needs a Hopper (sm_90) GPU")
 
 
 @pytest.fixture(params=["interpret", pytest.param("gpu", marks=_NO_GPU)])
@@ -26,4 +26,4 @@ def kernel_mode(request: pytest.FixtureRequest) -> str:
 def gpu() -> None:
     """Skips a test (one at real gpt-oss sizes, too slow for interpret mode) without a GPU."""
     if not has_hopper_gpu():
-        pytest.skip("needs a Hopper (sm_90+) GPU")
+        pytest.skip("needs a Hopper (sm_90) GPU")

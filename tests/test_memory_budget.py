@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks import memory
 from benchmarks.gpu_session import GenerateCase
+from gptoss_jax import footprint
 from gptoss_jax.config import preset
 
 
@@ -33,7 +34,7 @@ def test_the_initializer_and_decode_loop_stay_within_their_bounds_at_real_layer_
     case = GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256)
     report = memory.case_report(case, layers=2)
     config = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=2)
-    parts = memory.parameter_bytes_of(config)
+    parts = footprint.parameter_bytes(config)
     block_bytes = (sum(parts.values()) - parts["embedding + unembedding (bf16)"]) / 2
     programs = {program["program"]: program for program in report["programs"]}
     assert set(programs) == {*(f"initializer: {kind}" for kind in memory.PART_KINDS),

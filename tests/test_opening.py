@@ -43,7 +43,7 @@ def test_opens_a_checkpoint_and_says_what_runs_where(checkpoint: Path):
     ("options", "error", "message"),
     [
         pytest.param({"kernels": "pallas"}, ModelOptionError,
-                     "kernels='pallas' needs an NVIDIA Hopper GPU (sm_90 or newer), but the device is cpu; use "
+                     "kernels='pallas' needs an NVIDIA Hopper GPU (sm_90), but the device is cpu; use "
                      "kernels='xla'", marks=pytest.mark.skipif(has_hopper_gpu(), reason="a Hopper GPU runs them")),
         ({"dtype": "float16"}, ModelOptionError, "dtype must be one of ('bfloat16', 'float32'), got 'float16'"),
         ({"mesh": "expert=3"}, MeshError, "needs 3 devices, but there are 1"),
@@ -57,7 +57,7 @@ def test_options_that_cannot_work_are_refused_before_any_weight_is_read(
 ):
     monkeypatch.setattr(gptoss_jax, "load", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     # The tiny model's experts fit no kernel; these sizes would.
-    monkeypatch.setattr("gptoss_jax.kernel_dispatch.moe_kernel_fits", lambda config, dtype: True)
+    monkeypatch.setattr("gptoss_jax.kernel_dispatch.moe_kernel_misfit", lambda config, dtype: None)
     with pytest.raises(error) as raised:
         open_model(checkpoint, **options)
     assert message in str(raised.value)

@@ -120,7 +120,8 @@ def test_sharded_loading(worker: dict, source: str):
 
 def test_bad_meshes_are_refused_clearly(worker: dict):
     assert worker["errors"] == {
-        "expert=3": "mesh data=1, expert=3, tensor=1 needs 3 devices, but there are 8",
+        "expert=3": "mesh data=1, expert=3, tensor=1 needs 3 devices, but there are 8; give sizes whose product "
+                    "is 8, or leave the mesh out (the default spans every device)",
         "tensor=8": "the model's 4 KV heads do not divide over the mesh's tensor = 8 devices",
         "experts": "the model's 12 experts do not divide over the mesh's expert x tensor = 8 devices",
     }

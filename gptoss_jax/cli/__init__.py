@@ -5,6 +5,7 @@ sets ``run`` to the function doing the work; add new ones to ``SUBCOMMANDS``:
 
 - :mod:`~gptoss_jax.cli.commands`: ``convert`` and ``generate`` (a raw completion);
 - :mod:`~gptoss_jax.cli.chat`: ``chat`` and ``demo``, the Harmony chat session and its printer;
+- :mod:`~gptoss_jax.cli.env`: ``env``, what this machine offers (:mod:`gptoss_jax.environment`);
 - :mod:`~gptoss_jax.cli.arguments`: the arguments several subcommands share, declared by small
   ``add_*_arguments(parser)`` helpers, and opening the model they name
   (:func:`gptoss_jax.opening.open_model` decides how);
@@ -29,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from gptoss_jax.cli import chat, commands, serve
+from gptoss_jax.cli import chat, commands, env, serve
 from gptoss_jax.cli.terminal import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILURE,
@@ -44,7 +45,7 @@ from gptoss_jax.errors import GptOssError
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "PROG", "build_parser", "main"]
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    commands.add_convert, commands.add_generate, chat.add_chat, chat.add_demo, serve.add_serve,
+    commands.add_convert, commands.add_generate, chat.add_chat, chat.add_demo, serve.add_serve, env.add_env,
 ]
 
 

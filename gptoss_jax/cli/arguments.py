@@ -36,7 +36,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels", choices=("auto", "pallas", "xla"), default="auto",
         help="pallas: the Pallas Mosaic-GPU kernels for attention and the MXFP4 experts wherever the "
              "model's shapes fit them (gpt-oss's always do; the status line says which run), the plain-XLA "
-             "reference elsewhere; needs an NVIDIA Hopper GPU (sm_90 or newer). xla: the XLA reference "
+             "reference elsewhere; needs an NVIDIA Hopper GPU (sm_90). xla: the XLA reference "
              "everywhere. auto: pallas on a Hopper GPU, else xla; the GPTOSS_JAX_KERNELS environment "
              "variable overrides auto (default: auto)")
     parser.add_argument(

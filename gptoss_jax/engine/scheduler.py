@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from gptoss_jax.engine.requests import (
     TokenLogprob,
 )
 from gptoss_jax.errors import GptOssError
+from gptoss_jax.footprint import MEMORY_FRACTION, device_memory_bytes
 from gptoss_jax.kv_cache import KVCache, cache_bytes
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import RowSampling
@@ -85,14 +85,6 @@ def _parameter_bytes_per_device(model: GptOss) -> int:
     return total
 
 
-def _device_memory_bytes(device: jax.Device) -> int:
-    """What one device can hold: its allocator's limit, or on the CPU its share of the RAM."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
-
-
 class Engine:
     """Serves requests on a model, batching them continuously.
 
@@ -115,7 +107,7 @@ class Engine:
 
     def __init__(self, model: GptOss, *, max_batch: int | None = 16, max_context: int = 4096,
                  prefill_chunk: int = 256, max_queue: int = 1024, burst_steps: int = 16, burst_steps_busy: int = 4,
-                 memory_fraction: float = 0.9):
+                 memory_fraction: float = MEMORY_FRACTION):
         config = model.config
         self.model = model
         self.data_shards = 1 if model.mesh is None else model.mesh.shape["data"]
@@ -412,7 +404,7 @@ class Engine:
     def _checked_batch(self, max_batch: int | None, memory_fraction: float) -> int:
         model, config, data = self.model, self.model.config, self.data_shards
         parameters = _parameter_bytes_per_device(model)
-        available = memory_fraction * _device_memory_bytes(jax.local_devices()[0])
+        available = memory_fraction * device_memory_bytes(jax.local_devices()[0])
         per_row = cache_bytes(config, data, self.max_context, model.dtype, model.mesh) / data
         if max_batch is None:
             fitting = int((available - parameters) // per_row) if available > parameters else 0
