@@ -160,8 +160,8 @@ def wavefronts(instruction: str) -> int:
     """L1 wavefronts of one warp's load instruction (0 for anything else)."""
     op = opcode(instruction)
     modifiers = instruction.split()[1 if instruction.startswith("@") else 0].split(".")[1:]
-    if op == "LDSM":
-        return next((int(m[1:]) for m in modifiers if re.fullmatch(r"x\d", m)), 1)
+    if op == "LDSM":  # LDSM.16.M88.4: four 8x8 matrices (ldmatrix .x4), 128 B each
+        return int(modifiers[-1]) if modifiers and modifiers[-1].isdigit() else 1
     if op == "LDS":
         bits = next((int(m.lstrip("US")) for m in modifiers if re.fullmatch(r"[US]?\d+", m)), 32)
         return math.ceil(32 * bits // 8 / L1_WAVEFRONT_BYTES)
@@ -383,8 +383,8 @@ def section(predicted: Sequence[tuple[Prediction, ...]], source: str) -> str:
         "beside each measured time, and the first GPU session calibrates the model. Per-SM bounds (issue, "
         "LSU, tensor) are the busiest SM's main-loop iterations at the same clock on both devices; "
         "*working* counts the CTAs with rows or keys to process; *SM balance* is the mean SM's work over "
-        "the busiest's; *MB* the HBM bytes the kernel moves, each once (for decode attention including its
-float32 partials, which *% HBM peak* leaves out: it counts only the bytes a perfect kernel moves).\n\nAssumptions:\n\n"
+        "the busiest's; *MB* the HBM bytes the kernel moves, each once (for decode attention including its "
+        "float32 partials, which *% HBM peak* leaves out: it counts only the bytes a perfect kernel moves).\n\nAssumptions:\n\n"
         + assumptions_table() + "\n" + prediction_table(predicted))
 
 
