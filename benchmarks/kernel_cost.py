@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import math
 import re
@@ -128,6 +129,7 @@ class KernelFigures:
                    report.ctas_per_sm, tuple(main_loop(report.sass)))
 
 
+@functools.cache
 def committed_figures(results_md: Path = RESULTS_MD, sass_dir: Path = SASS_DIR) -> dict[str, KernelFigures]:
     """Every case of kernel_sass's committed resources table, by case name, with its SASS's loop."""
     text = results_md.read_text()
