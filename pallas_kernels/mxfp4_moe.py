@@ -218,7 +218,9 @@ class Tasks:
             raise ValueError(f"{rows} rows need {self.num_tasks} tasks of block_m={block_m}, more than "
                              f"the {_MAX_GRID_Y} a grid axis holds; split the call or raise block_m")
         task = jnp.arange(self.num_tasks, dtype=jnp.int32)
-        group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right"), num_experts)
+        # Every task against every group end at once: searchsorted's default method is a while
+        # loop of binary-search steps, a serial chain of small kernels in every call.
+        group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right", method="compare_all"), num_experts)
         first_task = task_ends[group] - tasks_per_group[group]
         self.group = group.astype(jnp.int32)
         self.block_start = aligned_starts[group] + (task - first_task) * block_m

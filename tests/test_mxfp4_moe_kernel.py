@@ -234,6 +234,12 @@ def test_tasks_start_on_8_row_boundaries_and_cover_each_row_once(group_sizes, ro
         assert np.all(experts_of_rows[start + offset:start + offset + count] == group)
 
 
+def test_tasks_are_computed_without_a_loop():
+    """The task metadata runs before every kernel call: no while loop (searchsorted's default)."""
+    lowered = jax.jit(lambda sizes: vars(Tasks(sizes, 256, 64))).lower(jnp.zeros((128,), jnp.int32))
+    assert "stablehlo.while" not in lowered.as_text()
+
+
 def test_rejects_what_it_cannot_run():
     problem, _ = _problem(4, 192, 128, [4])
     with pytest.raises(NotImplementedError, match="multiple of block_kb"):
