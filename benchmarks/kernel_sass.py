@@ -636,16 +636,17 @@ def sass_file_name(case: Case) -> str:
     return re.sub(r"[^a-z0-9]+", "-", case.name.lower()).strip("-") + ".sass"
 
 
-def replace_section(text: str, section: str) -> str:
-    """``text`` (RESULTS.md) with this tool's section replaced, or added before its first ``## ``."""
+def replace_section(text: str, section: str, title: str = SECTION_TITLE, before: str = "## ") -> str:
+    """``text`` (RESULTS.md) with the section headed ``title`` (by default this tool's) replaced,
+    or added before the first heading starting with ``before`` (by default the first ``## ``)."""
     section = section.rstrip("\n") + "\n"
-    start = text.find(SECTION_TITLE + "\n")
+    start = text.find(title + "\n")
     if start < 0:
-        start = end = text.find("\n## ") + 1 if "\n## " in text else len(text)
+        start = end = text.find("\n" + before) + 1 if "\n" + before in text else len(text)
         if start == len(text) and not text.endswith("\n\n"):
             section = "\n" + section
     else:
-        following = text.find("\n## ", start + len(SECTION_TITLE))
+        following = text.find("\n## ", start + len(title))
         end = following + 1 if following >= 0 else len(text)
     return text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
 

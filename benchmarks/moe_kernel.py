@@ -39,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from benchmarks import kernel_sass
 from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
+from benchmarks.kernel_cost import predicted_cell
 from pallas_kernels import mxfp4
 from pallas_kernels.expert_routing import group_by_expert
 from pallas_kernels.mxfp4_moe import Config, mxfp4_grouped_matmul
@@ -128,6 +130,8 @@ class Case:
 def bench(case: Case, iters: int) -> dict:
     """Every path at one case: ``{path: (seconds, bytes moved)}`` plus the case's figures."""
     row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops)
+    modelled = kernel_sass.MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K)
+    row["predicted"] = predicted_cell(modelled, jax.devices()[0].device_kind)
     kernel_bytes = case.packed_bytes + case.io_bytes
     # The default (GPU) nibble decoding, and the integer-only one interpret mode uses, for its cost.
     for path, config in (("kernel, select decode", Config(e2m1_decode="select")), ("kernel", Config())):
@@ -184,9 +188,9 @@ def print_sweep(case: Case, timings: list[tuple[Config, float | str]], peaks: Pe
 
 
 def print_table_header() -> None:
-    print("| model | tokens | matmul | active experts | path | time (us) | MB moved | GB/s | "
+    print("| model | tokens | matmul | active experts | path | time (us) | predicted us (bound) | MB moved | GB/s | "
           "% HBM peak | TFLOP/s | % bf16 peak | max abs diff to xla |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def print_case_rows(r: dict, peaks: Peaks) -> None:
@@ -199,11 +203,12 @@ def print_case_rows(r: dict, peaks: Peaks) -> None:
         seconds, nbytes = r[path]
         bandwidth, flop_rate = nbytes / seconds, r["flops"] / seconds
         difference = f"{r['max_abs_diff']:.3g}" if path == "kernel" else ""
-        print(f"{head} {path} | {seconds * 1e6:.1f} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
+        predicted = r["predicted"] if path == "kernel" else ""
+        print(f"{head} {path} | {seconds * 1e6:.1f} | {predicted} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
               f"{100 * bandwidth / peaks.hbm_bytes_per_second:.0f}% | {flop_rate / 1e12:.1f} | "
               f"{100 * flop_rate / peaks.bf16_flops:.1f}% | {difference} |")
     if "bf16_error" in r:
-        print(f"{head} bf16 | failed: {r['bf16_error']} | | | | | | |")
+        print(f"{head} bf16 | failed: {r['bf16_error']} | | | | | | | |")
     sys.stdout.flush()
 
 

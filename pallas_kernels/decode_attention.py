@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.experimental.pallas as pl
@@ -106,6 +107,28 @@ def _check_shapes(q, k_cache, v_cache, sinks, q_positions, kv_positions):
         raise ValueError(f"positions {q_positions.shape}, {kv_positions.shape} do not match")
     if not (q.dtype == k_cache.dtype == v_cache.dtype == jnp.bfloat16):
         raise ValueError(f"q and caches must be bfloat16, got {q.dtype}, {k_cache.dtype}")
+
+
+class DecodeTiling(NamedTuple):
+    """How a call is cut into CTAs: ``num_q_blocks * num_splits * kv_heads * batch`` of them,
+    each over at most ``cdiv(visible tiles, num_splits)`` cache tiles of ``block_kv`` slots."""
+
+    block_q: int
+    num_q_blocks: int
+    block_kv: int
+    num_tiles: int
+    num_splits: int
+
+
+def decode_tiling(config: DecodeAttentionConfig, batch: int, q_len: int, cache_len: int,
+                  kv_heads: int) -> DecodeTiling:
+    """The tiling of a call with these shapes (the CTA grid the kernel launches)."""
+    block_q = min(config.block_q, q_len)
+    num_q_blocks = pl.cdiv(q_len, block_q)
+    block_kv = min(config.block_kv, pl.cdiv(cache_len, 64) * 64)
+    num_tiles = pl.cdiv(cache_len, block_kv)
+    num_splits = config.num_splits or pl.cdiv(_TARGET_CTAS, batch * kv_heads * num_q_blocks)
+    return DecodeTiling(block_q, num_q_blocks, block_kv, num_tiles, min(num_splits, num_tiles))
 
 
 def visible_tile_ranges(
@@ -183,14 +206,10 @@ def decode_attention(
     batch, q_len, q_heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    block_q = min(config.block_q, q_len)
-    num_q_blocks = pl.cdiv(q_len, block_q)
+    block_q, num_q_blocks, block_kv, num_tiles, num_splits = decode_tiling(
+        config, batch, q_len, cache_len, kv_heads)
     q_rows = block_q * group  # real rows of a tile
     rows = pl.cdiv(q_rows, _TILE_ROWS) * _TILE_ROWS
-    block_kv = min(config.block_kv, pl.cdiv(cache_len, 64) * 64)
-    num_tiles = pl.cdiv(cache_len, block_kv)
-    num_splits = config.num_splits or pl.cdiv(_TARGET_CTAS, batch * kv_heads * num_q_blocks)
-    num_splits = min(num_splits, num_tiles)
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
         interpretable_pv = bool(interpret)

@@ -186,7 +186,13 @@ def _clamped_swiglu(gate: jax.Array, linear: jax.Array, limit: float) -> jax.Arr
     return _round(_round(gate * sigmoid) * _round(linear + 1.0))
 
 
-class _Tasks:
+def tile_rows(rows: int, config: Config) -> int:
+    """``block_m`` of a call with ``rows`` rows: the smallest power of two >= 8 holding them, at
+    most ``config.block_m``."""
+    return min(config.block_m, max(_MIN_BLOCK_M, pl.next_power_of_2(rows)))
+
+
+class Tasks:
     """Per-task metadata (int32 ``[num_tasks]`` each), computed in XLA.
 
     A task's row window starts at its group's first row rounded down to a multiple of 8 (the
@@ -212,7 +218,9 @@ class _Tasks:
             raise ValueError(f"{rows} rows need {self.num_tasks} tasks of block_m={block_m}, more than "
                              f"the {_MAX_GRID_Y} a grid axis holds; split the call or raise block_m")
         task = jnp.arange(self.num_tasks, dtype=jnp.int32)
-        group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right"), num_experts)
+        # Every task against every group end at once: searchsorted's default method is a while
+        # loop of binary-search steps, a serial chain of small kernels in every call.
+        group = jnp.minimum(jnp.searchsorted(task_ends, task, side="right", method="compare_all"), num_experts)
         first_task = task_ends[group] - tasks_per_group[group]
         self.group = group.astype(jnp.int32)
         self.block_start = aligned_starts[group] + (task - first_task) * block_m
@@ -313,7 +321,7 @@ def mxfp4_grouped_matmul(
         raise NotImplementedError(f"K/2={half_k} must be a multiple of block_kb={block_kb}")
     out_dtype = jnp.float32 if row_weights is not None else jnp.bfloat16
 
-    block_m = min(config.block_m, max(_MIN_BLOCK_M, pl.next_power_of_2(rows)))
+    block_m = tile_rows(rows, config)
     stages = min(config.max_concurrent_steps, half_k // block_kb)
     smem_bytes = stages * (halves * BLOCK_N * block_kb + 2 * block_m * block_kb * 2)
     smem_bytes += block_m * BLOCK_N * jnp.dtype(out_dtype).itemsize
@@ -321,7 +329,7 @@ def mxfp4_grouped_matmul(
         smem_bytes += 2 * halves * BLOCK_N * block_kb * 2
     if smem_bytes > _SMEM_BYTES:
         raise ValueError(f"{config} needs {smem_bytes} bytes of shared memory, more than {_SMEM_BYTES}")
-    tasks = _Tasks(group_sizes, rows, block_m)
+    tasks = Tasks(group_sizes, rows, block_m)
     # Even and odd columns of the activations, padded so a tile starting at any row stays in
     # bounds. One XLA fusion, [rows, K] read once.
     # (The TMA descriptor's row count must be a multiple of the 8-row smem tiling.)

@@ -29,7 +29,7 @@ from pallas_kernels import mxfp4
 from pallas_kernels.mxfp4_moe import (
     Config,
     _decode_e2m1,
-    _Tasks,
+    Tasks,
     _e2m1_times_two_pow_minus_126,
     mxfp4_grouped_matmul,
 )
@@ -222,7 +222,7 @@ def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue):
 def test_tasks_start_on_8_row_boundaries_and_cover_each_row_once(group_sizes, rows, block_m):
     """What the GPU relies on and interpret mode would not notice: a tiled TMA load from a row
     that is not a multiple of 8 reads the wrong rows there, and a row two tasks store races."""
-    tasks = _Tasks(jnp.asarray(group_sizes, jnp.int32), rows, block_m)
+    tasks = Tasks(jnp.asarray(group_sizes, jnp.int32), rows, block_m)
     starts = np.asarray(tasks.block_start)
     offsets, counts, groups = np.asarray(tasks.offset), np.asarray(tasks.count), np.asarray(tasks.group)
     assert np.all(starts % 8 == 0) and np.all(starts >= 0)
@@ -232,6 +232,12 @@ def test_tasks_start_on_8_row_boundaries_and_cover_each_row_once(group_sizes, ro
     experts_of_rows = np.repeat(np.arange(len(group_sizes) + 1), [*group_sizes, rows - sum(group_sizes)])
     for start, offset, count, group in zip(starts, offsets, counts, groups):
         assert np.all(experts_of_rows[start + offset:start + offset + count] == group)
+
+
+def test_tasks_are_computed_without_a_loop():
+    """The task metadata runs before every kernel call: no while loop (searchsorted's default)."""
+    lowered = jax.jit(lambda sizes: vars(Tasks(sizes, 256, 64))).lower(jnp.zeros((128,), jnp.int32))
+    assert "stablehlo.while" not in lowered.as_text()
 
 
 def test_rejects_what_it_cannot_run():
