@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import types
 from pathlib import Path
 
@@ -167,7 +168,17 @@ def test_a_miscompiling_cuda_refuses_pallas_and_keeps_auto_attention_on_xla(no_l
     assert not any(no_loading.iterdir())
 
 
+def test_the_cli_gives_xla_most_of_the_gpu_unless_told(monkeypatch, capsys):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert cli.main(["env"]) == 0
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    assert cli.main(["env"]) == 0
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+
+
 def test_a_model_larger_than_the_free_memory_is_refused_before_loading(no_loading, monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)  # as a Python program starts
     fake_gpu(monkeypatch, H100, "9.0", limit=H100_JAX_SHARE)
     with pytest.raises(ModelTooLargeError) as raised:
         check_parameters_fit(preset("gpt-oss-120b"), None, option_flag)
