@@ -10,6 +10,7 @@ as a list of commands typed one by one; from the repository root on the device m
 order (``--list`` prints their commands):
 
 * ``env``: the GPU, its driver and CUDA, jax's devices and versions;
+* ``gptoss-env``: ``gptoss-jax env``, what the project sees there (which kernels run, and why);
 * ``kernel-tests``: ``pytest -k gpu`` on the kernel test files: the kernels compiled for the GPU
   against their references, every test under a time limit of its own (a kernel that waits on a
   barrier forever hangs the GPU rather than fail);
@@ -152,6 +153,8 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
 
     return [
         Step("env", (python, "-c", "import benchmarks.gpu_session as s; s.print_environment()"), 60),
+        # What a user's `gptoss-jax env` says on this GPU (for RESULTS.md).
+        Step("gptoss-env", (python, "-m", "gptoss_jax.cli", "env"), 60),
         # Several test workers share the GPU: none may take most of its memory up front.
         Step("kernel-tests", tuple(pytest), 300, env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
         Step("moe-kernel", (python, "-m", "benchmarks.moe_kernel"), 240),

@@ -82,7 +82,7 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     assert gpu_session.main(["--list", "--commit", "abc1234", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
-    assert names == ["env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
+    assert names == ["env", "gptoss-env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
                      "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.e2e" in line]
     assert len(e2e_lines) == 4
@@ -144,7 +144,7 @@ def test_a_step_whose_programs_do_not_fit_the_gpu_is_left_out_and_the_rest_run(t
 
 
 def test_unknown_steps_are_named(capsys):
-    with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, kernel-tests"):
+    with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, gptoss-env, kernel-tests"):
         gpu_session.main(["--list", "--from", "e2e"])
 
 
