@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import types
@@ -62,8 +63,12 @@ def gpt_oss_120b_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(capsys, monkeypatch, tmp_path):
+def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(capsys, monkeypatch, tmp_path, request):
     monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    # A CLI run earlier in this process set JAX's cache folder (the CLI leaves a set one alone).
+    request.addfinalizer(functools.partial(jax.config.update, "jax_compilation_cache_dir",
+                                           jax.config.jax_compilation_cache_dir))
+    jax.config.update("jax_compilation_cache_dir", None)
     compiled = []
     listener = lambda event, duration, **kwargs: compiled.append(event)  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
