@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from benchmarks.kernel_cost import predicted_cell
-from benchmarks.kernel_sass import DecodeCase, PrefillCase
+from benchmarks.kernel_cases import DecodeCase, PrefillCase
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention

@@ -44,19 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.gpu_measure import PEAKS, Peaks
-from benchmarks.kernel_sass import (
-    ISSUE_PER_SM,
-    RESULTS_MD,
-    SASS_DIR,
-    SECTION_TITLE,
-    Case,
-    DecodeCase,
-    KernelReport,
-    MoeCase,
-    PrefillCase,
-    gpt_oss_cases,
-    replace_section,
-)
+from benchmarks.kernel_cases import Case, DecodeCase, MoeCase, PrefillCase, gpt_oss_cases
+from benchmarks.kernel_sass import ISSUE_PER_SM, RESULTS_MD, SASS_DIR, SECTION_TITLE, KernelReport, replace_section
 from benchmarks.sass_reading import CompileError, main_loop, opcode
 
 COST_SECTION_TITLE = "## Kernel cost model (predicted, not measured)"
@@ -404,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Prediction, ...]]:
         source = "a fresh compile of the kernels (`--compile`)"
     else:
         figures = committed_figures()
-        source = "the committed output of `benchmarks.kernel_sass` (its section below and `benchmarks/sass/`)"
+        source = "the committed output of `benchmarks.kernel_sass` (its section above and `benchmarks/sass/`)"
     predicted = predictions(figures)
     print(assumptions_table())
     print(prediction_table(predicted))

@@ -1,14 +1,15 @@
 """Every Pallas kernel compiled to SASS on the CPU: ptxas' registers and spills, the launch's
 shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
 at gpt-oss's shapes, on one GPU and at one device's shapes on each mesh of
-:mod:`benchmarks.sharded_kernels` (:func:`shard_cases`). No GPU is needed or used.
+:mod:`benchmarks.sharded_kernels` (:func:`benchmarks.kernel_cases.shard_cases`). No GPU is needed or used.
 
   python -m benchmarks.kernel_sass [--only moe flash decode] [--write] [--jobs N] [--tools DIR]
 
 ``--write`` replaces this tool's section of ``benchmarks/RESULTS.md`` with the tables and writes
 each kernel's SASS to ``benchmarks/sass/``. Other tools take the figures from
-:func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases: built from a
-config (:func:`gpt_oss_cases`; one with a shard's sizes gives that shard's) or directly.
+:func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases
+(:mod:`benchmarks.kernel_cases`: built from a config with ``gpt_oss_cases``, one with a shard's
+sizes giving that shard's, or directly).
 
 How (design.md, testing without a GPU, item 6). ``jax.export`` for ``cuda`` lowers a kernel to
 its Mosaic GPU module (``mosaic.gpu.core.KNOWN_KERNELS``); the CUDA 13 PJRT plugin's
@@ -19,8 +20,8 @@ the compute capability first, so a stand-in ``libcuda.so.1`` (``stand_in_libcuda
 with the machine's C compiler) answers 9.0. Loading the module then fails, which is where the
 compile stops.
 
-The tools (about 500 MB, installed once with pip into ``--tools``, by default
-``~/.cache/gptoss-jax/kernel-sass``): the PJRT plugin of the device image's jax-cuda13 0.11.2,
+The tools (:mod:`benchmarks.sass_tools`; about 500 MB, installed once with pip into ``--tools``,
+by default ``~/.cache/gptoss-jax/kernel-sass``): the PJRT plugin of the device image's jax-cuda13 0.11.2,
 CUDA 13.0's ptxas and nvlink (the ``nvidia-cuda-nvcc`` wheel, the same 13.0.88 as this machine's
 ``/usr/local/cuda``) and an nvdisasm (the oldest CUDA 13 one on PyPI). Mosaic GPU runs the
 ``ptxas`` first on ``PATH``, so they go first on the worker's ``PATH``; ``--ptxas`` compiles with
@@ -43,19 +44,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
-import hashlib
 import math
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
 
+from benchmarks.kernel_cases import Case, gpt_oss_cases, shard_cases
+from benchmarks.sass_tools import DEFAULT_TOOLS, TOOL_PINS, Tools, install_tools
 from benchmarks.sass_reading import (
     CLASS_NAMES,
     CompileError,
@@ -72,11 +72,6 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
 SASS_DIR = REPOSITORY / "benchmarks" / "sass"
 SECTION_TITLE = "## Kernels compiled to SASS on the CPU"
-DRIVER_SOURCE = Path(__file__).with_name("stand_in_libcuda.c")
-DEFAULT_TOOLS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptoss-jax" / "kernel-sass"
-# jax-cuda13-pjrt is the device image's plugin at the project's jax; nvcc 13.0.88 is this
-# machine's CUDA 13.0; 13.2.51 is the oldest CUDA 13 nvdisasm on PyPI.
-TOOL_PINS = ("jax-cuda13-pjrt==0.11.2", "nvidia-cuda-nvcc==13.0.88", "nvidia-cuda-nvdisasm==13.2.51")
 TARGET = "sm_90a"
 
 # Hopper (sm_90) per-SM limits.
@@ -89,237 +84,6 @@ SMEM_UNIT = 128
 MAX_CTAS_PER_SM = 32
 MAX_WARPS_PER_SM = 64
 ISSUE_PER_SM = 4  # warp instructions per cycle: one per scheduler
-
-
-# ---------------------------------------------------------------------------------------------
-# Cases: one kernel at one shape and config.
-
-@dataclasses.dataclass(frozen=True)
-class MoeCase:
-    """The MXFP4 expert matmul for one layer's tokens: ``[tokens * top_k, k] x [experts, n, k]``.
-
-    ``mlp1`` is the bias + SwiGLU matmul (n = 2 * expert size), ``mlp2`` the bias + routing-weight
-    one (n = hidden size, k = expert size).
-    """
-
-    model: str
-    matmul: Literal["mlp1", "mlp2"]
-    tokens: int
-    experts: int
-    n: int
-    k: int
-    top_k: int = 4
-    config: Any = None  # pallas_kernels.mxfp4_moe.Config; None for its defaults
-
-    kernel = "moe"
-
-    @property
-    def name(self) -> str:
-        return f"moe {self.model} {self.matmul} tokens={self.tokens}" + config_suffix(self.config)
-
-    @property
-    def epilogue(self) -> str:
-        return "bias_swiglu" if self.matmul == "mlp1" else "bias"
-
-    def weight_bytes_per_step(self) -> int:
-        """Packed weight bytes one pipeline step (one main-loop iteration) decodes per CTA."""
-        from pallas_kernels.mxfp4_moe import BLOCK_N, Config
-
-        halves = 2 if self.matmul == "mlp1" else 1
-        return halves * BLOCK_N * (self.config or Config()).block_kb
-
-    def export(self) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
-
-        rows, blocks = self.tokens * self.top_k, self.k // 32
-        shapes = [
-            jax.ShapeDtypeStruct((rows, self.k), jnp.bfloat16),
-            jax.ShapeDtypeStruct((self.experts,), jnp.int32),
-            jax.ShapeDtypeStruct((self.experts, self.n, blocks, 16), jnp.uint8),
-            jax.ShapeDtypeStruct((self.experts, self.n, blocks), jnp.uint8),
-            jax.ShapeDtypeStruct((self.experts, self.n), jnp.bfloat16),
-        ]
-        if self.matmul == "mlp2":
-            shapes.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
-
-        def matmul(lhs, group_sizes, blocks, scales, bias, row_weights=None):
-            return mxfp4_grouped_matmul(lhs, group_sizes, blocks, scales, bias, epilogue=self.epilogue,
-                                        row_weights=row_weights, config=self.config)
-
-        jax.export.export(jax.jit(matmul), platforms=["cuda"])(*shapes)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AttentionHeads:
-    """gpt-oss's attention geometry (both models): 64 query heads sharing 8 KV heads of 64."""
-
-    q_heads: int = 64
-    kv_heads: int = 8
-    head_dim: int = 64
-
-    @property
-    def heads_suffix(self) -> str:
-        """`` heads=8/1`` for one device's query / KV heads under ``tensor`` ('' for all 64 / 8)."""
-        whole = AttentionHeads()
-        if (self.q_heads, self.kv_heads) == (whole.q_heads, whole.kv_heads):
-            return ""
-        return f" heads={self.q_heads}/{self.kv_heads}"
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefillCase(AttentionHeads):
-    """Flash attention over a prompt of ``seq_len`` tokens, full or with a sliding window."""
-
-    seq_len: int
-    window: int | None
-    batch: int = 1
-    config: Any = None  # pallas_kernels.flash_attention.FlashAttentionConfig
-
-    kernel = "flash"
-
-    @property
-    def name(self) -> str:
-        return (f"flash T={self.seq_len} {'window' if self.window else 'full'}" + self.heads_suffix
-                + config_suffix(self.config))
-
-    def export(self) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        from pallas_kernels.flash_attention import flash_attention
-
-        def attention(q, k, v, sinks):
-            return flash_attention(q, k, v, sinks, sliding_window=self.window,
-                                   softmax_scale=self.head_dim**-0.5, config=self.config)
-
-        kv = jax.ShapeDtypeStruct((self.batch, self.seq_len, self.kv_heads, self.head_dim), jnp.bfloat16)
-        jax.export.export(jax.jit(attention), platforms=["cuda"])(
-            jax.ShapeDtypeStruct((self.batch, self.seq_len, self.q_heads, self.head_dim), jnp.bfloat16),
-            kv, kv, jax.ShapeDtypeStruct((self.q_heads,), jnp.bfloat16),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeCase(AttentionHeads):
-    """Decode attention of ``q_len`` new tokens per sequence against a cache of ``context`` tokens.
-
-    A sliding layer's cache is its ring of ``window`` slots, whatever the context.
-    """
-
-    batch: int
-    context: int
-    window: int | None
-    q_len: int = 1
-    config: Any = None  # pallas_kernels.decode_attention.DecodeAttentionConfig
-
-    kernel = "decode"
-
-    @property
-    def cache_len(self) -> int:
-        return min(self.window, self.context) if self.window else self.context
-
-    @property
-    def name(self) -> str:
-        layer = "sliding" if self.window else "full"
-        return (f"decode {layer} ctx={self.context // 1024}K batch={self.batch}" + self.heads_suffix
-                + config_suffix(self.config))
-
-    def export(self) -> None:
-        import jax
-        import jax.numpy as jnp
-
-        from pallas_kernels.decode_attention import decode_attention
-
-        def attention(q, k, v, sinks, q_positions, kv_positions):
-            return decode_attention(q, k, v, sinks, q_positions, kv_positions, sliding_window=self.window,
-                                    softmax_scale=self.head_dim**-0.5, config=self.config)
-
-        cache = jax.ShapeDtypeStruct((self.batch, self.cache_len, self.kv_heads, self.head_dim), jnp.bfloat16)
-        jax.export.export(jax.jit(attention), platforms=["cuda"])(
-            jax.ShapeDtypeStruct((self.batch, self.q_len, self.q_heads, self.head_dim), jnp.bfloat16),
-            cache, cache, jax.ShapeDtypeStruct((self.q_heads,), jnp.bfloat16),
-            jax.ShapeDtypeStruct((self.batch, self.q_len), jnp.int32),
-            jax.ShapeDtypeStruct((self.batch, self.cache_len), jnp.int32),
-        )
-
-
-Case = MoeCase | PrefillCase | DecodeCase
-
-
-def gpt_oss_cases(
-    configs: Sequence[Any] | None = None,
-    tokens: Sequence[int] = (1, 8, 64, 4096),
-    prefill: Sequence[int] = (4096,),
-    contexts: Sequence[int] = (4096, 32768),
-    batches: Sequence[int] = (1, 64),
-    kernels: Sequence[str] = ("moe", "flash", "decode"),
-) -> list[Case]:
-    """Every kernel at the shapes of each config (default: gpt-oss-20b and -120b, whole).
-
-    A config with one shard's sizes (fewer experts, heads or expert columns) gives that shard's
-    kernels. Attention cases that two configs share are listed once.
-    """
-    from gptoss_jax.config import preset
-
-    configs = configs or (preset("gpt-oss-20b"), preset("gpt-oss-120b"))
-    cases: list[Case] = []
-    if "moe" in kernels:
-        for config in configs:
-            for matmul, n, k in (("mlp1", 2 * config.intermediate_size, config.hidden_size),
-                                 ("mlp2", config.hidden_size, config.intermediate_size)):
-                cases += [MoeCase(config_label(config), matmul, t, config.num_experts, n, k,
-                                  config.experts_per_token) for t in tokens]
-    for config in configs:
-        heads = dict(q_heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
-                     head_dim=config.head_dim)
-        windows = (config.sliding_window, None)
-        if "flash" in kernels:
-            cases += [PrefillCase(t, window, **heads) for t in prefill for window in windows]
-        if "decode" in kernels:
-            cases += [DecodeCase(b, c, window, **heads) for window in windows for c in contexts for b in batches]
-    return list(dict.fromkeys(cases))
-
-
-def shard_cases(kernels: Sequence[str] = ("moe", "flash", "decode")) -> list[Case]:
-    """Every kernel at one device's shapes on each mesh of :mod:`benchmarks.sharded_kernels`,
-    less those :func:`gpt_oss_cases` lists: fewer experts (``E<n>``), fewer query and KV heads
-    (``heads=q/kv``), and under ``data`` fewer decode rows (its 64 rows split).
-    """
-    from benchmarks.sharded_kernels import DECODE_BATCH, MODELS, PREFILL_TOKENS, meshes, shard_config
-    from gptoss_jax.config import preset
-
-    whole = set(gpt_oss_cases(kernels=kernels))
-    cases = []
-    for sizes in meshes():
-        rows = DECODE_BATCH // sizes["data"]
-        configs = [shard_config(preset(model), sizes) for model in MODELS]
-        cases += gpt_oss_cases(configs, tokens=(1, rows, PREFILL_TOKENS), prefill=(PREFILL_TOKENS,),
-                               contexts=(4096,), batches=(1, rows), kernels=kernels)
-    return sorted((case for case in dict.fromkeys(cases) if case not in whole), key=_shard_order)
-
-
-def _shard_order(case: Case) -> tuple:
-    """Kernel by kernel, as :func:`gpt_oss_cases` lists them; the largest shard first."""
-    share = (-case.experts, case.matmul, case.tokens) if case.kernel == "moe" else (-case.kv_heads, case.name)
-    return (("moe", "flash", "decode").index(case.kernel), *share)
-
-
-def config_suffix(config: Any) -> str:
-    """`` block_q=8`` for the fields of a kernel config that differ from its defaults ('' for None)."""
-    if config is None:
-        return ""
-    default = type(config)()
-    changed = [f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config)
-               if getattr(config, f.name) != getattr(default, f.name)]
-    return "".join(f" {c}" for c in changed)
-
-
-def config_label(config: Any) -> str:
-    """'20b' / '120b' for the presets' expert counts, else 'E<experts>'."""
-    return {32: "20b", 128: "120b"}.get(config.num_experts, f"E{config.num_experts}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,91 +178,6 @@ def report(case: Case, output: str) -> KernelReport:
 
 # ---------------------------------------------------------------------------------------------
 # The tools and the compile.
-
-@dataclasses.dataclass(frozen=True)
-class Tools:
-    site: Path  # pip --target folder: jax_plugins.xla_cuda13 and the nvidia/cu13 binaries
-    cuda_root: Path  # bin/ptxas, bin/nvlink, bin/nvdisasm
-    driver_dir: Path  # the stand-in libcuda.so.1
-
-    @property
-    def ptxas_version(self) -> str:
-        out = subprocess.run([self.cuda_root / "bin" / "ptxas", "--version"], capture_output=True, text=True)
-        release = [line for line in out.stdout.splitlines() if "release" in line]
-        return "ptxas " + (release[0].split("tools, ")[-1] if release else out.stdout.strip())
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for name in [n for n in env if n.startswith("MOSAIC_GPU_")]:
-            del env[name]
-
-        def path(name: str, first: Path | str) -> str:
-            return os.pathsep.join([str(first), *filter(None, [env.get(name)])])
-
-        env.update(
-            JAX_PLATFORMS="cpu",
-            CUDA_ROOT=str(self.cuda_root),  # jax points Mosaic GPU's nvdisasm here
-            PATH=path("PATH", self.cuda_root / "bin"),  # ...and Mosaic GPU's ptxas is PATH's first
-            LD_LIBRARY_PATH=path("LD_LIBRARY_PATH", self.driver_dir),
-            PYTHONPATH=path("PYTHONPATH", os.pathsep.join([str(self.site), str(REPOSITORY)])),
-        )
-        return env
-
-
-def installed_tools(root: Path = DEFAULT_TOOLS, ptxas: Path | None = None) -> Tools | None:
-    """The tools under ``root`` if a previous :func:`install_tools` completed, else None."""
-    site = root / "site"
-    if (site / ".pins").is_file() and (site / ".pins").read_text() == "\n".join(TOOL_PINS):
-        return Tools(site, _cuda_root(root, site, ptxas), _driver(root))
-    return None
-
-
-def install_tools(root: Path = DEFAULT_TOOLS, ptxas: Path | None = None) -> Tools:
-    """The tools, installed under ``root`` with pip (and the stand-in driver built) if missing."""
-    if (tools := installed_tools(root, ptxas)) is not None:
-        return tools
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="site-", dir=root))
-    print(f"installing {' '.join(TOOL_PINS)} into {root} (about 500 MB, once)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", staging,
-                    *TOOL_PINS], check=True)
-    (staging / ".pins").write_text("\n".join(TOOL_PINS))
-    shutil.rmtree(root / "site", ignore_errors=True)
-    staging.rename(root / "site")
-    return Tools(root / "site", _cuda_root(root, root / "site", ptxas), _driver(root))
-
-
-def _cuda_root(root: Path, site: Path, ptxas: Path | None) -> Path:
-    """A CUDA folder of links: the chosen (default: the pinned) ptxas with its nvlink, and nvdisasm."""
-    wheel_bin = site / "nvidia" / "cu13" / "bin"
-    ptxas = Path(ptxas).resolve() if ptxas else wheel_bin / "ptxas"
-    nvlink = ptxas.with_name("nvlink") if ptxas.with_name("nvlink").exists() else wheel_bin / "nvlink"
-    name = hashlib.sha256(str(ptxas).encode()).hexdigest()[:12]
-    bin_dir = root / f"cuda-{name}" / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for link, target in (("ptxas", ptxas), ("nvlink", nvlink), ("nvdisasm", wheel_bin / "nvdisasm")):
-        if not target.exists():
-            raise CompileError(f"{target} does not exist")
-        (bin_dir / link).unlink(missing_ok=True)
-        (bin_dir / link).symlink_to(target)
-    return bin_dir.parent
-
-
-def _driver(root: Path) -> Path:
-    """The folder of the stand-in ``libcuda.so.1``, built from its C source unless already built."""
-    source = DRIVER_SOURCE.read_bytes()
-    folder = root / f"driver-{hashlib.sha256(source).hexdigest()[:12]}"
-    library = folder / "libcuda.so.1"
-    if not library.exists():
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            raise CompileError("no C compiler (cc, gcc or $CC) to build the stand-in libcuda.so.1")
-        folder.mkdir(parents=True, exist_ok=True)
-        built = folder / f"libcuda.so.1.{os.getpid()}"
-        subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", built, DRIVER_SOURCE], check=True)
-        built.rename(library)
-    return folder
-
 
 def compile_kernels(cases: Sequence[Case], tools: Tools | None = None, jobs: int = 2) -> list[KernelReport]:
     """Compile each case to SASS on the CPU and read its report; the tools are installed if needed.

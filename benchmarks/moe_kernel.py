@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from benchmarks import kernel_sass
+from benchmarks.kernel_cases import MoeCase
 from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from benchmarks.kernel_cost import predicted_cell
 from pallas_kernels import mxfp4
@@ -130,7 +130,7 @@ class Case:
 def bench(case: Case, iters: int) -> dict:
     """Every path at one case: ``{path: (seconds, bytes moved)}`` plus the case's figures."""
     row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops)
-    modelled = kernel_sass.MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K)
+    modelled = MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K)
     row["predicted"] = predicted_cell(modelled, jax.devices()[0].device_kind)
     kernel_bytes = case.packed_bytes + case.io_bytes
     # The default (GPU) nibble decoding, and the integer-only one interpret mode uses, for its cost.

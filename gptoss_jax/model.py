@@ -21,8 +21,6 @@ holds its parameters sharded so, and runs attention and the experts under ``shar
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from gptoss_jax import initializers
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernel_dispatch import (
     Implementation,
@@ -50,12 +49,9 @@ from pallas_kernels.expert_routing import combine_experts, group_by_expert
 from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
 PARAM_DTYPE = jnp.bfloat16
-_INIT_STDDEV = 0.02
 # Random MXFP4 weights decode to E2M1 values (mean |v| about 2) times 2**(scale - 127);
-# 2**-7 gives them a spread close to _INIT_STDDEV.
+# 2**-7 gives them a spread close to initializers.STDDEV.
 _INIT_SCALE_BYTE = 120
-# Random weights are drawn in pieces of at most this many elements (see _drawn_in_pieces).
-_MAX_PIECE_ELEMENTS = 1 << 22
 
 
 def _param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
@@ -64,30 +60,8 @@ def _param(value: jax.Array, axes: LogicalAxes) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def _drawn_in_pieces(key: jax.Array, shape: tuple[int, ...], draw: Callable[[jax.Array, tuple[int, ...]], jax.Array]
-                     ) -> jax.Array:
-    """``draw(key_i, piece_shape)`` for pieces of at most :data:`_MAX_PIECE_ELEMENTS` along axis 0, joined.
-
-    Drawn whole, a weight's random bits and float32 values take several times its size in
-    temporaries (16 bytes an element for a bfloat16 normal); in pieces, one piece's worth. The
-    pieces are rows of ``shape`` in equal numbers, each from its own key.
-    """
-    rows, row_elements = shape[0], math.prod(shape[1:])
-    rows_per_piece = max(
-        (d for d in range(1, rows + 1) if rows % d == 0 and d * row_elements <= _MAX_PIECE_ELEMENTS), default=1
-    )
-    if rows_per_piece == rows:
-        return draw(key, shape)
-    pieces = jax.lax.map(lambda piece: draw(jax.random.fold_in(key, piece), (rows_per_piece, *shape[1:])),
-                         jnp.arange(rows // rows_per_piece))
-    return pieces.reshape(shape)
-
-
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
-    def draw(key: jax.Array, piece_shape: tuple[int, ...]) -> jax.Array:
-        return (_INIT_STDDEV * jax.random.normal(key, piece_shape)).astype(PARAM_DTYPE)
-
-    return _param(_drawn_in_pieces(rngs.params(), shape, draw), axes)
+    return _param(initializers.normal(rngs.params(), shape, PARAM_DTYPE), axes)
 
 
 def fused_qkv_order(config: GptOssConfig) -> np.ndarray:
@@ -145,8 +119,7 @@ class MXFP4Weight(nnx.Module):
     def __init__(self, experts: int, out_features: int, in_features: int, *, rngs: nnx.Rngs):
         groups = in_features // mxfp4.BLOCK_SIZE
         self.blocks = _param(
-            _drawn_in_pieces(rngs.params(), (experts, out_features, groups, mxfp4.BYTES_PER_BLOCK),
-                             functools.partial(jax.random.bits, dtype=jnp.uint8)),
+            initializers.random_bytes(rngs.params(), (experts, out_features, groups, mxfp4.BYTES_PER_BLOCK)),
             (EXPERTS, None, None, None),
         )
         self.scales = _param(jnp.full((experts, out_features, groups), _INIT_SCALE_BYTE, jnp.uint8), (EXPERTS, None, None))

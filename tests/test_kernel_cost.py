@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks import kernel_cost
 from benchmarks.gpu_measure import Peaks
-from benchmarks.kernel_sass import DecodeCase, MoeCase, RESULTS_MD, SECTION_TITLE
+from benchmarks.kernel_cases import DecodeCase, MoeCase
+from benchmarks.kernel_sass import RESULTS_MD, SECTION_TITLE
 from benchmarks.sass_reading import count_classes
 
 # 132 SMs at 1 GHz with 4096 bf16 FLOP a cycle each, and 1 TB/s of HBM.

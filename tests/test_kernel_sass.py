@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from benchmarks import kernel_cases, sass_tools
 from benchmarks import kernel_sass as ks
 from benchmarks import sass_reading as sr
 from gptoss_jax.config import preset
@@ -63,8 +64,8 @@ def fake_report(case, registers=128, smem=1000, threads=128, spills=0, warnings=
     return ks.KernelReport(case, ptxas, sr.Launch((1, 1, 1), threads, smem - 1), {}, "")
 
 
-MOE = ks.MoeCase("20b", "mlp1", 1, 32, 5760, 2880)
-FLASH = ks.PrefillCase(4096, None)
+MOE = kernel_cases.MoeCase("20b", "mlp1", 1, 32, 5760, 2880)
+FLASH = kernel_cases.PrefillCase(4096, None)
 
 
 def test_ptxas_report():
@@ -138,24 +139,24 @@ def test_per_weight_byte_counts_every_warp_of_the_cta():
 
 
 def test_default_cases_cover_every_kernel_shape_once():
-    cases = ks.gpt_oss_cases()
+    cases = kernel_cases.gpt_oss_cases()
     names = [c.name for c in cases]
     assert len(names) == len(set(names)) == 2 * 2 * 4 + 2 + 2 * 2 * 2
     assert {c.cache_len for c in cases if c.kernel == "decode" and c.window} == {128}  # the ring
     shard = dataclasses.replace(preset("gpt-oss-120b"), num_experts=32 // 4)  # expert-parallel shard
-    (mlp2,) = [c for c in ks.gpt_oss_cases([shard], tokens=(64,), kernels=("moe",)) if c.matmul == "mlp2"]
+    (mlp2,) = [c for c in kernel_cases.gpt_oss_cases([shard], tokens=(64,), kernels=("moe",)) if c.matmul == "mlp2"]
     assert (mlp2.model, mlp2.experts, mlp2.n, mlp2.k) == ("E8", 8, 2880, 2880)
 
 
 def test_shard_cases_add_each_devices_kernels_once():
-    shards = ks.shard_cases()
-    names = [c.name for c in ks.gpt_oss_cases() + shards]
+    shards = kernel_cases.shard_cases()
+    names = [c.name for c in kernel_cases.gpt_oss_cases() + shards]
     assert len(names) == len(set(names))
     # 20b's 32 and 120b's 128 experts over 2, 4 or 8 expert x tensor devices; 32 is 20b's own.
     assert {c.experts for c in shards if c.kernel == "moe"} == {64, 32, 16, 8, 4}
     assert {(c.q_heads, c.kv_heads) for c in shards if c.kernel != "moe"} == {(32, 4), (16, 2), (8, 1)}
     assert {c.batch for c in shards if c.kernel == "decode"} == {1, 32, 64}  # data=2 halves the 64 rows
-    assert ks.MoeCase("E8", "mlp1", 32, 8, 5760, 2880) in shards
+    assert kernel_cases.MoeCase("E8", "mlp1", 32, 8, 5760, 2880) in shards
 
 
 def test_the_section_replaces_only_itself(tmp_path):
@@ -168,7 +169,7 @@ def test_the_section_replaces_only_itself(tmp_path):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 def test_the_stand_in_driver_reports_one_sm90_device_and_loads_nothing(tmp_path):
-    driver = ctypes.CDLL(str(ks._driver(tmp_path) / "libcuda.so.1"))
+    driver = ctypes.CDLL(str(sass_tools._driver(tmp_path) / "libcuda.so.1"))
     value = ctypes.c_int(-1)
     assert driver.cuInit(0) == 0
     assert driver.cuDeviceGetAttribute(ctypes.byref(value), 75, 0) == 0 and value.value == 9
