@@ -59,7 +59,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -73,13 +72,13 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.gpu_measure import device_peaks
-from benchmarks.gpu_session import DEVICE_MEMORY_FRACTION
 from benchmarks.memory import parameter_bytes
 from benchmarks.trace_summary import DECODE_MODULE, format_module, summarize
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import generate
 from gptoss_jax.kernel_dispatch import resolve_kernels
 from gptoss_jax.model import GptOss
+from gptoss_jax.opening import give_xla_most_of_the_gpu
 from gptoss_jax.random_weights import random_model
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -96,10 +95,6 @@ _EMBEDDING_TABLES_PART = "embedding + unembedding (bf16)"
 # [B, Hq, chunk, cache + chunk], at batch 64, 512-token chunks and a 2K cache 21 GB, where 120b's
 # weights are 65 GB of an H100's 80. The kernels hold no scores.
 PREFILL_TOKENS_PER_STEP = 8192
-
-# XLA's GPU allocator takes 75% of the card unless told otherwise: 60 GB of an H100, less than
-# 120b's 65 GB of weights. An explicit setting in the environment wins.
-GPU_MEMORY_FRACTION = str(DEVICE_MEMORY_FRACTION)
 
 # One batch size: each new batch size compiles prefill and decode again, which takes minutes at
 # the real depths (see the module docstring).
@@ -362,7 +357,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns what it writes to the JSON file."""
     args = parse_args(argv)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)  # before the backend starts
+    give_xla_most_of_the_gpu()  # before the backend starts
     config = preset(args.model)
     device = jax.devices()[0]
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -60,6 +60,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from gptoss_jax.opening import GPU_MEMORY_FRACTION
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_SECONDS = 520
 MIN_STEP_SECONDS = 60
@@ -72,9 +74,6 @@ KERNEL_TEST_FILES = (
 TRACE_DIR = "/tmp/gpu-session-trace"
 # The memory check's JSON and log: $OUT brings back 8 files, all taken (see session_steps).
 MEMORY_CHECK_DIR = Path("/tmp/gpu-session-memory")
-# The share of the GPU's memory the benchmarks give XLA (XLA_PYTHON_CLIENT_MEM_FRACTION), and
-# so what a step's programs must fit in.
-DEVICE_MEMORY_FRACTION = 0.95
 
 
 def print_environment() -> None:
@@ -271,7 +270,7 @@ class MemoryCheck:
             _echo(f"memory check: no {'figure' if report is None else 'GPU memory'} for {step.name}; "
                   "it runs unchecked\n", log)
             return None
-        limit = DEVICE_MEMORY_FRACTION * device_bytes
+        limit = GPU_MEMORY_FRACTION * device_bytes  # what the benchmarks give XLA
         if report["peak_bytes"] <= limit:
             return None
         largest = max(report["programs"], key=lambda program: program["peak_bytes"])
@@ -304,7 +303,7 @@ def run_session(steps: Sequence[Step], out: Path, budget_seconds: float,
             cleanup.callback(memory_check.close)
         for step in steps:
             left = deadline - time.monotonic()
-            if left >= MIN_STEP_SECONDS and step.memory_case is not None and memory_check is not None:
+            if left >= MIN_STEP_SECONDS and step.memory_case is not None:  # so memory_check exists
                 reason = memory_check.skip_reason(step, device_bytes, left - MIN_STEP_SECONDS, log)
                 if reason is not None:
                     _echo(f"\n===== {step.name}: {reason} =====\n", log)

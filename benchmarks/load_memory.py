@@ -47,8 +47,8 @@ def measure(folder: Path) -> dict:
     from flax import nnx
 
     import gptoss_jax
-    from gptoss_jax.footprint import parameter_bytes
     from gptoss_jax.checkpoints.parameters import parameter_specs
+    from gptoss_jax.footprint import parameter_bytes
 
     jax.devices()  # start the backend before the baseline
     before = _resident_bytes()

@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from unittest import mock
 
@@ -50,12 +51,13 @@ import jax
 import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from benchmarks.gpu_session import DEVICE_MEMORY_FRACTION, GenerateCase, session_steps
+from benchmarks.gpu_session import GenerateCase, session_steps
 from gptoss_jax import footprint
 from gptoss_jax.checkpoints.parameters import abstract_model
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.generate import lower_generate
 from gptoss_jax.kv_cache import cache_bytes
+from gptoss_jax.opening import GPU_MEMORY_FRACTION
 from gptoss_jax.random_weights import PART_KINDS, part_initializer
 from gptoss_jax.sharding import AXES, default_mesh_shape, make_mesh
 
@@ -118,11 +120,13 @@ def kernels_as_opaque_calls() -> Iterator[None]:
         yield
 
 
-def initializer_memory(config: GptOssConfig) -> list[ProgramMemory]:
+@functools.cache
+def initializer_memory(config: GptOssConfig) -> tuple[ProgramMemory, ...]:
     """Each kind of part of ``random_weights.random_model``, as the last part drawn: all others exist.
 
     Its arguments are counted as every parameter outside the part, so its peak is the whole
-    model's parameters plus the part's temporaries.
+    model's parameters plus the part's temporaries. Compiled once per configuration: the plan's
+    steps share a model's.
     """
     total = sum(footprint.parameter_bytes(config).values())
     rows = []
@@ -131,21 +135,20 @@ def initializer_memory(config: GptOssConfig) -> list[ProgramMemory]:
         stats = compiled.memory_analysis()
         rows.append(ProgramMemory(f"initializer: {kind}", None, total - stats.output_size_in_bytes,
                                   stats.output_size_in_bytes, 0, stats.temp_size_in_bytes))
-    return rows
+    return tuple(rows)
 
 
-def generate_memory(config: GptOssConfig, case: GenerateCase,
-                    mesh: jax.sharding.Mesh | None = None) -> list[ProgramMemory]:
-    """Every program ``generate`` runs for ``case``, compiled on the CPU (kernels as opaque calls).
-
-    On a mesh, the figures are one device's.
+def generate_memory(config: GptOssConfig, case: GenerateCase, mesh: jax.sharding.Mesh | None = None,
+                    only: Collection[str] | None = None) -> list[ProgramMemory]:
+    """Every program ``generate`` runs for ``case`` (or those named in ``only``), compiled on the CPU
+    (kernels as opaque calls). On a mesh, the figures are one device's.
     """
     with kernels_as_opaque_calls():
         model = abstract_model(config, kernels=case.kernels, mesh=mesh)
         programs = lower_generate(model, case.batch, case.prompt_len, case.new_tokens,
                                   prefill_chunk_size=case.prefill_chunk_size)
         return [ProgramMemory.of(name, program.lowered.compile(), program.cache_length)
-                for name, program in programs.items()]
+                for name, program in programs.items() if only is None or name in only]
 
 
 def case_report(case: GenerateCase, *, layers: int | None = None) -> dict:
@@ -157,7 +160,7 @@ def case_report(case: GenerateCase, *, layers: int | None = None) -> dict:
     if layers is not None:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     start = time.perf_counter()
-    programs = initializer_memory(config) + generate_memory(config, case)
+    programs = [*initializer_memory(config), *generate_memory(config, case)]
     peak = max(program.peak_bytes for program in programs)
     return {
         "case": dataclasses.asdict(case),
@@ -168,9 +171,14 @@ def case_report(case: GenerateCase, *, layers: int | None = None) -> dict:
                       "cache_bytes": None if p.cache_length is None else cache_bytes(config, case.batch, p.cache_length)}
                      for p in programs],
         "peak_bytes": peak,
-        "fits": {device: peak <= DEVICE_MEMORY_FRACTION * size for device, size in DEVICES.items()},
+        "fits": {device: _fits(peak, size) for device, size in DEVICES.items()},
         "compile_seconds": time.perf_counter() - start,
     }
+
+
+def _fits(peak_bytes: float, device_bytes: float) -> bool:
+    """Whether a peak is within the share of a device's memory XLA is given."""
+    return peak_bytes <= GPU_MEMORY_FRACTION * device_bytes
 
 
 def format_case(report: dict) -> str:
@@ -178,8 +186,7 @@ def format_case(report: dict) -> str:
     gb = lambda value: "-" if value is None else f"{value / 1e9:.2f}"  # noqa: E731
     lines = []
     for program in report["programs"]:
-        fits = " | ".join("yes" if program["peak_bytes"] <= DEVICE_MEMORY_FRACTION * size else "**no**"
-                          for size in DEVICES.values())
+        fits = " | ".join("yes" if _fits(program["peak_bytes"], size) else "**no**" for size in DEVICES.values())
         context = "-" if program["cache_length"] is None else str(program["cache_length"])
         lines.append(f"| {program['program']} | {report['case']['model']} | {report['case']['kernels']} | "
                      f"{report['case']['batch']} | {context} | {gb(report['parameter_bytes'])} | "
@@ -246,7 +253,7 @@ def fit_table(model: str, device_bytes: float, batches: Sequence[int] = FIT_BATC
     from benchmarks.e2e import default_prefill_chunk_size  # e2e imports this module
 
     config = preset(model)
-    limit = DEVICE_MEMORY_FRACTION * device_bytes
+    limit = GPU_MEMORY_FRACTION * device_bytes
     parameters = sum(footprint.parameter_bytes(config).values())
     rows = []
     for batch in batches:
@@ -256,11 +263,11 @@ def fit_table(model: str, device_bytes: float, batches: Sequence[int] = FIT_BATC
             if parameters + row["cache_bytes"] <= limit:
                 case = GenerateCase(model, "pallas", batch, context - _FIT_NEW_TOKENS, _FIT_NEW_TOKENS,
                                     default_prefill_chunk_size(batch))
-                programs = [p for p in generate_memory(config, case) if p.program in ("prefill (later chunk)", "decode")]
+                programs = generate_memory(config, case, only=("prefill (later chunk)", "decode"))
                 row["peak_bytes"] = max(p.peak_bytes for p in programs)
                 row["gpu_estimate_bytes"] = max(
                     p.peak_bytes - min(cpu_weight_copies_bytes(config, p.program), p.temp_bytes) for p in programs)
-            row["fits"] = row["gpu_estimate_bytes"] is not None and row["gpu_estimate_bytes"] <= limit
+            row["fits"] = row["gpu_estimate_bytes"] is not None and _fits(row["gpu_estimate_bytes"], device_bytes)
             rows.append(row)
             print(format_fit_row(row, parameters, limit), flush=True)
     return rows
@@ -280,6 +287,10 @@ def format_fit_row(row: dict, parameter_bytes_total: int, limit: float) -> str:
             f"{gb(row['peak_bytes'])} | {gb(row['gpu_estimate_bytes'])} | {verdict} |")
 
 
+def _mesh_name(shape: dict[str, int]) -> str:
+    return ",".join(f"{axis}={shape[axis]}" for axis in AXES)
+
+
 PER_DEVICE_CASE = GenerateCase("gpt-oss-120b", "pallas", 1, 20000, 256)  # e2e-120b-32k's: a 32K cache
 
 
@@ -296,7 +307,7 @@ def per_device_table(case: GenerateCase = PER_DEVICE_CASE, device_counts: Sequen
         programs = generate_memory(config, case, mesh)
         largest = max(programs, key=lambda program: program.peak_bytes)
         rows.append({
-            "devices": count, "mesh": ",".join(f"{axis}={shape[axis]}" for axis in AXES),
+            "devices": count, "mesh": _mesh_name(shape),
             "parameter_bytes": per_device_bytes(case.model, shape),
             "cache_bytes": cache_bytes(config, case.batch, largest.cache_length, mesh=mesh),
             "cache_length": largest.cache_length, "program": largest.program,
@@ -335,7 +346,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
     if args.fit:
-        print(f"{args.fit} on one {args.device_gb:g} GB GPU (XLA may take {DEVICE_MEMORY_FRACTION:.0%}), "
+        print(f"{args.fit} on one {args.device_gb:g} GB GPU (XLA may take {GPU_MEMORY_FRACTION:.0%}), "
               f"{_FIT_NEW_TOKENS} tokens generated after context - {_FIT_NEW_TOKENS}:\n{FIT_HEADER}", flush=True)
         rows = fit_table(args.fit, args.device_gb * 1e9)
         if args.json:
@@ -359,7 +370,7 @@ def main() -> None:
             shape = default_mesh_shape(count, preset(name))
             per_device = per_device_bytes(name, shape)
             report[name]["per_device_bytes"][count] = per_device
-            mesh = ",".join(f"{axis}={shape[axis]}" for axis in AXES)
+            mesh = _mesh_name(shape)
             print(f"  on {count} GPU{'s' if count > 1 else ' '} ({mesh}): {per_device / 1e9:7.2f} GB per device")
     if args.json:
         with open(args.json, "w") as f:

@@ -41,11 +41,9 @@ from gptoss_jax.cli.terminal import (
     silence_stdout,
 )
 from gptoss_jax.errors import GptOssError
+from gptoss_jax.opening import give_xla_most_of_the_gpu
 
 __all__ = ["EXIT_BROKEN_PIPE", "EXIT_FAILURE", "EXIT_INTERRUPTED", "PROG", "build_parser", "main"]
-
-GPU_MEMORY_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
-GPU_MEMORY_FRACTION = "0.95"
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     commands.add_convert, commands.add_generate, chat.add_chat, chat.add_demo, serve.add_serve, env.add_env,
@@ -99,10 +97,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script passes it to exit)."""
     args = build_parser().parse_args(argv)
-    # XLA's GPU allocator takes 75% of the card unless told otherwise: 60 GB of an 80 GB H100,
-    # less than gpt-oss-120b's 65 GB of parameters. A program that runs one model takes most of
-    # it, as vLLM does; an explicit setting wins. (Before anything starts the backend.)
-    os.environ.setdefault(GPU_MEMORY_FRACTION_VARIABLE, GPU_MEMORY_FRACTION)
+    give_xla_most_of_the_gpu()  # before anything starts the backend
     _enable_compilation_cache()
     try:
         _start_distributed(args)
