@@ -39,20 +39,22 @@ Structure:
   multiple of 8) in XLA so every read stays in bounds, and stores write only each task's own
   rows (power-of-two TMA stores), so the output is exactly ``[M, N]``.
 
-Scales: the checkpoint's ``[E, N, K/32]`` rows are 90 bytes for K = 2880, not a multiple of 16,
-so TMA cannot copy them. Each thread loads the scales of its own accumulator rows from global
-memory (2 bytes per 16-byte slice, one pipeline step ahead so the latency hides behind the
-current step). A one-time repack of the scales to ``[E, K/32, N]`` in the converter would let
-TMA stream them with the bytes, as tokamax's quantized kernel does; it is not done (the
-checkpoint layout is kept) until a GPU measurement shows the loads matter.
+Scales (:attr:`Config.scale_source`): the checkpoint's ``[E, N, K/32]`` rows are 90 bytes for
+K = 2880, not a multiple of 16, so TMA cannot stream them beside the bytes, but a CTA's are
+contiguous: its 64 rows (128 for SwiGLU's two halves) of K/32 bytes, 16-byte aligned. One TMA
+at the CTA's start copies them to shared memory as 128-byte rows, and each step reads its rows'
+scales from there (``"smem"``). ``"global"`` loads each thread's scales from global memory one
+pipeline step ahead instead, rows 90 or 180 bytes apart: 8 L1 wavefronts per warp's load
+where shared memory takes 1 (``benchmarks.kernel_cost``'s load/store bound).
 
-Nibble decoding (:attr:`Config.e2m1_decode`). On the GPU a code's exponent and mantissa bits go
-to the bottom of a bf16 exponent field, which gives the value times 2**-126 (a subnormal for
-0.5), and one bf16 multiply by 2**126 restores it, as triton_kernels' Hopper MXFP4 path does:
-five integer operations and one multiply (two elements per instruction) per element, before
-the scale's multiply. XLA on the CPU flushes subnormal bf16 to zero, so interpret mode would
-decode 0.5 as 0; there an integer-only form selects the bits of 0 and 0.5 directly, exact
-anywhere, for about twice the integer operations (``benchmarks/moe_kernel.py`` times both).
+Nibble decoding (:attr:`Config.e2m1_decode`, the forms in :mod:`pallas_kernels.e2m1`). On the
+GPU a code's exponent and mantissa bits go to the bottom of a bf16 exponent field, which gives
+the value times 2**-126 (a subnormal for 0.5), and one bf16 multiply by 2**126 restores it, as
+triton_kernels' Hopper MXFP4 path does; ``"word"`` builds those bits on 32-bit words (about 6
+instructions per weight byte with the multiplies, against about 15 for ``"multiply"``'s uint16
+tiles). XLA on the CPU flushes subnormal bf16 to zero, so interpret mode would decode 0.5 as 0;
+there an integer-only form (``"select"``) selects the bits of 0 and 0.5 directly, exact
+anywhere, for about twice the integer operations (``benchmarks/moe_kernel.py`` times all three).
 
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except WGMMA with a
 register LHS, which the interpreter refuses: :class:`Config.decoded_lhs` switches between
@@ -70,13 +72,14 @@ import functools
 from typing import Literal
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
 import ml_dtypes
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mxfp4
+from pallas_kernels import e2m1, mxfp4
 from pallas_kernels.mxfp4_moe_reference import SWIGLU_ALPHA, SWIGLU_LIMIT, Epilogue
 
 BLOCK_N = 64
@@ -87,10 +90,11 @@ _ROW_ALIGN = 8  # row tiling of the swizzled activation tiles
 _MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where the task axis goes
 _SMEM_BYTES = 227 * 1024  # per block on sm_90
 _BYTES_PER_SCALE = mxfp4.BYTES_PER_BLOCK  # 16 packed bytes = 32 values share a scale
+_SCALE_ROW_BYTES = 128  # a CTA's scales as TMA rows of 128 bytes (a TMA box is <= 256 a side)
+_MAX_TMA_BOX = 256
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # [block_n] vector, one value per accumulator row
 _COL = plgpu.Layout.WGMMA.reduce(0)  # [block_m] vector, one value per accumulator column
 _ALPHA_BF16 = float(jnp.bfloat16(SWIGLU_ALPHA))  # the reference multiplies a bf16 tile by it
-_TWO_POW_126 = 2.0**126  # a Python float, exact in bf16: the tile keeps its dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +110,25 @@ class Config:
       decoded_lhs: ``"registers"`` feeds the decoded weight tile to WGMMA from registers (the
         GPU path); ``"smem"`` stores it to swizzled shared memory first (the path interpret mode
         can run).
-      e2m1_decode: ``"multiply"`` decodes a nibble through a subnormal bf16 and a multiply by
-        2**126 (the GPU path); ``"select"`` with integer operations only (interpret mode's: XLA
-        on the CPU flushes subnormals).
+      scale_source: ``"smem"`` copies a CTA's scales (``halves * 64 * K/32`` contiguous bytes)
+        to shared memory with one TMA at its start, and each step's scales are read from there
+        (one L1 wavefront a warp's load; the default, by the cost model's load/store bound until
+        a GPU measures it); ``"global"`` loads each thread's scales from global memory one step
+        ahead (rows 90 or 180 bytes apart: 8 wavefronts a warp's load).
+      e2m1_decode: ``"word"`` decodes a nibble through a subnormal bf16 and a multiply by
+        2**126, built on 32-bit words (the GPU default, chosen by the SASS instruction counts of
+        ``benchmarks.kernel_cost`` until a GPU measures it); ``"multiply"`` the same on uint16
+        tiles (the earlier GPU path); ``"select"`` with integer operations only (interpret
+        mode's: XLA on the CPU flushes subnormals, and it cannot run ``"word"``'s inline
+        Mosaic GPU code).
     """
 
     block_m: int = 64
     block_kb: int = 96
     max_concurrent_steps: int = 4
     decoded_lhs: Literal["registers", "smem"] = "registers"
-    e2m1_decode: Literal["multiply", "select"] = "multiply"
+    scale_source: Literal["smem", "global"] = "smem"
+    e2m1_decode: Literal["word", "multiply", "select"] = "word"
 
     def __post_init__(self):
         if self.block_m % _MIN_BLOCK_M or not _MIN_BLOCK_M <= self.block_m <= 256:
@@ -126,8 +139,10 @@ class Config:
             raise ValueError("max_concurrent_steps must be positive")
         if self.decoded_lhs not in ("registers", "smem"):
             raise ValueError(f"decoded_lhs={self.decoded_lhs!r} must be 'registers' or 'smem'")
-        if self.e2m1_decode not in ("multiply", "select"):
-            raise ValueError(f"e2m1_decode={self.e2m1_decode!r} must be 'multiply' or 'select'")
+        if self.scale_source not in ("smem", "global"):
+            raise ValueError(f"scale_source={self.scale_source!r} must be 'smem' or 'global'")
+        if self.e2m1_decode not in ("word", "multiply", "select"):
+            raise ValueError(f"e2m1_decode={self.e2m1_decode!r} must be 'word', 'multiply' or 'select'")
 
 
 def _swizzled(
@@ -135,34 +150,6 @@ def _swizzled(
 ) -> tuple[plgpu.TilingTransform, plgpu.SwizzleTransform]:
     bits = jnp.dtype(dtype).itemsize * 8
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
-
-
-def _decode_e2m1(codes: jax.Array) -> jax.Array:
-    """uint16 E2M1 codes (low 4 bits) -> exact bf16 values, with integer ops only.
-
-    For a magnitude code c >= 2 (exponent field e >= 1) the bf16 bits are exponent e + 126 and
-    mantissa bit m, i.e. ``(c << 6) + 0x3F00``. Codes 0 and 1 (0 and 0.5) are selected directly,
-    which avoids the subnormal intermediate of :func:`_e2m1_times_two_pow_minus_126`.
-    """
-    magnitude = codes & 7
-    bits = jnp.where(magnitude >= 2, (magnitude << 6) + 0x3F00, magnitude * 0x3F00)
-    bits = bits | ((codes & 8) << 12)
-    return lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
-
-
-def _e2m1_times_two_pow_minus_126(packed: jax.Array, nibble: int) -> jax.Array:
-    """uint16 packed bytes -> bf16 ``value * 2**-126`` of their low (0) or high (1) nibble.
-
-    The code's two exponent bits and its mantissa bit become the lowest bits of the bf16
-    exponent field and the top mantissa bit, and its sign the sign: exponent field e gives
-    ``(1 + m/2) * 2**(e - 127)`` for e >= 1 and the subnormal ``(m/2) * 2**-126`` for e = 0,
-    each the E2M1 value times 2**-126. Multiplying by 2**126 is then exact where subnormal inputs
-    are kept, as by the GPU's bf16 arithmetic.
-    """
-    shift = 4 * nibble
-    magnitude = (packed & (0x7 << shift)) << (6 - shift)
-    sign = (packed & (0x8 << shift)) << (12 - shift)
-    return lax.bitcast_convert_type(magnitude | sign, jnp.bfloat16)
 
 
 def _round(x: jax.Array) -> jax.Array:
@@ -297,6 +284,9 @@ def mxfp4_grouped_matmul(
     if interpret is not None and config.e2m1_decode == "multiply":
         raise ValueError("interpret mode runs on XLA:CPU, which flushes the subnormal bf16 of "
                          "e2m1_decode='multiply' to zero (0.5 would decode as 0); use 'select'")
+    if interpret is not None and config.e2m1_decode == "word":
+        raise ValueError("interpret mode cannot run the inline Mosaic GPU code of e2m1_decode='word'; "
+                         "use 'select'")
     rows, k = lhs.shape
     num_experts, n, k_blocks, block_bytes = blocks.shape
     if lhs.dtype != jnp.bfloat16:
@@ -327,6 +317,13 @@ def mxfp4_grouped_matmul(
     smem_bytes += block_m * BLOCK_N * jnp.dtype(out_dtype).itemsize
     if config.decoded_lhs == "smem":
         smem_bytes += 2 * halves * BLOCK_N * block_kb * 2
+    # A CTA's scales, [BLOCK_N, halves, K/32] contiguous in the checkpoint, as 128-byte TMA rows.
+    scale_rows = halves * BLOCK_N * k_blocks // _SCALE_ROW_BYTES
+    if config.scale_source == "smem":
+        if scale_rows > _MAX_TMA_BOX:
+            raise NotImplementedError(f"K={k} has more scales per tile than one TMA copies; "
+                                      "use scale_source='global'")
+        smem_bytes += scale_rows * _SCALE_ROW_BYTES
     if smem_bytes > _SMEM_BYTES:
         raise ValueError(f"{config} needs {smem_bytes} bytes of shared memory, more than {_SMEM_BYTES}")
     tasks = Tasks(group_sizes, rows, block_m)
@@ -341,7 +338,13 @@ def mxfp4_grouped_matmul(
         weights = jnp.pad(row_weights.astype(jnp.float32), (0, padded_rows - rows))
     # Gate (even) and linear (odd) rows are strided views of the same bytes: [E, N/h, h, K/2].
     packed = blocks.reshape(num_experts, out_n, halves, half_k)
-    scales_h = scales.reshape(num_experts, out_n, halves, k_blocks)
+    if config.scale_source == "smem":
+        scales_h = scales.reshape(num_experts, out_n // BLOCK_N, scale_rows, _SCALE_ROW_BYTES)
+        scale_scratch = dict(scales_smem=plgpu.SMEM((scale_rows, _SCALE_ROW_BYTES), jnp.uint8),
+                             scales_barrier=plgpu.Barrier(num_arrivals=1))
+    else:
+        scales_h = scales.reshape(num_experts, out_n, halves, k_blocks)
+        scale_scratch = {}
     bias_h = bias.astype(jnp.bfloat16).reshape(num_experts, out_n, halves)
 
     kernel = functools.partial(
@@ -355,6 +358,7 @@ def mxfp4_grouped_matmul(
         config=config,
         apply_weights=row_weights is not None,
         swiglu_limit=swiglu_limit,
+        interpret=interpret is not None,
     )
     # The output tile stays linear (unswizzled): its TMA stores start at any row (see
     # _store_rows), and a swizzled tile sliced off an 8-row boundary would start mid-pattern.
@@ -363,9 +367,7 @@ def mxfp4_grouped_matmul(
         out_type=jax.ShapeDtypeStruct((rows, out_n), out_dtype),
         grid=(tasks.num_tasks, out_n // BLOCK_N),
         grid_names=("task", "n"),
-        scratch_types=dict(
-            o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype),
-        ),
+        scratch_types=dict(o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype), **scale_scratch),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup
         ),
@@ -376,6 +378,32 @@ def mxfp4_grouped_matmul(
     if row_weights is not None:
         operands.append(weights)
     return call(*operands)
+
+
+def _load_scale_columns(scales_smem, halves: int, columns: pl.Slice, *, interpret: bool) -> list[jax.Array]:
+    """Each accumulator row's scales of K/32 blocks ``columns`` from a CTA's scales in shared
+    memory (``[BLOCK_N, halves, K/32]`` bytes, as TMA rows): ``halves * columns.size`` uint8
+    ``[BLOCK_N]`` vectors in the accumulator's row layout, half-major.
+
+    Mosaic GPU's layout inference refuses a strided view of shared memory (a column's rows are
+    90 or 180 bytes apart), so on the GPU the loads are written in inline Mosaic GPU code on the
+    (innermost-contiguous) view of the step's columns; interpret mode, which runs neither layout
+    inference nor inline code (nor reshapes of a ref), takes the same elements from the loaded
+    tile.
+    """
+    shape = (BLOCK_N, halves, scales_smem.size // (BLOCK_N * halves))
+    if interpret:
+        step_scales = lax.dynamic_slice_in_dim(scales_smem[...].reshape(shape), columns.start, columns.size, axis=2)
+        return [step_scales[:, half, s] for half in range(halves) for s in range(columns.size)]
+    row_vector = plgpu.ShapeDtypeStruct((BLOCK_N,), jnp.uint8, layout=_ROW)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[row_vector] * (halves * columns.size))
+    def load(_, step_scales):
+        return [mgpu.FragmentedArray.load_untiled(mgpu.utils.memref_slice(step_scales, (slice(None), half, s)),
+                                                  layout=mgpu.WGMMA_ROW_LAYOUT, is_signed=False, optimized=False)
+                for half in range(halves) for s in range(columns.size)]
+
+    return load(scales_smem.reshape(shape).at[:, :, columns])
 
 
 def _kernel(
@@ -390,6 +418,8 @@ def _kernel(
     bias_gmem,
     *weights_and_out,
     o_smem,
+    scales_smem=None,
+    scales_barrier=None,
     num_experts: int,
     halves: int,
     block_m: int,
@@ -399,6 +429,7 @@ def _kernel(
     config: Config,
     apply_weights: bool,
     swiglu_limit: float,
+    interpret: bool,
 ):
     *maybe_weights_gmem, out_gmem = weights_and_out
     task = lax.axis_index("task")
@@ -415,32 +446,40 @@ def _kernel(
 
     def load_scales(step):
         """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
-        scales = []
-        for half in range(halves):
-            for s in range(scales_per_step):
-                scale_bytes = plgpu.load(
-                    scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
-                    layout=_ROW,
-                    optimized=False,
-                )
-                # The E8M0 byte is exactly the exponent field of the bf16 power of two.
-                scales.append(lax.bitcast_convert_type(scale_bytes.astype(jnp.uint16) << 7, jnp.bfloat16))
-        return tuple(scales)
+        columns = pl.ds(step * scales_per_step, scales_per_step)
+        if scales_smem is None:
+            step_scales = scales_gmem.at[expert, n_rows, :, columns]
+            scale_bytes = [plgpu.load(step_scales.at[:, half, s], layout=_ROW, optimized=False)
+                           for half in range(halves) for s in range(scales_per_step)]
+        else:
+            scale_bytes = _load_scale_columns(scales_smem, halves, columns, interpret=interpret)
+        # The E8M0 byte is exactly the exponent field of the bf16 power of two.
+        return tuple(lax.bitcast_convert_type(b.astype(jnp.uint16) << 7, jnp.bfloat16) for b in scale_bytes)
 
     def decoded_tiles(w_smem, scales):
         """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
         slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
         scale = jnp.concatenate(slices, axis=1)
-        packed = w_smem[...].astype(jnp.uint16)
-        if config.e2m1_decode == "multiply":
-            # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
-            even, odd = (_e2m1_times_two_pow_minus_126(packed, nibble) * _TWO_POW_126 for nibble in (0, 1))
+        # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
+        if config.e2m1_decode == "word":
+            even, odd = (half * e2m1.TWO_POW_126 for half in e2m1.times_two_pow_minus_126_words(w_smem[...]))
+        elif config.e2m1_decode == "multiply":
+            packed = w_smem[...].astype(jnp.uint16)
+            even, odd = (e2m1.times_two_pow_minus_126(packed, nibble) * e2m1.TWO_POW_126
+                         for nibble in (0, 1))
         else:
-            even, odd = _decode_e2m1(packed & 0xF), _decode_e2m1(packed >> 4)
+            packed = w_smem[...].astype(jnp.uint16)
+            even, odd = e2m1.select_decode(packed & 0xF), e2m1.select_decode(packed >> 4)
         return even * scale, odd * scale
 
     def compute(*accs):
         def body(step, refs, lhs_smems, scales):
+            if scales_smem is not None:
+                @pl.when(step == 0)
+                def _wait_for_scales():
+                    plgpu.barrier_wait(scales_barrier)
+
+                scales = load_scales(step)
             w_smems = refs[:halves]
             x_even, x_odd = refs[halves:]
             for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
@@ -456,16 +495,22 @@ def _kernel(
                     plgpu.commit_smem()
                     plgpu.wgmma(acc, even_smem, x_even.T)
                     plgpu.wgmma(acc, odd_smem, x_odd.T)
-            # The scales are per-thread global loads: the next step's are issued while this
-            # step's WGMMAs run, so their latency hides behind them (the last step reloads its
-            # own). Issued after the decoding, they hold no registers while the tiles are live.
-            next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
+            if scales_smem is None:
+                # Per-thread global loads: the next step's are issued while this step's WGMMAs
+                # run, so their latency hides behind them (the last step reloads its own).
+                # Issued after the decoding, they hold no registers while the tiles are live.
+                next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
             plgpu.wgmma_wait(0)
-            return next_scales
+            if scales_smem is None:
+                return next_scales
+            return None
 
         def pipeline_body(idx, *refs_and_scales):
             (step,) = idx
-            *refs, scales = refs_and_scales
+            if scales_smem is None:
+                *refs, scales = refs_and_scales
+            else:
+                refs, scales = refs_and_scales, None
             if config.decoded_lhs == "registers":
                 return body(step, refs, (), scales)
             lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)]
@@ -473,6 +518,10 @@ def _kernel(
                 lambda *scratch: body(step, refs, scratch, scales), *lhs_scratch * (2 * halves)
             )
 
+        if scales_smem is not None:
+            # Issued before the pipeline's first weight copies, waited for in its first step:
+            # the two latencies overlap.
+            plgpu.copy_gmem_to_smem(scales_gmem.at[expert, lax.axis_index("n")], scales_smem, scales_barrier)
         w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
         x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
         plgpu.emit_pipeline(
@@ -480,7 +529,7 @@ def _kernel(
             grid=(k_steps,),
             in_specs=[w_spec] * halves + [x_spec, x_spec],
             max_concurrent_steps=stages,
-            init_carry=load_scales(0),
+            init_carry=load_scales(0) if scales_smem is None else None,
         )(
             *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
             lhs_even_gmem.at[rows],

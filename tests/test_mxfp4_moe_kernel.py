@@ -19,20 +19,16 @@ small except one gpt-oss-sized case per epilogue.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mxfp4
-from pallas_kernels.mxfp4_moe import (
-    Config,
-    _decode_e2m1,
-    Tasks,
-    _e2m1_times_two_pow_minus_126,
-    mxfp4_grouped_matmul,
-)
+from pallas_kernels import e2m1, mxfp4
+from pallas_kernels.mxfp4_moe import Config, Tasks, mxfp4_grouped_matmul
 from pallas_kernels.mxfp4_moe_reference import SWIGLU_LIMIT, few_rows_product, mxfp4_grouped_matmul_reference
 
 HIDDEN = 2880  # gpt-oss-20b and 120b: hidden size = expert intermediate size
@@ -57,14 +53,11 @@ def _problem(rows, k, n, group_sizes, *, scale_range=(122, 132), seed=0):
 
 
 def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weights=None, swiglu_limit=SWIGLU_LIMIT):
-    """Run the kernel (interpreted with the decoded tile in shared memory, or compiled with it in
-    registers) and compare with the reference; returns the output."""
+    """Run the kernel (interpreted with the decoded tile in shared memory and the integer-only
+    decode, or compiled as ``config`` says) and compare with the reference; returns the output."""
     interpreted = kernel_mode == "interpret"
-    config = dataclasses.replace(
-        config,
-        decoded_lhs="smem" if interpreted else "registers",
-        e2m1_decode="select" if interpreted else "multiply",
-    )
+    if interpreted:
+        config = dataclasses.replace(config, decoded_lhs="smem", e2m1_decode="select")
     out = mxfp4_grouped_matmul(
         **problem, epilogue=epilogue, swiglu_limit=swiglu_limit, row_weights=row_weights, config=config,
         interpret=INTERPRET if interpreted else None,
@@ -82,7 +75,7 @@ def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weight
 
 def test_decode_e2m1_is_exact_for_every_code():
     codes = jnp.arange(16, dtype=jnp.uint16)
-    decoded = np.asarray(jax.jit(_decode_e2m1)(codes), np.float32)
+    decoded = np.asarray(jax.jit(e2m1.select_decode)(codes), np.float32)
     np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES)
     assert np.all(np.signbit(decoded) == np.signbit(mxfp4.E2M1_VALUES))
 
@@ -93,7 +86,7 @@ def test_gpu_decode_is_exact_for_every_byte_where_subnormals_are_kept(nibble):
     for 0.5, then multiplies by 2**126. Its bits come from XLA here (integer operations and a
     bitcast only); the multiply runs in NumPy, which keeps subnormals, as the GPU's bf16 does."""
     packed = np.arange(256, dtype=np.uint16)
-    scaled_down = np.asarray(jax.jit(_e2m1_times_two_pow_minus_126, static_argnums=1)(packed, nibble))
+    scaled_down = np.asarray(jax.jit(e2m1.times_two_pow_minus_126, static_argnums=1)(packed, nibble))
     decoded = scaled_down.astype(np.float64) * 2.0**126
     codes = (packed >> (4 * nibble)) & 0xF
     np.testing.assert_array_equal(decoded, mxfp4.E2M1_VALUES[codes])
@@ -101,6 +94,54 @@ def test_gpu_decode_is_exact_for_every_byte_where_subnormals_are_kept(nibble):
     # Where subnormals are flushed (XLA on the CPU), 0.5 would decode as 0: why interpret mode
     # takes e2m1_decode="select".
     assert np.count_nonzero(scaled_down.view(np.uint16) & 0x7F80 == 0) == 64  # codes 0, 1, 8, 9
+
+
+class _NumpyWordOps:
+    """:class:`pallas_kernels.e2m1.WordOps` on uint32 arrays, as PTX defines the operations."""
+
+    def prmt(self, word, selector):
+        result = np.zeros_like(word)
+        for i in range(4):
+            digit = (selector >> (4 * i)) & 0xF
+            byte = (word.astype(np.uint64) >> (8 * (digit & 7))) & 0xFF  # bytes 4-7 of {0, word}: 0
+            if digit & 8:  # sign-replicate mode
+                byte = np.where(byte & 0x80, 0xFF, 0).astype(np.uint64)
+            result |= (byte << (8 * i)).astype(np.uint32)
+        return result
+
+    def and_(self, word, mask):
+        return word & np.uint32(mask)
+
+    def mul(self, word, factor):
+        return word * np.uint32(factor)  # uint32 arithmetic: the low 32 bits, as mul.lo.u32
+
+
+def _e2m1(codes):
+    return codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+
+
+def test_word_decode_steps_are_exact_for_every_byte_pair():
+    """e2m1_decode="word" runs only as inline Mosaic GPU code, which interpret mode cannot run:
+    its integer steps, the same function the kernel emits, run here in NumPy over every pair of
+    bytes (so every byte in both places of a register), against ml_dtypes' float4_e2m1fn. The
+    multiply by 2**126 runs in float64, which keeps the subnormal of 0.5 as the GPU's bf16 does."""
+    pairs = np.arange(1 << 16, dtype=np.uint32)
+    words = e2m1.byte_pair_to_bf16_words(pairs, _NumpyWordOps())
+    for nibble, word in enumerate(words):
+        for lane in range(2):
+            bits = ((word >> (16 * lane)) & 0xFFFF).astype(np.uint16)
+            decoded = bits.view(ml_dtypes.bfloat16).astype(np.float64) * 2.0**126
+            codes = (pairs >> (8 * lane + 4 * nibble)) & 0xF
+            np.testing.assert_array_equal(decoded, _e2m1(codes))
+            np.testing.assert_array_equal(np.signbit(decoded), np.signbit(_e2m1(codes)))
+
+
+def test_numpy_prmt_follows_ptx():
+    # The emulation's own check, on PTX's documented example bytes: {b, a} = 0x_77665544_33221100.
+    word = np.array([0x33221100], np.uint32)
+    assert _NumpyWordOps().prmt(word, 0x3210)[0] == 0x33221100
+    assert _NumpyWordOps().prmt(word, 0x4140)[0] == 0x00110000
+    assert _NumpyWordOps().prmt(np.array([0x80], np.uint32), 0x4448)[0] == 0x000000FF
 
 
 @pytest.mark.parametrize("per_row", [True, False], ids=["per-row (CPU)", "batched (other backends)"])
@@ -135,10 +176,11 @@ def test_reference_against_float64(rows, group_sizes):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-def test_interpret_mode_refuses_the_gpu_decode():
+@pytest.mark.parametrize("decode, message", [("multiply", "flushes the subnormal"), ("word", "inline Mosaic GPU")])
+def test_interpret_mode_refuses_the_gpu_decodes(decode, message):
     problem, _ = _problem(4, 192, 128, [4])
-    with pytest.raises(ValueError, match="flushes the subnormal"):
-        mxfp4_grouped_matmul(**problem, config=Config(decoded_lhs="smem"), interpret=INTERPRET)
+    with pytest.raises(ValueError, match=message):
+        mxfp4_grouped_matmul(**problem, config=Config(decoded_lhs="smem", e2m1_decode=decode), interpret=INTERPRET)
 
 
 def test_ragged_groups_with_empty_experts_and_rows_past_the_groups(kernel_mode):
@@ -160,15 +202,52 @@ def test_all_rows_on_one_expert_over_several_row_tiles(group_sizes, kernel_mode)
     _check(problem, kernel_mode, config=Config(block_m=16, block_kb=32), row_weights=row_weights)
 
 
-def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode):
+@pytest.mark.parametrize("scale_source", ["smem", "global"])
+def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode, scale_source):
     problem, row_weights = _problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
     _check(
         problem,
         kernel_mode,
-        config=Config(block_kb=32),
+        config=Config(block_kb=32, scale_source=scale_source),
         epilogue="bias_swiglu",
         row_weights=row_weights,
     )
+
+
+def _check_half_codes_under_every_scale(kernel_mode, config):
+    k, n = 192, 256
+    blocks = np.full((1, n, k // 32, 16), 0x11, np.uint8)
+    scales = 1 + (np.arange(n)[:, None] + 37 * np.arange(k // 32)) % 254
+    picked = [(32 * j + 2 * (j % 16) + nibble, j) for j in range(k // 32) for nibble in (0, 1)]
+    lhs = np.zeros((len(picked), k), np.float32)
+    for row, (column, _) in enumerate(picked):
+        lhs[row, column] = 1.0
+    problem = dict(lhs=jnp.asarray(lhs, jnp.bfloat16), group_sizes=jnp.asarray([len(picked)], jnp.int32),
+                   blocks=jnp.asarray(blocks), scales=jnp.asarray(scales[None].astype(np.uint8)),
+                   bias=jnp.zeros((1, n), jnp.bfloat16))
+    out = np.asarray(_check(problem, kernel_mode, config=dataclasses.replace(config, block_kb=32)), np.float64)
+    want = np.stack([0.5 * 2.0 ** (scales[:, j] - 127.0) for _, j in picked])
+    if kernel_mode == "interpret":
+        want[want < 2.0**-126] = 0  # XLA on the CPU flushes the one subnormal product, s = 1's
+    else:
+        assert np.any(want == 2.0**-127)
+    np.testing.assert_array_equal(out, want)
+    assert out.max() == 2.0**126
+
+
+def test_half_codes_under_every_scale_are_exact(kernel_mode):
+    """All-0x11 bytes (both nibbles 0.5, the code whose GPU decoding is a subnormal bf16) under
+    every scale 1..254: one-hot rows pick single weights, so each output is exactly
+    ``0.5 * 2**(s - 127)``, from the subnormal 2**-127 to 2**126. Interpret mode runs the
+    integer-only decode (and XLA on the CPU flushes 2**-127)."""
+    _check_half_codes_under_every_scale(kernel_mode, Config())
+
+
+@pytest.mark.parametrize("config", [Config(e2m1_decode=decode, scale_source=source)
+                                    for decode in ("word", "multiply") for source in ("smem", "global")],
+                         ids=lambda c: f"{c.e2m1_decode}-{c.scale_source}")
+def test_half_codes_under_every_scale_in_every_gpu_variant(gpu, config):
+    _check_half_codes_under_every_scale("gpu", config)
 
 
 def test_swiglu_limit_of_the_config(kernel_mode):
@@ -253,6 +332,13 @@ def test_rejects_what_it_cannot_run():
         )
     with pytest.raises(ValueError, match="multiple of 8"):
         Config(block_m=12)
+    with pytest.raises(ValueError, match="scale_source"):
+        Config(scale_source="tma")
+    wide, _ = _problem(4, 8256, 128, [4])  # K/32 = 258 scales a row: 258 TMA rows for mlp1's two halves
+    with pytest.raises(NotImplementedError, match="scale_source='global'"):
+        jax.eval_shape(lambda p: mxfp4_grouped_matmul(**p, epilogue="bias_swiglu"), wide)
+    jax.eval_shape(lambda p: mxfp4_grouped_matmul(**p, epilogue="bias_swiglu", config=Config(scale_source="global")),
+                   wide)
     many_rows = jax.ShapeDtypeStruct((600_000, 192), jnp.bfloat16)  # 75,000 tasks of 8 rows
     with pytest.raises(ValueError, match="more than the 65535 a grid axis holds"):
         jax.eval_shape(lambda lhs: mxfp4_grouped_matmul(lhs, *list(problem.values())[1:], config=Config(block_m=8)),
@@ -290,6 +376,14 @@ def _export(experts, n, rows, epilogue, config=None):
 )
 def test_lowers_for_cuda_at_gpt_oss_shapes(tokens, experts, n, epilogue):
     _export(experts, n, tokens * 4, epilogue)  # top-4 routing: 4 rows per token
+
+
+@pytest.mark.parametrize("tokens", [1, 4096], ids=lambda t: f"tokens{t}")
+@pytest.mark.parametrize("n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"])
+@pytest.mark.parametrize("config", [Config(e2m1_decode="multiply"), Config(scale_source="global")],
+                         ids=["multiply-decode", "global-scales"])
+def test_other_gpu_variants_lower_for_cuda_at_gpt_oss_shapes(tokens, n, epilogue, config):
+    _export(128, n, tokens * 4, epilogue, config)
 
 
 def test_interpret_variant_lowers_for_cuda_too():
