@@ -84,11 +84,13 @@ class Residency(enum.StrEnum):
     """How the split count and the pipeline depth account for the CTAs resident on one SM.
 
     ASSUMED: splits for :data:`ASSUMED_CTAS_PER_SM` CTAs per SM, with the configured pipeline
-      stages whether or not that many fit (the kernel before issue #18: at 4 stages of 128-slot
-      tiles a CTA needs 161 KB of SMEM, so one fits and the GPU runs two waves).
+      stages whether or not that many fit (with ``split_short_caches`` and ``real_partial_rows``
+      off, the kernel before issue #18: at 4 stages of 128-slot tiles a CTA needs 161 KB of
+      SMEM, so one fits and the GPU runs two waves).
     FITTED: the stages capped (to no fewer than one) so that :data:`ASSUMED_CTAS_PER_SM` CTAs
       fit, and splits for that many.
-    DERIVED: the configured stages, and splits for the CTAs per SM that their SMEM allows.
+    DERIVED: the configured stages, and splits for the CTAs per SM that their SMEM allows
+      (registers are not the limit: about 157 a thread allow 3 CTAs of 128 threads).
     """
 
     ASSUMED = "assumed"
@@ -122,14 +124,16 @@ class DecodeAttentionConfig:
         docstring). None picks the in-place register form when compiling and the interpretable
         one in interpret mode.
 
-    The defaults were chosen by the cost model (``python -m benchmarks.kernel_cost``), which no
-    GPU has calibrated yet; a GPU sweep of the variants decides. At gpt-oss's decode shapes every
-    variant is HBM-bound in the model, so it ranks them by bytes moved: real partial rows cut
-    the partials 8x (decode full ctx=4K batch=1: 4.3 MB to 0.54 MB beside 8.4 MB of KV); DERIVED
-    splits for one CTA per SM at 4 stages, which halves the splits (and the partials) again with
-    the same busiest-SM work; FITTED (2 stages, two CTAs per SM) ties with ASSUMED in the model,
-    which does not model latency hiding. Splitting the sliding ring into 64-slot tiles doubles
-    the working CTAs at batch 1 (8 to 16) and halves the busiest SM's issue-bound time.
+    The defaults were chosen by the cost model (``python -m benchmarks.kernel_cost``, on each
+    variant's SASS), which no GPU has calibrated yet: a GPU sweep of the variants decides. At
+    gpt-oss's decode shapes every variant but the sliding ring at batch 1 is HBM-bound in the
+    model, so it ranks them by bytes moved. Real partial rows cut the partials 8x (full layer,
+    4K context, batch 1: 4.3 MB to 0.54 MB beside 8.4 MB of KV; 66% to 94% of HBM peak); DERIVED
+    splits for the one CTA per SM that 4 stages allow, which halves the splits and the partials
+    again with the same busiest-SM work (97%; 32K context: 94% before, 100%); FITTED (2 stages,
+    two CTAs per SM) ties with ASSUMED, as the model does not count latency that co-resident
+    CTAs would hide. Cutting the sliding ring into 64-slot tiles gives batch 1 16 CTAs instead
+    of 8 and the busiest SM 547 loop instructions instead of 917 (0.50 to 0.30 us, issue-bound).
     """
 
     block_q: int = 8
