@@ -210,13 +210,14 @@ def moe_work(case: MoeCase, figures: KernelFigures) -> Work:
 def decode_work(case: DecodeCase, figures: KernelFigures) -> Work:
     from pallas_kernels.decode_attention import DecodeAttentionConfig, decode_tiling
 
+    # Split for the default device's SMs: DEFAULT_SM_COUNT on the CPU, the modelled devices' 132.
     tiling = decode_tiling(case.config or DecodeAttentionConfig(), case.batch, case.q_len, case.cache_len,
-                           case.kv_heads)
+                           case.kv_heads, q_heads=case.q_heads)
     per_split = math.ceil(tiling.num_tiles / tiling.num_splits)
     split_tiles = [max(0, min(per_split, tiling.num_tiles - s * per_split)) for s in range(tiling.num_splits)]
     iterations = [t for _ in range(case.batch * case.kv_heads * tiling.num_q_blocks) for t in split_tiles if t]
-    rows = math.ceil(tiling.block_q * case.q_heads // case.kv_heads / 64) * 64
-    partials = case.batch * case.kv_heads * tiling.num_q_blocks * tiling.num_splits * rows * (case.head_dim + 2) * 4
+    partials = (case.batch * case.kv_heads * tiling.num_q_blocks * tiling.num_splits * tiling.partial_rows
+                * (case.head_dim + 2) * 4)
     kv = 2 * case.batch * case.cache_len * case.kv_heads * case.head_dim * 2 + case.batch * case.cache_len * 4
     q = case.batch * case.q_len * case.q_heads * case.head_dim * 2
     flops = 4 * case.batch * case.q_len * case.q_heads * case.cache_len * case.head_dim

@@ -23,6 +23,15 @@ from its first to its last visible one. A 4K-token sequence in a 128K-slot cache
 slots; a chunk's early query blocks skip its later keys (causality), and on a sliding layer a
 query block past the first ``window`` tokens of its chunk skips the ring.
 
+How many CTAs, and what they keep. The split count aims at filling every SM with as many CTAs
+as fit there at once (:class:`Residency`): the SM count is the GPU's own when there is one and
+:data:`DEFAULT_SM_COUNT` (an H100 or H200) when lowering on the CPU; how many CTAs fit comes
+from the SMEM the configured pipeline needs (:func:`smem_bytes`). A cache too short to give
+every split a tile (a sliding layer's 128-slot ring at batch 1) can be cut into 64-slot tiles
+(:attr:`DecodeAttentionConfig.split_short_caches`). Each CTA writes only the real rows of its
+tile (``block_q * G`` of them, rounded up to 8) to the float32 partials, not the padding of its
+64-row WGMMA tile.
+
 Interpret mode (jax 0.11.2) cannot run a WGMMA with a register LHS nor ``pl.run_state`` over
 an accumulator; :attr:`DecodeAttentionConfig.interpretable_pv` swaps the P @ V step for an
 equivalent form (P staged through SMEM into a fresh accumulator added in registers). That step
@@ -33,6 +42,7 @@ form.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from typing import NamedTuple
@@ -51,10 +61,41 @@ _LOG2E = math.log2(math.e)
 _TILING = plgpu.TilingTransform((8, 64))
 _SWIZZLE = plgpu.SwizzleTransform(128)
 _TILE_ROWS = 64  # one WGMMA M-tile
-# Enough CTAs to cover an H100's 132 SMs twice, so a small batch still streams from every SM.
-_TARGET_CTAS = 2 * 132
+# SMs of an H100 SXM and of an H200 (both GH100): the split count's SM count when the program is
+# lowered without a GPU to ask (jax.export for cuda on the CPU).
+DEFAULT_SM_COUNT = 132
+# The CTAs per SM that the "assumed" and "fitted" residencies split for.
+ASSUMED_CTAS_PER_SM = 2
+# Hopper's shared memory per SM, of which the hardware reserves 1 KB per resident CTA.
+_SMEM_PER_SM = 228 * 1024
+_SMEM_RESERVED_PER_CTA = 1024
+# Pallas Mosaic GPU aligns every SMEM allocation to 1 KB; the barriers and ptxas' static SMEM come
+# on top (2089 B at 4 stages: 164905 B launched against 162816 B of aligned buffers).
+_SMEM_ALIGNMENT = 1024
+_SMEM_BARRIERS_AND_STATIC = 3 * 1024
+# Rows of a partial are written in 8-row groups: a TMA moves multiples of 16 bytes, and 8 rows of
+# the float32 running max are 32.
+_PARTIAL_ROW_GROUP = 8
 # Each CTA's (first tile, end tile, tiles per split, unused) row is one 16-byte TMA, the minimum.
 _RANGE_FIELDS = 4
+
+
+class Residency(enum.StrEnum):
+    """How the split count and the pipeline depth account for the CTAs resident on one SM.
+
+    ASSUMED: splits for :data:`ASSUMED_CTAS_PER_SM` CTAs per SM, with the configured pipeline
+      stages whether or not that many fit (with ``split_short_caches`` and ``real_partial_rows``
+      off, the kernel before issue #18: at 4 stages of 128-slot tiles a CTA needs 161 KB of
+      SMEM, so one fits and the GPU runs two waves).
+    FITTED: the stages capped (to no fewer than one) so that :data:`ASSUMED_CTAS_PER_SM` CTAs
+      fit, and splits for that many.
+    DERIVED: the configured stages, and splits for the CTAs per SM that their SMEM allows
+      (registers are not the limit: about 157 a thread allow 3 CTAs of 128 threads).
+    """
+
+    ASSUMED = "assumed"
+    FITTED = "fitted"
+    DERIVED = "derived"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +108,42 @@ class DecodeAttentionConfig:
       block_kv: cache slots per pipelined tile (multiple of 64; the wrapper shrinks it to a
         shorter cache). A cache whose length is not a multiple of it is padded, which copies
         it: keep long caches at a multiple.
-      max_concurrent_steps: tiles in flight per CTA (SMEM stages).
+      max_concurrent_steps: tiles in flight per CTA (SMEM stages); :attr:`residency` FITTED
+        may lower it.
       num_splits: key ranges per query block processed by separate CTAs; None picks enough
-        splits that ``batch * kv_heads * query blocks * num_splits`` covers the GPU twice.
+        splits that ``batch * kv_heads * query blocks * num_splits`` fills every SM with the
+        CTAs :attr:`residency` counts on.
+      residency: see :class:`Residency`.
+      sm_count: SMs the split count fills; None asks the device (``core_count`` of
+        ``jax.devices()[0]`` when it is a GPU) and takes :data:`DEFAULT_SM_COUNT` without one.
+      split_short_caches: halve ``block_kv`` (down to 64) while that gives more CTAs work, for
+        caches with fewer tiles than the splits asked for (a sliding layer's ring at batch 1).
+      real_partial_rows: write only the real rows of each CTA's tile to the float32 partials
+        (``block_q * G`` rounded up to 8), instead of all of its 64-row multiple.
       interpretable_pv: compute P @ V in the form interpret mode executes (see the module
         docstring). None picks the in-place register form when compiling and the interpretable
         one in interpret mode.
+
+    The defaults were chosen by the cost model (``python -m benchmarks.kernel_cost``, on each
+    variant's SASS), which no GPU has calibrated yet: a GPU sweep of the variants decides. At
+    gpt-oss's decode shapes every variant but the sliding ring at batch 1 is HBM-bound in the
+    model, so it ranks them by bytes moved. Real partial rows cut the partials 8x (full layer,
+    4K context, batch 1: 4.3 MB to 0.54 MB beside 8.4 MB of KV; 66% to 94% of HBM peak); DERIVED
+    splits for the one CTA per SM that 4 stages allow, which halves the splits and the partials
+    again with the same busiest-SM work (97%; 32K context: 94% before, 100%); FITTED (2 stages,
+    two CTAs per SM) ties with ASSUMED, as the model does not count latency that co-resident
+    CTAs would hide. Cutting the sliding ring into 64-slot tiles gives batch 1 16 CTAs instead
+    of 8 and the busiest SM 547 loop instructions instead of 917 (0.50 to 0.30 us, issue-bound).
     """
 
     block_q: int = 8
     block_kv: int = 128
     max_concurrent_steps: int = 4
     num_splits: int | None = None
+    residency: Residency = Residency.DERIVED
+    sm_count: int | None = None
+    split_short_caches: bool = True
+    real_partial_rows: bool = True
     interpretable_pv: bool | None = None
 
     def __post_init__(self):
@@ -90,6 +155,8 @@ class DecodeAttentionConfig:
             raise ValueError(f"{self.max_concurrent_steps=} must be at least 1")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"{self.num_splits=} must be positive")
+        if self.sm_count is not None and self.sm_count < 1:
+            raise ValueError(f"{self.sm_count=} must be positive")
 
 
 def _check_shapes(q, k_cache, v_cache, sinks, q_positions, kv_positions):
@@ -109,26 +176,87 @@ def _check_shapes(q, k_cache, v_cache, sinks, q_positions, kv_positions):
         raise ValueError(f"q and caches must be bfloat16, got {q.dtype}, {k_cache.dtype}")
 
 
+def device_sm_count() -> int:
+    """SMs of the default device when it is a GPU, else :data:`DEFAULT_SM_COUNT`."""
+    device = jax.devices()[0]
+    core_count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return core_count or DEFAULT_SM_COUNT
+
+
+def smem_bytes(rows: int, block_kv: int, stages: int, head_dim: int = 64,
+               interpretable_pv: bool = False) -> int:
+    """Shared memory one CTA launches with: the pipeline's ``stages`` K, V and position tiles of
+    ``block_kv`` slots, the query tile of ``rows`` rows and its partial, each allocation aligned
+    to 1 KB, plus an allowance for barriers and ptxas' static SMEM (an upper bound of
+    :mod:`benchmarks.kernel_sass`'s figure)."""
+
+    def aligned(nbytes: int) -> int:
+        return pl.cdiv(nbytes, _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+
+    pipeline = 2 * aligned(stages * block_kv * head_dim * 2) + aligned(stages * block_kv * 4)
+    query = aligned(rows * head_dim * 2) + 2 * aligned(rows * 4) + aligned(_RANGE_FIELDS * 4)
+    partial = aligned(rows * head_dim * 4) + 2 * aligned(rows * 4)
+    p_stage = aligned(rows * block_kv * 2) if interpretable_pv else 0
+    return pipeline + query + partial + p_stage + _SMEM_BARRIERS_AND_STATIC
+
+
+def ctas_per_sm(smem: int) -> int:
+    """CTAs an SM holds at once by shared memory."""
+    return _SMEM_PER_SM // (smem + _SMEM_RESERVED_PER_CTA)
+
+
 class DecodeTiling(NamedTuple):
     """How a call is cut into CTAs: ``num_q_blocks * num_splits * kv_heads * batch`` of them,
-    each over at most ``cdiv(visible tiles, num_splits)`` cache tiles of ``block_kv`` slots."""
+    each over at most ``cdiv(visible tiles, num_splits)`` cache tiles of ``block_kv`` slots
+    through a pipeline of ``stages``; each writes ``partial_rows`` of its ``rows``-row tile."""
 
     block_q: int
     num_q_blocks: int
     block_kv: int
     num_tiles: int
     num_splits: int
+    stages: int
+    rows: int
+    partial_rows: int
+
+
+def _working_splits(num_tiles: int, num_splits: int) -> int:
+    """Splits of ``num_tiles`` tiles into ``num_splits`` ranges of ``cdiv`` tiles that get one."""
+    return pl.cdiv(num_tiles, pl.cdiv(num_tiles, num_splits))
 
 
 def decode_tiling(config: DecodeAttentionConfig, batch: int, q_len: int, cache_len: int,
-                  kv_heads: int) -> DecodeTiling:
+                  kv_heads: int, *, q_heads: int, interpretable_pv: bool = False) -> DecodeTiling:
     """The tiling of a call with these shapes (the CTA grid the kernel launches)."""
     block_q = min(config.block_q, q_len)
     num_q_blocks = pl.cdiv(q_len, block_q)
+    q_rows = block_q * (q_heads // kv_heads)
+    rows = pl.cdiv(q_rows, _TILE_ROWS) * _TILE_ROWS
+    partial_rows = rows
+    if config.real_partial_rows:
+        partial_rows = min(rows, pl.cdiv(q_rows, _PARTIAL_ROW_GROUP) * _PARTIAL_ROW_GROUP)
     block_kv = min(config.block_kv, pl.cdiv(cache_len, 64) * 64)
+
+    stages = config.max_concurrent_steps
+    resident = ASSUMED_CTAS_PER_SM
+    if config.residency is Residency.DERIVED:
+        resident = max(1, ctas_per_sm(smem_bytes(rows, block_kv, stages, 64, interpretable_pv)))
+    sm_count = config.sm_count or device_sm_count()
+    wanted_splits = config.num_splits or pl.cdiv(resident * sm_count, batch * kv_heads * num_q_blocks)
+
     num_tiles = pl.cdiv(cache_len, block_kv)
-    num_splits = config.num_splits or pl.cdiv(_TARGET_CTAS, batch * kv_heads * num_q_blocks)
-    return DecodeTiling(block_q, num_q_blocks, block_kv, num_tiles, min(num_splits, num_tiles))
+    while (config.split_short_caches and config.num_splits is None and block_kv > 64
+           and num_tiles < wanted_splits
+           and _working_splits(pl.cdiv(cache_len, block_kv // 2), wanted_splits)
+           > _working_splits(num_tiles, wanted_splits)):
+        block_kv //= 2
+        num_tiles = pl.cdiv(cache_len, block_kv)
+    if config.residency is Residency.FITTED:
+        while stages > 1 and ctas_per_sm(smem_bytes(rows, block_kv, stages, 64, interpretable_pv)) < resident:
+            stages -= 1
+    # No more splits than a full cache gives work to (33 asked of 256 tiles: 32 of 8 tiles each).
+    num_splits = _working_splits(num_tiles, wanted_splits)
+    return DecodeTiling(block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows)
 
 
 def visible_tile_ranges(
@@ -206,13 +334,12 @@ def decode_attention(
     batch, q_len, q_heads, head_dim = q.shape
     cache_len, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    block_q, num_q_blocks, block_kv, num_tiles, num_splits = decode_tiling(
-        config, batch, q_len, cache_len, kv_heads)
-    q_rows = block_q * group  # real rows of a tile
-    rows = pl.cdiv(q_rows, _TILE_ROWS) * _TILE_ROWS
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
         interpretable_pv = bool(interpret)
+    block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows = decode_tiling(
+        config, batch, q_len, cache_len, kv_heads, q_heads=q_heads, interpretable_pv=interpretable_pv)
+    q_rows = block_q * group  # real rows of a tile
 
     # Padded slots are empty: no query sees them, and no TMA reads past the cache.
     slot_pad = num_tiles * block_kv - cache_len
@@ -292,7 +419,7 @@ def decode_attention(
             step,
             grid=(jnp.maximum(last - first, 0),),
             in_specs=[kv_spec, kv_spec, pos_spec],
-            max_concurrent_steps=config.max_concurrent_steps,
+            max_concurrent_steps=stages,
             init_carry=(acc_init, m_init, l_init),
         )(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head], kv_pos_ref.at[b])
 
@@ -300,13 +427,14 @@ def decode_attention(
         m_smem[...] = m_final
         l_smem[...] = l_final
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(acc_smem, acc_out_ref.at[b, kv_head, q_block, split])
-        plgpu.copy_smem_to_gmem(m_smem, m_out_ref.at[b, kv_head, q_block, split])
-        plgpu.copy_smem_to_gmem(l_smem, l_out_ref.at[b, kv_head, q_block, split])
+        # Only the real rows (and those up to the next 8) go out: padding rows hold nothing.
+        plgpu.copy_smem_to_gmem(acc_smem.at[:partial_rows], acc_out_ref.at[b, kv_head, q_block, split])
+        plgpu.copy_smem_to_gmem(m_smem.at[:partial_rows], m_out_ref.at[b, kv_head, q_block, split])
+        plgpu.copy_smem_to_gmem(l_smem.at[:partial_rows], l_out_ref.at[b, kv_head, q_block, split])
         plgpu.wait_smem_to_gmem(0)
 
     tiled = dict(transforms=(_TILING, _SWIZZLE))
-    partial_shape = (batch, kv_heads, num_q_blocks, num_splits, rows)
+    partial_shape = (batch, kv_heads, num_q_blocks, num_splits, partial_rows)
     acc_parts, m_parts, l_parts = plgpu.kernel(
         kernel,
         out_type=(
@@ -335,7 +463,8 @@ def decode_attention(
     # the sink enters the denominator exactly once, here.
     m_all = jnp.max(m_parts, axis=3)
     weights = jnp.exp2(m_parts - m_all[:, :, :, None])
-    denominator = jnp.sum(l_parts * weights, axis=3) + jnp.exp2(row_sinks[None, :, None] - m_all)
+    partial_sinks = row_sinks[None, :, None, :partial_rows]
+    denominator = jnp.sum(l_parts * weights, axis=3) + jnp.exp2(partial_sinks - m_all)
     out = jnp.sum(acc_parts * weights[..., None], axis=3) / denominator[..., None]
     out = out[:, :, :, :q_rows].reshape(batch, kv_heads, num_q_blocks, block_q, group, head_dim)
     out = out.transpose(0, 2, 3, 1, 4, 5).reshape(batch, num_q_blocks * block_q, q_heads, head_dim)

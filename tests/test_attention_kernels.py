@@ -24,8 +24,15 @@ from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
 
 from pallas_kernels.attention_reference import EMPTY_SLOT, attention_reference, visible_keys
 from pallas_kernels.decode_attention import (
+    ASSUMED_CTAS_PER_SM,
+    DEFAULT_SM_COUNT,
     DecodeAttentionConfig,
+    Residency,
+    ctas_per_sm,
     decode_attention,
+    decode_tiling,
+    device_sm_count,
+    smem_bytes,
     visible_tile_ranges,
 )
 from pallas_kernels.flash_attention import FlashAttentionConfig, flash_attention, kv_block_range
@@ -274,6 +281,108 @@ def test_prefill_chunk_against_a_ring_and_itself(kernel_mode):
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
+# Each residency, with and without the real-rows partials and the short-cache split; 16 SMs, so
+# that they ask for different splits of the 3 x 2 (sequence, KV head) pairs' four 128-slot tiles.
+DECODE_VARIANTS = [
+    DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False, real_partial_rows=False,
+                          sm_count=16),
+    DecodeAttentionConfig(residency=Residency.ASSUMED, sm_count=16),
+    DecodeAttentionConfig(residency=Residency.FITTED, sm_count=16),
+    DecodeAttentionConfig(residency=Residency.DERIVED, sm_count=16),
+    DecodeAttentionConfig(residency=Residency.DERIVED, sm_count=16, real_partial_rows=False),
+]
+
+
+def variant_id(config: DecodeAttentionConfig) -> str:
+    return (f"{config.residency}{'-split' if config.split_short_caches else ''}"
+            f"{'-real_rows' if config.real_partial_rows else ''}")
+
+
+def test_decode_variants_tile_differently():
+    """The variants below differ where they should: splits, stages, rows kept, ring tiles."""
+    def tilings(config):
+        return (decode_tiling(config, 3, 1, 512, 2, q_heads=16, interpretable_pv=True),
+                decode_tiling(config, 3, 1, 128, 2, q_heads=16, interpretable_pv=True))
+
+    assert len({tilings(c) for c in DECODE_VARIANTS}) == len(DECODE_VARIANTS)
+    assert {t.num_splits for c in DECODE_VARIANTS for t in tilings(c)[:1]} == {2, 4}
+    assert {t.stages for c in DECODE_VARIANTS for t in tilings(c)} == {2, 4}
+    assert {t.block_kv for c in DECODE_VARIANTS for t in tilings(c)[1:]} == {64, 128}
+
+
+@pytest.mark.parametrize("config", DECODE_VARIANTS, ids=variant_id)
+def test_decode_variants_match_float64_reference(config, kernel_mode):
+    """A decode step of every variant over a ragged linear cache (four 128-slot tiles, split) with
+    races checked, and over the sliding layers' wrapped ring (one 128-slot tile, which the
+    short-cache split cuts into two 64-slot ones)."""
+    sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
+    q, k, v = random_qkv(7, 3, 1, 512, 16, 2)
+    linear_lengths, ring_lengths = np.array([500, 300, 57]), np.array([1000, 300, 57])
+    for lengths, kv_positions, window in (
+        (linear_lengths, linear_cache_positions(linear_lengths, 512), None),
+        (ring_lengths, ring_positions(ring_lengths, 128), 128),
+    ):
+        cache_len = kv_positions.shape[1]
+        keys, values = k[:, :cache_len], v[:, :cache_len]
+        q_positions = (lengths[:, None] - 1).astype(np.int32)
+        out = decode_attention(
+            q, keys, values, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+            config=config, interpret=interpret_arg(kernel_mode, race_checked=window is None),
+        )
+        if window is None:
+            assert_no_races(out, kernel_mode)
+        expected = reference_f64(q, keys, values, sinks, q_positions, kv_positions, window)
+        np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+
+
+def test_decode_tiling_at_gpt_oss_decode_shapes():
+    """What each residency launches for one decode token (64 query heads, 8 KV heads) on 132 SMs."""
+    def tiling(residency, batch, cache_len, **options):
+        config = DecodeAttentionConfig(residency=residency, sm_count=DEFAULT_SM_COUNT, **options)
+        return decode_tiling(config, batch, 1, cache_len, 8, q_heads=64)
+
+    # 8 real rows (one token x 8 heads) of the 64-row WGMMA tile; the partials keep 8.
+    full = tiling(Residency.DERIVED, 1, 32768)
+    assert (full.rows, full.partial_rows) == (64, 8)
+    assert tiling(Residency.DERIVED, 1, 32768, real_partial_rows=False).partial_rows == 64
+    # 4 stages of 128-slot tiles need 161 KB: one CTA per SM, so 132 / 8 KV heads -> 17 splits
+    # asked, 16 of 16 tiles each given work. ASSUMED asks for 2 per SM: 32 splits of 8 tiles.
+    assert ctas_per_sm(smem_bytes(64, 128, 4)) == 1
+    assert (full.num_splits, full.stages, full.block_kv) == (16, 4, 128)
+    assumed = tiling(Residency.ASSUMED, 1, 32768)
+    assert (assumed.num_splits, assumed.stages) == (32, 4)
+    # FITTED caps the stages so that two CTAs fit (3 stages need 130 KB).
+    fitted = tiling(Residency.FITTED, 1, 32768)
+    assert (fitted.num_splits, fitted.stages) == (32, 2)
+    assert ctas_per_sm(smem_bytes(64, 128, 2)) == ASSUMED_CTAS_PER_SM > ctas_per_sm(smem_bytes(64, 128, 3))
+    # The sliding ring at batch 1: one 128-slot tile, cut in two, so 16 CTAs instead of 8.
+    ring = tiling(Residency.DERIVED, 1, 128)
+    assert (ring.block_kv, ring.num_tiles, ring.num_splits) == (64, 2, 2)
+    unsplit = tiling(Residency.DERIVED, 1, 128, split_short_caches=False)
+    assert (unsplit.block_kv, unsplit.num_splits) == (128, 1)
+    # At batch 64 the 512 (sequence, KV head) pairs fill the GPU: no split, full tiles.
+    assert tiling(Residency.DERIVED, 64, 128)[2:5] == (128, 1, 1)
+    assert tiling(Residency.DERIVED, 64, 32768).num_splits == 1
+    # The SM count scales the splits: an H100 PCIe's 114 SMs ask for cdiv(114, 8) = 15.
+    pcie = decode_tiling(DecodeAttentionConfig(sm_count=114), 1, 1, 32768, 8, q_heads=64)
+    assert pcie.num_splits == 15
+
+
+def test_decode_sm_count_without_a_gpu_is_the_stated_default():
+    if jax.devices()[0].platform == "gpu":
+        assert device_sm_count() == jax.devices()[0].core_count
+    else:
+        assert device_sm_count() == DEFAULT_SM_COUNT == 132
+
+
+def test_decode_smem_estimate_bounds_what_ptxas_reported():
+    """kernel_sass's launched SMEM (jax 0.11.2, ptxas 13.0) for 128-slot tiles: 164905 B at 4
+    stages, 98329 B at 2; 98345 B for 64-slot tiles at 4 stages. The estimate that picks the
+    residency is an upper bound within 2 KB, so it never counts on a CTA that does not fit."""
+    for (block_kv, stages), launched in {(128, 4): 164905, (128, 2): 98329, (64, 4): 98345}.items():
+        assert launched <= smem_bytes(64, block_kv, stages) <= launched + 2048
+
+
 @pytest.mark.parametrize("window", [128, None])
 def test_decode_walks_only_from_the_first_to_the_last_visible_tile(window):
     """Every visible key lies in [lo, hi), and tiles lo and hi - 1 each hold a visible key: the
@@ -361,15 +470,26 @@ def test_prefill_lowers_for_cuda(seq_len, window):
     assert "mosaic_gpu" in exported.mlir_module()
 
 
+# The defaults, the kernel before issue #18 (ASSUMED residency, all 64 rows in the partials, the
+# ring in one tile) and the FITTED residency (2 stages).
+LOWERED_DECODE_CONFIGS = [
+    None,
+    DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False, real_partial_rows=False),
+    DecodeAttentionConfig(residency=Residency.FITTED),
+]
+
+
+@pytest.mark.parametrize("config", LOWERED_DECODE_CONFIGS, ids=lambda c: "default" if c is None else variant_id(c))
 @pytest.mark.parametrize(
     "batch, cache_len, window",
     [(b, s, None) for b in (1, 64) for s in (4096, 32768, 131072)]
     + [(1, 128, 128), (64, 128, 128)],
 )
-def test_decode_lowers_for_cuda(batch, cache_len, window):
+def test_decode_lowers_for_cuda(batch, cache_len, window, config):
     def f(q, k, v, sinks, q_positions, kv_positions):
         return decode_attention(
-            q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE
+            q, k, v, sinks, q_positions, kv_positions, sliding_window=window, softmax_scale=SCALE,
+            config=config,
         )
 
     bf16, i32 = jnp.bfloat16, jnp.int32
