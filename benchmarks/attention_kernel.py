@@ -8,6 +8,10 @@ difference between kernel and reference where both ran. It measures; it asserts 
   python -m benchmarks.attention_kernel [--prefill 4096 32768 131072] [--decode 4096 32768 131072]
       [--chunk 4096] [--chunk-after 28672]
 
+Decode rows come for the default config and for each variant of
+:func:`benchmarks.kernel_cases.variant_configs` (the case's name says which), each beside the
+cost model's prediction for it.
+
 Prefill is a prompt's first chunk (the flash-attention kernel); "chunk" is a later prefill chunk
 of ``--chunk`` tokens after ``--chunk-after`` cached ones on a full layer (the decode-attention
 kernel, written to the cache first as the model does). FLOPs count only visible (query, key)
@@ -29,7 +33,7 @@ import numpy as np
 
 from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from benchmarks.kernel_cost import predicted_cell
-from benchmarks.kernel_cases import DecodeCase, PrefillCase
+from benchmarks.kernel_cases import DecodeCase, PrefillCase, config_suffix, variant_configs
 from pallas_kernels.attention_reference import attention_reference
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
@@ -111,7 +115,9 @@ def bench_chunk(chunk: int, cached: int, peaks: Peaks | None, iters: int) -> dic
     return row
 
 
-def bench_decode(cache_len: int, batch: int, window: int | None, peaks: Peaks | None, iters: int) -> dict:
+def bench_decode(cache_len: int, batch: int, window: int | None, peaks: Peaks | None, iters: int) -> list[dict]:
+    """The default config against the XLA reference, then each of
+    :func:`benchmarks.kernel_cases.variant_configs`' decode-attention configs, a row each."""
     q, k, v, sinks = random_inputs(1, batch, 1, cache_len)
     # Full caches: every slot occupied, slot = position. The ring buffer: wrapped, positions
     # 10_000 - 128 .. 10_000 - 1 scattered over its slots.
@@ -124,25 +130,27 @@ def bench_decode(cache_len: int, batch: int, window: int | None, peaks: Peaks | 
         kv_positions = jnp.broadcast_to(newest - (newest - slots) % cache_len, (batch, cache_len))
     q_positions = jnp.full((batch, 1), newest, jnp.int32)
     args = (q, k, v, sinks, q_positions, kv_positions)
-    kernel = jax.jit(
-        lambda *a: decode_attention(*a, sliding_window=window, softmax_scale=SCALE)
-    )
     reference = jax.jit(
         lambda *a: attention_reference(*a, sliding_window=window, softmax_scale=SCALE)
     )
     nbytes = 2 * k.nbytes + 2 * q.nbytes + kv_positions.nbytes
-    row = {"case": f"decode B={batch} S={cache_len} {'ring' if window else 'full'}"}
-    # kernel_sass names a ring by the context it serves; its cache is the window whatever that is.
-    modelled = DecodeCase(batch, cache_len if window is None else 4096, window)
-    row["predicted us (bound)"] = predicted_cell(modelled, jax.devices()[0].device_kind)
-    seconds = kernel_seconds(kernel, *args, iters=iters)
-    row["kernel"] = f"{seconds * 1e6:.1f} us, {nbytes / seconds / 1e12:.2f} TB/s"
-    row["peak"] = f"{nbytes / seconds / peaks.hbm_bytes_per_second:.1%}" if peaks else "?"
+    rows = []
+    for config in (None, *variant_configs()["decode"]):
+        kernel = jax.jit(lambda *a, config=config: decode_attention(*a, sliding_window=window, softmax_scale=SCALE,
+                                                                    config=config))
+        row = {"case": f"decode B={batch} S={cache_len} {'ring' if window else 'full'}{config_suffix(config)}"}
+        # kernel_sass names a ring by the context it serves; its cache is the window whatever that is.
+        modelled = DecodeCase(batch, cache_len if window is None else 4096, window, config=config)
+        row["predicted us (bound)"] = predicted_cell(modelled, jax.devices()[0].device_kind)
+        seconds = kernel_seconds(kernel, *args, iters=iters)
+        row["kernel"] = f"{seconds * 1e6:.1f} us, {nbytes / seconds / 1e12:.2f} TB/s"
+        row["peak"] = f"{nbytes / seconds / peaks.hbm_bytes_per_second:.1%}" if peaks else "?"
+        diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
+        row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
+        rows.append(row)
     ref_seconds = kernel_seconds(reference, *args, iters=iters)
-    row["xla"] = f"{ref_seconds * 1e6:.1f} us, {nbytes / ref_seconds / 1e12:.2f} TB/s"
-    diff = jnp.abs(kernel(*args).astype(jnp.float32) - reference(*args).astype(jnp.float32))
-    row["max |kernel - xla|"] = f"{float(diff.max()):.2e}"
-    return row
+    rows[0]["xla"] = f"{ref_seconds * 1e6:.1f} us, {nbytes / ref_seconds / 1e12:.2f} TB/s"
+    return rows
 
 
 def main() -> None:
@@ -174,11 +182,9 @@ def main() -> None:
         rows.append(bench_chunk(chunk, args.chunk_after, peaks, args.iters))
         print(rows[-1], flush=True)
     for batch in args.decode_batch:
-        for cache_len in args.decode:
-            rows.append(bench_decode(cache_len, batch, None, peaks, args.iters))
-            print(rows[-1], flush=True)
-        rows.append(bench_decode(WINDOW, batch, WINDOW, peaks, args.iters))
-        print(rows[-1], flush=True)
+        for cache_len, window in [(c, None) for c in args.decode] + [(WINDOW, WINDOW)]:
+            rows += (variants := bench_decode(cache_len, batch, window, peaks, args.iters))
+            print(*variants, sep="\n", flush=True)
 
     columns = ["case", "kernel", "peak", "predicted us (bound)", "xla", "max |kernel - xla|"]
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))

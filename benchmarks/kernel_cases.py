@@ -2,7 +2,8 @@
 one shape and config, which lowers itself for ``cuda``.
 
 :func:`gpt_oss_cases` gives gpt-oss's own shapes (on one GPU), :func:`shard_cases` one device's
-shapes on each mesh of :mod:`benchmarks.sharded_kernels`.
+shapes on each mesh of :mod:`benchmarks.sharded_kernels`, :func:`variant_cases` the kernels'
+non-default configs (kept for a GPU sweep to decide) at decode shapes.
 """
 
 from __future__ import annotations
@@ -217,6 +218,35 @@ def shard_cases(kernels: Sequence[str] = ("moe", "flash", "decode")) -> list[Cas
         cases += gpt_oss_cases(configs, tokens=(1, rows, PREFILL_TOKENS), prefill=(PREFILL_TOKENS,),
                                contexts=(4096,), batches=(1, rows), kernels=kernels)
     return sorted((case for case in dict.fromkeys(cases) if case not in whole), key=_shard_order)
+
+
+def variant_configs() -> dict[str, list[Any]]:
+    """Each kernel's configs beside its defaults that a GPU sweep is to decide between: the MoE
+    kernel's earlier nibble decoding and scale loads (both together: the kernel before issue
+    #18), decode attention's other residencies (ASSUMED with its two other changes off: the
+    kernel before #18)."""
+    from pallas_kernels.decode_attention import DecodeAttentionConfig, Residency
+    from pallas_kernels.mxfp4_moe import Config
+
+    return {
+        "moe": [Config(e2m1_decode="multiply"), Config(scale_source="global"),
+                Config(e2m1_decode="multiply", scale_source="global")],
+        "decode": [DecodeAttentionConfig(residency=Residency.FITTED),
+                   DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False,
+                                         real_partial_rows=False)],
+    }
+
+
+def variant_cases(kernels: Sequence[str] = ("moe", "decode")) -> list[Case]:
+    """:func:`variant_configs` at gpt-oss's decode shapes: the MoE at 1 and 8 tokens, decode
+    attention at batch 1 and 64 with a 32K context."""
+    cases: list[Case] = []
+    for kernel, configs in variant_configs().items():
+        if kernel not in kernels:
+            continue
+        shapes = gpt_oss_cases(tokens=(1, 8), contexts=(32768,), batches=(1, 64), kernels=(kernel,))
+        cases += [dataclasses.replace(case, config=config) for config in configs for case in shapes]
+    return list(dict.fromkeys(cases))
 
 
 def _shard_order(case: Case) -> tuple:

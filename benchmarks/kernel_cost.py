@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.gpu_measure import PEAKS, Peaks
-from benchmarks.kernel_cases import Case, DecodeCase, MoeCase, PrefillCase, gpt_oss_cases
+from benchmarks.kernel_cases import Case, DecodeCase, MoeCase, PrefillCase, gpt_oss_cases, variant_cases
 from benchmarks.kernel_sass import ISSUE_PER_SM, RESULTS_MD, SASS_DIR, SECTION_TITLE, KernelReport, replace_section
 from benchmarks.sass_reading import CompileError, main_loop, opcode
 
@@ -359,8 +359,10 @@ def prediction_table(predictions: Sequence[tuple[Prediction, Prediction]]) -> st
 
 def cases() -> list[Case]:
     """The modelled cases: gpt-oss-20b and -120b's MoE at 1, 8, 64 and 4096 tokens, flash
-    attention at a 4096-token prompt, decode attention at 4K and 32K contexts, batch 1 and 64."""
-    return gpt_oss_cases(tokens=(1, 8, 64, 4096), prefill=(4096,), contexts=(4096, 32768), batches=(1, 64))
+    attention at a 4096-token prompt, decode attention at 4K and 32K contexts, batch 1 and 64;
+    then the kernels' other variants at decode shapes (:func:`benchmarks.kernel_cases.variant_cases`)."""
+    defaults = gpt_oss_cases(tokens=(1, 8, 64, 4096), prefill=(4096,), contexts=(4096, 32768), batches=(1, 64))
+    return defaults + variant_cases()
 
 
 def predictions(figures: dict[str, KernelFigures]) -> list[tuple[Prediction, ...]]:

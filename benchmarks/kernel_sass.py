@@ -1,7 +1,9 @@
 """Every Pallas kernel compiled to SASS on the CPU: ptxas' registers and spills, the launch's
 shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
 at gpt-oss's shapes, on one GPU and at one device's shapes on each mesh of
-:mod:`benchmarks.sharded_kernels` (:func:`benchmarks.kernel_cases.shard_cases`). No GPU is needed or used.
+:mod:`benchmarks.sharded_kernels` (:func:`benchmarks.kernel_cases.shard_cases`), and each kernel's
+non-default variants at decode shapes (:func:`benchmarks.kernel_cases.variant_cases`). No GPU is
+needed or used.
 
   python -m benchmarks.kernel_sass [--only moe flash decode] [--write] [--jobs N] [--tools DIR]
 
@@ -54,7 +56,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.kernel_cases import Case, gpt_oss_cases, shard_cases
+from benchmarks.kernel_cases import Case, gpt_oss_cases, shard_cases, variant_cases
 from benchmarks.sass_tools import DEFAULT_TOOLS, TOOL_PINS, Tools, install_tools
 from benchmarks.sass_reading import (
     CLASS_NAMES,
@@ -378,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
         _compile_in_worker(*args.worker)
         return []
     tools = install_tools(args.tools, args.ptxas)
-    reports = compile_kernels(gpt_oss_cases(kernels=args.only) + shard_cases(args.only), tools, jobs=args.jobs)
+    cases = gpt_oss_cases(kernels=args.only) + shard_cases(args.only) + variant_cases(args.only)
+    reports = compile_kernels(cases, tools, jobs=args.jobs)
     print(f"{tools.ptxas_version}, {TARGET}\n")
     print(tables(reports))
     refused = [v for r in reports for v in violations(r)]

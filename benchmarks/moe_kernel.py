@@ -4,8 +4,9 @@ Times, at gpt-oss shapes (hidden 2880, top-4 routing, 32 or 128 experts):
 
 * ``kernel``: ``pallas_kernels.mxfp4_moe.mxfp4_grouped_matmul`` (packed MXFP4 in HBM, fused
   epilogue), including its XLA glue (even/odd split of the activations, task metadata);
-  ``kernel, select decode``: the same with ``e2m1_decode="select"`` (integer-only nibble
-  decoding, about twice the integer operations): how much the decoding costs;
+  at decode sizes (up to :data:`VARIANT_TOKENS` tokens) also ``kernel <field>=<value>``, the
+  same with each of :func:`benchmarks.kernel_cases.variant_configs`' configs (the earlier nibble
+  decoding, the earlier scale loads, both): which of the variants a GPU prefers;
 * ``xla``: the reference, dequantize-then-dot per active expert
   (``mxfp4_grouped_matmul_reference``: a batched product at decode sizes, row tiles of each
   expert's own rows at prefill);
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from benchmarks.kernel_cases import MoeCase
+from benchmarks.kernel_cases import MoeCase, config_suffix, variant_configs
 from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds
 from benchmarks.kernel_cost import predicted_cell
 from pallas_kernels import mxfp4
@@ -48,6 +49,7 @@ from pallas_kernels.mxfp4_moe import Config, mxfp4_grouped_matmul
 from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
 HIDDEN, TOP_K = 2880, 4
+VARIANT_TOKENS = 8
 EXPERTS = {"20b": 32, "120b": 128}
 # Tuning configs --sweep tries; block_kb must divide K/2 = 1440 and be a multiple of 32.
 SWEEP = {"block_m": (16, 32, 64, 128), "block_kb": (96, 160, 288), "max_concurrent_steps": (2, 3, 4)}
@@ -129,12 +131,15 @@ class Case:
 
 def bench(case: Case, iters: int) -> dict:
     """Every path at one case: ``{path: (seconds, bytes moved)}`` plus the case's figures."""
-    row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops)
-    modelled = MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K)
-    row["predicted"] = predicted_cell(modelled, jax.devices()[0].device_kind)
+    row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops,
+               predicted={})
     kernel_bytes = case.packed_bytes + case.io_bytes
-    # The default (GPU) nibble decoding, and the integer-only one interpret mode uses, for its cost.
-    for path, config in (("kernel, select decode", Config(e2m1_decode="select")), ("kernel", Config())):
+    configs = [Config(), *(variant_configs()["moe"] if case.tokens <= VARIANT_TOKENS else ())]
+    for config in configs:
+        path = "kernel" + config_suffix(config)
+        modelled = MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K,
+                           config=None if config == Config() else config)
+        row["predicted"][path] = predicted_cell(modelled, jax.devices()[0].device_kind)
         row[path] = (case.kernel_seconds(config, iters), kernel_bytes)
 
     args = (*case.problem.values(), case.row_weights)
@@ -197,13 +202,13 @@ def print_case_rows(r: dict, peaks: Peaks) -> None:
     """One case's rows of the table, a row per path (printed as each case is done, so a run cut
     short keeps the cases before)."""
     head = f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} |"
-    for path in ("kernel", "kernel, select decode", "xla", "bf16"):
+    for path in (*r["predicted"], "xla", "bf16"):
         if path not in r:
             continue
         seconds, nbytes = r[path]
         bandwidth, flop_rate = nbytes / seconds, r["flops"] / seconds
         difference = f"{r['max_abs_diff']:.3g}" if path == "kernel" else ""
-        predicted = r["predicted"] if path == "kernel" else ""
+        predicted = r["predicted"].get(path, "")
         print(f"{head} {path} | {seconds * 1e6:.1f} | {predicted} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
               f"{100 * bandwidth / peaks.hbm_bytes_per_second:.0f}% | {flop_rate / 1e12:.1f} | "
               f"{100 * flop_rate / peaks.bf16_flops:.1f}% | {difference} |")

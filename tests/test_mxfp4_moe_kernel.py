@@ -19,6 +19,7 @@ small except one gpt-oss-sized case per epilogue.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -317,6 +318,25 @@ def test_tasks_are_computed_without_a_loop():
     """The task metadata runs before every kernel call: no while loop (searchsorted's default)."""
     lowered = jax.jit(lambda sizes: vars(Tasks(sizes, 256, 64))).lower(jnp.zeros((128,), jnp.int32))
     assert "stablehlo.while" not in lowered.as_text()
+
+
+def test_a_layers_two_matmuls_share_their_task_metadata():
+    """A layer's two expert matmuls build the same Tasks (same group sizes, rows and block_m):
+    XLA's common-subexpression elimination leaves one computation of them for both calls."""
+    @functools.partial(jax.jit, static_argnames="matmul")
+    def kernel_glue(group_sizes, rows, matmul):  # stands for the kernel call: its glue, then a use
+        tasks = Tasks(group_sizes, 256, 64)
+        return rows[tasks.block_start + tasks.offset].sum() * (2.0 if matmul == "mlp1" else 3.0) + tasks.count.sum()
+
+    def one(group_sizes, rows):
+        return kernel_glue(group_sizes, rows, matmul="mlp1")
+
+    def both(group_sizes, rows):
+        return kernel_glue(group_sizes, rows, matmul="mlp1") + kernel_glue(group_sizes, rows, matmul="mlp2")
+
+    args = jnp.zeros((128,), jnp.int32), jnp.zeros((512,), jnp.float32)
+    fusions = [jax.jit(f).lower(*args).compile().as_text().count(" fusion(") for f in (one, both)]
+    assert fusions[1] == fusions[0] + 1  # the second matmul's own product only
 
 
 def test_rejects_what_it_cannot_run():
