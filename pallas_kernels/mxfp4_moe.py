@@ -446,12 +446,12 @@ def _kernel(
 
     def load_scales(step):
         """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
-        columns = pl.ds(step * scales_per_step, scales_per_step)
         if scales_smem is None:
-            step_scales = scales_gmem.at[expert, n_rows, :, columns]
-            scale_bytes = [plgpu.load(step_scales.at[:, half, s], layout=_ROW, optimized=False)
+            scale_bytes = [plgpu.load(scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
+                                      layout=_ROW, optimized=False)
                            for half in range(halves) for s in range(scales_per_step)]
         else:
+            columns = pl.ds(step * scales_per_step, scales_per_step)
             scale_bytes = _load_scale_columns(scales_smem, halves, columns, interpret=interpret)
         # The E8M0 byte is exactly the exponent field of the bf16 power of two.
         return tuple(lax.bitcast_convert_type(b.astype(jnp.uint16) << 7, jnp.bfloat16) for b in scale_bytes)
