@@ -92,6 +92,8 @@ ASSUMPTIONS = (
     ("shared load (LDS/LDSM)", "ceil(32 lanes x width / 128 B)", "same", "LDS.U16: 1; LDS.64: 2; LDSM.x4: 4"),
     ("global scale load (LD.E.U8)", "8 wavefronts", "same", "8 rows 90-180 B apart a warp (SCALE_LOAD_WAVEFRONTS)"),
     ("routing", "top-4 distinct experts, uniform", "same", f"one seeded draw (seed {ROUTING_SEED})"),
+    ("MoE scales", "all in 1..128: every CTA folds them", "same", "gpt-oss's weights are below 12 "
+     "(mxfp4_moe.Config.fold_scales; benchmarks.sass_reading.main_loop counts the folded pipeline)"),
     ("attention context", "every cache slot visible", "same", "a full cache; sliding layers their window"),
 )
 

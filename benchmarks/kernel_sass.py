@@ -32,9 +32,10 @@ another.
 What the columns count. *Registers* and *spills* are ptxas' (``-v``); *SMEM* is the launch's
 dynamic shared memory plus ptxas' static bytes. *CTAs/SM*: by registers, 65536 per SM allocated
 per warp in units of 256; by shared memory, 228 KB per SM with 1 KB reserved per CTA; the
-smaller of the two (and of 32). *The main loop* is the outermost loop of the SASS
+smaller of the two (and of 32). *The main loop* is the pipeline loop of the SASS
 (:mod:`benchmarks.sass_reading` says how it is found): the K-step pipeline loop of the expert
-matmul, the KV-tile loop of both attention kernels, one iteration of one warp; its classes are
+matmul (with its scales folded, as gpt-oss's are), the KV-tile loop of both attention kernels,
+one iteration of one warp; its classes are
 :data:`benchmarks.sass_reading.INSTRUCTION_CLASSES`. For the expert matmul, *per weight byte*
 divides a class's count times the CTA's warps by the packed weight bytes one iteration decodes
 (``halves * 64 * block_kb``): an SM issues at most 4 warp instructions a cycle, so 4 over the

@@ -1,10 +1,13 @@
 """Reading what Mosaic GPU's compile prints: ptxas' ``-v`` report, the host code's kernel launch,
 and nvdisasm's SASS, down to the instructions of the kernel's main loop counted by class.
 
-*The main loop* is the outermost loop of the SASS: the back edge (a branch to a block that
-dominates it) spanning the most code. Its instructions are those between the loop's head and
-its back edge, each counted once (one warp, one iteration); code placed out of line, such as
-the retries of a barrier wait, is not counted.
+*The main loop* is the kernel's pipeline loop: of the outermost loops of the SASS (back edges,
+branches to a block that dominates them, not inside another such loop) those that issue HGMMA,
+and of several (the MoE kernel's two pipelines, with its scales folded and not) the shortest,
+which a call whose scales fold (all of gpt-oss's) runs; the widest loop of a kernel without
+HGMMA. Its instructions are those between the loop's head and its back edge, each counted once
+(one warp, one iteration); code placed out of line, such as the retries of a barrier wait, is
+not counted.
 """
 
 from __future__ import annotations
@@ -128,14 +131,25 @@ def instruction_class(op: str) -> str:
 
 
 def main_loop(sass: str) -> list[str]:
-    """The instructions of the outermost loop: head to back edge, in address order.
-
-    A back edge is a branch to a block that dominates it (so a wait's out-of-line retry code
-    jumping back into a loop is not one); the one spanning the most addresses wins.
-    """
+    """The instructions of the main loop (the module docstring says which): head to back edge, in
+    address order."""
     instructions, labels = sass_instructions(sass)
     if not instructions:
         raise CompileError("no SASS instructions")
+    loops = _outermost_loops(instructions, labels)
+    if not loops:
+        raise CompileError("the SASS has no loop")
+    bodies = [[text for _, text in instructions[first : last + 1]] for first, last in loops]
+    pipelines = [body for body in bodies if any(opcode(text) == "HGMMA" for text in body)]
+    if pipelines:
+        return min(pipelines, key=len)
+    return max(bodies, key=len)
+
+
+def _outermost_loops(instructions: list[tuple[int, str]], labels: dict[str, int]) -> list[tuple[int, int]]:
+    """(first, last) instruction index of every loop not inside another: a back edge is a branch
+    to a block that dominates it (so a wait's out-of-line retry code jumping back into a loop is
+    not one)."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     starts = {0} | {index[a] for a in labels.values() if a in index}
     for i, (_, text) in enumerate(instructions):
@@ -162,16 +176,10 @@ def main_loop(sass: str) -> list[str]:
         else:
             successors.append(following)
     dominators = _dominators(successors)
-    best: tuple[int, int] | None = None
-    for b, targets in enumerate(successors):
-        for head in targets:
-            if head <= b and head in dominators[b]:
-                span = (starts[head], (starts[b + 1] if b + 1 < len(starts) else len(instructions)) - 1)
-                if best is None or span[1] - span[0] > best[1] - best[0]:
-                    best = span
-    if best is None:
-        raise CompileError("the SASS has no loop")
-    return [text for _, text in instructions[best[0] : best[1] + 1]]
+    spans = {(starts[head], (starts[b + 1] if b + 1 < len(starts) else len(instructions)) - 1)
+             for b, targets in enumerate(successors) for head in targets if head <= b and head in dominators[b]}
+    return sorted(span for span in spans
+                  if not any(other != span and other[0] <= span[0] and span[1] <= other[1] for other in spans))
 
 
 def _dominators(successors: list[set[int]]) -> list[set[int]]:

@@ -147,3 +147,30 @@ def times_two_pow_minus_126_words(packed: jax.Array) -> tuple[jax.Array, jax.Arr
 
     return decode(packed)
 
+
+
+def scale_bits(scale_bytes: jax.Array) -> jax.Array:
+    """uint16 E8M0 scale bytes s -> bf16 ``2**(s - 127)`` (0 for s = 0): the byte is exactly the
+    exponent field of the power of two."""
+    return lax.bitcast_convert_type(scale_bytes << 7, jnp.bfloat16)
+
+
+# 2**(s - 1) is a bf16 for s in 1..128 (exponent field s + 126 <= 254; s = 0, the zero scale,
+# has no such power of two).
+FOLDABLE_SCALES = (1, 128)
+
+
+def folded_scale_bits(scale_bytes: jax.Array) -> jax.Array:
+    """uint16 E8M0 scale bytes s in :data:`FOLDABLE_SCALES` -> bf16 ``2**126 * 2**(s - 127) =
+    2**(s - 1)``: one multiply of a ``value * 2**-126`` tile by it both restores and scales the
+    values. Exact: the product ``value * 2**(s - 127)`` has at most two significant bits and lies
+    in [2**-127, 6 * 2**1], a bf16 (normal, or subnormal for 2**-127), as the two multiplies
+    give. Other s would need a power of two past bf16's range."""
+    return lax.bitcast_convert_type((scale_bytes + 126) << 7, jnp.bfloat16)  # exponent field s + 126
+
+
+def scales_fold(scale_bytes: jax.Array) -> jax.Array:
+    """Whether every scale byte is in :data:`FOLDABLE_SCALES` (a bool scalar): one max, of the
+    bytes as uint16 less 1 (0 wraps to 65535)."""
+    low, high = FOLDABLE_SCALES
+    return jnp.max(scale_bytes.astype(jnp.uint16) - low) <= high - low

@@ -115,6 +115,11 @@ class Config:
         (one L1 wavefront a warp's load; the default, by the cost model's load/store bound until
         a GPU measures it); ``"global"`` loads each thread's scales from global memory one step
         ahead (rows 90 or 180 bytes apart: 8 wavefronts a warp's load).
+      fold_scales: with ``"word"`` decoding and ``"smem"`` scales, a CTA whose scales are all in
+        1..128 (every gpt-oss weight's: weights below 12) multiplies its decoded tiles once, by ``2**(s - 1)``,
+        instead of by 2**126 and then ``2**(s - 127)``: 2 instead of 4 bf16x2 multiplies per
+        weight byte pair (:func:`pallas_kernels.e2m1.folded_scale_bits`). Decided per CTA in its
+        first step, from its scales in shared memory; exact either way.
       e2m1_decode: ``"word"`` decodes a nibble through a subnormal bf16 and a multiply by
         2**126, built on 32-bit words (the GPU default, chosen by the SASS instruction counts of
         ``benchmarks.kernel_cost`` until a GPU measures it); ``"multiply"`` the same on uint16
@@ -128,6 +133,7 @@ class Config:
     max_concurrent_steps: int = 4
     decoded_lhs: Literal["registers", "smem"] = "registers"
     scale_source: Literal["smem", "global"] = "smem"
+    fold_scales: bool = True
     e2m1_decode: Literal["word", "multiply", "select"] = "word"
 
     def __post_init__(self):
@@ -445,7 +451,7 @@ def _kernel(
     bf16_tile = _swizzled(jnp.bfloat16, plgpu.find_swizzle(block_kb * 16, "lhs"))
 
     def load_scales(step):
-        """bf16 ``2**(s - 127)`` per accumulator row, for every half and 16-byte slice of a step."""
+        """uint16 scale bytes per accumulator row, for every half and 16-byte slice of a step."""
         if scales_smem is None:
             scale_bytes = [plgpu.load(scales_gmem.at[expert, n_rows, half, step * scales_per_step + s],
                                       layout=_ROW, optimized=False)
@@ -453,17 +459,28 @@ def _kernel(
         else:
             columns = pl.ds(step * scales_per_step, scales_per_step)
             scale_bytes = _load_scale_columns(scales_smem, halves, columns, interpret=interpret)
-        # The E8M0 byte is exactly the exponent field of the bf16 power of two.
-        return tuple(lax.bitcast_convert_type(b.astype(jnp.uint16) << 7, jnp.bfloat16) for b in scale_bytes)
+        return tuple(b.astype(jnp.uint16) for b in scale_bytes)
 
-    def decoded_tiles(w_smem, scales):
-        """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
-        slices = [lax.broadcast_in_dim(s, (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scales]
-        scale = jnp.concatenate(slices, axis=1)
-        # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
+    def scale_tile(scale_bytes, to_bf16):
+        """``[BLOCK_N, block_kb]``: each row's scales, each over its 16-column slice."""
+        slices = [lax.broadcast_in_dim(to_bf16(s), (BLOCK_N, _BYTES_PER_SCALE), (0,)) for s in scale_bytes]
+        return jnp.concatenate(slices, axis=1)
+
+    def decoded_tiles(w_smem, scale_bytes, fold: bool):
+        """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb].
+
+        ``fold``: every scale of the CTA allows one multiply (:func:`e2m1.folded_scale_bits`).
+        """
         if config.e2m1_decode == "word":
-            even, odd = (half * e2m1.TWO_POW_126 for half in e2m1.times_two_pow_minus_126_words(w_smem[...]))
-        elif config.e2m1_decode == "multiply":
+            halves_126 = e2m1.times_two_pow_minus_126_words(w_smem[...])
+            if fold:
+                scale = scale_tile(scale_bytes, e2m1.folded_scale_bits)
+                return tuple(h * scale for h in halves_126)
+            # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
+            scale = scale_tile(scale_bytes, e2m1.scale_bits)
+            return tuple(h * e2m1.TWO_POW_126 * scale for h in halves_126)
+        scale = scale_tile(scale_bytes, e2m1.scale_bits)
+        if config.e2m1_decode == "multiply":
             packed = w_smem[...].astype(jnp.uint16)
             even, odd = (e2m1.times_two_pow_minus_126(packed, nibble) * e2m1.TWO_POW_126
                          for nibble in (0, 1))
@@ -472,19 +489,23 @@ def _kernel(
             even, odd = e2m1.select_decode(packed & 0xF), e2m1.select_decode(packed >> 4)
         return even * scale, odd * scale
 
+    # Folding 2**126 into the scales needs all of a CTA's scales at hand: those in shared memory.
+    folds = config.fold_scales and config.e2m1_decode == "word" and scales_smem is not None
+
     def compute(*accs):
-        def body(step, refs, lhs_smems, scales):
+        def body(step, refs, lhs_smems, scales, fold: bool):
             if scales_smem is not None:
-                @pl.when(step == 0)
-                def _wait_for_scales():
-                    plgpu.barrier_wait(scales_barrier)
+                if not folds:  # the scales' TMA was waited for before the pipeline otherwise
+                    @pl.when(step == 0)
+                    def _wait_for_scales():
+                        plgpu.barrier_wait(scales_barrier)
 
                 scales = load_scales(step)
             w_smems = refs[:halves]
             x_even, x_odd = refs[halves:]
             for half, (acc, w_smem) in enumerate(zip(accs, w_smems)):
                 half_scales = scales[half * scales_per_step : (half + 1) * scales_per_step]
-                even, odd = decoded_tiles(w_smem, half_scales)
+                even, odd = decoded_tiles(w_smem, half_scales, fold)
                 if config.decoded_lhs == "registers":
                     plgpu.wgmma(acc, even, x_even.T)
                     plgpu.wgmma(acc, odd, x_odd.T)
@@ -505,17 +526,17 @@ def _kernel(
                 return next_scales
             return None
 
-        def pipeline_body(idx, *refs_and_scales):
+        def pipeline_body(idx, *refs_and_scales, fold: bool):
             (step,) = idx
             if scales_smem is None:
                 *refs, scales = refs_and_scales
             else:
                 refs, scales = refs_and_scales, None
             if config.decoded_lhs == "registers":
-                return body(step, refs, (), scales)
+                return body(step, refs, (), scales, fold)
             lhs_scratch = [plgpu.SMEM((BLOCK_N, block_kb), jnp.bfloat16, transforms=bf16_tile)]
             return pl.run_scoped(
-                lambda *scratch: body(step, refs, scratch, scales), *lhs_scratch * (2 * halves)
+                lambda *scratch: body(step, refs, scratch, scales, fold), *lhs_scratch * (2 * halves)
             )
 
         if scales_smem is not None:
@@ -524,17 +545,29 @@ def _kernel(
             plgpu.copy_gmem_to_smem(scales_gmem.at[expert, lax.axis_index("n")], scales_smem, scales_barrier)
         w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
         x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
-        plgpu.emit_pipeline(
-            pipeline_body,
-            grid=(k_steps,),
-            in_specs=[w_spec] * halves + [x_spec, x_spec],
-            max_concurrent_steps=stages,
-            init_carry=load_scales(0) if scales_smem is None else None,
-        )(
-            *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
-            lhs_even_gmem.at[rows],
-            lhs_odd_gmem.at[rows],
-        )
+
+        def pipeline(fold: bool) -> None:
+            plgpu.emit_pipeline(
+                functools.partial(pipeline_body, fold=fold),
+                grid=(k_steps,),
+                in_specs=[w_spec] * halves + [x_spec, x_spec],
+                max_concurrent_steps=stages,
+                init_carry=load_scales(0) if scales_smem is None else None,
+            )(
+                *[packed_gmem.at[expert, n_rows, half] for half in range(halves)],
+                lhs_even_gmem.at[rows],
+                lhs_odd_gmem.at[rows],
+            )
+
+        if folds:
+            # One pipeline or the other for the whole CTA, so neither loop branches; the price
+            # is the scales' copy no longer overlapping the first weight copies.
+            plgpu.barrier_wait(scales_barrier)
+            foldable = e2m1.scales_fold(scales_smem[...])
+            pl.when(foldable)(lambda: pipeline(fold=True))
+            pl.when(~foldable)(lambda: pipeline(fold=False))
+        else:
+            pipeline(fold=False)
         return tuple(acc[...] for acc in accs)
 
     def store(out: jax.Array) -> None:

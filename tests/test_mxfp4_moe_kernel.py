@@ -137,6 +137,26 @@ def test_word_decode_steps_are_exact_for_every_byte_pair():
             np.testing.assert_array_equal(np.signbit(decoded), np.signbit(_e2m1(codes)))
 
 
+def test_folded_scales_restore_and_scale_in_one_exact_multiply():
+    """fold_scales: a word-decoded ``value * 2**-126`` times ``2**(s - 1)`` is the value times
+    ``2**(s - 127)`` exactly, for every code and every foldable s, the product rounded to bf16
+    (in NumPy, which keeps subnormals as the GPU does); and which tiles fold."""
+    low, high = e2m1.FOLDABLE_SCALES
+    scales = np.arange(low, high + 1, dtype=np.uint16)
+    factors = np.asarray(jax.jit(e2m1.folded_scale_bits)(scales), np.float64)
+    np.testing.assert_array_equal(factors, 2.0 ** (scales - 1.0))
+    codes = np.arange(16, dtype=np.uint32)
+    lanes = (codes | (codes << 16)).astype(np.uint32)  # both lanes, low nibbles
+    bits = (_NumpyWordOps().mul(lanes & np.uint32(e2m1.LOW_NIBBLES), e2m1.LOW_NIBBLE_TO_BF16)
+            & np.uint32(e2m1.BF16_BITS_OF_E2M1) & 0xFFFF).astype(np.uint16)
+    decoded = bits.view(ml_dtypes.bfloat16).astype(np.float64)
+    product = (decoded[:, None] * factors[None, :]).astype(ml_dtypes.bfloat16).astype(np.float64)
+    np.testing.assert_array_equal(product, _e2m1(codes)[:, None] * 2.0 ** (scales[None, :] - 127.0))
+    fold = jax.jit(e2m1.scales_fold)
+    assert fold(jnp.asarray([1, 77, 128], jnp.uint8)) and not fold(jnp.asarray([1, 129], jnp.uint8))
+    assert not fold(jnp.asarray([0, 77], jnp.uint8))  # the zero scale has no 2**(s - 1)
+
+
 def test_numpy_prmt_follows_ptx():
     # The emulation's own check, on PTX's documented example bytes: {b, a} = 0x_77665544_33221100.
     word = np.array([0x33221100], np.uint32)
@@ -215,10 +235,10 @@ def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode, scale_source)
     )
 
 
-def _check_half_codes_under_every_scale(kernel_mode, config):
+def _check_half_codes_under_every_scale(kernel_mode, config, top_scale=254):
     k, n = 192, 256
     blocks = np.full((1, n, k // 32, 16), 0x11, np.uint8)
-    scales = 1 + (np.arange(n)[:, None] + 37 * np.arange(k // 32)) % 254
+    scales = 1 + (np.arange(n)[:, None] + 37 * np.arange(k // 32)) % top_scale
     picked = [(32 * j + 2 * (j % 16) + nibble, j) for j in range(k // 32) for nibble in (0, 1)]
     lhs = np.zeros((len(picked), k), np.float32)
     for row, (column, _) in enumerate(picked):
@@ -233,7 +253,7 @@ def _check_half_codes_under_every_scale(kernel_mode, config):
     else:
         assert np.any(want == 2.0**-127)
     np.testing.assert_array_equal(out, want)
-    assert out.max() == 2.0**126
+    assert out.max() == 2.0 ** (top_scale - 128)
 
 
 def test_half_codes_under_every_scale_are_exact(kernel_mode):
@@ -244,11 +264,13 @@ def test_half_codes_under_every_scale_are_exact(kernel_mode):
     _check_half_codes_under_every_scale(kernel_mode, Config())
 
 
+@pytest.mark.parametrize("top_scale", [254, 128], ids=["every-scale", "foldable-scales"])
 @pytest.mark.parametrize("config", [Config(e2m1_decode=decode, scale_source=source)
                                     for decode in ("word", "multiply") for source in ("smem", "global")],
                          ids=lambda c: f"{c.e2m1_decode}-{c.scale_source}")
-def test_half_codes_under_every_scale_in_every_gpu_variant(gpu, config):
-    _check_half_codes_under_every_scale("gpu", config)
+def test_half_codes_under_every_scale_in_every_gpu_variant(gpu, config, top_scale):
+    """Scales up to 128 let the default (word decode, scales in shared memory) fold them."""
+    _check_half_codes_under_every_scale("gpu", config, top_scale)
 
 
 def test_swiglu_limit_of_the_config(kernel_mode):
@@ -285,12 +307,14 @@ def test_gpt_oss_second_expert_matmul_shape(kernel_mode):
 @pytest.mark.parametrize(
     "n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"]
 )
-def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue):
-    """32 experts, top-4 routing of random tokens, the default config: what the model runs."""
+@pytest.mark.parametrize("scale_range", [(112, 129), (120, 140)], ids=["scales-fold", "some-tiles-unfolded"])
+def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue, scale_range):
+    """32 experts, top-4 routing of random tokens, the default config: what the model runs, with
+    every CTA's scales folding (as gpt-oss's) and with most of them not."""
     rng = np.random.default_rng(tokens)
     experts = rng.permuted(np.tile(np.arange(32), (tokens, 1)), axis=1)[:, :4]
     group_sizes = np.bincount(experts.ravel(), minlength=32)
-    problem, row_weights = _problem(tokens * 4, HIDDEN, n, group_sizes, seed=tokens)
+    problem, row_weights = _problem(tokens * 4, HIDDEN, n, group_sizes, scale_range=scale_range, seed=tokens)
     _check(problem, "gpu", epilogue=epilogue, row_weights=row_weights if epilogue == "bias" else None)
 
 
