@@ -222,14 +222,14 @@ def shard_cases(kernels: Sequence[str] = ("moe", "flash", "decode")) -> list[Cas
 
 def variant_configs() -> dict[str, list[Any]]:
     """Each kernel's configs beside its defaults that a GPU sweep is to decide between: the MoE
-    kernel's earlier nibble decoding and scale loads (both together: the kernel before issue
-    #18), decode attention's other residencies (ASSUMED with its two other changes off: the
-    kernel before #18)."""
+    kernel without folded scales, with its earlier nibble decoding, its earlier scale loads, and
+    both (the kernel before issue #18; neither folds); decode attention's other residencies
+    (ASSUMED with its two other changes off: the kernel before #18)."""
     from pallas_kernels.decode_attention import DecodeAttentionConfig, Residency
     from pallas_kernels.mxfp4_moe import Config
 
     return {
-        "moe": [Config(e2m1_decode="multiply"), Config(scale_source="global"),
+        "moe": [Config(fold_scales=False), Config(e2m1_decode="multiply"), Config(scale_source="global"),
                 Config(e2m1_decode="multiply", scale_source="global")],
         "decode": [DecodeAttentionConfig(residency=Residency.FITTED),
                    DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False,
