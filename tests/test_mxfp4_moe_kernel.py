@@ -424,8 +424,9 @@ def test_lowers_for_cuda_at_gpt_oss_shapes(tokens, experts, n, epilogue):
 
 @pytest.mark.parametrize("tokens", [1, 4096], ids=lambda t: f"tokens{t}")
 @pytest.mark.parametrize("n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"])
-@pytest.mark.parametrize("config", [Config(e2m1_decode="multiply"), Config(scale_source="global")],
-                         ids=["multiply-decode", "global-scales"])
+@pytest.mark.parametrize("config", [Config(fold_scales=False), Config(e2m1_decode="multiply"),
+                                    Config(scale_source="global")],
+                         ids=["unfolded-scales", "multiply-decode", "global-scales"])
 def test_other_gpu_variants_lower_for_cuda_at_gpt_oss_shapes(tokens, n, epilogue, config):
     _export(128, n, tokens * 4, epilogue, config)
 
