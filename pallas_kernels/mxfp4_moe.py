@@ -118,8 +118,12 @@ class Config:
       fold_scales: with ``"word"`` decoding and ``"smem"`` scales, a CTA whose scales are all in
         1..128 (every gpt-oss weight's: weights below 12) multiplies its decoded tiles once, by ``2**(s - 1)``,
         instead of by 2**126 and then ``2**(s - 127)``: 2 instead of 4 bf16x2 multiplies per
-        weight byte pair (:func:`pallas_kernels.e2m1.folded_scale_bits`). Decided per CTA in its
-        first step, from its scales in shared memory; exact either way.
+        weight byte pair (:func:`pallas_kernels.e2m1.folded_scale_bits`). Decided per CTA from its
+        scales in shared memory before its pipeline starts (one pipeline or the other, so
+        neither loop branches), which makes the scales' copy no longer overlap the first weight
+        copies: one memory latency per CTA that the cost model does not count (at decode sizes,
+        with one wave of CTAs, about as long as the 2 multiplies saved; a GPU sweep decides).
+        Exact either way.
       e2m1_decode: ``"word"`` decodes a nibble through a subnormal bf16 and a multiply by
         2**126, built on 32-bit words (the GPU default, chosen by the SASS instruction counts of
         ``benchmarks.kernel_cost`` until a GPU measures it); ``"multiply"`` the same on uint16
@@ -540,8 +544,8 @@ def _kernel(
             )
 
         if scales_smem is not None:
-            # Issued before the pipeline's first weight copies, waited for in its first step:
-            # the two latencies overlap.
+            # Issued before the pipeline's first weight copies; without folding, waited for in
+            # its first step, so that the two latencies overlap.
             plgpu.copy_gmem_to_smem(scales_gmem.at[expert, lax.axis_index("n")], scales_smem, scales_barrier)
         w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
         x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
