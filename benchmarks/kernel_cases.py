@@ -223,8 +223,8 @@ def shard_cases(kernels: Sequence[str] = ("moe", "flash", "decode")) -> list[Cas
 def variant_configs() -> dict[str, list[Any]]:
     """Each kernel's configs beside its defaults that a GPU sweep is to decide between: the MoE
     kernel without folded scales, with its earlier nibble decoding, its earlier scale loads, and
-    both (the kernel before issue #18; neither folds); decode attention's other residencies
-    (ASSUMED with its two other changes off: the kernel before #18)."""
+    both (the kernel before issue #18; neither folds); decode attention's other residency, its
+    XLA merge of a single split, and ASSUMED with its other changes off (the kernel before #18)."""
     from pallas_kernels.decode_attention import DecodeAttentionConfig, Residency
     from pallas_kernels.mxfp4_moe import Config
 
@@ -232,8 +232,9 @@ def variant_configs() -> dict[str, list[Any]]:
         "moe": [Config(fold_scales=False), Config(e2m1_decode="multiply"), Config(scale_source="global"),
                 Config(e2m1_decode="multiply", scale_source="global")],
         "decode": [DecodeAttentionConfig(residency=Residency.FITTED),
+                   DecodeAttentionConfig(merge_single_split=False),
                    DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False,
-                                         real_partial_rows=False)],
+                                         real_partial_rows=False, merge_single_split=False)],
     }
 
 

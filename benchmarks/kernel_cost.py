@@ -218,12 +218,16 @@ def decode_work(case: DecodeCase, figures: KernelFigures) -> Work:
     per_split = math.ceil(tiling.num_tiles / tiling.num_splits)
     split_tiles = [max(0, min(per_split, tiling.num_tiles - s * per_split)) for s in range(tiling.num_splits)]
     iterations = [t for _ in range(case.batch * case.kv_heads * tiling.num_q_blocks) for t in split_tiles if t]
-    partials = (case.batch * case.kv_heads * tiling.num_q_blocks * tiling.num_splits * tiling.partial_rows
-                * (case.head_dim + 2) * 4)
+    rows_written = case.batch * case.kv_heads * tiling.num_q_blocks * tiling.partial_rows
     kv = 2 * case.batch * case.cache_len * case.kv_heads * case.head_dim * 2 + case.batch * case.cache_len * 4
     q = case.batch * case.q_len * case.q_heads * case.head_dim * 2
+    if tiling.merged_in_kernel:  # the output itself, bf16 (as large as q), and its padding rows
+        written = rows_written * case.head_dim * 2
+        overhead = written - q
+    else:  # each split's float32 partials, for the XLA merge
+        written = overhead = rows_written * tiling.num_splits * (case.head_dim + 2) * 4
     flops = 4 * case.batch * case.q_len * case.q_heads * case.cache_len * case.head_dim
-    return Work(math.prod(figures.grid), tuple(iterations), kv + q + partials, flops, overhead_bytes=partials)
+    return Work(math.prod(figures.grid), tuple(iterations), kv + q + written, flops, overhead_bytes=overhead)
 
 
 def prefill_work(case: PrefillCase, figures: KernelFigures) -> Work:

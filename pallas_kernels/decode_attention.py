@@ -120,6 +120,9 @@ class DecodeAttentionConfig:
         caches with fewer tiles than the splits asked for (a sliding layer's ring at batch 1).
       real_partial_rows: write only the real rows of each CTA's tile to the float32 partials
         (``block_q * G`` rounded up to 8), instead of all of its 64-row multiple.
+      merge_single_split: when a call has one split (large batches), each CTA normalizes its
+        rows itself (sink included) and writes them in bf16: no float32 partials, and no XLA
+        merge after the kernel (for a decode step the output needs no copy at all).
       interpretable_pv: compute P @ V in the form interpret mode executes (see the module
         docstring). None picks the in-place register form when compiling and the interpretable
         one in interpret mode.
@@ -134,6 +137,8 @@ class DecodeAttentionConfig:
     two CTAs per SM) ties with ASSUMED, as the model does not count latency that co-resident
     CTAs would hide. Cutting the sliding ring into 64-slot tiles gives batch 1 16 CTAs instead
     of 8 and the busiest SM 547 loop instructions instead of 917 (0.50 to 0.30 us, issue-bound).
+    Merging a single split in the kernel (batch 64: every layer at gpt-oss's shapes) writes the
+    bf16 output instead of float32 partials and leaves no XLA merge to launch after the kernel.
     """
 
     block_q: int = 8
@@ -144,6 +149,7 @@ class DecodeAttentionConfig:
     sm_count: int | None = None
     split_short_caches: bool = True
     real_partial_rows: bool = True
+    merge_single_split: bool = True
     interpretable_pv: bool | None = None
 
     def __post_init__(self):
@@ -208,7 +214,8 @@ def ctas_per_sm(smem: int) -> int:
 class DecodeTiling(NamedTuple):
     """How a call is cut into CTAs: ``num_q_blocks * num_splits * kv_heads * batch`` of them,
     each over at most ``cdiv(visible tiles, num_splits)`` cache tiles of ``block_kv`` slots
-    through a pipeline of ``stages``; each writes ``partial_rows`` of its ``rows``-row tile."""
+    through a pipeline of ``stages``; each writes ``partial_rows`` of its ``rows``-row tile,
+    normalized in bf16 when ``merged_in_kernel``, else as float32 partials."""
 
     block_q: int
     num_q_blocks: int
@@ -218,6 +225,7 @@ class DecodeTiling(NamedTuple):
     stages: int
     rows: int
     partial_rows: int
+    merged_in_kernel: bool
 
 
 def _working_splits(num_tiles: int, num_splits: int) -> int:
@@ -256,7 +264,9 @@ def decode_tiling(config: DecodeAttentionConfig, batch: int, q_len: int, cache_l
             stages -= 1
     # No more splits than a full cache gives work to (33 asked of 256 tiles: 32 of 8 tiles each).
     num_splits = _working_splits(num_tiles, wanted_splits)
-    return DecodeTiling(block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows)
+    merged_in_kernel = config.merge_single_split and num_splits == 1
+    return DecodeTiling(block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows,
+                        merged_in_kernel)
 
 
 def visible_tile_ranges(
@@ -337,8 +347,9 @@ def decode_attention(
     interpretable_pv = config.interpretable_pv
     if interpretable_pv is None:
         interpretable_pv = bool(interpret)
-    block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows = decode_tiling(
-        config, batch, q_len, cache_len, kv_heads, q_heads=q_heads, interpretable_pv=interpretable_pv)
+    tiling = decode_tiling(config, batch, q_len, cache_len, kv_heads, q_heads=q_heads,
+                           interpretable_pv=interpretable_pv)
+    block_q, num_q_blocks, block_kv, num_tiles, num_splits, stages, rows, partial_rows, merged = tiling
     q_rows = block_q * group  # real rows of a tile
 
     # Padded slots are empty: no query sees them, and no TMA reads past the cache.
@@ -367,12 +378,13 @@ def decode_attention(
     per_split = pl.cdiv(hi - lo, num_splits)
     tile_ranges = jnp.stack([lo, hi, per_split, jnp.zeros_like(lo)], axis=2)
     scale_log2e = softmax_scale * _LOG2E
+    num_outs = 1 if merged else 3  # the normalized rows, or a split's output, max and sum
 
     def kernel(
-        q_ref, k_ref, v_ref, kv_pos_ref, q_pos_ref, sink_ref, ranges_ref,
-        acc_out_ref, m_out_ref, l_out_ref,
-        q_smem, q_pos_smem, sink_smem, range_smem, p_smem, acc_smem, m_smem, l_smem, in_barrier,
+        q_ref, k_ref, v_ref, kv_pos_ref, q_pos_ref, sink_ref, ranges_ref, *outs_and_scratch,
     ):
+        out_refs, (q_smem, q_pos_smem, sink_smem, range_smem, p_smem, in_barrier, *out_smems) = (
+            outs_and_scratch[:num_outs], outs_and_scratch[num_outs:])
         # Later query blocks of a chunk see more keys: start them first.
         q_block = num_q_blocks - 1 - lax.div(lax.axis_index("work"), num_splits)
         split = lax.rem(lax.axis_index("work"), num_splits)
@@ -423,35 +435,40 @@ def decode_attention(
             init_carry=(acc_init, m_init, l_init),
         )(k_ref.at[b, :, kv_head], v_ref.at[b, :, kv_head], kv_pos_ref.at[b])
 
-        acc_smem[...] = acc
-        m_smem[...] = m_final
-        l_smem[...] = l_final
+        if merged:
+            # The split's max started at the sink, so the sink's share of the denominator is
+            # exp2(sink - max), as in the XLA merge.
+            denominator = l_final + jnp.exp2(m_init - m_final)
+            tiles = [acc / lax.broadcast_in_dim(denominator, acc.shape, [0])]
+        else:
+            tiles = [acc, m_final, l_final]
+        for tile, out_smem in zip(tiles, out_smems):
+            out_smem[...] = tile.astype(out_smem.dtype)
         plgpu.commit_smem()
         # Only the real rows (and those up to the next 8) go out: padding rows hold nothing.
-        plgpu.copy_smem_to_gmem(acc_smem.at[:partial_rows], acc_out_ref.at[b, kv_head, q_block, split])
-        plgpu.copy_smem_to_gmem(m_smem.at[:partial_rows], m_out_ref.at[b, kv_head, q_block, split])
-        plgpu.copy_smem_to_gmem(l_smem.at[:partial_rows], l_out_ref.at[b, kv_head, q_block, split])
+        for out_smem, out_ref in zip(out_smems, out_refs):
+            where = (b, kv_head, q_block) if merged else (b, kv_head, q_block, split)
+            plgpu.copy_smem_to_gmem(out_smem.at[:partial_rows], out_ref.at[where])
         plgpu.wait_smem_to_gmem(0)
 
     tiled = dict(transforms=(_TILING, _SWIZZLE))
-    partial_shape = (batch, kv_heads, num_q_blocks, num_splits, partial_rows)
-    acc_parts, m_parts, l_parts = plgpu.kernel(
+    if merged:  # the normalized rows, bf16
+        out_shapes = [((batch, kv_heads, num_q_blocks, partial_rows, head_dim), (rows, head_dim), q.dtype)]
+    else:  # the unnormalized output, running max and running sum of each split, float32
+        partial_shape = (batch, kv_heads, num_q_blocks, num_splits, partial_rows)
+        out_shapes = [((*partial_shape, head_dim), (rows, head_dim), jnp.float32),
+                      (partial_shape, (rows,), jnp.float32), (partial_shape, (rows,), jnp.float32)]
+    outs = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
-        ),
+        out_type=tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, _, dtype in out_shapes),
         scratch_types=[
             plgpu.SMEM((rows, head_dim), jnp.bfloat16, **tiled),
             plgpu.SMEM((rows,), jnp.int32),
             plgpu.SMEM((rows,), jnp.float32),
             plgpu.SMEM((_RANGE_FIELDS,), jnp.int32),
             plgpu.SMEM((rows, block_kv), jnp.bfloat16, **tiled) if interpretable_pv else None,
-            plgpu.SMEM((rows, head_dim), jnp.float32),
-            plgpu.SMEM((rows,), jnp.float32),
-            plgpu.SMEM((rows,), jnp.float32),
             plgpu.Barrier(num_arrivals=4),
+            *(plgpu.SMEM(tile, dtype) for _, tile, dtype in out_shapes),
         ],
         grid=(num_q_blocks * num_splits, kv_heads, batch),
         grid_names=("work", "kv_head", "batch"),
@@ -459,13 +476,17 @@ def decode_attention(
         interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
     )(q_tiles, k_cache, v_cache, kv_positions, row_positions, row_sinks, tile_ranges)
 
-    # Merge the splits (exp2 domain); every split's max starts at the sink, so it is finite and
-    # the sink enters the denominator exactly once, here.
-    m_all = jnp.max(m_parts, axis=3)
-    weights = jnp.exp2(m_parts - m_all[:, :, :, None])
-    partial_sinks = row_sinks[None, :, None, :partial_rows]
-    denominator = jnp.sum(l_parts * weights, axis=3) + jnp.exp2(partial_sinks - m_all)
-    out = jnp.sum(acc_parts * weights[..., None], axis=3) / denominator[..., None]
+    if merged:
+        (out,) = outs
+    else:
+        # Merge the splits (exp2 domain); every split's max starts at the sink, so it is finite
+        # and the sink enters the denominator exactly once, here.
+        acc_parts, m_parts, l_parts = outs
+        m_all = jnp.max(m_parts, axis=3)
+        weights = jnp.exp2(m_parts - m_all[:, :, :, None])
+        partial_sinks = row_sinks[None, :, None, :partial_rows]
+        denominator = jnp.sum(l_parts * weights, axis=3) + jnp.exp2(partial_sinks - m_all)
+        out = jnp.sum(acc_parts * weights[..., None], axis=3) / denominator[..., None]
     out = out[:, :, :, :q_rows].reshape(batch, kv_heads, num_q_blocks, block_q, group, head_dim)
     out = out.transpose(0, 2, 3, 1, 4, 5).reshape(batch, num_q_blocks * block_q, q_heads, head_dim)
     return out[:, :q_len].astype(q.dtype)

@@ -220,6 +220,26 @@ def test_decode_ragged_batch_matches_float64_reference(q_len, window, config, ke
     np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
 
 
+def test_decode_with_one_split_merges_in_the_kernel_or_in_xla(kernel_mode):
+    """One split: the kernel normalizes its rows itself (the default) or leaves float32 partials
+    to the XLA merge; both against the reference, on a ragged batch with an empty row."""
+    cache_len, lengths = 256, [0, 130, 256]
+    q, k, v = random_qkv(5, len(lengths), 1, cache_len, 16, 2)
+    sinks = jnp.asarray(MIXED_SINKS * 2, jnp.bfloat16)
+    kv_positions = linear_cache_positions(lengths, cache_len)
+    q_positions = (np.maximum(np.asarray(lengths), 1)[:, None] - 1).astype(np.int32)
+    expected = reference_f64(q, k, v, sinks, q_positions, kv_positions, None)
+    for merge in (True, False):
+        config = DecodeAttentionConfig(block_kv=64, num_splits=1, merge_single_split=merge)
+        assert decode_tiling(config, 3, 1, cache_len, 2, q_heads=16).merged_in_kernel == merge
+        out = decode_attention(
+            q, k, v, sinks, q_positions, kv_positions, sliding_window=None, softmax_scale=SCALE, config=config,
+            interpret=interpret_arg(kernel_mode),
+        )
+        np.testing.assert_allclose(as_f32(out), expected, atol=ATOL, rtol=ATOL)
+    assert not decode_tiling(DecodeAttentionConfig(num_splits=2), 3, 1, cache_len, 2, q_heads=16).merged_in_kernel
+
+
 def test_decode_wrapped_ring_buffer(kernel_mode):
     """The sliding layers' 128-slot ring: slot i holds the newest position p with p % 128 == i."""
     ring, window = 128, 128
@@ -295,7 +315,7 @@ DECODE_VARIANTS = [
 
 def variant_id(config: DecodeAttentionConfig) -> str:
     return (f"{config.residency}{'-split' if config.split_short_caches else ''}"
-            f"{'-real_rows' if config.real_partial_rows else ''}")
+            f"{'-real_rows' if config.real_partial_rows else ''}{'' if config.merge_single_split else '-xla_merge'}")
 
 
 def test_decode_variants_tile_differently():
@@ -474,6 +494,7 @@ def test_prefill_lowers_for_cuda(seq_len, window):
 # ring in one tile) and the FITTED residency (2 stages).
 LOWERED_DECODE_CONFIGS = [
     None,
+    DecodeAttentionConfig(merge_single_split=False),
     DecodeAttentionConfig(residency=Residency.ASSUMED, split_short_caches=False, real_partial_rows=False),
     DecodeAttentionConfig(residency=Residency.FITTED),
 ]
