@@ -5,8 +5,8 @@ Times, at gpt-oss shapes (hidden 2880, top-4 routing, 32 or 128 experts):
 * ``kernel``: ``pallas_kernels.mxfp4_moe.mxfp4_grouped_matmul`` (packed MXFP4 in HBM, fused
   epilogue), including its XLA glue (even/odd split of the activations, task metadata);
   at decode sizes (up to :data:`VARIANT_TOKENS` tokens) also ``kernel <field>=<value>``, the
-  same with each of :func:`benchmarks.kernel_cases.variant_configs`' configs (the earlier nibble
-  decoding, the earlier scale loads, both): which of the variants a GPU prefers;
+  same with each of :func:`benchmarks.kernel_cases.variant_configs`' configs (scales not
+  folded, the earlier nibble decoding, the earlier scale loads, both): which a GPU prefers;
 * ``xla``: the reference, dequantize-then-dot per active expert
   (``mxfp4_grouped_matmul_reference``: a batched product at decode sizes, row tiles of each
   expert's own rows at prefill);
@@ -138,7 +138,7 @@ def bench(case: Case, iters: int) -> dict:
     for config in configs:
         path = "kernel" + config_suffix(config)
         modelled = MoeCase(case.model, case.matmul, case.tokens, EXPERTS[case.model], case.n, HIDDEN, TOP_K,
-                           config=None if config == Config() else config)
+                           config=config)
         row["predicted"][path] = predicted_cell(modelled, jax.devices()[0].device_kind)
         row[path] = (case.kernel_seconds(config, iters), kernel_bytes)
 

@@ -15,9 +15,10 @@ expert matmul decodes with integer and bit operations. Three forms, chosen by
   inside :func:`plgpu.inline_mgpu`: a register's two bytes are spread into the two 16-bit lanes
   of a word (one ``prmt``), and each nibble's bits reach their bf16 places with one mask, one
   multiply by a two-bit constant and one mask (:func:`byte_pair_to_bf16_words`): 3.5 integer
-  instructions per byte for both halves, then the same multiplies by 2**126 and by the scale,
-  on words of two bf16 (2 per byte). The multiply by 2**126 cannot be folded into the scale:
-  ``2**(s - 1)`` is a bf16 only for s <= 128. Interpret mode cannot run ``inline_mgpu``; the
+  instructions per byte for both halves, then the same multiplies by 2**126 and by the scale
+  (:func:`scale_bits`), on words of two bf16 (2 per byte), or one multiply by both where the
+  scale allows (:func:`folded_scale_bits`: ``2**(s - 1)`` is a bf16 only for s in 1..128, which
+  :func:`scales_fold` checks). Interpret mode cannot run ``inline_mgpu``; the
   integer steps are written once, against an :class:`WordOps`, and the tests run them in NumPy
   over all 256 bytes against ``ml_dtypes``.
 """
@@ -146,7 +147,6 @@ def times_two_pow_minus_126_words(packed: jax.Array) -> tuple[jax.Array, jax.Arr
                      for r in (even, odd))
 
     return decode(packed)
-
 
 
 def scale_bits(scale_bytes: jax.Array) -> jax.Array:

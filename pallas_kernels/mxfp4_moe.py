@@ -443,7 +443,8 @@ def _kernel(
 ):
     *maybe_weights_gmem, out_gmem = weights_and_out
     task = lax.axis_index("task")
-    n_start = lax.axis_index("n") * BLOCK_N
+    n_tile = lax.axis_index("n")
+    n_start = n_tile * BLOCK_N
     expert = group_gmem[task]
     block_start = pl.multiple_of(block_start_gmem[task], _ROW_ALIGN)
     offset = offset_gmem[task]
@@ -484,12 +485,11 @@ def _kernel(
             scale = scale_tile(scale_bytes, e2m1.scale_bits)
             return tuple(h * e2m1.TWO_POW_126 * scale for h in halves_126)
         scale = scale_tile(scale_bytes, e2m1.scale_bits)
+        packed = w_smem[...].astype(jnp.uint16)
         if config.e2m1_decode == "multiply":
-            packed = w_smem[...].astype(jnp.uint16)
             even, odd = (e2m1.times_two_pow_minus_126(packed, nibble) * e2m1.TWO_POW_126
                          for nibble in (0, 1))
         else:
-            packed = w_smem[...].astype(jnp.uint16)
             even, odd = e2m1.select_decode(packed & 0xF), e2m1.select_decode(packed >> 4)
         return even * scale, odd * scale
 
@@ -520,15 +520,14 @@ def _kernel(
                     plgpu.commit_smem()
                     plgpu.wgmma(acc, even_smem, x_even.T)
                     plgpu.wgmma(acc, odd_smem, x_odd.T)
+            next_scales = None
             if scales_smem is None:
                 # Per-thread global loads: the next step's are issued while this step's WGMMAs
                 # run, so their latency hides behind them (the last step reloads its own).
                 # Issued after the decoding, they hold no registers while the tiles are live.
                 next_scales = load_scales(jnp.minimum(step + 1, k_steps - 1))
             plgpu.wgmma_wait(0)
-            if scales_smem is None:
-                return next_scales
-            return None
+            return next_scales
 
         def pipeline_body(idx, *refs_and_scales, fold: bool):
             (step,) = idx
@@ -546,7 +545,7 @@ def _kernel(
         if scales_smem is not None:
             # Issued before the pipeline's first weight copies; without folding, waited for in
             # its first step, so that the two latencies overlap.
-            plgpu.copy_gmem_to_smem(scales_gmem.at[expert, lax.axis_index("n")], scales_smem, scales_barrier)
+            plgpu.copy_gmem_to_smem(scales_gmem.at[expert, n_tile], scales_smem, scales_barrier)
         w_spec = plgpu.BlockSpec((BLOCK_N, block_kb), lambda kk: (0, kk))
         x_spec = plgpu.BlockSpec((block_m, block_kb), lambda kk: (0, kk), transforms=bf16_tile)
 
