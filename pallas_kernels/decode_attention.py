@@ -127,7 +127,7 @@ class DecodeAttentionConfig:
         docstring). None picks the in-place register form when compiling and the interpretable
         one in interpret mode.
 
-    The defaults were chosen by the cost model (``python -m benchmarks.kernel_cost``, on each
+    The defaults were chosen by the cost model (``python -m benchmarks.kernels.kernel_cost``, on each
     variant's SASS), which no GPU has calibrated yet: a GPU sweep of the variants decides. At
     gpt-oss's decode shapes every variant but the sliding ring at batch 1 is HBM-bound in the
     model, so it ranks them by bytes moved. Real partial rows cut the partials 8x (full layer,
@@ -194,7 +194,7 @@ def smem_bytes(rows: int, block_kv: int, stages: int, head_dim: int = 64,
     """Shared memory one CTA launches with: the pipeline's ``stages`` K, V and position tiles of
     ``block_kv`` slots, the query tile of ``rows`` rows and its partial, each allocation aligned
     to 1 KB, plus an allowance for barriers and ptxas' static SMEM (an upper bound of
-    :mod:`benchmarks.kernel_sass`'s figure)."""
+    :mod:`benchmarks.kernels.kernel_sass`'s figure)."""
 
     def aligned(nbytes: int) -> int:
         return pl.cdiv(nbytes, _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT

@@ -10,7 +10,7 @@ expert matmul decodes with integer and bit operations. Three forms, chosen by
   subnormals are kept, as by the GPU's bf16 arithmetic. Written on uint16 tiles, which Mosaic
   GPU holds as ``vector<2xi16>`` registers: LLVM splits most of those operations into two
   16-bit ones and widens the bytes first, about 15 instructions per weight byte (the SASS of
-  ``benchmarks/sass/``).
+  ``python -m benchmarks.kernels.kernel_sass --sass DIR``).
 * ``"word"`` (:func:`times_two_pow_minus_126_words`): the same bits, built on whole 32-bit words
   inside :func:`plgpu.inline_mgpu`: a register's two bytes are spread into the two 16-bit lanes
   of a word (one ``prmt``), and each nibble's bits reach their bf16 places with one mask, one

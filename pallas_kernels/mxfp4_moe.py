@@ -45,7 +45,7 @@ contiguous: its 64 rows (128 for SwiGLU's two halves) of K/32 bytes, 16-byte ali
 at the CTA's start copies them to shared memory as 128-byte rows, and each step reads its rows'
 scales from there (``"smem"``). ``"global"`` loads each thread's scales from global memory one
 pipeline step ahead instead, rows 90 or 180 bytes apart: 8 L1 wavefronts per warp's load
-where shared memory takes 1 (``benchmarks.kernel_cost``'s load/store bound).
+where shared memory takes 1 (``benchmarks.kernels.kernel_cost``'s load/store bound).
 
 Nibble decoding (:attr:`Config.e2m1_decode`, the forms in :mod:`pallas_kernels.e2m1`). On the
 GPU a code's exponent and mantissa bits go to the bottom of a bf16 exponent field, which gives
@@ -54,7 +54,7 @@ triton_kernels' Hopper MXFP4 path does; ``"word"`` builds those bits on 32-bit w
 instructions per weight byte with the multiplies, against about 15 for ``"multiply"``'s uint16
 tiles). XLA on the CPU flushes subnormal bf16 to zero, so interpret mode would decode 0.5 as 0;
 there an integer-only form (``"select"``) selects the bits of 0 and 0.5 directly, exact
-anywhere, for about twice the integer operations (``benchmarks/moe_kernel.py`` times all three).
+anywhere, for about twice the integer operations (``benchmarks/gpu/moe_kernel.py`` times all three).
 
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except WGMMA with a
 register LHS, which the interpreter refuses: :class:`Config.decoded_lhs` switches between
@@ -126,7 +126,7 @@ class Config:
         Exact either way.
       e2m1_decode: ``"word"`` decodes a nibble through a subnormal bf16 and a multiply by
         2**126, built on 32-bit words (the GPU default, chosen by the SASS instruction counts of
-        ``benchmarks.kernel_cost`` until a GPU measures it); ``"multiply"`` the same on uint16
+        ``benchmarks.kernels.kernel_cost`` until a GPU measures it); ``"multiply"`` the same on uint16
         tiles (the earlier GPU path); ``"select"`` with integer operations only (interpret
         mode's: XLA on the CPU flushes subnormals, and it cannot run ``"word"``'s inline
         Mosaic GPU code).

@@ -1,4 +1,4 @@
-"""benchmarks/e2e.py: its CPU mode writes every figure, and its roofline arithmetic matches published figures.
+"""benchmarks/gpu/e2e.py: its CPU mode writes every figure, and its roofline arithmetic matches published figures.
 
 These check that the script works, not how fast anything is.
 """
@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from benchmarks import e2e
-from benchmarks.memory import parameter_bytes
+from benchmarks.gpu import e2e
+from benchmarks.memory.budget import parameter_bytes
 from gptoss_jax.config import preset
 
 PROMPT_LEN, NEW_TOKENS = 12, 6

@@ -27,7 +27,7 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from benchmarks.sharded_kernels import KERNEL_PRIMITIVES, sub_jaxprs
+from benchmarks.kernels.sharded_kernels import KERNEL_PRIMITIVES, sub_jaxprs
 from gptoss_jax.config import GptOssConfig, preset
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss

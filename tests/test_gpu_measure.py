@@ -1,4 +1,4 @@
-"""benchmarks/gpu_measure.py: device peaks, and the L2 eviction kept out of kernel times."""
+"""benchmarks/gpu/gpu_measure.py: device peaks, and the L2 eviction kept out of kernel times."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import gpu_measure
-from benchmarks.gpu_measure import Peaks, device_peaks, kernel_seconds, timed_kernels_seconds
+from benchmarks.gpu import gpu_measure
+from benchmarks.gpu.gpu_measure import Peaks, device_peaks, kernel_seconds, timed_kernels_seconds
 
 
 def test_peaks_of_known_gpus_and_none_elsewhere():

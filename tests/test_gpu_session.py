@@ -1,4 +1,4 @@
-"""benchmarks/gpu_session.py: steps in order under one budget, hung steps killed whole."""
+"""benchmarks/gpu/gpu_session.py: steps in order under one budget, hung steps killed whole."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import e2e, gpu_session
-from benchmarks.gpu_session import REPOSITORY, Step, run_session, summary
+from benchmarks.gpu import e2e, gpu_session
+from benchmarks.gpu.gpu_session import REPOSITORY, Step, run_session, summary
 
 
 def python_step(name: str, code: str, limit_seconds: float = 30) -> Step:
@@ -84,7 +84,7 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
     assert names == ["env", "gptoss-env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
                      "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b"]
-    e2e_lines = [line for line in printed.splitlines() if "benchmarks.e2e" in line]
+    e2e_lines = [line for line in printed.splitlines() if "benchmarks.gpu.e2e" in line]
     assert len(e2e_lines) == 4
     assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
 
@@ -99,7 +99,7 @@ def test_the_steps_commands_name_what_exists(tmp_path):
     assert set(gpu_session.KERNEL_TEST_FILES) <= set(steps["kernel-tests"].command)
     for name in ("e2e-20b", "e2e-120b", "e2e-120b-32k", "e2e-20b-xla"):
         command, case = steps[name].command, steps[name].memory_case
-        assert command[1:3] == ("-m", "benchmarks.e2e")
+        assert command[1:3] == ("-m", "benchmarks.gpu.e2e")
         args = e2e.parse_args(command[3:])
         assert args.commit == "abc1234" and args.json.parent == tmp_path
         # The memory check compiles what the step runs.
@@ -149,7 +149,7 @@ def test_unknown_steps_are_named(capsys):
 
 
 def test_the_engine_and_serve_steps_parse_with_their_scripts_own_parsers(tmp_path):
-    from benchmarks import engine, serve
+    from benchmarks.throughput import engine, serve
 
     steps = {step.name: step for step in gpu_session.session_steps(tmp_path, "abc1234")}
     engine_args = engine.parse_args(steps["engine-20b"].command[3:])

@@ -1,6 +1,7 @@
 """The arrows between the project's modules point one way: no import cycle, no import upwards.
 
-``convert/`` and the CLI -> ``gptoss_jax`` -> ``pallas_kernels`` (the README's Layout section).
+``convert/`` and the CLI -> ``gptoss_jax`` -> ``pallas_kernels`` (docs/development.md's Layout);
+``benchmarks/`` and ``tests/`` stand on all of them, and no cycle runs through them either.
 Every import statement counts, wherever it stands (in a function, under ``TYPE_CHECKING``):
 deferring an import hides a cycle from Python, not from a reader.
 """
@@ -13,10 +14,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("gptoss_jax", "pallas_kernels", "convert")
+PACKAGES = ("gptoss_jax", "pallas_kernels", "convert", "benchmarks")
+
+
+def helper_modules(root: Path) -> dict[str, Path]:
+    """The modules of ``root/tests``, by the top-level names pytest imports them under."""
+    return {path.stem: path for path in sorted((root / "tests").glob("*.py"))}
+
+
 # Folders whose code nothing of the packages may import; tests/ also holds top-level helper
 # modules (pytest puts tests/ on sys.path), so each of its module names counts as well.
-NEVER_IMPORTED = ("convert", "benchmarks", "tests", *(path.stem for path in (REPO / "tests").glob("*.py")))
+NEVER_IMPORTED = ("convert", "benchmarks", "tests", *helper_modules(REPO))
 
 
 def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
@@ -105,12 +113,15 @@ def imports_from(modules: dict[str, Path], package: str, forbidden: tuple[str, .
 
 @pytest.fixture(scope="module")
 def modules() -> dict[str, Path]:
-    return module_files(REPO, PACKAGES)
+    return module_files(REPO, PACKAGES) | helper_modules(REPO)
 
 
 def test_the_project_has_no_import_cycle(modules):
     graph = import_graph(modules)
-    assert {"gptoss_jax.checkpoints.loading", "pallas_kernels.mxfp4_moe", "convert.__main__"} <= set(graph)
+    assert {"gptoss_jax.checkpoints.loading", "pallas_kernels.mxfp4_moe", "convert.__main__",
+            "benchmarks.gpu.e2e", "benchmarks.memory.budget", "harmony_cases", "test_engine"} <= set(graph)
+    assert "benchmarks.gpu.e2e" in graph["benchmarks.memory.budget"]
+    assert "harmony_cases" in graph["test_harmony_openai"]
     assert "pallas_kernels.mxfp4" in graph["gptoss_jax.config"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)

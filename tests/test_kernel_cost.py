@@ -5,11 +5,11 @@ import dataclasses
 
 import pytest
 
-from benchmarks import kernel_cost
-from benchmarks.gpu_measure import Peaks
-from benchmarks.kernel_cases import DecodeCase, MoeCase
-from benchmarks.kernel_sass import RESULTS_MD, SECTION_TITLE
-from benchmarks.sass_reading import count_classes
+from benchmarks.kernels import kernel_cost
+from benchmarks.gpu.gpu_measure import Peaks
+from benchmarks.kernels.kernel_cases import DecodeCase, MoeCase
+from benchmarks.kernels.kernel_sass import RESULTS_MD, SECTION_TITLE
+from benchmarks.kernels.sass_reading import count_classes
 
 # 132 SMs at 1 GHz with 4096 bf16 FLOP a cycle each, and 1 TB/s of HBM.
 DEVICE = kernel_cost.Device("round", Peaks(bf16_flops=132 * 4096 * 1e9, hbm_bytes_per_second=1e12), clock_hz=1e9)

@@ -1,6 +1,6 @@
-"""benchmarks/kernel_sass.py (and sass_reading.py): its reading of ptxas' report, the launch and the SASS, its occupancy and
+"""benchmarks/kernels/kernel_sass.py (and sass_reading.py): its reading of ptxas' report, the launch and the SASS, its occupancy and
 budget arithmetic, and its stand-in CUDA driver. The compile itself (every kernel through ptxas,
-74 kernels in 2-3 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernel_sass
+74 kernels in 2-3 minutes with ~500 MB of tools) runs in .ci/run as ``python -m benchmarks.kernels.kernel_sass
 --check``, not here."""
 
 import ctypes
@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from benchmarks import kernel_cases, sass_tools
-from benchmarks import kernel_sass as ks
-from benchmarks import sass_reading as sr
+from benchmarks.kernels import kernel_cases, sass_tools
+from benchmarks.kernels import kernel_sass as ks
+from benchmarks.kernels import sass_reading as sr
 from gptoss_jax.config import preset
 
 PTXAS_LOG = """\

@@ -1,4 +1,4 @@
-"""Memory from shapes and from the compiler (benchmarks/memory.py): the goals, and bounded programs."""
+"""Memory from shapes and from the compiler (benchmarks/memory/budget.py): the goals, and bounded programs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from benchmarks import memory
-from benchmarks.gpu_session import GenerateCase
+from benchmarks.memory import budget as memory
+from benchmarks.gpu.gpu_session import GenerateCase
 from gptoss_jax import footprint
 from gptoss_jax.config import preset
 

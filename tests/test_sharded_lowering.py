@@ -1,7 +1,7 @@
 """Sharded gpt-oss lowers for CUDA with a Pallas kernel for every attention and expert call, at
 one device's shapes, on every default and documented mesh of 2, 4 and 8 devices.
 
-``benchmarks/sharded_kernels.py`` does the lowering (two layers of gpt-oss-20b's and -120b's
+``benchmarks/kernels/sharded_kernels.py`` does the lowering (two layers of gpt-oss-20b's and -120b's
 widths, abstract sharded parameters, a decode step and a prompt's first chunk, exported for
 ``cuda``) in one subprocess with 8 CPU devices; the tests assert on its JSON report. On these
 meshes no part falls back to XLA: a device keeps whole KV groups (8 query heads per KV head, as
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import sharded_kernels
+from benchmarks.kernels import sharded_kernels
 from gptoss_jax.config import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ EXPERT_KERNEL = "mxfp4_grouped_matmul"
 def lowerings() -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={sharded_kernels.DEVICES}")
-    result = subprocess.run([sys.executable, "-m", "benchmarks.sharded_kernels", "--json"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.kernels.sharded_kernels", "--json"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout)
@@ -77,4 +77,4 @@ def test_each_kernel_gets_one_devices_share(lowerings):
 
 def test_the_readme_table_is_the_tools(lowerings):
     readme = (REPO / "README.md").read_text()
-    assert sharded_kernels.table(lowerings) in readme, "run python -m benchmarks.sharded_kernels for the table"
+    assert sharded_kernels.table(lowerings) in readme, "run python -m benchmarks.kernels.sharded_kernels for the table"

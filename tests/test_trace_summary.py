@@ -1,4 +1,4 @@
-"""benchmarks/trace_summary.py on hand-made traces: which events count, and how busy is measured."""
+"""benchmarks/gpu/trace_summary.py on hand-made traces: which events count, and how busy is measured."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks import trace_summary
+from benchmarks.gpu import trace_summary
 
 
 def write_trace(folder, events, processes):
