@@ -3,11 +3,13 @@ real vocabulary: o200k_harmony built from bpe-openai's o200k_base file (openai_r
 
 Every conversation is built with this package's types and converted to openai_harmony's
 (`to_openai`); the two must give the same token ids, the same streaming states and deltas, and
-the same parsed messages. Where the project renders differently on purpose (which analysis
-messages to drop, see `gptoss_jax.harmony.render._kept_messages`), the test pins both sides.
+the same parsed messages, `auto_drop_analysis` included. Where Harmony's docs/format.md rule for
+the analysis of answered turns (`drop_answered_analysis`, which the CLI and the server use) differs
+from openai_harmony's flag, the test pins both sides.
 Nothing is downloaded.
 """
 
+import itertools
 import re
 
 import openai_harmony as oh
@@ -23,6 +25,7 @@ from gptoss_jax.harmony import (
     SystemContent,
     ToolDescription,
     ToolNamespace,
+    drop_answered_analysis,
 )
 from harmony_cases import (
     BROWSER_NAMESPACE,
@@ -272,24 +275,48 @@ TOOL_CALL = Message("assistant", "{}", channel="commentary", recipient="function
 TOOL_RESULT = Message("tool", "42", name="functions.f", channel="commentary", recipient="assistant")
 
 
+SYSTEM = Message("system", SystemContent(conversation_start_date="2025-06-28"))
+TURN_PARTS = {"user": user("q"), "analysis": analysis("a"), "final": final("f"), "call": TOOL_CALL, "result": TOOL_RESULT}
+
+
 @pytest.mark.parametrize(
     "messages",
     [
+        [SYSTEM, user("q1"), analysis("a1"), final("f1")],
         [user("q1"), analysis("a1"), final("f1"), user("q2")],
         [user("q1"), analysis("a1"), final("f1"), user("q2"), analysis("a2"), final("f2")],
+        [user("q1"), analysis("a1"), final("f1"), user("q2"), analysis("a2"), final("f2"), user("q3")],
         [user("q1"), analysis("a1"), TOOL_CALL, TOOL_RESULT],
+        [user("q1"), analysis("a1"), TOOL_CALL, TOOL_RESULT, analysis("a1b"), final("f1")],
         [user("q1"), analysis("a1"), TOOL_CALL, TOOL_RESULT, analysis("a1b"), final("f1"), user("q2")],
+        [user("q1"), analysis("a1"), final("f1"), user("q2"), analysis("a2"), TOOL_CALL, TOOL_RESULT],
     ],
-    ids=["answered-then-user", "two-answered", "ongoing-tool-call", "tool-call-answered-then-user"],
+    ids=["system-one-answered", "answered-then-user", "two-answered", "three-turns", "ongoing-tool-call",
+         "tool-call-answered", "tool-call-answered-then-user", "tool-call-after-answered"],
 )
 def test_analysis_dropping_as_openai_harmony(ours, openai_harmony_encoding, messages):
     assert_same_prompt(ours, openai_harmony_encoding, messages)
     assert_same_prompt(ours, openai_harmony_encoding, messages, auto_drop_analysis=False)
 
 
+def test_analysis_dropping_as_openai_harmony_in_every_short_conversation(ours, openai_harmony_encoding):
+    # A system message, then every sequence of up to four of users, analyses, finals, tool calls and
+    # tool results: 780 conversations.
+    for length in range(1, 5):
+        for parts in itertools.product(TURN_PARTS, repeat=length):
+            messages = [SYSTEM, *(TURN_PARTS[part] for part in parts)]
+            expected = openai_harmony_encoding.render_conversation_for_completion(
+                openai_conversation(messages), oh.Role.ASSISTANT, oh.RenderConversationConfig(auto_drop_analysis=True)
+            )
+            assert ours.render_conversation_for_completion(messages, Role.ASSISTANT) == expected, parts
+
+
 def kept_analysis(ours, openai_harmony_encoding, messages):
-    """The analysis texts each renderer keeps in the next-turn prompt: (ours, openai_harmony's)."""
-    mine = ours.tokenizer.decode(ours.render_conversation_for_completion(messages, Role.ASSISTANT))
+    """The analysis texts each rule keeps in the next-turn prompt: (Harmony's docs/format.md rule,
+    `drop_answered_analysis`; openai_harmony's ``auto_drop_analysis``)."""
+    mine = ours.tokenizer.decode(
+        ours.render_conversation_for_completion(drop_answered_analysis(messages), Role.ASSISTANT, auto_drop_analysis=False)
+    )
     theirs = openai_harmony_encoding.decode_utf8(
         openai_harmony_encoding.render_conversation_for_completion(openai_conversation(messages), oh.Role.ASSISTANT)
     )
@@ -298,7 +325,7 @@ def kept_analysis(ours, openai_harmony_encoding, messages):
 
 
 @pytest.mark.parametrize(
-    ("messages", "ours_keep", "openai_keeps"),
+    ("messages", "docs_rule_keeps", "openai_keeps"),
     [
         # One answered turn, no user message after it: openai_harmony drops its analysis, though it
         # keeps the same turn's analysis once an earlier turn was answered (two-answered above).
@@ -315,11 +342,12 @@ def kept_analysis(ours, openai_harmony_encoding, messages):
     ],
     ids=["one-answered", "tool-call-answered", "three-turns", "tool-call-after-answered"],
 )
-def test_analysis_dropping_where_the_project_differs(ours, openai_harmony_encoding, messages, ours_keep, openai_keeps):
-    assert kept_analysis(ours, openai_harmony_encoding, messages) == (ours_keep, openai_keeps)
+def test_the_docs_rule_where_openai_harmony_differs(ours, openai_harmony_encoding, messages, docs_rule_keeps, openai_keeps):
+    assert kept_analysis(ours, openai_harmony_encoding, messages) == (docs_rule_keeps, openai_keeps)
     # Apart from which analysis is kept, the prompts are the same.
-    kept = [m for m in messages if m.channel != "analysis" or m.content in ours_keep]
-    assert ours.render_conversation_for_completion(messages, Role.ASSISTANT) == (
+    kept = [m for m in messages if m.channel != "analysis" or m.content in docs_rule_keeps]
+    assert ours.render_conversation_for_completion(drop_answered_analysis(messages), Role.ASSISTANT,
+                                                   auto_drop_analysis=False) == (
         openai_harmony_encoding.render_conversation_for_completion(
             openai_conversation(kept), oh.Role.ASSISTANT, oh.RenderConversationConfig(auto_drop_analysis=False)
         )

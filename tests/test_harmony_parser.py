@@ -38,7 +38,7 @@ def test_parser_round_trip_of_a_generated_turn(tokenizer):
         Message("assistant", "2 + 2 = 4.", channel="final"),
     ]
     prompt = encode_for_completion(history, tokenizer)
-    full = encode_conversation(history + reply, tokenizer)
+    full = encode_conversation(history + reply, tokenizer, auto_drop_analysis=False)  # the turn as generated
     assert full[: len(prompt)] == prompt
     generated = full[len(prompt) :]
     # At decode time the model ends its answer with <|return|>, not <|end|>.

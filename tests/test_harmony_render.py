@@ -13,6 +13,7 @@ from gptoss_jax.harmony import (
     Role,
     SystemContent,
     ToolDescription,
+    drop_answered_analysis,
     encode_conversation,
     encode_for_completion,
     parse_completion,
@@ -115,8 +116,14 @@ def test_builtin_browser_and_python_tools_sorted_by_name():
     assert render_for_completion([Message("system", system)]) == BROWSER_AND_PYTHON_TOOL
 
 
+def under_both_rules(conversation, render=render_for_completion) -> set[str]:
+    """``conversation`` rendered with openai_harmony's ``auto_drop_analysis`` and with Harmony's
+    docs/format.md rule (`drop_answered_analysis`), which agree on Harmony's test data."""
+    return {render(conversation), render(drop_answered_analysis(conversation), auto_drop_analysis=False)}
+
+
 def test_tool_call_and_tool_result_keep_the_analysis():
-    assert render_for_completion(ongoing_tool_call_conversation()) == DOES_NOT_DROP_IF_ONGOING_ANALYSIS
+    assert under_both_rules(ongoing_tool_call_conversation()) == {DOES_NOT_DROP_IF_ONGOING_ANALYSIS}
 
 
 def test_analysis_of_an_answered_turn_is_dropped():
@@ -126,7 +133,7 @@ def test_analysis_of_an_answered_turn_is_dropped():
         Message("assistant", "2 + 2 equals 4.", channel="final"),
         Message("user", "What about 9 / 2?"),
     ]
-    assert render_for_completion(conversation) == DROPPING_COT_BY_DEFAULT
+    assert under_both_rules(conversation) == {DROPPING_COT_BY_DEFAULT}
 
 
 def test_analysis_is_kept_when_auto_drop_is_off():
@@ -148,7 +155,7 @@ def test_analysis_of_the_last_turn_is_kept():
         Message("assistant", "thinking 3+5", channel="analysis"),
         Message("assistant", "8", channel="final"),
     ]
-    assert render_conversation(conversation) == KEEP_ANALYSIS_BETWEEN_FINALS
+    assert under_both_rules(conversation, render_conversation) == {KEEP_ANALYSIS_BETWEEN_FINALS}
 
 
 def test_analysis_of_every_answered_turn_is_dropped_from_the_third_turn_on():
@@ -169,7 +176,7 @@ def test_analysis_of_every_answered_turn_is_dropped_from_the_third_turn_on():
             Message("tool", "42", name="functions.f", channel="commentary", recipient="assistant"),
         ]
     )
-    assert render_for_completion(conversation) == (
+    assert render_for_completion(drop_answered_analysis(conversation), auto_drop_analysis=False) == (
         "<|start|>user<|message|>Q1<|end|>"
         "<|start|>assistant<|channel|>final<|message|>A1<|end|>"
         "<|start|>user<|message|>Q2<|end|>"

@@ -114,13 +114,13 @@ def _chat_turn(
 
     ``turn`` counts the turns of an interactive chat from 0 (see :func:`generate_streaming`).
     """
-    from gptoss_jax.harmony import Message, Role, encode_for_completion, stop_token_ids
+    from gptoss_jax.harmony import Message, Role, drop_answered_analysis, encode_for_completion, stop_token_ids
 
     conversation = conversation.extended([Message(Role.USER, user_message)])
     printer = ReplyPrinter(tokenizer, sys.stdout)
     stops = stop_token_ids(tokenizer)
-    output, interrupted = generate_streaming(model, encode_for_completion(conversation, tokenizer), args, sorted(stops),
-                                    printer.process, turn=turn)
+    prompt = encode_for_completion(drop_answered_analysis(conversation), tokenizer, auto_drop_analysis=False)
+    output, interrupted = generate_streaming(model, prompt, args, sorted(stops), printer.process, turn=turn)
     reply = printer.finish()
     tokens = output.tokens[0]
     if not interrupted and len(tokens) == args.max_new_tokens and tokens and tokens[-1] not in stops:

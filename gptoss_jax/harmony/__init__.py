@@ -10,7 +10,8 @@ Modules, one concept each:
 - `messages`: roles, reasoning efforts, tools, system and developer content, messages,
   conversations; the control tokens' text.
 - `tool_schema`: tools' JSON schemas as the TypeScript-like declarations Harmony writes.
-- `render`: conversations to text and to token ids, dropping the analysis of answered turns.
+- `render`: conversations to text and to token ids; `drop_answered_analysis`, Harmony's rule
+  for the chain of thought of answered turns.
 - `parser`: generated tokens to messages, one token at a time; the stop tokens.
 - `encoding`: openai_harmony's names (`HarmonyEncoding.render_conversation_for_completion`,
   `StreamableParser`, `stop_tokens_for_assistant_actions`) over the above.
@@ -45,6 +46,7 @@ from gptoss_jax.harmony.messages import (
 )
 from gptoss_jax.harmony.parser import HarmonyParseError, StreamParser, StreamState, parse_completion, stop_token_ids
 from gptoss_jax.harmony.render import (
+    drop_answered_analysis,
     encode_conversation,
     encode_for_completion,
     render_conversation,
@@ -78,6 +80,7 @@ __all__ = [
     "SystemContent",
     "ToolDescription",
     "ToolNamespace",
+    "drop_answered_analysis",
     "encode_conversation",
     "encode_for_completion",
     "parse_completion",

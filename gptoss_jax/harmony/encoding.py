@@ -14,8 +14,8 @@ Here the encoding wraps the checkpoint's tokenizer instead, so nothing is downlo
 
 The methods return what openai_harmony's return (lists of token ids) and take this package's
 `Conversation` and `Message` dataclasses; openai_harmony's `RenderConversationConfig` is the
-keyword `auto_drop_analysis`. Where the two libraries render differently, the tests pin it
-(`_kept_messages` in `render` says why). Not offered: `render_conversation_for_training` (this
+keyword `auto_drop_analysis`, which drops analysis as openai_harmony 0.0.8 does (the tests
+check every rendering against it). Not offered: `render_conversation_for_training` (this
 project does not train) and `decode_utf8` (`Tokenizer.decode` replaces invalid UTF-8 instead of
 raising).
 """

@@ -116,37 +116,51 @@ def _as_messages(conversation: Conversation | Sequence[Message]) -> tuple[Messag
     return Conversation(tuple(conversation)).messages
 
 
-def _kept_messages(messages: tuple[Message, ...], auto_drop_analysis: bool) -> list[Message]:
-    """The messages to render, without the chain of thought of finished turns.
+def drop_answered_analysis(conversation: Conversation | Sequence[Message]) -> list[Message]:
+    """The messages without the chain of thought of finished turns: Harmony's docs/format.md rule.
 
     An analysis message is dropped when a `final` message follows it and a user message
     follows that final: the turn it belongs to ended with an answer and a new turn began.
     The current turn's analysis, including the reasoning between a tool call and its result,
-    is kept. This is the rule docs/format.md states ("drop any previous CoT content on
-    subsequent sampling if the responses by the assistant ended in a message to the final
-    channel", its example being the input after the next user message) and reproduces every
-    documented rendering (test_dropping_cot_by_default, test_does_not_drop_if_ongoing_analysis,
-    test_keep_analysis_between_finals).
+    is kept. docs/format.md states it ("drop any previous CoT content on subsequent sampling if
+    the responses by the assistant ended in a message to the final channel", its example being
+    the input after the next user message), and it reproduces every documented rendering
+    (test_dropping_cot_by_default, test_does_not_drop_if_ongoing_analysis,
+    test_keep_analysis_between_finals). The CLI's chat and the server render with it, then
+    with ``auto_drop_analysis=False``.
 
-    openai_harmony 0.0.8 approximates it: when the last assistant message is a final one, it
-    drops the analysis before the conversation's first final, and otherwise drops nothing. The
-    two differ, deliberately (test_harmony_openai pins each case):
+    openai_harmony 0.0.8's ``auto_drop_analysis`` (this package's flag of that name too)
+    approximates it, and the two differ (test_harmony_openai pins each case):
 
     - A conversation that ends in a final answer, with one answered turn: openai_harmony drops
-      that turn's analysis, this module keeps it, as both keep the last turn's analysis once two
-      turns were answered (test_keep_analysis_between_finals). Rendering the same last turn two
-      ways depending on what came before would be the surprise; the next prompt, after the
-      next user message, drops it in both.
+      that turn's analysis, this rule keeps it, as both keep the last turn's analysis once two
+      turns were answered (test_keep_analysis_between_finals).
     - Three or more turns: openai_harmony keeps the analysis of every answered turn but the
-      first (openai/harmony pull request #96 reports it), this module drops all of them.
+      first (openai/harmony pull request #96 reports it), this rule drops all of them.
     - A tool call after an answered turn: openai_harmony keeps the answered turn's analysis,
-      this module drops it.
+      this rule drops it.
     """
-    if not auto_drop_analysis:
-        return list(messages)
+    messages = _as_messages(conversation)
     last_user = max((i for i, m in enumerate(messages) if m.role is Role.USER), default=0)
     last_answered = max((i for i, m in enumerate(messages[:last_user]) if m.channel == "final"), default=-1)
     return [m for i, m in enumerate(messages) if not (m.channel == "analysis" and i < last_answered)]
+
+
+def _kept_messages(messages: tuple[Message, ...], auto_drop_analysis: bool) -> list[Message]:
+    """The messages to render: with ``auto_drop_analysis``, openai_harmony 0.0.8's rule.
+
+    When the conversation's last assistant message is a final answer, every analysis message
+    before the conversation's first final message is dropped; otherwise nothing is
+    (`render_conversation_into` in openai/harmony's src/encoding.rs). For Harmony's own rule,
+    see `drop_answered_analysis`.
+    """
+    if not auto_drop_analysis:
+        return list(messages)
+    last_assistant = next((m for m in reversed(messages) if m.role is Role.ASSISTANT), None)
+    if last_assistant is None or last_assistant.channel != "final":
+        return list(messages)
+    first_final = next(i for i, m in enumerate(messages) if m.channel == "final")
+    return [m for i, m in enumerate(messages) if not (m.channel == "analysis" and i < first_final)]
 
 
 def _conversation_pieces(
@@ -174,8 +188,9 @@ def render_conversation(
 
     Args:
         conversation: the messages.
-        auto_drop_analysis: leave out the analysis (chain of thought) of turns that ended in a
-            final answer before the latest user message (see `_kept_messages`).
+        auto_drop_analysis: leave out analysis (chain of thought) as openai_harmony 0.0.8's flag
+            of that name does (see `_kept_messages`); Harmony's docs/format.md rule is
+            `drop_answered_analysis`, applied to the conversation first.
     """
     return "".join(_conversation_pieces(conversation, None, auto_drop_analysis))
 

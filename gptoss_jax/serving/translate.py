@@ -25,7 +25,7 @@ from typing import Any, Literal
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.harmony import (
     FUNCTIONS_NAMESPACE, DeveloperContent, Message, ReasoningEffort, Role, StreamParser, SystemContent,
-    ToolDescription, encode_for_completion,
+    ToolDescription, drop_answered_analysis, encode_for_completion,
 )
 from gptoss_jax.tokenizer import Tokenizer
 
@@ -220,7 +220,7 @@ def build_prompt(messages: Sequence[Message], tokenizer: Tokenizer, *, instructi
     head = [system]
     if instructions or rendered_tools:
         head.append(Message(Role.DEVELOPER, DeveloperContent(instructions=instructions, tools=rendered_tools)))
-    token_ids = encode_for_completion([*head, *messages], tokenizer)
+    token_ids = encode_for_completion(drop_answered_analysis([*head, *messages]), tokenizer, auto_drop_analysis=False)
     forced_text = ""
     if tool_choice == "required":
         forced_text = f"<|channel|>commentary to={FUNCTIONS_NAMESPACE}."
