@@ -13,8 +13,8 @@ every kernel call with its operand shapes and the module's Mosaic GPU custom cal
 
 It needs 8 devices; without ``XLA_FLAGS`` set it asks the CPU for them. The meshes
 (:func:`meshes`) are the default ones (:func:`gptoss_jax.sharding.default_mesh_shape`) on 2, 4
-and 8 devices and the examples that the README, the CLI's help and the sharding module give. The
-table it prints is the README's (Multiple GPUs); ``tests/test_sharded_lowering.py`` runs it and
+and 8 devices and the examples that ``docs/multi-gpu.md``, the CLI's help and the sharding module
+give. The table it prints is ``docs/multi-gpu.md``'s; ``tests/test_sharded_lowering.py`` runs it and
 checks both. :func:`shard_config` is the config with one device's sizes, from which
 :mod:`benchmarks.kernels.kernel_sass` builds its per-shard cases.
 """
@@ -34,8 +34,9 @@ from typing import Any
 DEVICES = 8
 MODELS = ("gpt-oss-20b", "gpt-oss-120b")
 DEVICE_COUNTS = (2, 4, 8)
-# The mesh examples the project documents: the README's (Multiple GPUs: one process, two
-# processes), the CLI's --mesh help's, and the one tests/test_sharding.py runs with data.
+# The mesh examples the project documents: the sharding module's and `env --mesh`'s, docs/multi-gpu.md's
+# two processes', the CLI's --mesh help's (docs/multi-gpu.md's one process), and the one tests/test_sharding.py
+# runs with data.
 DOCUMENTED_MESHES = ("expert=2,tensor=4", "expert=2,tensor=2", "data=1,expert=4,tensor=2", "data=2,expert=2,tensor=2")
 LOWERED_LAYERS = 2  # layer 0 slides, layer 1 attends to all
 DECODE_BATCH = 64
@@ -171,7 +172,7 @@ def report() -> list[dict[str, Any]]:
 
 
 def table(entries: list[dict[str, Any]]) -> str:
-    """The README's table: per mesh, each device's share as its kernel calls saw it, and the
+    """docs/multi-gpu.md's table: per mesh, each device's share as its kernel calls saw it, and the
     kernels that ran attention and the experts (XLA, and for which steps, where none did)."""
     rows = [f"| mesh | devices | per device: query / KV heads | decode rows (of {DECODE_BATCH}) | experts (20b / 120b) "
             "| attention | expert matmuls |", "|---" * 7 + "|"]
