@@ -89,7 +89,7 @@ def test_cli_converts(capsys: pytest.CaptureFixture, sources: dict[str, Path], t
 
 
 def test_the_conversion_script_in_the_source_tree_converts(sources: dict[str, Path], tmp_path: Path):
-    # `python -m convert` from a checkout, as the README says (convert/ is not installed).
+    # `python -m convert` from a checkout, as docs/checkpoints.md says (convert/ is not installed).
     result = subprocess.run(
         [sys.executable, "-m", "convert", sources["hf-sharded"], tmp_path / "converted", "--no-progress"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
