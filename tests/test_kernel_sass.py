@@ -5,7 +5,9 @@ budget arithmetic, and its stand-in CUDA driver. The compile itself (every kerne
 
 import ctypes
 import dataclasses
+import json
 import shutil
+import types
 
 import pytest
 
@@ -99,8 +101,19 @@ def test_the_main_loop_is_the_outermost_back_edge_not_a_retry_jumping_into_it():
 
 def test_opcodes_lose_predicates_and_modifiers():
     assert sr.opcode("@!P2 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24") == "HGMMA"
+    assert sr.mnemonic("@!P2 HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24") == "HGMMA.64x64x16.F32.BF16"
     assert sr.instruction_class("PRMT") == "perm/logic"
     assert sr.instruction_class("UTMALDG") == "uniform" and sr.instruction_class("SHFL") == "other"
+
+
+def test_main_loops_are_committed_as_mnemonic_counts_shared_by_cases_that_differ_in_operands():
+    other_operands = SASS.replace("IMAD R6, R7, R8, R9", "IMAD R16, R17, R18, R19")
+    other_loop = SASS.replace("IMAD R6, R7, R8, R9", "IMAD.WIDE R6, R7, R8, R9")
+    names, entries = ks.main_loop_entries(["flash a=1", "flash a=2", "flash a=3"], [SASS, other_operands, other_loop])
+    assert names == {"flash a=1": "flash-a-1", "flash a=2": "flash-a-1", "flash a=3": "flash-a-3"}
+    assert entries["flash-a-1"]["IMAD"] == 1 and "IMAD" not in entries["flash-a-3"]
+    assert sum(entries["flash-a-1"].values()) == len(sr.main_loop(SASS))
+    assert list(entries["flash-a-1"]) == sorted(entries["flash-a-1"])
 
 
 @pytest.mark.parametrize("registers, ctas", [(96, 5), (113, 4), (128, 4), (129, 3), (167, 3), (168, 3),
@@ -157,6 +170,18 @@ def test_shard_cases_add_each_devices_kernels_once():
     assert {(c.q_heads, c.kv_heads) for c in shards if c.kernel != "moe"} == {(32, 4), (16, 2), (8, 1)}
     assert {c.batch for c in shards if c.kernel == "decode"} == {1, 32, 64}  # data=2 halves the 64 rows
     assert kernel_cases.MoeCase("E8", "mlp1", 32, 8, 5760, 2880) in shards
+
+
+def test_write_results_commits_the_tables_and_the_main_loops_the_cost_model_reads(tmp_path):
+    results_md, main_loops = tmp_path / "RESULTS.md", tmp_path / "main_loops.json"
+    results_md.write_text("# Results\n\n## On a GPU session\n\nrows\n")
+    report = ks.report(FLASH, PTXAS_LOG + "\n" + SASS + "\n" + HOST_LLVM)
+    tools = types.SimpleNamespace(ptxas_version="ptxas V0")  # all write_results reads of the tools
+    ks.write_results([report], tools, results_md=results_md, main_loops=main_loops)
+    assert json.loads(main_loops.read_text()) == {"flash-t-4096-full": sr.main_loop_mnemonics(SASS)}
+    assert "| `flash-t-4096-full` |" in results_md.read_text()
+    ks.write_sass([report], tmp_path / "sass")
+    assert (tmp_path / "sass" / "flash-t-4096-full.sass").read_text() == report.sass
 
 
 def test_the_section_replaces_only_itself(tmp_path):

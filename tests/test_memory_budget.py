@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from benchmarks.memory import budget as memory
+from benchmarks.memory import budget
 from benchmarks.gpu.gpu_session import GenerateCase
 from gptoss_jax import footprint
 from gptoss_jax.config import preset
@@ -14,10 +14,10 @@ from gptoss_jax.config import preset
 
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "gpt-oss-120b"])
 def test_parameters_fit_the_goal(name):
-    parts = memory.parameter_bytes(name)
-    assert sum(parts.values()) / 1e9 < memory.GOALS_GB[name]
+    parts = budget.parameter_bytes(name)
+    assert sum(parts.values()) / 1e9 < budget.GOALS_GB[name]
     # The experts are what MXFP4 keeps small: 4.25 bits per weight.
-    config = memory.preset(name)
+    config = budget.preset(name)
     expert_weights = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * config.intermediate_size
     assert parts["experts (MXFP4 blocks + scales)"] == expert_weights * 17 // 32
 
@@ -32,14 +32,14 @@ def test_the_initializer_and_decode_loop_stay_within_their_bounds_at_real_layer_
     the initializer drawn whole (92 GB at full depth) would each break them.
     """
     case = GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256)
-    report = memory.case_report(case, layers=2)
+    report = budget.case_report(case, layers=2)
     config = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=2)
     parts = footprint.parameter_bytes(config)
     block_bytes = (sum(parts.values()) - parts["embedding + unembedding (bf16)"]) / 2
     programs = {program["program"]: program for program in report["programs"]}
-    assert set(programs) == {*(f"initializer: {kind}" for kind in memory.PART_KINDS),
+    assert set(programs) == {*(f"initializer: {kind}" for kind in budget.PART_KINDS),
                              "prefill (first chunk)", "prefill (later chunk)", "decode"}
-    for kind in memory.PART_KINDS:
+    for kind in budget.PART_KINDS:
         assert programs[f"initializer: {kind}"]["temp_bytes"] < block_bytes, kind
     unembedding_float32 = config.vocab_size * config.hidden_size * 4
     attention_float32 = 4 * config.hidden_size * (config.qkv_size + config.num_attention_heads * config.head_dim)

@@ -86,8 +86,8 @@ ASSUMPTIONS = (
     ("SMs", "132", "132", "NVIDIA H100 datasheet / whitepaper (GH100 in both: H200 is the same chip)"),
     ("SM clock (GHz)", "1.83", "1.83", "the boost clock the datasheet's tensor peak is quoted at: "
      "989.4 TFLOP/s = 132 SMs x 4096 FLOP/cycle x 1.83 GHz"),
-    ("HBM (TB/s)", "3.35", "4.8", "datasheets (H100 SXM HBM3, H200 HBM3e): benchmarks/gpu_measure.PEAKS"),
-    ("dense bf16 (TFLOP/s)", "989", "989", "datasheets: benchmarks/gpu_measure.PEAKS"),
+    ("HBM (TB/s)", "3.35", "4.8", "datasheets (H100 SXM HBM3, H200 HBM3e): benchmarks/gpu/gpu_measure.PEAKS"),
+    ("dense bf16 (TFLOP/s)", "989", "989", "datasheets: benchmarks/gpu/gpu_measure.PEAKS"),
     ("warp instructions / SM / cycle", "4", "4", "4 schedulers (SM sub-partitions), 1 issue each a cycle"),
     ("L1 wavefronts / SM / cycle", "1", "1", "32 LD/ST lanes, 128 B of L1/shared data a cycle per SM"),
     ("shared load (LDS/LDSM)", "ceil(32 lanes x width / 128 B)", "same", "LDS.U16: 1; LDS.64: 2; LDSM.x4: 4"),

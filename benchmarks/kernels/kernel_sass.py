@@ -350,6 +350,11 @@ def replace_section(text: str, section: str, title: str = SECTION_TITLE, before:
     return text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
 
 
+def shown_path(path: Path) -> Path:
+    """``path`` relative to the repository where it lies inside it."""
+    return path.relative_to(REPOSITORY) if path.is_relative_to(REPOSITORY) else path
+
+
 def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Path = RESULTS_MD,
                   main_loops: Path = MAIN_LOOPS) -> None:
     """Replace this tool's section of RESULTS.md and the main loops' counts in ``main_loops``."""
@@ -367,7 +372,7 @@ def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Pat
         "After gpt-oss's own shapes come one device's on each mesh of `benchmarks/kernels/sharded_kernels.py` (the "
         "Multiple GPUs table of `docs/multi-gpu.md`) that one GPU does not have: `E<n>`, n experts per device (a "
         "device gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per "
-        f"device. Each main loop's instructions, counted by mnemonic, are in `{main_loops.relative_to(REPOSITORY)}` "
+        f"device. Each main loop's instructions, counted by mnemonic, are in `{shown_path(main_loops)}` "
         "(column main loop; cases whose loops differ only in operands, such as the expert count, share one); "
         "`--sass DIR` writes the whole SASS of each kernel. The tool's docstring says "
         "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
