@@ -16,7 +16,7 @@ import gptoss_jax
 from gptoss_jax import cli, footprint
 from gptoss_jax.cli.arguments import option_flag
 from gptoss_jax.config import preset, to_hf_dict
-from gptoss_jax.demo import CACHE_ENV_VAR
+from gptoss_jax.cache_folder import CACHE_ENV_VAR
 from gptoss_jax.environment import describe_environment, gather_environment
 from gptoss_jax.kv_cache import cache_bytes
 from gptoss_jax.opening import (
