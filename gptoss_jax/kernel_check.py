@@ -261,18 +261,22 @@ def kernel_verdict(check: KernelCheck, config: GptOssConfig, mode: CheckMode,
     if not checks_enabled():
         return None
     facts = combination()
-    with _locked(verdict_file(facts)) as content:
+    path, shape = verdict_file(facts), _shape_key(config, sizes)
+    if mode == "lookup":  # no lock: the file is replaced whole, never written in place
+        content = json.loads(path.read_text()) if path.exists() else {}
+        return _verdict(content.get("verdicts", {}).get(check.kernel, {}).get(shape))
+    with _locked(path) as content:
         content["combination"] = facts
         verdicts = content.setdefault("verdicts", {}).setdefault(check.kernel, {})
-        shape = _shape_key(config, sizes)
-        if shape in verdicts and mode != "again":
-            fields = verdicts[shape]
-            return Verdict(**{**fields, "cases": tuple(fields["cases"])})
-        if mode == "lookup":
-            return None
+        if shape in verdicts and mode == "first_use":
+            return _verdict(verdicts[shape])
         verdict = run_kernel_check(check, config, sizes)
         verdicts[shape] = dataclasses.asdict(verdict)
         return verdict
+
+
+def _verdict(fields: dict[str, Any] | None) -> Verdict | None:
+    return None if fields is None else Verdict(**{**fields, "cases": tuple(fields["cases"])})
 
 
 _warned: set[tuple[str, str | None]] = set()

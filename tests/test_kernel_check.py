@@ -18,6 +18,8 @@ import pytest
 from test_env import H100, fake_cuda, fake_gpu
 from test_gpu_session import is_gone
 
+import benchmarks.e2e
+import benchmarks.kernel_check
 import kernel_check_fakes
 from gptoss_jax import cli, kernel_check
 from gptoss_jax.cache_folder import CACHE_ENV_VAR
@@ -198,6 +200,22 @@ def test_env_reports_verdicts_and_runs_the_check_only_when_asked(hopper, monkeyp
     assert report["kernels"]["parts"]["MoE experts"]["check"]["cases"] == [
         "mlp2, 64 tokens: 1 of 8 values beyond the tolerance (largest error 0.5)"]
     assert report["kernel_check"]["combination"] == facts
+
+
+def test_the_gpu_sessions_step_puts_the_verdicts_before_the_e2e_table(hopper, monkeypatch, tmp_path, capsys):
+    fake_checks(monkeypatch, experts="raises")
+    results = tmp_path / "RESULTS.md"
+    assert benchmarks.kernel_check.main(["--results-md", str(results), "--commit", "abc1234"]) == 1
+    benchmarks.e2e.append_row(results, "| an e2e row |\n")
+    lines = results.read_text().splitlines()
+    assert lines[0] == f"## First-use kernel check on {H100}"
+    assert lines[2].endswith(", commit abc1234: `python -m benchmarks.kernel_check` (what `gptoss-jax env "
+                             "--check-kernels` runs).")
+    table = lines[lines.index("| kernel | runs | verdict | seconds | cases |"):]
+    assert table[2].startswith("| MoE experts | xla | FAILED: crashed (exit 1): RuntimeError: the kernel exploded | ")
+    assert table[3].startswith("| prefill attention | pallas | passed | ")
+    assert table[3].endswith(" | the fake case: within the tolerance (largest error 0) |")
+    assert lines[-1] == "| an e2e row |" and benchmarks.e2e.RESULTS_HEADER.splitlines()[0] in lines
 
 
 @pytest.mark.parametrize("check", KERNEL_CHECKS, ids=lambda check: check.part)
