@@ -23,8 +23,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptoss_jax.config import GptOssConfig
+from pallas_kernels.attention_reference import EMPTY_SLOT, KERNEL_ATOL, attention_reference
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+from pallas_kernels.mxfp4_moe_reference import KERNEL_EXACT_FRACTION, KERNEL_RTOL, mxfp4_grouped_matmul_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,15 +102,6 @@ def check_experts(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> l
     Tokens are routed top-k over every expert at random, so the groups are ragged and some
     empty, as in a batch; the weights are random bytes with gpt-oss's range of scales.
     """
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
-    from pallas_kernels.mxfp4_moe_reference import (
-        KERNEL_EXACT_FRACTION,
-        KERNEL_RTOL,
-        mxfp4_grouped_matmul_reference,
-    )
-
     rng = np.random.default_rng(0)
     experts = config.num_experts
     matmuls = (("mlp1", config.hidden_size, 2 * config.intermediate_size, "bias_swiglu"),
@@ -143,8 +140,6 @@ def _attention_inputs(config: GptOssConfig, batch: int, q_len: int, kv_len: int,
 
 def _attention_reference(q, k, v, sinks, q_positions, kv_positions, **options) -> jax.Array:
     """The XLA reference in float32 at full matmul precision: the float64 definition the tests use, near enough."""
-    from pallas_kernels.attention_reference import attention_reference
-
     as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     with jax.default_matmul_precision("highest"):
         return attention_reference(*as_f32, sinks, q_positions, kv_positions, **options)
@@ -157,9 +152,6 @@ def _windows(config: GptOssConfig) -> tuple[tuple[str, int | None], ...]:
 
 def check_prefill_attention(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> list[CaseResult]:
     """The prefill kernel: a prompt's first chunk of ``prefill_tokens``, on a sliding and a full layer."""
-    from pallas_kernels.attention_reference import KERNEL_ATOL
-    from pallas_kernels.flash_attention import flash_attention
-
     q, k, v, sinks = _attention_inputs(config, 1, sizes.prefill_tokens, sizes.prefill_tokens, seed=1)
     positions = jnp.arange(sizes.prefill_tokens, dtype=jnp.int32)[None]
     results = []
@@ -172,25 +164,33 @@ def check_prefill_attention(config: GptOssConfig, sizes: CheckSizes, interpret: 
     return results
 
 
+def _cache_positions(lengths: np.ndarray, window: int | None, slots: int) -> np.ndarray:
+    """int32 ``[B, slots]``: the position each slot holds after ``lengths`` tokens, as the model's
+    caches keep them: in order on a full layer, in a ring of ``window`` slots on a sliding one."""
+    slot = np.arange(slots)[None]
+    if window is None:
+        return np.where(slot < lengths[:, None], slot, EMPTY_SLOT).astype(np.int32)
+    last = lengths[:, None] - 1
+    position = last - (last - slot) % window  # the latest position that lands on each slot
+    return np.where(position >= 0, position, EMPTY_SLOT).astype(np.int32)
+
+
 def check_decode_attention(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> list[CaseResult]:
     """The decode kernel: one new token per sequence against caches filled to different lengths,
-    up to ``decode_positions``, on a sliding and a full layer."""
-    from pallas_kernels.attention_reference import EMPTY_SLOT, KERNEL_ATOL
-    from pallas_kernels.decode_attention import decode_attention
-
-    batch, slots = sizes.decode_batch, sizes.decode_positions
-    q, k, v, sinks = _attention_inputs(config, batch, 1, slots, seed=2)
-    lengths = np.linspace(slots, slots // 2 + 1, batch).astype(np.int32)  # the first one full
-    slot = np.arange(slots)[None]
-    kv_positions = jnp.asarray(np.where(slot < lengths[:, None], slot, EMPTY_SLOT), jnp.int32)
+    up to ``decode_positions``, on a full layer and on a sliding layer's ring."""
+    batch = sizes.decode_batch
+    lengths = np.linspace(sizes.decode_positions, sizes.decode_positions // 2 + 1, batch).astype(np.int32)
     q_positions = jnp.asarray(lengths[:, None] - 1, jnp.int32)
     results = []
     for name, window in _windows(config):
+        slots = window or sizes.decode_positions
+        q, k, v, sinks = _attention_inputs(config, batch, 1, slots, seed=2)
+        kv_positions = jnp.asarray(_cache_positions(lengths, window, slots))
         options = dict(sliding_window=window, softmax_scale=config.head_dim ** -0.5)
         got = decode_attention(q, k, v, sinks, q_positions, kv_positions, interpret=interpret, **options)
         want = _attention_reference(q, k, v, sinks, q_positions, kv_positions, **options)
-        results.append(compare(f"decode step, batch {batch} over {slots} positions, {name}", got, want,
-                               rtol=KERNEL_ATOL, atol=KERNEL_ATOL))
+        results.append(compare(f"decode step, batch {batch} at {sizes.decode_positions} positions, {name}", got,
+                               want, rtol=KERNEL_ATOL, atol=KERNEL_ATOL))
     return results
 
 
