@@ -200,12 +200,12 @@ def run_kernel_check(check: KernelCheck, config: GptOssConfig, sizes: CheckSizes
     """Run ``check``'s cases for a ``config`` model in a child process; its verdict.
 
     The child runs in a process group of its own, killed whole when it ends or its time runs
-    out, so nothing it started is left behind. ``interpret`` runs the kernels in Mosaic GPU
+    out, so nothing it started is left behind; it dies with this process too (Linux). ``interpret`` runs the kernels in Mosaic GPU
     interpret mode (on the CPU, at small ``sizes``: for testing the check itself).
     """
     with tempfile.TemporaryDirectory(prefix="gptoss-jax-kernel-check-") as folder:
         request, result, output = (Path(folder) / name for name in ("request.json", "result.json", "output.txt"))
-        request.write_text(json.dumps({"run": check.cases, "config": config.to_dict(),
+        request.write_text(json.dumps({"run": check.cases, "config": config.to_dict(), "parent": os.getpid(),
                                        "sizes": dataclasses.asdict(sizes), "interpret": interpret}))
         command = [sys.executable, "-m", "gptoss_jax.kernel_check_cases", str(request), str(result)]
         start = time.monotonic()

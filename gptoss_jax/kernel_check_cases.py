@@ -12,9 +12,12 @@ case; it raises if the kernel does.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import importlib
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +79,7 @@ class CaseResult:
                 f"(largest error {self.max_error:.3g})")
 
 
+_PR_SET_PDEATHSIG = 1  # prctl's option, from <linux/prctl.h>
 CaseFunction = Callable[[GptOssConfig, CheckSizes, bool], list[CaseResult]]
 
 
@@ -200,10 +204,21 @@ def case_function(name: str) -> CaseFunction:
     return getattr(importlib.import_module(module), function)
 
 
+def _end_with_parent(parent: int) -> None:
+    """Have Linux kill this process when its parent dies, so that a program killed during its
+    check leaves no kernel running on its GPU (a parent that lives kills the child itself)."""
+    if sys.platform != "linux":
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 def main(argv: Sequence[str]) -> int:
     """The child's side: run the request's case function, write its results (a crash writes nothing)."""
     request_path, result_path = argv
     request = json.loads(Path(request_path).read_text())
+    _end_with_parent(request["parent"])
     run = case_function(request["run"])
     config = GptOssConfig.from_dict(request["config"])
     results = run(config, CheckSizes.from_dict(request["sizes"]), request["interpret"])

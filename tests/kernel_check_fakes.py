@@ -44,5 +44,6 @@ def never_returns(config, sizes, interpret) -> list[CaseResult]:
     _note_run("never_returns")
     sleeper = subprocess.Popen(["sleep", "600"])
     Path(os.environ[SLEEPER_PID_VARIABLE]).write_text(str(sleeper.pid))
+    Path(os.environ[SLEEPER_PID_VARIABLE]).with_suffix(".check").write_text(str(os.getpid()))
     time.sleep(600)
     return []

@@ -9,7 +9,12 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -83,11 +88,29 @@ def test_a_failing_kernel_falls_back_to_xla_with_one_warning_and_the_others_stay
 def test_a_kernel_that_never_returns_is_killed_with_all_it_started(hopper, monkeypatch, tmp_path):
     sleeper_pid = tmp_path / "sleeper.pid"
     monkeypatch.setenv(kernel_check_fakes.SLEEPER_PID_VARIABLE, str(sleeper_pid))
-    hung = KernelCheck("MoE experts", "experts", "kernel_check_fakes:never_returns", time_limit_s=3)
+    # Long enough for the child to import jax and start its sleeper on a loaded machine.
+    hung = KernelCheck("MoE experts", "experts", "kernel_check_fakes:never_returns", time_limit_s=20)
     verdict = run_kernel_check(hung, GPT_OSS_20B)
-    assert (verdict.passed, verdict.error) == (False, "timed out after 3 s (the check was killed)")
-    assert 3 <= verdict.seconds < 20
+    assert (verdict.passed, verdict.error) == (False, "timed out after 20 s (the check was killed)")
+    assert 20 <= verdict.seconds < 40
     assert is_gone(int(sleeper_pid.read_text()))
+
+
+def test_a_program_killed_during_its_check_takes_the_check_with_it(hopper, monkeypatch, tmp_path):
+    sleeper_pid = tmp_path / "sleeper.pid"
+    monkeypatch.setenv(kernel_check_fakes.SLEEPER_PID_VARIABLE, str(sleeper_pid))
+    program = subprocess.Popen([sys.executable, "-c", (
+        "from gptoss_jax.config import preset; from gptoss_jax.kernel_check import KernelCheck, run_kernel_check; "
+        "run_kernel_check(KernelCheck('MoE experts', 'experts', 'kernel_check_fakes:never_returns', 600), "
+        "preset('gpt-oss-20b'))")], env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, sys.path))))
+    check_pid = sleeper_pid.with_suffix(".check")
+    deadline = time.monotonic() + 60
+    while not check_pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    program.kill()
+    program.wait()
+    assert is_gone(int(check_pid.read_text()))
+    os.kill(int(sleeper_pid.read_text()), signal.SIGKILL)  # what the check started outlives it here
 
 
 def change_gpu(monkeypatch, tmp_path):
