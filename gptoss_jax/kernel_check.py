@@ -48,6 +48,11 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 _CHECKED_SOURCES = ("pallas_kernels/*.py", "gptoss_jax/kernel_check_cases.py")
 _NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
 _LOG = logging.getLogger(__name__)
+# XLA's word for an allocation that failed; the child then needed more GPU memory than was free
+# beside this process's share (XLA takes 75% of the GPU at its start, the CLI 95%).
+_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
+_MEMORY_FIX = ("run `gptoss-jax env --check-kernels` while no model holds the GPU, or give XLA less of it "
+               "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
 # "lookup": a cached verdict or none (gptoss-jax env); "first_use": run the check unless a verdict
 # is cached (the model); "again": run it whatever is cached (gptoss-jax env --check-kernels).
 CheckMode = Literal["lookup", "first_use", "again"]
@@ -86,7 +91,8 @@ KERNEL_CHECKS = (
 class Verdict:
     """How a kernel did: ``passed``, else ``error`` says why (a case beyond the tolerance, the crash, the time-out).
 
-    ``cases`` describes each case run (none after a crash or a time-out).
+    ``cases`` describes each case run (none after a crash or a time-out). A check that could not
+    run for want of GPU memory is not ``conclusive``: it is not kept, and the next run checks again.
     """
 
     kernel: str
@@ -94,11 +100,14 @@ class Verdict:
     error: str | None
     seconds: float
     cases: tuple[str, ...] = ()
+    conclusive: bool = True
 
     def describe(self) -> str:
-        """``passed its first-use check (41 s)`` or ``failed its first-use check: <error>``."""
+        """``passed its first-use check (41 s)``, ``failed its first-use check: <error>`` or ``could not run ...``."""
         if self.passed:
             return f"passed its first-use check ({self.seconds:.0f} s)"
+        if not self.conclusive:
+            return f"could not run its first-use check: {self.error}"
         return f"failed its first-use check: {self.error}"
 
 
@@ -225,7 +234,11 @@ def run_kernel_check(check: KernelCheck, config: GptOssConfig, sizes: CheckSizes
             return Verdict(check.kernel, False, f"timed out after {check.time_limit_s:.0f} s (the check was killed)",
                            seconds)
         if status != 0 or not result.exists():
-            return Verdict(check.kernel, False, _crash_reason(status, output.read_text(errors="replace")), seconds)
+            printed = output.read_text(errors="replace")
+            if _OUT_OF_MEMORY in printed:  # says nothing of the kernel
+                return Verdict(check.kernel, False, f"out of GPU memory ({_crash_reason(status, printed)}); "
+                               f"{_MEMORY_FIX}", seconds, conclusive=False)
+            return Verdict(check.kernel, False, _crash_reason(status, printed), seconds)
         results = [CaseResult(**fields) for fields in json.loads(result.read_text())]
     failed = [case for case in results if not case.passed]
     return Verdict(check.kernel, not failed, failed[0].describe() if failed else None, seconds,
@@ -271,7 +284,8 @@ def kernel_verdict(check: KernelCheck, config: GptOssConfig, mode: CheckMode,
         if shape in verdicts and mode == "first_use":
             return _verdict(verdicts[shape])
         verdict = run_kernel_check(check, config, sizes)
-        verdicts[shape] = dataclasses.asdict(verdict)
+        if verdict.conclusive:
+            verdicts[shape] = dataclasses.asdict(verdict)
         return verdict
 
 

@@ -39,6 +39,11 @@ def raises(config, sizes, interpret) -> list[CaseResult]:
     raise RuntimeError("the kernel exploded")
 
 
+def runs_out_of_memory(config, sizes, interpret) -> list[CaseResult]:
+    _note_run("runs_out_of_memory")
+    raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1061683200 bytes.")
+
+
 def never_returns(config, sizes, interpret) -> list[CaseResult]:
     """Waits forever, as a kernel deadlocked on a barrier, with a process of its own running beside it."""
     _note_run("never_returns")

@@ -179,6 +179,18 @@ def test_pallas_asked_for_fails_loudly_instead_of_falling_back(hopper, monkeypat
     assert run_count(hopper) == 1  # the first failure refuses; its verdict was kept
 
 
+def test_a_check_out_of_gpu_memory_falls_back_but_is_not_kept(hopper, monkeypatch):
+    fake_checks(monkeypatch, experts="runs_out_of_memory")
+    decision = kernel_decisions("auto", GPT_OSS_20B, jnp.bfloat16)["experts"]
+    assert decision.runs == "xla"
+    assert decision.why == (
+        "could not run its first-use check: out of GPU memory (crashed (exit 1): MemoryError: RESOURCE_EXHAUSTED: "
+        "Out of memory while trying to allocate 1061683200 bytes.); run `gptoss-jax env --check-kernels` while no "
+        "model holds the GPU, or give XLA less of it (XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    kernel_decisions("auto", GPT_OSS_20B, jnp.bfloat16)
+    assert hopper.read_text().splitlines().count("runs_out_of_memory") == 2  # checked again
+
+
 def test_the_check_can_be_turned_off(hopper, monkeypatch):
     fake_checks(monkeypatch, experts="wrong_values")
     monkeypatch.setenv(kernel_check.CHECK_ENV_VAR, "0")
