@@ -32,7 +32,7 @@ def test_opens_a_checkpoint_and_says_what_runs_where(checkpoint: Path):
     assert_same_parameters(opened.model, tiny_model())
     assert opened.model.dtype == jnp.float32
     assert opened.tokenizer.decode(opened.tokenizer.encode("hello")) == "hello"
-    assert (opened.folder, opened.kernels, opened.mesh, opened.is_demo) == (checkpoint, KernelPlan("xla", "xla"), None,
+    assert (opened.folder, opened.kernels, opened.mesh, opened.is_demo) == (checkpoint, KernelPlan("xla", "xla", "xla"), None,
                                                                             False)
     assert opened.describe() == "float32; kernels xla"
     assert lines[0] == f"loading {checkpoint} (float32; kernels xla) ..."
