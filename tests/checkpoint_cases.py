@@ -78,6 +78,19 @@ def tiny_model() -> GptOss:
     return model
 
 
+@functools.cache
+def parity_model() -> GptOss:
+    """A random tiny model for comparing logits with transformers: large attention sinks, and
+    router logits spread out, since a near-tie between two experts would let bfloat16 noise
+    pick a different expert (spec pitfall P7), which says nothing about correctness."""
+    model = GptOss(preset("tiny"), rngs=nnx.Rngs(7))
+    rng = np.random.default_rng(7)
+    for block in model.block:
+        block.attn.sinks[...] = jnp.asarray(rng.uniform(-6, 6, model.config.num_attention_heads), jnp.bfloat16)
+        block.mlp.gate.weight[...] = (block.mlp.gate.weight[...] * 25).astype(jnp.bfloat16)
+    return model
+
+
 def model_logits(model: GptOss) -> np.ndarray:
     """Logits ``[2, 12, 512]`` of the shared token batch."""
     return np.asarray(_jitted_forward(model, TOKENS))

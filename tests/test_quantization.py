@@ -11,30 +11,8 @@ import torch
 
 from gptoss_jax.checkpoints.dense_experts import dense_from_mxfp4, experts_per_chunk, quantize_dense_experts
 from gptoss_jax.checkpoints.folder import CheckpointError
+from mx_reference import E2M1_MAGNITUDES, reference_dequantize, reference_quantize
 from pallas_kernels import mxfp4
-
-E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
-def reference_quantize(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The OCP MX v1.0 rule in float64 NumPy: codes ``[..., K]`` and E8M0 scale bytes ``[..., K/32]``.
-
-    Scale ``2**(floor(log2 amax) - emax)`` with emax = 2 for E2M1, clamped to E8M0's
-    ``[-127, 127]``; an all-zero block takes the smallest. Each element goes to the nearest
-    E2M1 magnitude, a tie to the one with an even mantissa (an even index), beyond 6 to 6.
-    """
-    blocks = weights.astype(np.float64).reshape(*weights.shape[:-1], -1, 32)
-    amax = np.abs(blocks).max(axis=-1)
-    _, exponent = np.frexp(amax)  # amax = m * 2**exponent, m in [0.5, 1): floor(log2 amax) = exponent - 1
-    shared = np.clip(np.where(amax > 0, exponent - 1 - 2, -127), -127, 127)
-    scaled = np.abs(blocks) / np.exp2(shared)[..., None]
-    distance = np.abs(scaled[..., None] - E2M1_MAGNITUDES)
-    nearest = distance == distance.min(axis=-1, keepdims=True)
-    even_nearest = nearest & (np.arange(8) % 2 == 0)
-    index = np.where(even_nearest.any(axis=-1), even_nearest.argmax(axis=-1), nearest.argmax(axis=-1))
-    codes = index | (np.signbit(blocks).astype(np.int64) << 3)
-    return codes.reshape(weights.shape).astype(np.uint8), (shared + 127).astype(np.uint8)
-
 
 def quantized_codes(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     blocks, scales = mxfp4.quantize(jnp.asarray(weights))
@@ -140,8 +118,7 @@ def test_dense_experts_quantize_in_transformers_layout():
     np.testing.assert_array_equal(scales, expected_scales)
     np.testing.assert_array_equal(np.asarray(mxfp4.unpack_nibbles(jnp.asarray(blocks))), codes)
     # transformers decodes them back to the reference rule's values, in the dense layout.
-    grid_values = np.where(codes >= 8, -1, 1) * E2M1_MAGNITUDES[codes & 7] * np.exp2(
-        expected_scales.astype(np.float64) - 127).repeat(32, axis=-1)
+    grid_values = reference_dequantize(codes, expected_scales)
     np.testing.assert_array_equal(transformers_dense(blocks, scales), np.swapaxes(grid_values, 1, 2))
 
 

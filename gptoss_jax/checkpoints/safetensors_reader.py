@@ -162,9 +162,10 @@ class SafetensorsCheckpoint:
         if self.layout is not Layout.HF:
             return {}
         dense = {}
-        for path, (name,) in self._sources.items():
+        for path, names in self._sources.items():
             weight = expert_weight(path)
-            if path.endswith(".blocks") and name not in self._tensors and dense_name(weight) in self._tensors:
+            if (weight is not None and path.endswith(".blocks") and names[0] not in self._tensors
+                    and dense_name(weight) in self._tensors):
                 dense[weight] = dense_name(weight)
         return dense
 

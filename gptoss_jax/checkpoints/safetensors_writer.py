@@ -92,7 +92,7 @@ def _write_shards(tensors: Iterable[tuple[str, np.ndarray]], folder: Path, max_s
         full = sum(piece.nbytes for piece in shard.values())
         if max_shard_bytes is not None and shard and full + tensor.nbytes > max_shard_bytes:
             flush()
-        shard[name] = tensor
+        shard[name] = np.ascontiguousarray(tensor)  # safetensors writes the buffer as it lies in memory
         total += tensor.nbytes
     if not shard_files:
         save_file(shard, str(folder / "model.safetensors"))
