@@ -151,13 +151,13 @@ def _power_of_two(exponent: jax.Array) -> jax.Array:
     return jnp.where(exponent >= -126, jax.lax.bitcast_convert_type(bits, jnp.float32), 0.0)
 
 
-def quantize(weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Encode finite weights to MXFP4 with the OCP Microscaling (MX v1.0) rule.
+def quantize(weights: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Encode weights to MXFP4 with the OCP Microscaling (MX v1.0) rule.
 
-    Each block of 32 along the last axis gets the scale ``2**(floor(log2(amax)) - 2)`` (2 is the
-    exponent of E2M1's largest value), clamped to the E8M0 range; values divided by it round to
-    the nearest E2M1 value, ties to even, saturating at +-6. An all-zero block gets the smallest
-    scale, byte 0.
+    Each block of 32 along ``axis`` (the contraction axis K) gets the scale
+    ``2**(floor(log2(amax)) - 2)`` (2 is the exponent of E2M1's largest value), clamped to the
+    E8M0 range; values divided by it round to the nearest E2M1 value, ties to even, saturating
+    at +-6. An all-zero block gets the smallest scale, byte 0.
 
     Everything up to the rounding is integer arithmetic on the float32 bits, so subnormal
     weights (which XLA on the CPU would flush to zero in float arithmetic) quantize exactly:
@@ -166,19 +166,25 @@ def quantize(weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     the normal range the product is below 2**-102, which rounds to zero all the same.
 
     Args:
-      weights: float ``[..., N, K]`` with K a multiple of 32, finite (NaN and infinity give
-        meaningless codes: check first).
+      weights: float ``[..., N, K]`` (K on ``axis``, a multiple of 32; with ``axis`` elsewhere,
+        such as ``[E, K, N]`` with ``axis=1``, the blocks are formed there and the outputs are
+        laid out with K last all the same, which costs less than transposing the input).
+      axis: the axis K.
 
     Returns:
-      ``(blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32])``.
+      ``(blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32], finite bool [..., N, K/32])``:
+      ``finite`` is False for a block holding a NaN or an infinity, whose codes mean nothing.
     """
-    if weights.shape[-1] % BLOCK_SIZE:
-        raise ValueError(f"the last axis ({weights.shape[-1]}) must be a multiple of {BLOCK_SIZE}")
-    bits = _float32_bits(weights).reshape(*weights.shape[:-1], -1, BLOCK_SIZE)
+    axis = axis % weights.ndim
+    if weights.shape[axis] % BLOCK_SIZE:
+        raise ValueError(f"axis {axis} ({weights.shape[axis]}) must be a multiple of {BLOCK_SIZE}")
+    bits = _float32_bits(weights)
+    bits = bits.reshape(*weights.shape[:axis], -1, BLOCK_SIZE, *weights.shape[axis + 1:])  # [..., G, 32, rest]
+    element_axis = axis + 1
     negative = (bits >> 31).astype(jnp.int32)
     magnitude = (bits & 0x7FFFFFFF).astype(jnp.int32)  # ordered as the absolute values are
     exponent_field, mantissa_field = magnitude >> 23, magnitude & 0x7FFFFF
-    amax = jnp.max(magnitude, axis=-1)
+    amax = jnp.max(magnitude, axis=element_axis, keepdims=True)
     amax_exponent, amax_mantissa = amax >> 23, amax & 0x7FFFFF
     floor_log2_amax = jnp.where(amax_exponent > 0, amax_exponent - 127,
                                 31 - jax.lax.clz(amax_mantissa) - 149)  # a subnormal amax
@@ -186,8 +192,13 @@ def quantize(weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     shared_exponent = jnp.clip(shared_exponent, _SCALE_DTYPE_MIN_EXPONENT, _SCALE_DTYPE_MAX_EXPONENT)
     significand = jnp.where(exponent_field > 0, mantissa_field | 0x800000, mantissa_field)
     exponent = jnp.where(exponent_field > 0, exponent_field - 150, -149)
-    scaled = significand.astype(jnp.float32) * _power_of_two(exponent - shared_exponent[..., None])
-    codes = _round_to_e2m1(scaled) | (negative << 3)
-    blocks = pack_nibbles(codes.reshape(weights.shape))
-    scales = (shared_exponent + SCALE_BIAS).astype(jnp.uint8)
-    return blocks, scales
+    scaled = significand.astype(jnp.float32) * _power_of_two(exponent - shared_exponent)
+    codes = (_round_to_e2m1(scaled) | (negative << 3)).astype(jnp.uint8)
+    # Element 2j in the low nibble of byte j, 2j+1 in the high one.
+    pairs = codes.reshape(*codes.shape[:element_axis], BYTES_PER_BLOCK, 2, *codes.shape[element_axis + 1:])
+    low = jax.lax.index_in_dim(pairs, 0, element_axis + 1, keepdims=False)
+    high = jax.lax.index_in_dim(pairs, 1, element_axis + 1, keepdims=False)
+    blocks = jnp.moveaxis(low | (high << 4), (axis, element_axis), (-2, -1))
+    scales = jnp.moveaxis(jnp.squeeze(shared_exponent + SCALE_BIAS, element_axis).astype(jnp.uint8), axis, -1)
+    finite = jnp.moveaxis(jnp.squeeze(amax < _FLOAT32_INF_BITS, element_axis), axis, -1)
+    return blocks, scales, finite

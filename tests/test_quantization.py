@@ -15,7 +15,7 @@ from mx_reference import E2M1_MAGNITUDES, reference_dequantize, reference_quanti
 from pallas_kernels import mxfp4
 
 def quantized_codes(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    blocks, scales = mxfp4.quantize(jnp.asarray(weights))
+    blocks, scales, _ = mxfp4.quantize(jnp.asarray(weights))
     return np.asarray(mxfp4.unpack_nibbles(blocks)), np.asarray(scales)
 
 
@@ -36,7 +36,7 @@ def test_every_code_under_every_scale_round_trips_exactly(dtype):
     scales = jnp.asarray(scale_bytes.reshape(-1, 1, 1))
     weights = mxfp4.dequantize(blocks, scales, dtype)  # [16 * 253, 1, 32], subnormal at the smallest scales
 
-    again_blocks, again_scales = mxfp4.quantize(weights)
+    again_blocks, again_scales, _ = mxfp4.quantize(weights)
 
     np.testing.assert_array_equal(np.asarray(again_scales), np.asarray(scales))
     np.testing.assert_array_equal(np.asarray(again_blocks), np.asarray(blocks))
@@ -124,7 +124,7 @@ def test_dense_experts_quantize_in_transformers_layout():
 
 def test_a_dense_save_of_mxfp4_experts_quantizes_back_to_the_same_bytes():
     rng = np.random.default_rng(2)
-    original_blocks, original_scales = mxfp4.quantize(jnp.asarray(rng.standard_normal((8, 64, 128)), jnp.float32))
+    original_blocks, original_scales, _ = mxfp4.quantize(jnp.asarray(rng.standard_normal((8, 64, 128)), jnp.float32))
     original_blocks, original_scales = np.asarray(original_blocks), np.asarray(original_scales)
     dense = dense_from_mxfp4(original_blocks, original_scales, ml_dtypes.bfloat16)
     np.testing.assert_array_equal(dense.astype(np.float32), transformers_dense(original_blocks, original_scales))
