@@ -9,6 +9,9 @@ quantized by the test's own model of the OCP rule (``mx_reference``).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -41,6 +44,7 @@ from gptoss_jax.checkpoints.safetensors_writer import model_tensors, write_check
 from gptoss_jax.cli import main
 from mx_reference import reference_dequantize, reference_quantize
 
+REPO = Path(__file__).resolve().parents[1]
 SEQUENCE_LENGTH = 40
 EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
@@ -97,6 +101,34 @@ def test_a_dense_save_converts_to_its_mxfp4_original(
 
     assert (status, err) == (0, [note(sources[kind.name], {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}[kind.dtype])])
     assert_same_parameters(gptoss_jax.load(tmp_path / "converted"), stored_tiny_tensors(kind))
+
+
+SHARDED_LOAD = """
+import sys
+import numpy as np
+import gptoss_jax
+from gptoss_jax.checkpoints.safetensors_writer import model_tensors
+from gptoss_jax.sharding import make_mesh
+folder, expected = sys.argv[1:]
+model = gptoss_jax.load(folder, kernels="xla", mesh=make_mesh("data=2,expert=2,tensor=2"))
+blocks = model.block[1].mlp.mlp1_weight.blocks[...]
+assert len(blocks.sharding.device_set) == 8, blocks.sharding
+loaded, expected = model_tensors(model), np.load(expected)
+print([path for path in expected.files  # bytes: NumPy saves bfloat16 as an opaque dtype
+       if not np.array_equal(loaded[path].view(np.uint8), expected[path].view(np.uint8))])
+"""
+
+
+def test_a_dense_save_loads_sharded_over_eight_devices(sources: dict[str, Path], tmp_path: Path):
+    # Each expert weight is quantized once, and each device's shards of its blocks and scales
+    # are cut from it (a process quantizes the whole tensor, then places its devices' parts).
+    np.savez(tmp_path / "expected.npz", **model_tensors(tiny_model()))
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", SHARDED_LOAD, sources[DENSE_KINDS[0].name], tmp_path / "expected.npz"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_dense_experts_in_the_original_layout_are_named(sources: dict[str, Path], tmp_path: Path):

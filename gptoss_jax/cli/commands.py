@@ -62,7 +62,8 @@ def add_convert(subparsers: argparse._SubParsersAction) -> None:
             "transformers and vLLM load a --to hf result too."
         ),
     )
-    parser.add_argument("src", metavar="SRC", help="the safetensors checkpoint folder to read")
+    parser.add_argument("src", metavar="SRC", help="the checkpoint folder to read: a safetensors folder (HF root or "
+                                                   "original/), or with --to hf also a converted one")
     parser.add_argument("dst", metavar="DST", help="the folder to create (it must not exist; missing parent folders are made)")
     parser.add_argument(
         "--to", choices=("orbax", "hf"), default="orbax",
