@@ -144,7 +144,8 @@ def open_model(
         single device and the XLA expert path only.
       progress: draw a progress bar on stderr while loading, when stderr is a terminal.
       on_status: called with each line worth telling a user: the demo checkpoint being written,
-        the demo's note, ``loading <folder> (<settings>) ...`` and ``loaded in <s> s``.
+        the demo's note, ``loading <folder> (<settings>) ...``, the note that dense expert weights
+        are being quantized to MXFP4, and ``loaded in <s> s``.
       option_name: how messages name an option, ``option_name(name)`` or ``option_name(name,
         value)`` (:func:`keyword_argument` by default; the CLI passes one that gives its flags).
 
@@ -190,7 +191,8 @@ def open_model(
         tokenizer = Tokenizer.from_pretrained_dir(folder)
     on_status(f"loading {folder} ({describe_settings(dtype, plan, device_mesh)}) ...")
     start = time.perf_counter()
-    model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels=kernels, mesh=device_mesh, progress=progress)
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels=kernels, mesh=device_mesh, progress=progress,
+                            on_status=on_status)
     if decode_experts:
         model.decode_experts()
     on_status(f"loaded in {time.perf_counter() - start:.1f} s")
