@@ -232,6 +232,7 @@ def to_hf_dict(config: GptOssConfig) -> dict[str, Any]:
         "sliding_window": config.sliding_window,
         "swiglu_limit": config.swiglu_limit,
         "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",  # the weights' dtype, experts aside, as OpenAI's config.json says
         "vocab_size": config.vocab_size,
         "quantization_config": {
             "quant_method": "mxfp4",

@@ -16,28 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from gptoss_jax.cache_folder import cache_root
 from gptoss_jax.config import GptOssConfig, preset
 
-CACHE_ENV_VAR = "GPTOSS_JAX_CACHE"
 DEMO_PRESET = "small"
 DEMO_SEED = 0
 # Bump when the way the demo checkpoint is made changes, so that stale folders are not reused.
 DEMO_FORMAT_VERSION = 2
-
-
-def cache_root() -> Path:
-    """Where gptoss-jax keeps files it makes: ``$GPTOSS_JAX_CACHE``, else the XDG cache folder."""
-    explicit = os.environ.get(CACHE_ENV_VAR)
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "gptoss-jax"
 
 
 def demo_config() -> GptOssConfig:

@@ -9,6 +9,7 @@ takes (:func:`gptoss_jax.kernel_dispatch.kernel_decisions`, checked by
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 from gptoss_jax import footprint
 from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import PRESETS, GptOssConfig, preset
-from gptoss_jax.kernel_dispatch import kernel_decisions
+from gptoss_jax.kernel_check import CheckMode, KernelCheckFailedError, combination, verdict_file
+from gptoss_jax.kernel_dispatch import has_hopper_gpu, kernel_decisions
 from gptoss_jax.opening import (
     ModelOptionError,
     ModelTooLargeError,
@@ -32,14 +34,13 @@ from gptoss_jax.opening import (
     checked_mesh,
     keyword_argument,
 )
-from pallas_kernels.cuda_toolchain import mosaic_ptxas, ptxas_version
+from pallas_kernels.cuda_toolchain import cuda_versions_found, mosaic_ptxas, ptxas_version
 
 PACKAGES = ("gptoss-jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "numpy")
 CUDA_PLUGINS = ("jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt")
 VARIABLE_PREFIXES = ("GPTOSS_JAX_", "JAX_", "XLA_", "CUDA_VISIBLE_DEVICES")
-# The kernels as a user knows them -> the part of the KernelPlan that decides each: both attention
-# kernels (prefill, and decode against the cache) follow the plan's attention.
-KERNELS = {"MoE experts": "experts", "prefill attention": "attention", "decode attention": "attention"}
+# The kernels as a user knows them -> the part of the KernelPlan each runs.
+KERNELS = {"MoE experts": "experts", "prefill attention": "prefill_attention", "decode attention": "decode_attention"}
 KERNEL_DTYPE = "bfloat16"  # the default compute dtype, the kernels' only one
 
 
@@ -54,24 +55,6 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def _cuda() -> dict[str, str | None] | None:
-    """The CUDA runtime and driver versions (``12.9``) the CUDA plugin sees; None without a plugin."""
-    from jax._src.lib import cuda_versions  # None without a CUDA plugin
-
-    if cuda_versions is None:
-        return None
-    found: dict[str, str | None] = {}
-    for name, get_version in (("runtime", cuda_versions.cuda_runtime_get_version),
-                              ("driver", cuda_versions.cuda_driver_get_version)):
-        try:
-            version = get_version()
-        except Exception:  # noqa: BLE001 - no driver to ask, say; a report must not fail on it
-            found[name] = None
-            continue
-        found[name] = f"{version // 1000}.{version % 1000 // 10}"
-    return found
-
-
 def _device(device: jax.Device) -> dict[str, Any]:
     return {
         "id": device.id, "platform": device.platform, "kind": device.device_kind,
@@ -82,15 +65,29 @@ def _device(device: jax.Device) -> dict[str, Any]:
     }
 
 
-def _kernels(config: GptOssConfig, option_name: OptionName) -> dict[str, Any]:
-    """What runs each kernel's part under ``auto``, or why opening would refuse (``GPTOSS_JAX_KERNELS=pallas``)."""
+def _kernels(config: GptOssConfig, option_name: OptionName, check: CheckMode) -> dict[str, Any]:
+    """What runs each kernel's part under ``auto``, or why opening would refuse (``GPTOSS_JAX_KERNELS=pallas``).
+
+    ``check`` as :func:`~gptoss_jax.kernel_dispatch.kernel_decisions` takes it; each part's
+    ``check`` is its kernel's first-use verdict on this GPU, where there is one.
+    """
     try:
-        checked_kernels("auto", config, KERNEL_DTYPE, option_name)
-    except ModelOptionError as e:
+        checked_kernels("auto", config, KERNEL_DTYPE, option_name, check)
+    except (ModelOptionError, KernelCheckFailedError) as e:
         return {"refused": str(e), "parts": {}}
-    decisions = kernel_decisions("auto", config, jnp.dtype(KERNEL_DTYPE))
-    parts = {kernel: {"runs": decisions[part].runs, "why": decisions[part].why} for kernel, part in KERNELS.items()}
+    decisions = kernel_decisions("auto", config, jnp.dtype(KERNEL_DTYPE), check="lookup")  # what was just decided
+    parts = {kernel: {"runs": decisions[part].runs, "why": decisions[part].why,
+                      "check": None if decisions[part].check is None else dataclasses.asdict(decisions[part].check)}
+             for kernel, part in KERNELS.items()}
     return {"refused": None, "parts": parts}
+
+
+def _kernel_check() -> dict[str, Any] | None:
+    """What the verdicts hold for and where they are kept: on a Hopper GPU, where the check runs."""
+    if not has_hopper_gpu():
+        return None
+    facts = combination()
+    return {"combination": facts, "verdict_file": str(verdict_file(facts))}
 
 
 def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None,
@@ -122,7 +119,7 @@ def _checkpoint(checkpoint: str | os.PathLike, mesh: str | None,
 
 
 def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | None = None,
-                       option_name: OptionName = keyword_argument) -> dict[str, Any]:
+                       option_name: OptionName = keyword_argument, check_kernels: bool = False) -> dict[str, Any]:
     """This machine's facts as a JSON-ready dict (:func:`describe_environment` prints it).
 
     Keys: ``python``, ``executable``, ``platform``, ``packages`` and ``cuda_plugins`` (versions), ``backend``,
@@ -131,7 +128,9 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
     ``ptxas`` (path and version, None if none is found), ``cuda_path`` (JAX's CUDA folder:
     ``$CUDA_ROOT`` or pip's CUDA, None without either), ``variables`` (``GPTOSS_JAX_*``, ``JAX_*``,
     ``XLA_*``), ``kernels`` (under ``auto`` in bfloat16: each kernel's ``runs`` and ``why``, or
-    ``refused`` with opening's message), ``compilation_cache`` (JAX's folder, None if off),
+    ``refused`` with opening's message; each kernel's first-use verdict on this GPU as ``check``),
+    ``kernel_check`` (on a Hopper GPU: the combination the verdicts hold for and their file),
+    ``compilation_cache`` (JAX's folder, None if off),
     ``checkpoint`` (given one: its model, parameter bytes per device against the devices' free
     bytes, the largest context a batch-1 engine takes) and ``jax_environment_info``
     (``jax.print_environment_info``, with ``nvidia-smi`` where there is one).
@@ -140,6 +139,8 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
       checkpoint: a checkpoint folder; only its ``config.json`` is read.
       mesh: a mesh spec for the checkpoint's per-device figures (None: the default mesh).
       option_name: how messages name options (:data:`gptoss_jax.opening.OptionName`).
+      check_kernels: run each kernel's first-use check (:mod:`gptoss_jax.kernel_check`) again,
+        rather than report the verdicts cached.
     """
     config, model = preset("gpt-oss-20b"), None  # 120b has the same kernel shapes
     if checkpoint is not None:
@@ -157,12 +158,13 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
         "process_count": jax.process_count(),
         "devices": [_device(device) for device in jax.local_devices()],
         "device_count": jax.device_count(),
-        "cuda": _cuda(),
+        "cuda": cuda_versions_found(),
         "ptxas": None if found_ptxas is None else {
             "path": found_ptxas, "version": None if version is None else ".".join(map(str, version))},
         "cuda_path": jax_cuda_path,
         "variables": {name: value for name, value in sorted(os.environ.items()) if name.startswith(VARIABLE_PREFIXES)},
-        "kernels": _kernels(config, option_name),
+        "kernels": _kernels(config, option_name, "again" if check_kernels else "lookup"),
+        "kernel_check": _kernel_check(),
         "compilation_cache": jax.config.jax_compilation_cache_dir,
         "checkpoint": model,
         "jax_environment_info": jax.print_environment_info(return_string=True),
@@ -209,6 +211,9 @@ def describe_environment(report: dict[str, Any]) -> str:
     width = max(map(len, KERNELS))
     for kernel, decision in kernels["parts"].items():
         lines.append(f"  {kernel:{width}}  {decision['runs']:6}  {decision['why']}")
+    if report["kernel_check"] is not None:
+        facts = ", ".join(f"{name} {value or 'unknown'}" for name, value in report["kernel_check"]["combination"].items())
+        lines.append(f"first-use kernel checks ({facts}): {report['kernel_check']['verdict_file']}")
     lines.append(f"compilation cache: {report['compilation_cache'] or 'off'}")
     model = report["checkpoint"]
     if model is not None:

@@ -8,7 +8,8 @@ mode on the CPU (slow; for testing the kernel path without a GPU). The environme
 Each kernel takes only the shapes it was written for, so a choice becomes a :class:`KernelPlan`
 (:func:`kernel_plan`), which says what runs each part of the model: the one place that decides,
 for the model as for what the CLI shows. :func:`kernel_decisions` gives each part's reason too
-(the device, the shapes, the CUDA toolchain), which ``gptoss-jax env`` prints.
+(the device, the shapes, the CUDA toolchain, the kernel's first-use check on this GPU:
+:mod:`gptoss_jax.kernel_check`), which ``gptoss-jax env`` prints.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import GptOssError
+from gptoss_jax.kernel_check import (
+    KERNEL_CHECKS,
+    CheckMode,
+    KernelCheckFailedError,
+    Verdict,
+    checks_enabled,
+    kernel_verdict,
+    refusal,
+    warn_fallback,
+)
 from pallas_kernels import mxfp4_moe
 from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
 
@@ -139,45 +150,92 @@ def moe_kernel_fits(config: GptOssConfig, dtype: jnp.dtype) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
-    """What runs each part of the model: ``pallas``, ``interpret`` (the kernels) or ``xla``."""
+    """What runs each part of the model: ``pallas``, ``interpret`` (the kernels) or ``xla``.
 
-    attention: Implementation
+    ``prefill_attention`` is a prompt's first chunk, attending within itself; ``decode_attention``
+    every later chunk and decode step, attending over the cache.
+    """
+
+    prefill_attention: Implementation
+    decode_attention: Implementation
     experts: Implementation
 
     def describe(self) -> str:
-        """``kernels xla`` when one runs everything, else ``kernels: attention pallas, experts xla``."""
+        """``kernels xla`` when one runs everything, else ``kernels: prefill attention pallas, ..., experts xla``."""
         parts = dataclasses.asdict(self)
         if len(set(parts.values())) == 1:
-            return f"kernels {self.attention}"
-        return "kernels: " + ", ".join(f"{part} {implementation}" for part, implementation in parts.items())
+            return f"kernels {self.experts}"
+        return "kernels: " + ", ".join(f"{part.replace('_', ' ')} {runs}" for part, runs in parts.items())
 
 
 @dataclasses.dataclass(frozen=True)
 class PartDecision:
-    """What runs one part of the model, and why (``auto: the device is NVIDIA H100 80GB HBM3``)."""
+    """What runs one part of the model, and why (``auto: the device is NVIDIA H100 80GB HBM3``).
+
+    ``check``: the kernel's first-use verdict on this GPU, where one was run or looked up.
+    """
 
     runs: Implementation
     why: str
+    check: Verdict | None = None
 
 
-def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> dict[str, PartDecision]:
-    """What runs ``attention`` and ``experts`` of a ``config`` model computing in ``dtype`` under ``choice``, and why.
+def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype,
+                     check: CheckMode = "first_use") -> dict[str, PartDecision]:
+    """What runs each part of a ``config`` model computing in ``dtype`` under ``choice``, and why.
 
-    A kernel runs a part where the choice resolves to it and the part's shapes fit it; the XLA
-    reference runs the rest, so ``pallas`` may leave a part on XLA.
+    The parts are :class:`KernelPlan`'s fields. A kernel runs a part where the choice resolves
+    to it and the part's shapes fit it; the XLA reference runs the rest, so ``pallas`` may leave
+    a part on XLA. On a Hopper GPU, a kernel also has to pass its first-use check
+    (:mod:`gptoss_jax.kernel_check`; ``check`` says whether to run it or only look its verdict
+    up): one that fails runs on XLA under ``auto``, with a warning, and is refused when asked for.
+
+    Raises:
+      KernelCheckFailedError: a kernel asked for (``pallas``, or ``GPTOSS_JAX_KERNELS=pallas``)
+        failed its check.
     """
     kernels, why = _resolved(choice)
-    misfits = {"attention": attention_kernel_misfit, "experts": moe_kernel_misfit}
+    misfits = {"prefill_attention": attention_kernel_misfit, "decode_attention": attention_kernel_misfit,
+               "experts": moe_kernel_misfit}
     decisions = {}
     for part, misfit in misfits.items():
         reason = misfit(config, dtype) if kernels != "xla" else None
         decisions[part] = PartDecision("xla", reason) if reason else PartDecision(kernels, why)
+    if kernels == "pallas" and hopper_gpu_missing() is None:
+        decisions.update(_checked(decisions, config, check, requested_kernels(choice)))
     return decisions
 
 
-def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) -> KernelPlan:
-    """What runs attention and the experts: :func:`kernel_decisions` without the reasons."""
-    return KernelPlan(**{part: decision.runs for part, decision in kernel_decisions(choice, config, dtype).items()})
+def _checked(decisions: dict[str, PartDecision], config: GptOssConfig, mode: CheckMode,
+             requested: tuple[KernelChoice, str | None]) -> dict[str, PartDecision]:
+    """The decisions of the parts a kernel runs, after each kernel's first-use check."""
+    checked = {}
+    for kernel_check in KERNEL_CHECKS:
+        decision = decisions[kernel_check.part]
+        if decision.runs != "pallas":
+            continue
+        verdict = kernel_verdict(kernel_check, config, mode)
+        if verdict is None:
+            unchecked = "not checked here yet (gptoss-jax env --check-kernels)" if checks_enabled() else (
+                "unchecked (GPTOSS_JAX_KERNEL_CHECK=0)")
+            checked[kernel_check.part] = PartDecision("pallas", f"{decision.why}; {unchecked}")
+        elif verdict.passed:
+            checked[kernel_check.part] = PartDecision("pallas", f"{decision.why}; {verdict.describe()}", verdict)
+        elif requested[0] == "auto":
+            warn_fallback(verdict)
+            checked[kernel_check.part] = PartDecision("xla", verdict.describe(), verdict)
+        else:
+            asked = "kernels='pallas'" if requested[1] is None else f"{requested[1]}=pallas"
+            instead = "use kernels='auto'" if requested[1] is None else f"unset {requested[1]}"
+            raise KernelCheckFailedError(refusal(verdict, asked, instead), verdict)
+    return checked
+
+
+def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype,
+                check: CheckMode = "first_use") -> KernelPlan:
+    """What runs each part: :func:`kernel_decisions` without the reasons."""
+    decisions = kernel_decisions(choice, config, dtype, check)
+    return KernelPlan(**{part: decision.runs for part, decision in decisions.items()})
 
 
 def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:

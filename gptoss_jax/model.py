@@ -164,7 +164,7 @@ class AttentionBlock(nnx.Module):
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, in_axis=HEADS, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, kernels: Implementation, cache: LayerCache | None,
+        self, x: jax.Array, positions: jax.Array, kernels: KernelPlan, cache: LayerCache | None,
         cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attend over the cache and this chunk.
@@ -172,8 +172,8 @@ class AttentionBlock(nnx.Module):
         Args:
           x: ``[B, T, H]``.
           positions: int32 ``[B, T]`` absolute positions; negative marks padding.
-          kernels: what runs attention (``pallas``, ``xla`` or ``interpret``): the attention of
-            the model's :class:`~gptoss_jax.kernel_dispatch.KernelPlan`, which checked the shapes.
+          kernels: the model's :class:`~gptoss_jax.kernel_dispatch.KernelPlan`, which checked the
+            shapes: its ``prefill_attention`` and ``decode_attention`` run attention.
           cache: this layer's cache, or None for a forward pass over positions 0..T-1.
           cache_is_empty: the cache holds nothing yet and this chunk starts at position 0 (a
             prompt's first chunk), so it attends within itself only, like a forward pass.
@@ -213,16 +213,15 @@ class AttentionBlock(nnx.Module):
 
     def _attend(
         self, q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, positions: jax.Array,
-        cache: LayerCache | None, *, kernels: Implementation, cache_is_empty: bool,
+        cache: LayerCache | None, *, kernels: KernelPlan, cache_is_empty: bool,
     ) -> tuple[jax.Array, LayerCache | None]:
         options = dict(sliding_window=self.sliding_window, softmax_scale=self.config.head_dim ** -0.5)
-        use_kernels = kernels != "xla"
         if cache is None or cache_is_empty:
             # Right-padding needs no mask here: a padded key comes after every real query.
-            if use_kernels:
+            if kernels.prefill_attention != "xla":
                 from pallas_kernels.flash_attention import flash_attention
 
-                out = flash_attention(q, k, v, sinks, interpret=interpret_params(kernels), **options)
+                out = flash_attention(q, k, v, sinks, interpret=interpret_params(kernels.prefill_attention), **options)
             else:
                 out = attention_reference(q, k, v, sinks, positions, positions, **options)
             return out, None if cache is None else cache.write(k, v, positions)
@@ -238,10 +237,10 @@ class AttentionBlock(nnx.Module):
             values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
             key_positions = jnp.concatenate([cache.positions, positions], axis=1)
             cache = cache.write(k, v, positions)
-        if use_kernels:
+        if kernels.decode_attention != "xla":
             from pallas_kernels.decode_attention import decode_attention
 
-            attend = functools.partial(decode_attention, interpret=interpret_params(kernels))
+            attend = functools.partial(decode_attention, interpret=interpret_params(kernels.decode_attention))
         else:
             attend = attention_reference
         keys, values = keys.astype(q.dtype), values.astype(q.dtype)
@@ -368,7 +367,7 @@ class TransformerBlock(nnx.Module):
         self, x: jax.Array, positions: jax.Array, kernels: KernelPlan, cache: LayerCache | None,
         cache_is_empty: bool = False,
     ) -> tuple[jax.Array, LayerCache | None]:
-        attended, cache = self.attn(x, positions, kernels.attention, cache, cache_is_empty)
+        attended, cache = self.attn(x, positions, kernels, cache, cache_is_empty)
         x = x + attended
         return x + self.mlp(x, kernels.experts), cache
 

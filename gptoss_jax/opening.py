@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import jax
 
     from gptoss_jax.config import GptOssConfig
+    from gptoss_jax.kernel_check import CheckMode
     from gptoss_jax.kernel_dispatch import KernelChoice, KernelPlan
     from gptoss_jax.model import GptOss
     from gptoss_jax.tokenizer import Tokenizer
@@ -143,7 +144,8 @@ def open_model(
         single device and the XLA expert path only.
       progress: draw a progress bar on stderr while loading, when stderr is a terminal.
       on_status: called with each line worth telling a user: the demo checkpoint being written,
-        the demo's note, ``loading <folder> (<settings>) ...`` and ``loaded in <s> s``.
+        the demo's note, ``loading <folder> (<settings>) ...``, the note that dense expert weights
+        are being quantized to MXFP4, and ``loaded in <s> s``.
       option_name: how messages name an option, ``option_name(name)`` or ``option_name(name,
         value)`` (:func:`keyword_argument` by default; the CLI passes one that gives its flags).
 
@@ -156,7 +158,8 @@ def open_model(
       MeshError, KernelChoiceError, ModelOptionError: the mesh, the kernels or
         ``decode_experts`` cannot work with this model here (:class:`KernelsUnavailableError`:
         ``pallas`` without a Hopper GPU; :class:`MiscompilingCudaError`: ``pallas`` with a CUDA
-        that miscompiles attention).
+        that miscompiles attention; :class:`~gptoss_jax.kernel_check.KernelCheckFailedError`:
+        ``pallas`` where a kernel failed its first-use check on this GPU).
       ModelTooLargeError: the parameters alone exceed a device's free memory.
     """
     import jax.numpy as jnp
@@ -188,7 +191,8 @@ def open_model(
         tokenizer = Tokenizer.from_pretrained_dir(folder)
     on_status(f"loading {folder} ({describe_settings(dtype, plan, device_mesh)}) ...")
     start = time.perf_counter()
-    model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels=kernels, mesh=device_mesh, progress=progress)
+    model = gptoss_jax.load(folder, dtype=getattr(jnp, dtype), kernels=kernels, mesh=device_mesh, progress=progress,
+                            on_status=on_status)
     if decode_experts:
         model.decode_experts()
     on_status(f"loaded in {time.perf_counter() - start:.1f} s")
@@ -210,31 +214,41 @@ def checked_mesh(mesh: str | jax.sharding.Mesh | None, config: GptOssConfig) -> 
 
 
 def checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str,
-                    option_name: OptionName = keyword_argument) -> KernelPlan:
+                    option_name: OptionName = keyword_argument, check: CheckMode = "first_use") -> KernelPlan:
     """What runs attention and the experts under ``kernels``, refusing kernels asked for that cannot run here.
+
+    ``check``: run each kernel's first-use check where none is cached (``first_use``), only look
+    the verdicts up (``lookup``), or run it again (``again``): :mod:`gptoss_jax.kernel_check`.
 
     Raises:
       KernelsUnavailableError: ``pallas`` (asked for, or by ``GPTOSS_JAX_KERNELS``) without a Hopper GPU.
       MiscompilingCudaError: ``pallas`` where the CUDA toolchain miscompiles the attention kernels
         (``auto`` leaves attention on XLA there instead).
+      KernelCheckFailedError: ``pallas`` where a kernel failed its first-use check on this GPU
+        (``auto`` runs that kernel's part on XLA instead; :mod:`gptoss_jax.kernel_check`).
     """
+    from gptoss_jax.kernel_check import KernelCheckFailedError, refusal
     from gptoss_jax.kernel_dispatch import HOPPER_GPU, hopper_gpu_missing, kernel_plan, requested_kernels
     from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
 
     requested, source = requested_kernels(kernels)
+    asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
+    auto = option_name("kernels", "auto") if source is None else f"unset {source}"
     if requested == "pallas":
-        asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
         missing = hopper_gpu_missing()
         if missing is not None:
             raise KernelsUnavailableError(
                 f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
         culprit = miscompiling_toolchain()
         if culprit is not None:
-            auto = option_name("kernels", "auto") if source is None else f"unset {source}"
             raise MiscompilingCudaError(
                 f"{asked}: {MISCOMPILES} ({culprit}); {FIX}, or {auto} to keep attention on XLA there"
             )
-    return kernel_plan(kernels, config, dtype)
+    try:
+        return kernel_plan(kernels, config, dtype, check)
+    except KernelCheckFailedError as e:  # named as this caller's user knows the options
+        instead = f"use {auto}" if source is None else auto
+        raise KernelCheckFailedError(refusal(e.verdict, asked, instead), e.verdict) from None
 
 
 def check_parameters_fit(config: GptOssConfig, mesh: jax.sharding.Mesh | None,

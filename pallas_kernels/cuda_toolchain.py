@@ -75,6 +75,24 @@ def miscompiling_toolchain() -> str | None:
     return None
 
 
+def cuda_versions_found() -> dict[str, str | None] | None:
+    """The CUDA runtime and driver versions (``12.9``) the CUDA plugin sees; None without a plugin."""
+    from jax._src.lib import cuda_versions  # None without a CUDA plugin
+
+    if cuda_versions is None:
+        return None
+    found: dict[str, str | None] = {}
+    for name, get_version in (("runtime", cuda_versions.cuda_runtime_get_version),
+                              ("driver", cuda_versions.cuda_driver_get_version)):
+        try:
+            version = get_version()
+        except Exception:  # noqa: BLE001 - no driver to ask: say so; a report must not fail on it
+            found[name] = None
+            continue
+        found[name] = f"{version // 1000}.{version % 1000 // 10}"
+    return found
+
+
 def cuda_miscompiles_attention_masks() -> bool:
     """Whether the kernels would be compiled by a ptxas that miscompiles masked attention."""
     return miscompiling_toolchain() is not None

@@ -134,30 +134,71 @@ def _round_to_e2m1(magnitude: jax.Array) -> jax.Array:
     return code
 
 
-def quantize(weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Encode weights to MXFP4 with the OCP Microscaling rule.
+def _float32_bits(weights: jax.Array) -> jax.Array:
+    """The float32 bits (uint32) of each weight, widened without float arithmetic.
 
-    Each block of 32 along the last axis gets the scale ``2**(floor(log2(amax)) - 2)`` (2 is the
-    exponent of E2M1's largest value), clamped to the E8M0 range; values divided by it round to
-    the nearest E2M1 value, ties to even, saturating at +-6. An all-zero block gets scale byte 0.
+    bfloat16 is the upper half of a float32, so it widens by a shift: a float conversion could
+    flush subnormal inputs to zero on the CPU.
+    """
+    if weights.dtype == jnp.bfloat16:
+        return jax.lax.bitcast_convert_type(weights, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(weights.astype(jnp.float32), jnp.uint32)
+
+
+def _power_of_two(exponent: jax.Array) -> jax.Array:
+    """float32 ``2**exponent`` built from its bits; 0 below the normal range (see :func:`quantize`)."""
+    bits = (jnp.clip(exponent, -126, 127) + 127).astype(jnp.uint32) << 23
+    return jnp.where(exponent >= -126, jax.lax.bitcast_convert_type(bits, jnp.float32), 0.0)
+
+
+def quantize(weights: jax.Array, axis: int = -1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Encode weights to MXFP4 with the OCP Microscaling (MX v1.0) rule.
+
+    Each block of 32 along ``axis`` (the contraction axis K) gets the scale
+    ``2**(floor(log2(amax)) - 2)`` (2 is the exponent of E2M1's largest value), clamped to the
+    E8M0 range; values divided by it round to the nearest E2M1 value, ties to even, saturating
+    at +-6. An all-zero block gets the smallest scale, byte 0.
+
+    Everything up to the rounding is integer arithmetic on the float32 bits, so subnormal
+    weights (which XLA on the CPU would flush to zero in float arithmetic) quantize exactly:
+    each weight is ``M * 2**E`` with an integer significand M < 2**24, and its scaled value
+    ``M * 2**(E - shared)`` is a product of two normal floats. Where that power of two is below
+    the normal range the product is below 2**-102, which rounds to zero all the same.
 
     Args:
-      weights: float ``[..., N, K]`` with K a multiple of 32.
+      weights: float ``[..., N, K]`` (K on ``axis``, a multiple of 32; with ``axis`` elsewhere,
+        such as ``[E, K, N]`` with ``axis=1``, the blocks are formed there and the outputs are
+        laid out with K last all the same, which costs less than transposing the input).
+      axis: the axis K.
 
     Returns:
-      ``(blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32])``.
+      ``(blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32], finite bool [..., N, K/32])``:
+      ``finite`` is False for a block holding a NaN or an infinity, whose codes mean nothing.
     """
-    if weights.shape[-1] % BLOCK_SIZE:
-        raise ValueError(f"the last axis ({weights.shape[-1]}) must be a multiple of {BLOCK_SIZE}")
-    values = weights.astype(jnp.float32).reshape(*weights.shape[:-1], -1, BLOCK_SIZE)
-    amax = jnp.max(jnp.abs(values), axis=-1)
-    _, exponent = jnp.frexp(amax)  # amax = mantissa * 2**exponent, mantissa in [0.5, 1)
-    shared_exponent = jnp.where(amax > 0, exponent - 1 - _E2M1_EMAX, _SCALE_DTYPE_MIN_EXPONENT)
+    axis = axis % weights.ndim
+    if weights.shape[axis] % BLOCK_SIZE:
+        raise ValueError(f"axis {axis} ({weights.shape[axis]}) must be a multiple of {BLOCK_SIZE}")
+    bits = _float32_bits(weights)
+    bits = bits.reshape(*weights.shape[:axis], -1, BLOCK_SIZE, *weights.shape[axis + 1:])  # [..., G, 32, rest]
+    element_axis = axis + 1
+    negative = (bits >> 31).astype(jnp.int32)
+    magnitude = (bits & 0x7FFFFFFF).astype(jnp.int32)  # ordered as the absolute values are
+    exponent_field, mantissa_field = magnitude >> 23, magnitude & 0x7FFFFF
+    amax = jnp.max(magnitude, axis=element_axis, keepdims=True)
+    amax_exponent, amax_mantissa = amax >> 23, amax & 0x7FFFFF
+    floor_log2_amax = jnp.where(amax_exponent > 0, amax_exponent - 127,
+                                31 - jax.lax.clz(amax_mantissa) - 149)  # a subnormal amax
+    shared_exponent = jnp.where(amax > 0, floor_log2_amax - _E2M1_EMAX, _SCALE_DTYPE_MIN_EXPONENT)
     shared_exponent = jnp.clip(shared_exponent, _SCALE_DTYPE_MIN_EXPONENT, _SCALE_DTYPE_MAX_EXPONENT)
-    # Multiply by the reciprocal power of two: it stays a normal float32 for every exponent a
-    # float32 amax can produce, where 2**shared_exponent itself could be flushed to zero.
-    scaled = values * jnp.ldexp(jnp.float32(1), -shared_exponent)[..., None]
-    codes = _round_to_e2m1(jnp.abs(scaled)) | (jnp.signbit(scaled).astype(jnp.int32) << 3)
-    blocks = pack_nibbles(codes.reshape(weights.shape))
-    scales = (shared_exponent + SCALE_BIAS).astype(jnp.uint8)
-    return blocks, scales
+    significand = jnp.where(exponent_field > 0, mantissa_field | 0x800000, mantissa_field)
+    exponent = jnp.where(exponent_field > 0, exponent_field - 150, -149)
+    scaled = significand.astype(jnp.float32) * _power_of_two(exponent - shared_exponent)
+    codes = (_round_to_e2m1(scaled) | (negative << 3)).astype(jnp.uint8)
+    # Element 2j in the low nibble of byte j, 2j+1 in the high one.
+    pairs = codes.reshape(*codes.shape[:element_axis], BYTES_PER_BLOCK, 2, *codes.shape[element_axis + 1:])
+    low = jax.lax.index_in_dim(pairs, 0, element_axis + 1, keepdims=False)
+    high = jax.lax.index_in_dim(pairs, 1, element_axis + 1, keepdims=False)
+    blocks = jnp.moveaxis(low | (high << 4), (axis, element_axis), (-2, -1))
+    scales = jnp.moveaxis(jnp.squeeze(shared_exponent + SCALE_BIAS, element_axis).astype(jnp.uint8), axis, -1)
+    finite = jnp.moveaxis(jnp.squeeze(amax < _FLOAT32_INF_BITS, element_axis), axis, -1)
+    return blocks, scales, finite

@@ -45,6 +45,10 @@ class SourceKind:
     name: str
     layout: Layout
     max_shard_bytes: int | None
+    # The dtype of every floating tensor but the MXFP4 experts' (those as a fine-tune saves them,
+    # dense, where dense_experts), as safetensors names it.
+    dtype: str = "BF16"
+    dense_experts: bool = False
 
 
 SOURCE_KINDS = [
@@ -52,6 +56,13 @@ SOURCE_KINDS = [
     SourceKind("hf-single-file", Layout.HF, None),
     SourceKind("original", Layout.ORIGINAL, None),
 ]
+# Fine-tuned checkpoints: the experts dense, as transformers, TRL or Unsloth save them.
+DENSE_KINDS = [
+    SourceKind("hf-dense-bf16-sharded", Layout.HF, SHARD_BYTES, dense_experts=True),
+    SourceKind("hf-dense-f32", Layout.HF, None, dtype="F32", dense_experts=True),
+    SourceKind("hf-dense-f16", Layout.HF, None, dtype="F16", dense_experts=True),
+]
+_NUMPY_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
 
 
 @functools.cache
@@ -67,6 +78,19 @@ def tiny_model() -> GptOss:
     return model
 
 
+@functools.cache
+def parity_model() -> GptOss:
+    """A random tiny model for comparing logits with transformers: large attention sinks, and
+    router logits spread out, since a near-tie between two experts would let bfloat16 noise
+    pick a different expert (spec pitfall P7), which says nothing about correctness."""
+    model = GptOss(preset("tiny"), rngs=nnx.Rngs(7))
+    rng = np.random.default_rng(7)
+    for block in model.block:
+        block.attn.sinks[...] = jnp.asarray(rng.uniform(-6, 6, model.config.num_attention_heads), jnp.bfloat16)
+        block.mlp.gate.weight[...] = (block.mlp.gate.weight[...] * 25).astype(jnp.bfloat16)
+    return model
+
+
 def model_logits(model: GptOss) -> np.ndarray:
     """Logits ``[2, 12, 512]`` of the shared token batch."""
     return np.asarray(_jitted_forward(model, TOKENS))
@@ -79,7 +103,13 @@ def _jitted_forward(model: GptOss, tokens: jax.Array) -> jax.Array:
 
 def write_source(kind: SourceKind, folder: Path) -> Path:
     """The tiny model as a raw checkpoint of ``kind`` in ``folder``, with a tokenizer.json."""
-    write_checkpoint(tiny_model(), folder, kind.layout, max_shard_bytes=kind.max_shard_bytes)
+    dtype = _NUMPY_DTYPES[kind.dtype]
+    write_checkpoint(tiny_model(), folder, kind.layout, max_shard_bytes=kind.max_shard_bytes,
+                     dense_experts=dtype if kind.dense_experts else None)
+    if kind.dtype != "BF16":
+        for file in folder.glob("*.safetensors"):
+            _edit_file(file, lambda tensors: tensors.update(
+                {name: tensor.astype(dtype) for name, tensor in tensors.items() if tensor.dtype == ml_dtypes.bfloat16}))
     (folder / "tokenizer.json").write_text(TOKENIZER_TEXT)
     return folder
 
@@ -89,11 +119,22 @@ def write_source(kind: SourceKind, folder: Path) -> Path:
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One folder per source kind, written once per test module."""
     root = tmp_path_factory.mktemp("sources")
-    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS}
+    return {kind.name: write_source(kind, root / kind.name) for kind in SOURCE_KINDS + DENSE_KINDS}
 
-def assert_same_parameters(model: GptOss, expected: GptOss) -> None:
+def stored_tiny_tensors(kind: SourceKind) -> dict[str, np.ndarray]:
+    """The tiny model's parameters as a checkpoint of ``kind`` stores them, read back into the
+    model's dtypes: float16 rounds bfloat16's smallest values (its subnormals are coarser)."""
+    tensors = model_tensors(tiny_model())
+    if kind.dtype != "F16":
+        return tensors
+    return {path: tensor if tensor.dtype == np.uint8 or path.endswith("norm.scale")  # float32, bf16-exact
+            else tensor.astype(np.float16).astype(tensor.dtype) for path, tensor in tensors.items()}
+
+
+def assert_same_parameters(model: GptOss, expected: GptOss | dict[str, np.ndarray]) -> None:
     """Every parameter bit-identical, with the same dtype."""
-    actual_tensors, expected_tensors = model_tensors(model), model_tensors(expected)
+    actual_tensors = model_tensors(model)
+    expected_tensors = expected if isinstance(expected, dict) else model_tensors(expected)
     assert actual_tensors.keys() == expected_tensors.keys()
     for path, tensor in expected_tensors.items():
         assert actual_tensors[path].dtype == tensor.dtype, path
@@ -226,38 +267,25 @@ def move_qkv_rows(folder: Path) -> list[str]:
 
 def change_dtype(folder: Path, layout: Layout) -> list[str]:
     name = tensor_name(layout, "block.1.attn.out.weight")
-    file = _replace(folder, name, lambda tensor: tensor.astype(np.float16))
-    return [file.name, name, "F16", "BF16"]
+    file = _replace(folder, name, lambda tensor: tensor.astype(np.int32))
+    return [file.name, name, "I32", "BF16 or F16 or F32"]
 
 
-def dequantize_experts(folder: Path, layout: Layout) -> list[str]:
-    """As transformers' Mxfp4Config(dequantize=True) + save_pretrained: each expert weight one
-    bfloat16 tensor in place of its MXFP4 blocks and scales (zeros: the reader checks names)."""
-    sources = parameter_sources(tiny_model().config, layout)
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else None
-    dequantized_names = []
-    for path in [path for path in sources if path.endswith(".blocks")]:
-        (blocks_name,), (scales_name,) = sources[path], sources[path.removesuffix("blocks") + "scales"]
-        dequantized_name = blocks_name[: -len("blocks") - 1]  # gate_up_proj_blocks -> gate_up_proj
-        dequantized_names.append(dequantized_name)
-        blocks_file = file_holding(folder, blocks_name)
-        _edit_file(file_holding(folder, scales_name), lambda tensors: tensors.pop(scales_name))
+def dense_original_experts(folder: Path) -> list[str]:
+    """OpenAI's original/ layout with one expert weight dense (bfloat16 ``mlp1_weight`` in place
+    of its blocks and scales): read in Hugging Face's layout only."""
+    layout = Layout.ORIGINAL
+    name = tensor_name(layout, "block.0.mlp.mlp1_weight.blocks")
+    dense = name.removesuffix(".blocks")
 
-        def dequantize(tensors: dict[str, np.ndarray]) -> None:
-            experts, rows, block_count, _ = tensors.pop(blocks_name).shape
-            tensors[dequantized_name] = np.zeros((experts, rows, block_count * 32), ml_dtypes.bfloat16)
+    def make_dense(tensors: dict[str, np.ndarray]) -> None:
+        experts, rows, block_count, _ = tensors.pop(name).shape
+        del tensors[dense + ".scales"]
+        tensors[dense] = np.zeros((experts, rows, block_count * 32), ml_dtypes.bfloat16)
 
-        _edit_file(blocks_file, dequantize)
-        if index is not None:
-            weight_map = index["weight_map"]
-            del weight_map[blocks_name], weight_map[scales_name]
-            weight_map[dequantized_name] = blocks_file.name
-    if index is not None:
-        index_path.write_text(json.dumps(index))
-    first = dequantized_names[0]  # block 0's mlp1
-    return [file_holding(folder, first).name, f"BF16 expert weights found ({first!r}",
-            "only MXFP4 checkpoints (as OpenAI publishes them) are supported"]
+    file = file_holding(folder, name)
+    _edit_file(file, make_dense)
+    return [file.name, f"BF16 expert weights found ({dense!r}", "original/ layout is read with MXFP4 experts only"]
 
 
 def unknown_layout(folder: Path, layout: Layout) -> list[str]:
@@ -273,6 +301,5 @@ BREAKAGES: dict[str, Callable[[Path, Layout], list[str]]] = {
     "unexpected-tensor": add_tensor,
     "wrong-shape": reshape_tensor,
     "wrong-dtype": change_dtype,
-    "dequantized-experts": dequantize_experts,
     "unknown-layout": unknown_layout,
 }

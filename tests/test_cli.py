@@ -21,7 +21,8 @@ from gptoss_jax import cli
 from gptoss_jax.cli import chat as cli_chat
 from gptoss_jax.cli import generation as cli_generation
 from gptoss_jax.cli.arguments import SEED_LIMIT, option_flag
-from gptoss_jax.demo import CACHE_ENV_VAR, demo_checkpoint_dir, ensure_demo_checkpoint
+from gptoss_jax.cache_folder import CACHE_ENV_VAR
+from gptoss_jax.demo import demo_checkpoint_dir, ensure_demo_checkpoint
 from gptoss_jax.generate import GenerationOutput, GenerationStats
 from gptoss_jax.kernel_dispatch import has_hopper_gpu
 from gptoss_jax.opening import random_weights_note

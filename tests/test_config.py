@@ -50,6 +50,14 @@ def test_hf_v5_rope_parameters_are_read():
     assert GptOssConfig.from_dict(raw) == preset("gpt-oss-120b")
 
 
+@pytest.mark.parametrize("dtype_key", ["torch_dtype", "dtype"])
+def test_a_dequantized_save_of_either_transformers_generation_is_read(dtype_key):
+    # What save_pretrained writes after Mxfp4Config(dequantize=True): no quantization_config,
+    # the dtype under transformers 4's or 5's key.
+    raw = {key: value for key, value in HF_120B.items() if key != "quantization_config"}
+    assert GptOssConfig.from_dict({**raw, dtype_key: "bfloat16"}) == preset("gpt-oss-120b")
+
+
 @pytest.mark.parametrize("name", ["tiny", "small", "gpt-oss-20b"])
 def test_both_dialects_round_trip(name):
     config = preset(name)

@@ -82,11 +82,12 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     assert gpu_session.main(["--list", "--commit", "abc1234", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
-    assert names == ["env", "gptoss-env", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
+    assert names == ["env", "gptoss-env", "kernel-check", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
                      "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.gpu.e2e" in line]
     assert len(e2e_lines) == 4
     assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
+    assert f"-m benchmarks.gpu.kernel_check --results-md {tmp_path}/RESULTS.md --commit abc1234" in printed
 
     assert gpu_session.main(["--list", "--from", "e2e-120b", "--only", "e2e-120b", "moe-sweep"]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")] == [
@@ -144,7 +145,7 @@ def test_a_step_whose_programs_do_not_fit_the_gpu_is_left_out_and_the_rest_run(t
 
 
 def test_unknown_steps_are_named(capsys):
-    with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, gptoss-env, kernel-tests"):
+    with pytest.raises(SystemExit, match="unknown step 'e2e'; the steps are: env, gptoss-env, kernel-check, kernel-tests"):
         gpu_session.main(["--list", "--from", "e2e"])
 
 

@@ -9,28 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import gptoss_jax
+from checkpoint_cases import parity_model
 from gptoss_jax.checkpoints.layouts import Layout
 from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
-from gptoss_jax.config import preset
-from gptoss_jax.model import GptOss
 
 SEQUENCE_LENGTH = 40
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    config = preset("tiny")
+    model = parity_model()
+    config = model.config
     assert config.hidden_size != config.intermediate_size and SEQUENCE_LENGTH > config.sliding_window
-    model = GptOss(config, rngs=nnx.Rngs(7))
     rng = np.random.default_rng(7)
-    for block in model.block:
-        block.attn.sinks[...] = jnp.asarray(rng.uniform(-6, 6, config.num_attention_heads), jnp.bfloat16)
-        # Spread the router logits: a near-tie between two experts would let bfloat16 noise
-        # pick a different expert (spec pitfall P7), which says nothing about correctness.
-        block.mlp.gate.weight[...] = (block.mlp.gate.weight[...] * 25).astype(jnp.bfloat16)
     root = tmp_path_factory.mktemp("parity")
     folders = {
         Layout.HF: write_checkpoint(model, root / "hf", Layout.HF, max_shard_bytes=200_000),

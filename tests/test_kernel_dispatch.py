@@ -69,23 +69,25 @@ def test_the_kernels_fit_this_config_and_gpt_oss():
 
 def test_the_plan_runs_each_kernel_where_its_shapes_fit():
     experts_only = dataclasses.replace(KERNEL_CONFIG, head_dim=32)
-    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan(attention="pallas", experts="pallas")
-    assert kernel_plan("interpret", experts_only, jnp.bfloat16) == KernelPlan(attention="xla", experts="interpret")
-    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.float32) == KernelPlan(attention="xla", experts="xla")
-    assert kernel_plan("xla", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan(attention="xla", experts="xla")
-    assert KernelPlan("xla", "xla").describe() == "kernels xla"
-    assert KernelPlan("xla", "pallas").describe() == "kernels: attention xla, experts pallas"
+    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan("pallas", "pallas", "pallas")
+    assert kernel_plan("interpret", experts_only, jnp.bfloat16) == KernelPlan("xla", "xla", "interpret")
+    assert kernel_plan("pallas", KERNEL_CONFIG, jnp.float32) == KernelPlan("xla", "xla", "xla")
+    assert kernel_plan("xla", KERNEL_CONFIG, jnp.bfloat16) == KernelPlan("xla", "xla", "xla")
+    assert KernelPlan("xla", "xla", "xla").describe() == "kernels xla"
+    assert KernelPlan("xla", "pallas", "pallas").describe() == (
+        "kernels: prefill attention xla, decode attention pallas, experts pallas")
 
 
 def test_each_part_left_on_xla_says_why():
     decisions = kernel_decisions("pallas", preset("tiny"), jnp.bfloat16)
-    assert decisions["attention"] == PartDecision("xla", "the attention kernels take head_dim 64, not 16")
+    for attention in ("prefill_attention", "decode_attention"):
+        assert decisions[attention] == PartDecision("xla", "the attention kernels take head_dim 64, not 16")
     assert decisions["experts"] == PartDecision(
         "xla", "the expert kernel takes hidden and expert sizes in multiples of 192, not 64 and 96")
     assert kernel_decisions("interpret", KERNEL_CONFIG, jnp.float32)["experts"].why == (
         "the expert kernel computes in bfloat16, not float32")
     twelve_per_kv = dataclasses.replace(KERNEL_CONFIG, num_attention_heads=12)
-    assert kernel_decisions("pallas", twelve_per_kv, jnp.bfloat16)["attention"].why == (
+    assert kernel_decisions("pallas", twelve_per_kv, jnp.bfloat16)["decode_attention"].why == (
         "the attention kernels take multiples of 8 query heads per KV head, not 12")
     assert kernel_decisions("pallas", KERNEL_CONFIG, jnp.bfloat16)["experts"] == PartDecision(
         "pallas", "kernels='pallas' asked for")

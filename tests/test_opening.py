@@ -32,11 +32,22 @@ def test_opens_a_checkpoint_and_says_what_runs_where(checkpoint: Path):
     assert_same_parameters(opened.model, tiny_model())
     assert opened.model.dtype == jnp.float32
     assert opened.tokenizer.decode(opened.tokenizer.encode("hello")) == "hello"
-    assert (opened.folder, opened.kernels, opened.mesh, opened.is_demo) == (checkpoint, KernelPlan("xla", "xla"), None,
+    assert (opened.folder, opened.kernels, opened.mesh, opened.is_demo) == (checkpoint, KernelPlan("xla", "xla", "xla"), None,
                                                                             False)
     assert opened.describe() == "float32; kernels xla"
     assert lines[0] == f"loading {checkpoint} (float32; kernels xla) ..."
     assert re.fullmatch(r"loaded in [\d.]+ s", lines[1]) and len(lines) == 2
+
+
+def test_a_checkpoint_with_dense_experts_says_they_are_quantized(tmp_path: Path):
+    folder = write_checkpoint(tiny_model(), tmp_path / "fine-tuned", Layout.HF, dense_experts=jnp.bfloat16)
+    build_demo_tokenizer(tiny_model().config.vocab_size).save(folder)
+    lines: list[str] = []
+    opened = open_model(folder, kernels="xla", on_status=lines.append)
+
+    assert_same_parameters(opened.model, tiny_model())
+    assert lines[1] == (f"{folder}: quantizing its bfloat16 expert weights (4 tensors) to MXFP4 by the OCP MX rule "
+                        "as they load") and len(lines) == 3
 
 
 @pytest.mark.parametrize(

@@ -316,11 +316,16 @@ def markdown_row(header: dict[str, Any], run: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |\n"
 
 
+_TABLE_COLUMNS = RESULTS_HEADER.splitlines()[-2]  # the table's first line
+
+
 def append_row(path: Path, row: str) -> None:
-    """Append a table row, writing the header first if the file is new."""
+    """Append a table row, writing the header first where the file has no table yet (a new file, or one
+    that another step, the session's kernel check, began)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(RESULTS_HEADER)
+    if not path.exists() or _TABLE_COLUMNS not in path.read_text():
+        with path.open("a") as f:
+            f.write(RESULTS_HEADER)
     with path.open("a") as f:
         f.write(row)
 

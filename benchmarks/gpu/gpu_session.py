@@ -11,6 +11,9 @@ order (``--list`` prints their commands):
 
 * ``env``: the GPU, its driver and CUDA, jax's devices and versions;
 * ``gptoss-env``: ``gptoss-jax env``, what the project sees there (which kernels run, and why);
+* ``kernel-check``: the first-use kernel check a user's first run makes (``benchmarks.gpu.kernel_check``:
+  each kernel once at gpt-oss-20b's shapes against its XLA reference, in a child process under a
+  time limit), its verdicts appended to ``OUT/RESULTS.md``;
 * ``kernel-tests``: ``pytest -k gpu`` on the kernel test files: the kernels compiled for the GPU
   against their references, every test under a time limit of its own (a kernel that waits on a
   barrier forever hangs the GPU rather than fail);
@@ -154,6 +157,10 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         Step("env", (python, "-c", "import benchmarks.gpu.gpu_session as s; s.print_environment()"), 60),
         # What a user's `gptoss-jax env` says on this GPU (for RESULTS.md).
         Step("gptoss-env", (python, "-m", "gptoss_jax.cli", "env"), 60),
+        # What a user's first run checks, first among the kernel steps: a kernel that fails here
+        # explains the failures of every later step.
+        Step("kernel-check", (python, "-m", "benchmarks.gpu.kernel_check", "--results-md", str(out / "RESULTS.md"),
+                              *(("--commit", commit) if commit else ())), 240),
         # Several test workers share the GPU: none may take most of its memory up front.
         Step("kernel-tests", tuple(pytest), 300, env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
         Step("moe-kernel", (python, "-m", "benchmarks.gpu.moe_kernel"), 240),

@@ -42,7 +42,8 @@ LOWERED_LAYERS = 2  # layer 0 slides, layer 1 attends to all
 DECODE_BATCH = 64
 CACHE_POSITIONS = 4096
 PREFILL_TOKENS = 4096  # per prompt; one prompt per data shard
-KERNEL_FUNCTIONS = {"decode_attention": "attention", "flash_attention": "attention", "mxfp4_grouped_matmul": "experts"}
+KERNEL_FUNCTIONS = {"decode_attention": "decode_attention", "flash_attention": "prefill_attention",
+                    "mxfp4_grouped_matmul": "experts"}
 """The jitted kernel entry points, by the part of the model they run."""
 KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")  # what a Pallas kernel call is in a jaxpr
 _MOSAIC_CALL = re.compile(r"stablehlo\.custom_call @mosaic_gpu\w*\(")
@@ -179,17 +180,17 @@ def table(entries: list[dict[str, Any]]) -> str:
     for sizes in meshes():
         mine = [e for e in entries if e["mesh"] == sizes]
         decode = next(e for e in mine if e["step"] == "decode")
-        q, k = _first_call(decode, "attention")["shapes"][:2]
+        q, k = _first_call(decode, "decode_attention")["shapes"][:2]
         experts = " / ".join(str(_first_call(e, "experts")["shapes"][1][0]) for model in MODELS
                              for e in mine if e["model"] == model and e["step"] == "decode")
 
-        def kernels(part: str) -> str:
-            names = sorted({c["function"] for e in mine for c in e["calls"] if c["part"] == part})
-            on_xla = sorted({e["step"] for e in mine if e["plan"][part] == "xla"})
+        def kernels(*parts: str) -> str:
+            names = sorted({c["function"] for e in mine for c in e["calls"] if c["part"] in parts})
+            on_xla = sorted({e["step"] for e in mine for part in parts if e["plan"][part] == "xla"})
             return ", ".join([f"`{n}`" for n in names] + [f"XLA ({', '.join(on_xla)})"] * bool(on_xla))
 
         rows.append(f"| `{mesh_label(sizes)}` | {math.prod(sizes.values())} | {q[2]} / {k[2]} | {q[0]} | {experts} "
-                    f"| {kernels('attention')} | {kernels('experts')} |")
+                    f"| {kernels('prefill_attention', 'decode_attention')} | {kernels('experts')} |")
     return "\n".join(rows) + "\n"
 
 

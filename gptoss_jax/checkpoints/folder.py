@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from gptoss_jax.errors import GptOssError
 
 CONFIG_FILENAME = "config.json"
+_logger = logging.getLogger("gptoss_jax.checkpoints")
+
+
+def log_status(line: str) -> None:
+    """The default ``on_status`` of the readers and writers: log the line at INFO level."""
+    _logger.info(line)
 
 
 class CheckpointError(GptOssError):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,33 @@ def _check_item_metadata(
             )
 
 
+def converted_config(path: str | os.PathLike) -> GptOssConfig:
+    """The config of a converted checkpoint, checked against its marker.
+
+    Raises:
+      CheckpointError: not a converted checkpoint (of this format version), or its marker's
+        parameter groups do not match its config.
+    """
+    folder = Path(path)
+    marker = _read_marker(folder)
+    if not (folder / CONFIG_FILENAME).is_file():
+        raise CheckpointError(f"{folder}: converted checkpoint without {CONFIG_FILENAME}")
+    config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)
+    if marker.get("groups") != parameter_groups(config):
+        raise CheckpointError(
+            f"{folder / MARKER_FILENAME}: its parameter groups do not match {CONFIG_FILENAME} "
+            f"({config.num_hidden_layers} layers)"
+        )
+    return config
+
+
+def converted_parameters(path: str | os.PathLike) -> Iterator[tuple[str, jax.Array]]:
+    """``(parameter path, array)`` of a converted checkpoint, one group at a time on the default
+    device (:func:`converted_config` checks the folder first)."""
+    folder = Path(path)
+    yield from _restored_parameters(folder, converted_config(folder), None)
+
+
 def restore(
     path: str | os.PathLike,
     *,
@@ -189,15 +216,7 @@ def restore(
       CheckpointError: the folder is not a converted checkpoint or does not match its config.
     """
     folder = Path(path)
-    marker = _read_marker(folder)
-    if not (folder / CONFIG_FILENAME).is_file():
-        raise CheckpointError(f"{folder}: converted checkpoint without {CONFIG_FILENAME}")
-    config = GptOssConfig.from_json_file(folder / CONFIG_FILENAME)
-    if marker.get("groups") != parameter_groups(config):
-        raise CheckpointError(
-            f"{folder / MARKER_FILENAME}: its parameter groups do not match {CONFIG_FILENAME} "
-            f"({config.num_hidden_layers} layers)"
-        )
+    config = converted_config(folder)
     if mesh is not None:
         shardings = {**parameter_shardings(config, mesh), **(shardings or {})}  # for orbax too
     return build_model(

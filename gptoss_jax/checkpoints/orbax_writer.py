@@ -1,24 +1,22 @@
 """Writer of the project's checkpoint (format: :mod:`gptoss_jax.checkpoints.orbax_format`), atomically.
 
 Everything goes into a hidden temporary sibling of the destination, renamed into place only
-when complete; any error, Ctrl-C included, removes it, so the destination either does not
-exist or holds a whole checkpoint. Orbax saves a pytree only from memory as a whole, so each
+when complete (:mod:`~gptoss_jax.checkpoints.staging`). Orbax saves a pytree only from memory as a whole, so each
 parameter group (one layer, the embedding...) is saved as its own item as soon as the
 streaming reader has produced it: host memory stays near one layer, never the whole model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
 import shutil
-import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from gptoss_jax.checkpoints.folder import CONFIG_FILENAME
+from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, log_status
 from gptoss_jax.checkpoints.orbax_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,6 +27,7 @@ from gptoss_jax.checkpoints.orbax_format import (
     parameter_groups,
 )
 from gptoss_jax.checkpoints.safetensors_reader import SafetensorsCheckpoint
+from gptoss_jax.checkpoints.staging import check_new_destination, staged_folder
 from gptoss_jax.progress import ProgressBar
 from gptoss_jax.tokenizer import TOKENIZER_FILENAME, checkpoint_tokenizer_file
 
@@ -65,13 +64,15 @@ def _write_metadata(source: SafetensorsCheckpoint, folder: Path) -> None:
     (folder / MARKER_FILENAME).write_text(json.dumps(marker, indent=2) + "\n")
 
 
-def _copy_tokenizer(source: SafetensorsCheckpoint, folder: Path) -> None:
-    tokenizer = checkpoint_tokenizer_file(source.folder)
+def copy_tokenizer(source_folder: Path, folder: Path) -> None:
+    """Copy the tokenizer of a checkpoint folder (for ``original/``, its parent's) into ``folder``;
+    a :class:`ConversionWarning` when there is none."""
+    tokenizer = checkpoint_tokenizer_file(source_folder)
     if tokenizer is None:
         # The weights alone are still a valid checkpoint (gptoss_jax.load reads them), but the
         # CLI and Tokenizer.from_pretrained_dir need the tokenizer beside them.
         warnings.warn(
-            f"{source.folder} has no {TOKENIZER_FILENAME} (nor, for an original/ folder, its parent): "
+            f"{source_folder} has no {TOKENIZER_FILENAME} (nor, for an original/ folder, its parent): "
             f"the converted checkpoint has none; copy gpt-oss's {TOKENIZER_FILENAME} into it before "
             "running the CLI on it",
             ConversionWarning,
@@ -81,13 +82,20 @@ def _copy_tokenizer(source: SafetensorsCheckpoint, folder: Path) -> None:
     shutil.copyfile(tokenizer, folder / TOKENIZER_FILENAME)
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True) -> Path:
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True,
+    on_status: Callable[[str], None] = log_status,
+) -> Path:
     """Convert a raw gpt-oss safetensors folder (HF root or ``original/``) into DST.
 
     Args:
-      src: the checkpoint folder; its layout is detected from ``config.json``.
+      src: the checkpoint folder; its layout is detected from ``config.json``. Dense expert
+        weights (bfloat16, float16 or float32, as fine-tuning recipes save them in Hugging
+        Face's layout) are quantized to MXFP4 on the way.
       dst: the new checkpoint folder; it must not exist. Missing parent folders are made.
       progress: draw a progress bar on stderr when stderr is a terminal.
+      on_status: called with the line saying dense experts are being quantized, if they are
+        (default: logged at INFO level).
 
     ``tokenizer.json`` is copied along from ``src``, or for an ``original/`` folder from its
     parent (where gpt-oss's Hugging Face repositories keep it); a warning says when there is none.
@@ -98,31 +106,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, progre
     Raises:
       FileExistsError: ``dst`` exists (it is left untouched).
       LayoutError, ConfigError, CheckpointError: ``src`` is not a valid checkpoint; nothing
-        is written, since every header is checked before any weight is read.
+        is left written: every header is checked before any weight is read, and a weight found
+        bad while reading (a NaN in dense experts) discards what was written.
     """
-    destination = Path(dst).absolute()
-    if destination.exists() or destination.is_symlink():
-        raise FileExistsError(f"{dst} already exists; choose a new destination folder")
+    check_new_destination(dst)
     source = SafetensorsCheckpoint(src)
-    staging = destination.parent / f".{destination.name}.converting-{uuid.uuid4().hex[:8]}"
-    made_parents: list[Path] = []
-    try:
-        # Missing parents are made, as `mkdir -p` would, and removed again if the conversion fails.
-        for folder in reversed(destination.parents):
-            if not folder.exists():
-                folder.mkdir()
-                made_parents.append(folder)
-        staging.mkdir()
+    note = source.quantization_note()
+    if note is not None:
+        on_status(note)
+    with staged_folder(dst, "converting") as staging:
         _write_parameters(source, staging / PARAMS_DIRNAME, progress)
         _write_metadata(source, staging)
-        _copy_tokenizer(source, staging)
-        if destination.exists():
-            raise FileExistsError(f"{destination} appeared while converting; the conversion was discarded")
-        staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(made_parents):
-            with contextlib.suppress(OSError):  # something else was put there meanwhile
-                folder.rmdir()
-        raise
+        copy_tokenizer(source.folder, staging)
     return Path(dst)

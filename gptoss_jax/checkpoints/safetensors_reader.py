@@ -8,9 +8,13 @@ near the largest tensor, never the whole model; :meth:`stored_parameters` hands 
 parameters that read only the slices they are indexed with, so a sharded load reads each
 device's shard and nothing more.
 
-On-disk dtypes: MXFP4 ``blocks``/``scales`` are U8, everything else BF16 (spec section 3).
-RMSNorm gains, float32 in the model, may also be F32 on disk: ``transformers`` keeps them in
-float32 and ``save_pretrained`` writes them so; BF16 ones are upcast (exactly).
+On-disk dtypes: MXFP4 ``blocks``/``scales`` are U8, everything else BF16 as published (spec
+section 3), or F16 or F32 as a fine-tune may save it: each tensor is cast to the model's dtype
+(bfloat16, rounding to nearest even; RMSNorm gains float32, which ``transformers`` keeps them in).
+
+In Hugging Face's layout the experts may also be dense, as fine-tuning recipes save them
+(:mod:`~gptoss_jax.checkpoints.dense_experts`): each such tensor is quantized to MXFP4 when its
+``blocks`` are read, and its ``scales`` come from the same pass.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from gptoss_jax.checkpoints.dense_experts import (
+    DENSE_DTYPES,
+    dense_name,
+    dense_shape,
+    expert_weight,
+    quantize_dense_experts,
+)
 from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, CheckpointError
 from gptoss_jax.checkpoints.layouts import (
     Layout,
@@ -43,9 +54,10 @@ INDEX_FILENAME = "model.safetensors.index.json"
 # Model parameter dtype -> the safetensors dtypes it may be stored as.
 _DISK_DTYPES = {
     np.dtype(np.uint8): ("U8",),
-    np.dtype("bfloat16"): ("BF16",),
-    np.dtype(np.float32): ("BF16", "F32"),
+    np.dtype("bfloat16"): ("BF16", "F16", "F32"),
+    np.dtype(np.float32): ("BF16", "F16", "F32"),
 }
+_NUMPY_DTYPES = {"BF16": np.dtype("bfloat16"), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +114,8 @@ class SafetensorsCheckpoint:
         self._specs = parameter_specs(self.config)
         self._sources = parameter_sources(self.config, self.layout)
         self._tensors = self._scan_headers()
+        self._dense_experts = self._find_dense_experts()
+        self._quantized: tuple[str, tuple[np.ndarray, np.ndarray]] | None = None  # the last dense weight's MXFP4
         self._check_tensors()
 
     def __len__(self) -> int:
@@ -143,14 +157,42 @@ class SafetensorsCheckpoint:
                     )
         return tensors
 
+    def _find_dense_experts(self) -> dict[str, str]:
+        """Expert weight (``block.0.mlp.mlp1_weight``) -> its dense tensor, where it is stored so."""
+        if self.layout is not Layout.HF:
+            return {}
+        dense = {}
+        for path, names in self._sources.items():
+            weight = expert_weight(path)
+            if (weight is not None and path.endswith(".blocks") and names[0] not in self._tensors
+                    and dense_name(weight) in self._tensors):
+                dense[weight] = dense_name(weight)
+        return dense
+
+    def quantization_note(self) -> str | None:
+        """One line for the user when dense expert weights will be quantized as they are read; else None."""
+        if not self._dense_experts:
+            return None
+        dtypes = sorted({str(_NUMPY_DTYPES[self._tensors[name].dtype]) for name in self._dense_experts.values()})
+        return (f"{self.folder}: quantizing its {' and '.join(dtypes)} expert weights "
+                f"({len(self._dense_experts)} tensors) to MXFP4 by the OCP MX rule as they load")
+
     def _check_tensors(self) -> None:
         """Every tensor the config needs is present, in its shape and dtype, and nothing else."""
-        expected = {name for names in self._sources.values() for name in names}
+        expected = {name for path, names in self._sources.items() for name in names
+                    if expert_weight(path) not in self._dense_experts}
+        expected.update(self._dense_experts.values())
         files = sorted({info.file.name for info in self._tensors.values()})
         for path, names in self._sources.items():
+            weight = expert_weight(path)
+            if weight in self._dense_experts:
+                self._check_dense_experts(weight)
+                continue
             for name in names:
                 if name not in self._tensors:
                     self._check_not_dequantized(path, name)
+                    if weight is not None and self._dense_experts:  # the other experts are dense
+                        name, path = dense_name(weight), weight
                     raise CheckpointError(
                         f"{self.folder}: missing tensor {name!r} (parameter {path}; "
                         f"looked in {', '.join(files)})"
@@ -164,20 +206,32 @@ class SafetensorsCheckpoint:
                 )
 
     def _check_not_dequantized(self, path: str, name: str) -> None:
-        """Name the likely cause when MXFP4 blocks are missing: experts saved dequantized.
-
-        transformers writes them so after loading with ``Mxfp4Config(dequantize=True)``: one
-        ``...experts.gate_up_proj`` in place of ``gate_up_proj_blocks`` and ``_scales`` (in the
-        original/ layout, ``mlp1_weight`` in place of ``mlp1_weight.blocks``).
-        """
-        if not path.endswith(".blocks"):
+        """Name the likely cause when MXFP4 blocks are missing from an ``original/`` folder: dense
+        experts (``mlp1_weight`` in place of ``mlp1_weight.blocks``), which are read in Hugging
+        Face's layout only (where fine-tuning recipes write them)."""
+        if self.layout is not Layout.ORIGINAL or not path.endswith(".blocks"):
             return
-        dequantized = name[: -len("blocks") - 1]  # the "_" or "." before it too
-        info = self._tensors.get(dequantized)
+        dense = name.removesuffix(".blocks")
+        info = self._tensors.get(dense)
         if info is not None:
             raise CheckpointError(
-                f"{info.file}: {info.dtype} expert weights found ({dequantized!r} instead of MXFP4 blocks and "
-                "scales); only MXFP4 checkpoints (as OpenAI publishes them) are supported"
+                f"{info.file}: {info.dtype} expert weights found ({dense!r} instead of MXFP4 blocks and "
+                "scales); OpenAI's original/ layout is read with MXFP4 experts only: save the model in "
+                "Hugging Face's layout (mlp.experts.gate_up_proj and down_proj), which is read dense too"
+            )
+
+    def _check_dense_experts(self, weight: str) -> None:
+        name = self._dense_experts[weight]
+        info = self._tensors[name]
+        if info.dtype not in DENSE_DTYPES:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected {' or '.join(DENSE_DTYPES)}"
+            )
+        expected = dense_shape(self.config, weight)
+        if tuple(info.shape) != expected:
+            raise CheckpointError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json needs "
+                f"{list(expected)} for {weight} (dense experts as transformers saves them)"
             )
 
     def _check_parameter(self, path: str, names: tuple[str, ...]) -> None:
@@ -216,6 +270,10 @@ class SafetensorsCheckpoint:
         spec = self._specs[path]
         if index is None:
             index = (slice(None),) * len(spec.shape)
+        weight = expert_weight(path)
+        if weight in self._dense_experts:
+            blocks, scales = self._quantize(weight)
+            return (blocks if path.endswith(".blocks") else scales)[index]
         rows = checkpoint_rows(self.config, path, np.arange(spec.shape[0])[index[0]])
         names = self._sources[path]
         first_rows = np.cumsum([0] + [self._tensors[name].shape[0] for name in names])
@@ -229,11 +287,33 @@ class SafetensorsCheckpoint:
         array = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         return array.astype(spec.dtype, copy=False)
 
+    def _quantize(self, weight: str) -> tuple[np.ndarray, np.ndarray]:
+        """The MXFP4 ``(blocks, scales)`` of a dense expert weight, quantized once for both."""
+        if self._quantized is None or self._quantized[0] != weight:
+            self._quantized = None  # before quantizing the next: one weight's MXFP4 at a time
+            name = self._dense_experts[weight]
+            info = self._tensors[name]
+            quantized = quantize_dense_experts(
+                lambda experts: self._read_tensor_slice(name, (experts,)), info.shape,
+                _NUMPY_DTYPES[info.dtype], f"{info.file}: tensor {name!r}",
+            )
+            self._quantized = weight, quantized
+        return self._quantized[1]
+
+    def _done_with(self, path: str) -> None:
+        """Drop a dense weight's MXFP4 once its scales, which follow its blocks, are handed out."""
+        if path.endswith(".scales") and expert_weight(path) in self._dense_experts:
+            self._quantized = None
+
     def stored_parameters(self) -> Iterator[tuple[str, StoredParameter]]:
-        """Yield ``(parameter path, StoredParameter)`` for every parameter; nothing is read yet."""
+        """Yield ``(parameter path, StoredParameter)`` for every parameter; nothing is read yet.
+
+        Take each before asking for the next: a dense expert weight's MXFP4 is dropped then.
+        """
         for path in self._sources:
             spec = self._specs[path]
             yield path, StoredParameter(self, path, spec.shape, np.dtype(spec.dtype))
+            self._done_with(path)
 
     def parameters(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(parameter path, array)`` one at a time, in the model's shapes and dtypes.
@@ -244,6 +324,7 @@ class SafetensorsCheckpoint:
         """
         for path in self._sources:
             yield path, self.read(path)
+            self._done_with(path)
 
 
 @dataclasses.dataclass(frozen=True)

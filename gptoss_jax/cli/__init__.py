@@ -66,7 +66,7 @@ def _enable_compilation_cache() -> None:
     """
     import jax
 
-    from gptoss_jax.demo import cache_root
+    from gptoss_jax.cache_folder import cache_root
 
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax-compilation"))

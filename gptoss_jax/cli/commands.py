@@ -21,6 +21,7 @@ COMPLETION_STOP_TOKENS = ("<|endoftext|>", "<|return|>")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from gptoss_jax.checkpoints.hf_export import export_hf_checkpoint
     from gptoss_jax.checkpoints.orbax_writer import ConversionWarning, convert_checkpoint
 
     show_other_warning = warnings.showwarning
@@ -34,7 +35,8 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():  # restores showwarning afterwards
         warnings.showwarning = show_warning
-        destination = convert_checkpoint(args.src, args.dst, progress=not args.no_progress)
+        write = export_hf_checkpoint if args.to == "hf" else convert_checkpoint
+        destination = write(args.src, args.dst, progress=not args.no_progress, on_status=status)
     print(f"wrote {destination}")
     return 0
 
@@ -42,21 +44,32 @@ def _run_convert(args: argparse.Namespace) -> int:
 def add_convert(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a gpt-oss safetensors checkpoint into this project's format",
+        help="convert a gpt-oss checkpoint into this project's format, or into OpenAI's published HF layout",
         description=(
-            "Convert a gpt-oss safetensors checkpoint into this project's orbax checkpoint. "
+            "Convert a gpt-oss safetensors checkpoint into this project's orbax checkpoint (--to orbax), "
+            "or write a checkpoint in OpenAI's published Hugging Face MXFP4 layout (--to hf). "
             "SRC is either a Hugging Face root folder (config.json with model_type gpt_oss, "
             "model.safetensors or shards with model.safetensors.index.json) or OpenAI's "
             "original/ folder (config.json and model.safetensors); the layout is detected. "
+            "In the Hugging Face layout the experts may be dense (bfloat16, float16 or float32: "
+            "mlp.experts.gate_up_proj and down_proj, as fine-tuning recipes save them): they are "
+            "quantized to MXFP4 by the OCP Microscaling rule, and one line says so. "
             "Every tensor name, shape and dtype is checked against config.json before any "
             "weight is read, tensors are streamed one at a time, and DST appears only once "
             "complete: on any error nothing is left behind. tokenizer.json is copied along "
             "from SRC (from its parent for an original/ folder, as gpt-oss's Hugging Face "
-            "repositories keep it), with a warning when there is none. Load the result with gptoss_jax.load(DST)."
+            "repositories keep it), with a warning when there is none. Load the result with gptoss_jax.load(DST); "
+            "transformers and vLLM load a --to hf result too."
         ),
     )
-    parser.add_argument("src", metavar="SRC", help="the safetensors checkpoint folder to read")
+    parser.add_argument("src", metavar="SRC", help="the checkpoint folder to read: a safetensors folder (HF root or "
+                                                   "original/), or with --to hf also a converted one")
     parser.add_argument("dst", metavar="DST", help="the folder to create (it must not exist; missing parent folders are made)")
+    parser.add_argument(
+        "--to", choices=("orbax", "hf"), default="orbax",
+        help="orbax: this project's checkpoint, the fastest to load here. hf: OpenAI's published Hugging Face "
+             "layout (MXFP4 _blocks and _scales, quantization_config mxfp4, 4 GB shards with "
+             "model.safetensors.index.json); SRC may then also be a converted checkpoint (default: orbax)")
     parser.add_argument("--no-progress", action="store_true", help="do not draw the progress bar on stderr")
     parser.set_defaults(run=_run_convert)
 
