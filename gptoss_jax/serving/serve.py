@@ -44,7 +44,7 @@ def serve(load: Callable[[], tuple[GptOss, Tokenizer]], *, model_name: str, host
         try:
             model, tokenizer = load()
             state.tokenizer = tokenizer
-            state.engine = Engine(model, **(engine_options or {}))
+            state.engine = Engine(model, tokenizer=tokenizer, **(engine_options or {}))
         except BaseException as error:  # the server stays up and says why in its 503s
             state.load_error = error
             announce(f"gptoss-jax serve: loading failed: {error}")
