@@ -145,10 +145,8 @@ class RowSteering:
 
     @property
     def needs_mask(self) -> bool:
-        """Whether the next token is steered (a grammar that has not stopped, or forced tokens)."""
-        if self._forcing or self._budget_reached():
-            return True
-        return self._matcher is not None and not self._matcher.is_stopped()
+        """Whether the next token is steered (by a grammar, or forced)."""
+        return self._matcher is not None or bool(self._forcing) or self._budget_reached()
 
     @property
     def free_steps(self) -> int | None:
@@ -163,9 +161,10 @@ class RowSteering:
             self._forcing = self._closing()
         if self._forcing:
             set_only(mask, self._forcing[:1])
-        elif self._matcher is None or self._matcher.is_stopped():
+        elif self._matcher is None:
             mask[:] = np.uint32(0xFFFFFFFF)
-        elif self._matcher.is_error():  # never expected: end the reply rather than sample from nothing
+        elif self._matcher.is_stopped() or self._matcher.is_error():
+            # The grammar is complete (or, never expected, broken): the reply can only end.
             set_only(mask, self._stops)
         else:
             self._matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)

@@ -29,7 +29,7 @@ from gptoss_jax.harmony.messages import FUNCTIONS_NAMESPACE
 FREE_TEXT = "/(?s:.*)/"
 """Any text without control tokens (llguidance keeps special tokens out of a regex)."""
 
-JSON_WHITESPACE = "[ \\t\\n\\r]{0,16}"
+JSON_WHITESPACE = "[ \\t\\n\\r]{0,12}"
 """Whitespace allowed between JSON tokens: enough for indented JSON, bounded so that a sampler
 cannot write spaces forever."""
 
@@ -47,7 +47,7 @@ class AnswerGrammar:
         if self.json_schema is not None:
             return json_schema_expression(self.json_schema)
         if self.regex is not None:
-            return f"%regex {json.dumps(dict(rx=self.regex))}"
+            return "/" + self.regex.replace("/", "\\/") + "/"
         if self.lark is not None:
             return "%lark {\n" + self.lark + "\n}"
         return FREE_TEXT
