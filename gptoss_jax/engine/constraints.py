@@ -6,6 +6,11 @@ it for the allowed tokens, as a bitmask row (``uint32 [vocab / 32]``, bit ``t % 
 ``t // 32`` is token t), and the device applies it to the row's logits before sampling; after
 the step the engine hands it the token.
 
+A mask depends on the tokens before it, so a steered row needs one-step bursts, and so do the
+rows beside it. Except where the grammar is free text: in an analysis message of a Harmony
+reply grammar (one that begins with :data:`FREE_PRELUDE`) the mask stays the same until
+``<|end|>``, so the row runs multi-step bursts under that one mask, pausing at ``<|end|>``.
+
 The grammar engine is llguidance (the ``structured`` extra): it computes a mask at o200k's
 201,088 tokens in well under a millisecond, covers JSON Schema with ``$ref``, ``anyOf``,
 patterns and bounds, refuses what it does not implement at compile time (so a request fails
@@ -27,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gptoss_jax.engine.requests import RequestError, SamplingParams
-from gptoss_jax.harmony.grammar import AnswerGrammar, reply_grammar
+from gptoss_jax.harmony.grammar import FREE_PRELUDE, AnswerGrammar, reply_grammar
 from gptoss_jax.harmony.parser import HarmonyTokenIds, StreamParser, StreamState
 from gptoss_jax.tokenizer import Tokenizer
 
@@ -125,14 +130,17 @@ class RowSteering:
     """
 
     def __init__(self, tokenizer: Tokenizer, matcher: llguidance.LLMatcher | None,
-                 thinking_token_budget: int | None):
+                 thinking_token_budget: int | None, *, free_prelude: bool = False):
         self._matcher = matcher
         self._budget = thinking_token_budget
-        self._harmony = StreamParser(tokenizer, strict=False) if thinking_token_budget is not None else None
+        self._free_prelude = free_prelude and matcher is not None
+        tracks_harmony = thinking_token_budget is not None or self._free_prelude
+        self._harmony = StreamParser(tokenizer, strict=False) if tracks_harmony else None
         self._written = 0  # tokens before the final channel opened
         self._forcing: list[int] = []
         ids = HarmonyTokenIds.of(tokenizer)
         self._stops = [ids.return_, ids.call]
+        self._end = ids.end
         open_final = tokenizer.encode("<|channel|>final<|message|>", allowed_special="all")
         start = tokenizer.encode("<|start|>assistant", allowed_special="all")
         self._closings = {
@@ -147,6 +155,16 @@ class RowSteering:
     def needs_mask(self) -> bool:
         """Whether the next token is steered (by a grammar, or forced)."""
         return self._matcher is not None or bool(self._forcing) or self._budget_reached()
+
+    @property
+    def pause_token(self) -> int | None:
+        """While the row writes a free-text message of its grammar: the token (``<|end|>``) until
+        which its mask stays the same, so it may run a multi-step burst that pauses there; else None."""
+        harmony = self._harmony
+        free = (self._free_prelude and not self._forcing and not self._budget_reached()
+                and harmony.state is StreamState.CONTENT and harmony.current_channel in ("analysis", "commentary")
+                and harmony.current_recipient is None)
+        return self._end if free else None
 
     @property
     def free_steps(self) -> int | None:
@@ -176,12 +194,12 @@ class RowSteering:
         if self._matcher is not None and not self._matcher.is_stopped():
             self._matcher.consume_token(token)
         if self._harmony is not None and not self._final_open():
-            self._written += 1
+            self._written += self._budget is not None
             self._harmony.process(token)
 
     def _final_open(self) -> bool:
         harmony = self._harmony
-        return harmony.state is StreamState.CONTENT and harmony.current_channel == "final"
+        return harmony is not None and harmony.state is StreamState.CONTENT and harmony.current_channel == "final"
 
     def _budget_reached(self) -> bool:
         return self._budget is not None and not self._final_open() and self._written >= self._budget \
@@ -229,12 +247,13 @@ def steering_for(params: SamplingParams, tokenizer: Tokenizer | None) -> RowStee
                            "create the Engine with tokenizer=...")
     field = "json_schema" if params.json_schema is not None else "regex" if params.regex is not None else "grammar"
     matcher = compile_grammar(tokenizer, grammar, field) if grammar is not None else None
-    return RowSteering(tokenizer, matcher, params.thinking_token_budget)
+    return RowSteering(tokenizer, matcher, params.thinking_token_budget,
+                       free_prelude=grammar is not None and grammar.startswith(FREE_PRELUDE))
 
 
 def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int) -> np.ndarray | None:
-    """The bitmasks of one step for rows with these steerings: uint32 ``[rows, vocab / 32]``, every
-    token allowed for a row that is not steered now; None when no row is."""
+    """The bitmasks of the next burst for rows with these steerings: uint32 ``[rows, vocab / 32]``,
+    every token allowed for a row that is not steered now; None when no row is."""
     steered = [row for row, steering in enumerate(steerings) if steering is not None and steering.needs_mask]
     if not steered:
         return None
@@ -245,10 +264,16 @@ def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int) -> np.n
 
 
 def burst_steps(steerings: Sequence[RowSteering | None], steps: int) -> int:
-    """How many steps the next decode burst may run: 1 while a row is steered (its next mask
-    depends on its last token), else up to the nearest reasoning budget."""
+    """How many steps the next decode burst may run: 1 while a row is steered outside free text
+    (its next mask depends on its last token), else up to the nearest reasoning budget."""
     live = [steering for steering in steerings if steering is not None]
-    if any(steering.needs_mask for steering in live):
+    if any(steering.needs_mask and steering.pause_token is None for steering in live):
         return 1
     budgets = [steering.free_steps for steering in live if steering.free_steps is not None]
     return max(1, min([steps, *budgets]))
+
+
+def pause_tokens(steerings: Sequence[RowSteering | None]) -> np.ndarray:
+    """int32 ``[rows]``: each row's :attr:`RowSteering.pause_token`, -1 where it has none."""
+    return np.array([-1 if steering is None or steering.pause_token is None else steering.pause_token
+                     for steering in steerings], np.int32)

@@ -31,7 +31,8 @@ class Rows(NamedTuple):
     active: jax.Array  # bool: decoding
     generated: jax.Array  # int32: tokens made so far (the next one's PRNG step)
     max_tokens: jax.Array  # int32
-    stop_tokens: jax.Array  # int32 [slots, MAX_STOP_TOKENS], -1 where unused
+    stop_tokens: jax.Array  # int32 [slots, MAX_STOP_TOKENS + 1], -1 where unused (the engine's last column:
+    # a token where a steered row pauses, to be steered again)
 
 
 class TokenLogprobs(NamedTuple):

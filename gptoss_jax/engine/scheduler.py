@@ -146,7 +146,7 @@ class Engine:
         self._rows = programs.Rows(
             last_tokens=np.zeros(slots, np.int32), positions=np.zeros(slots, np.int32),
             active=np.zeros(slots, bool), generated=np.zeros(slots, np.int32), max_tokens=np.ones(slots, np.int32),
-            stop_tokens=np.full((slots, MAX_STOP_TOKENS), -1, np.int32),
+            stop_tokens=np.full((slots, MAX_STOP_TOKENS + 1), -1, np.int32),  # the last: a steered row's pause
         )
         self._temperature = np.ones(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
@@ -389,6 +389,8 @@ class Engine:
         masks = constraints.step_masks(steerings, self.model.config.vocab_size)
         rows = programs.Rows(*(np.where(live.reshape(-1, *[1] * (field.ndim - 1)), field[taken], 0).astype(field.dtype)
                                for field in self._rows))
+        pauses = constraints.pause_tokens(steerings)
+        rows.stop_tokens[:, -1] = pauses
         wants_logprobs = any(self._slots[index].handle.params.logprobs for index in decoding)
         burst, seconds = self._decode(self._graphdef, self._state, self._cache, jnp.asarray(slots),
                                       jax.tree.map(jnp.asarray, rows), self._sampling(taken, live),
@@ -400,6 +402,7 @@ class Engine:
         now = time.perf_counter()
         for field, new in zip(self._rows, new_rows):
             field[decoding] = new[:decoding.size]
+        self._rows.stop_tokens[decoding, -1] = -1
         for row, index in enumerate(decoding):
             slot = self._slots[index]
             steps_valid = np.flatnonzero(valid[row])
@@ -408,8 +411,12 @@ class Engine:
                     self._steering[index].accept(token)
             self._hand_over(index, tokens[row, steps_valid].tolist(), logprobs, row, steps_valid, now)
             if not self._rows.active[index]:
-                stopped = int(tokens[row, steps_valid[-1]]) in slot.handle.params.stop_token_ids
-                self._release(index, "stop" if stopped else "length")
+                last = int(tokens[row, steps_valid[-1]])
+                stopped = last in slot.handle.params.stop_token_ids
+                if last == pauses[row] and not stopped and self._rows.generated[index] < self._rows.max_tokens[index]:
+                    self._rows.active[index] = True  # paused where its grammar's free text ended: steered again
+                else:
+                    self._release(index, "stop" if stopped else "length")
 
     def _hand_over(self, index: int, tokens: list[int], logprobs: programs.TokenLogprobs | None, row: int,
                    steps: np.ndarray, now: float) -> None:

@@ -67,6 +67,16 @@ class ToolGrammar:
         return FREE_TEXT
 
 
+FREE_PRELUDE = (
+    "start: prelude* reply\n"
+    'prelude: <|channel|> ("analysis" | "commentary") <|message|> TEXT <|end|> <|start|> "assistant"\n'
+    f"TEXT: {FREE_TEXT}\n"
+)
+"""How every :func:`reply_grammar` begins: messages of free text (analysis, preambles) before the
+reply. A grammar that begins so lets the engine run a row through such a message in multi-step
+bursts under one mask, since the mask stays the same until ``<|end|>``."""
+
+
 def json_schema_expression(schema: Mapping[str, Any] | bool) -> str:
     """The Lark expression of a JSON value valid against ``schema``, with bounded whitespace."""
     if isinstance(schema, Mapping):
@@ -103,11 +113,7 @@ def reply_grammar(answer: AnswerGrammar | None, tools: Sequence[ToolGrammar] = (
         callable_tools = [tool for tool in tools if tool.name == tool_choice]
         if not callable_tools:
             raise ValueError(f"tool_choice names {tool_choice!r}, not one of the tools {names}")
-    rules = [
-        "start: prelude* reply",
-        'prelude: <|channel|> ("analysis" | "commentary") <|message|> TEXT <|end|> <|start|> "assistant"',
-        f"TEXT: {FREE_TEXT}",
-    ]
+    rules = []
     alternatives = [] if tool_choice not in ("auto", "none") else ["final"]
     if alternatives:
         rules.append(f"final: <|channel|> \"final\" <|message|> {(answer or AnswerGrammar()).body()} <|return|>")
@@ -116,8 +122,7 @@ def reply_grammar(answer: AnswerGrammar | None, tools: Sequence[ToolGrammar] = (
         alternatives.append(f"call_{index}")
     if not alternatives:
         raise ValueError("tool_choice 'required' needs tools")
-    rules.insert(1, "reply: " + " | ".join(alternatives))
-    return "\n".join(rules) + "\n"
+    return FREE_PRELUDE + "reply: " + " | ".join(alternatives) + "\n" + "\n".join(rules) + "\n"
 
 
 def call_arguments_grammar(tools: Sequence[ToolGrammar], *, named: bool) -> str:
