@@ -19,7 +19,7 @@ import pytest
 import gptoss_jax
 from gptoss_jax.demo import ensure_demo_checkpoint
 from gptoss_jax.engine import Engine, RequestError, SamplingParams
-from gptoss_jax.engine.constraints import compile_grammar, mask_words
+from gptoss_jax.engine.constraints import burst_steps, compile_grammar, mask_words, steering_for
 from gptoss_jax.harmony import Message, Role, encode_for_completion, parse_completion, stop_token_ids
 from gptoss_jax.harmony.grammar import json_schema_expression
 from gptoss_jax.tokenizer import Tokenizer, o200k_harmony_tokenizer
@@ -177,3 +177,19 @@ def test_on_o200k_the_mask_allows_exactly_the_tokens_that_continue_valid_json(fo
         written += step
     matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
     assert set(np.flatnonzero(np.unpackbits(mask.view(np.uint8), bitorder="little")).tolist()) == stops
+
+
+def test_a_steered_row_runs_multi_step_bursts_only_through_free_text():
+    tokenizer = Tokenizer.from_pretrained_dir(ensure_demo_checkpoint())
+    steering = steering_for(SamplingParams(json_schema={"type": "boolean"}), tokenizer)
+    end = tokenizer.special_token_id("<|end|>")
+    reply = ("<|channel|>analysis<|message|>Some thought<|end|><|start|>assistant<|channel|>final<|message|>"
+             "true<|return|>")
+    steps = []
+    for token in tokenizer.encode(reply, allowed_special="all"):
+        steps.append(burst_steps([steering, None], 16))
+        assert steering.pause_token == (end if steps[-1] > 1 else None)
+        steering.accept(token)
+    header = len(tokenizer.encode("<|channel|>analysis<|message|>", allowed_special="all"))
+    thought = len(tokenizer.encode("Some thought<|end|>", allowed_special="all"))
+    assert steps == [1] * header + [16] * thought + [1] * (len(steps) - header - thought)

@@ -127,6 +127,8 @@ class RowSteering:
       matcher: llguidance's matcher of the reply's grammar, or None.
       thinking_token_budget: tokens the reply may write before its final channel opens (None: no
         cap); the prompt must end with ``<|start|>assistant``, as Harmony prompts do.
+      free_prelude: the grammar begins with :data:`FREE_PRELUDE`, so its analysis messages are
+        free text (see :attr:`pause_token`).
     """
 
     def __init__(self, tokenizer: Tokenizer, matcher: llguidance.LLMatcher | None,
@@ -194,7 +196,8 @@ class RowSteering:
         if self._matcher is not None and not self._matcher.is_stopped():
             self._matcher.consume_token(token)
         if self._harmony is not None and not self._final_open():
-            self._written += self._budget is not None
+            if self._budget is not None:
+                self._written += 1
             self._harmony.process(token)
 
     def _final_open(self) -> bool:

@@ -102,9 +102,9 @@ class Engine:
       memory_fraction: the share of a device's memory the parameters and the cache may take; the
         rest is for the programs' temporaries.
       tokenizer: the model's tokenizer; requests with ``json_schema``, ``regex``, ``grammar`` or
-        ``thinking_token_budget`` need it. While such a request is steered, bursts are one step
-        long (its next token mask depends on its last token): the other rows decode beside it
-        one step per turn.
+        ``thinking_token_budget`` need it. While such a request is steered outside free text,
+        bursts are one step long (its next token mask depends on its last token) and the other
+        rows decode beside it one step per turn (see :mod:`gptoss_jax.engine.constraints`).
 
     Raises:
       EngineSizeError: slots and context that do not fit, with the figures.
