@@ -373,12 +373,10 @@ class StreamParser:
     def _header_as_content(self) -> None:
         """Lenient: the header read so far is no header; it and what follows are content."""
         self._misplaced = True
-        tokens = self._header_tokens
+        text = self._utf8.decode(self._tokenizer.decode_bytes(self._header_tokens)).lstrip()
         self._begin_content(_Header(self._header_role))
-        for token in tokens:
-            delta = self._utf8.decode(self._tokenizer.decode_bytes([token]))
-            self._content.append(delta)
-            self._last_delta += delta
+        self._content.append(text)
+        self._last_delta = text
 
     def _salvage_header(self, text: str) -> tuple[_Header, str]:
         """Lenient reading of a malformed header: its role and channel, the rest as content."""
