@@ -85,6 +85,16 @@ def grammar_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     return built
 
 
+def prepare(tokenizer: Tokenizer) -> bool:
+    """Build llguidance's view of ``tokenizer`` now, when the ``structured`` extra is installed, so
+    that the first constrained request does not wait for it; returns whether it is installed."""
+    try:
+        grammar_tokenizer(tokenizer)
+    except RequestError:
+        return False
+    return True
+
+
 def grammar_of(params: SamplingParams) -> str | None:
     """The Lark grammar a request's settings ask for (None: unconstrained)."""
     answer = AnswerGrammar(params.json_schema, params.regex, params.grammar)
