@@ -334,3 +334,16 @@ def test_parser_reads_reserved_ids_that_hugging_faces_tokenizer_json_lacks():
         tokens = [rng.choice([rng.choice(control), rng.randrange(200019, 201088), rng.randrange(1000)])
                   for _ in range(60)]
         assert all(message.role in Role for message in parse_completion(tokens, tokenizer, role=None, strict=False))
+
+
+def test_lenient_parser_streams_text_written_without_a_header_as_content(tokenizer):
+    # What a random-weight model writes after <|start|>assistant: no channel, no <|message|>.
+    parser = StreamParser(tokenizer, strict=False)
+    deltas = [parser.process(token) for token in tokenizer.encode("Hello there, friend")]
+    assert "".join(deltas) == "Hello there, friend" and parser.misplaced
+    assert parser.state is StreamState.CONTENT and parser.current_channel is None
+    assert deltas[-1]  # each token's text comes as it is read, not at the end
+    header = StreamParser(tokenizer, strict=False)
+    for token in tokenizer.encode("<|channel|>analysis", allowed_special="all"):
+        assert header.process(token) == ""  # a header in progress is no content
+    assert header.state is StreamState.HEADER and not header.misplaced

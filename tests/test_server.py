@@ -13,8 +13,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import logging
+
 import httpx
 import jax.numpy as jnp
+import jsonschema
 import numpy as np
 import openai
 import pytest
@@ -63,8 +66,9 @@ class LiveServer:
 def demo():
     folder = ensure_demo_checkpoint()
     model = gptoss_jax.load(folder, dtype=jnp.float32)
-    engine = Engine(model, max_batch=16, max_context=CONTEXT, prefill_chunk=128)
-    live = LiveServer(ServerState(Tokenizer.from_pretrained_dir(folder), "demo", API_KEY, engine))
+    tokenizer = Tokenizer.from_pretrained_dir(folder)
+    engine = Engine(model, max_batch=16, max_context=CONTEXT, prefill_chunk=128, tokenizer=tokenizer)
+    live = LiveServer(ServerState(tokenizer, "demo", API_KEY, engine))
     yield live
     live.stop()
     engine.close()
@@ -305,3 +309,88 @@ def test_a_full_queue_answers_429_and_loading_503(scripted):
         assert httpx.get(f"{loading.url}/health").status_code == 503
     finally:
         loading.stop()
+
+
+ANSWER_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["city", "days", "unit"],
+    "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"type": "integer", "minimum": 1, "maximum": 9},
+                   "unit": {"enum": ["C", "F"]}},
+}
+JSON_FORMAT = dict(type="json_schema", json_schema=dict(name="forecast", schema=ANSWER_SCHEMA, strict=True))
+
+
+def test_response_format_holds_for_every_choice_and_streams_as_whole(demo):
+    client = demo.client()
+    options = dict(model="demo", messages=[dict(role="user", content="Forecast?")], response_format=JSON_FORMAT,
+                   max_tokens=300, seed=3, extra_body=dict(thinking_token_budget=4))
+    whole = client.chat.completions.create(n=3, **options)
+    for choice in whole.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+    chunks = list(client.chat.completions.create(stream=True, **options))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("tool_choice", ["required", dict(type="function", function=dict(name="get_weather"))])
+def test_strict_tool_arguments_are_valid(demo, tool_choice):
+    schemas = dict(get_weather=ANSWER_SCHEMA, get_time={"type": "object", "additionalProperties": False,
+                                                       "required": ["tz"], "properties": {"tz": {"enum": ["UTC"]}}})
+    tools = [dict(type="function", function=dict(name=name, strict=True, parameters=schema))
+             for name, schema in schemas.items()]
+    out = demo.client().chat.completions.create(
+        model="demo", messages=[dict(role="user", content="Paris?")], tools=tools, tool_choice=tool_choice,
+        max_tokens=200, seed=5, n=3)
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.function.name in schemas if tool_choice == "required" else call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_responses_text_format_constrains_the_output_text(demo):
+    out = demo.client().responses.create(
+        model="demo", input="Forecast?", max_output_tokens=300, temperature=1, extra_body=dict(thinking_token_budget=3),
+        text=dict(format=dict(type="json_schema", name="forecast", schema=ANSWER_SCHEMA, strict=True)))
+    assert out.status == "completed"
+    jsonschema.validate(json.loads(out.output_text), ANSWER_SCHEMA)
+    assert out.text.format.type == "json_schema"
+
+
+def _with(schema) -> dict:
+    return dict(type="json_schema", json_schema=dict(name="x", schema=schema, strict=True))
+
+
+@pytest.mark.parametrize("path, extra, fragment", [
+    ("chat/completions", dict(response_format=_with({"type": "string", "pattern": "(("})),
+     "response_format.json_schema.schema"),
+    ("chat/completions", dict(response_format=_with({"type": "object", "colour": "red"})),
+     "response_format.json_schema.schema.colour"),
+    ("chat/completions", dict(response_format=_with(["not", "an", "object"])), "response_format.json_schema.schema"),
+    ("chat/completions", dict(response_format=dict(type="yaml")), "response_format.type"),
+    ("chat/completions", dict(tools=[dict(type="function", function=dict(
+        name="f", strict=True, parameters={"type": "object", "properties": {"a": {"type": "wizard"}}}))]),
+     "tools[0].function.parameters"),
+    ("responses", dict(text=dict(format=dict(type="xml"))), "text.format.type"),
+])
+def test_bad_formats_get_a_400_naming_the_field(demo, path, extra, fragment):
+    body = dict(model="demo", max_tokens=4, **extra)
+    body.update(dict(input="hi", max_output_tokens=4) if path == "responses" else
+                dict(messages=[dict(role="user", content="hi")]))
+    body.pop("max_tokens") if path == "responses" else None
+    response = httpx.post(f"{demo.url}/v1/{path}", json=body, timeout=60,
+                          headers=dict(Authorization=f"Bearer {API_KEY}"))
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_text_outside_harmony_comes_back_as_content_in_every_endpoint(demo, caplog):
+    client = demo.client()
+    with caplog.at_level(logging.WARNING, logger="gptoss_jax.serving.translate"):
+        whole = _chat(client, max_tokens=16)
+    assert whole.choices[0].message.content  # the demo model writes no channel: its text is the content
+    assert sum("outside Harmony" in record.message for record in caplog.records) == 1
+    chunks = list(_chat(client, max_tokens=16, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    response = client.responses.create(model="demo", input="Hello there", max_output_tokens=16, temperature=0)
+    assert [item.type for item in response.output] == ["message"] and response.output_text

@@ -31,7 +31,8 @@ class Rows(NamedTuple):
     active: jax.Array  # bool: decoding
     generated: jax.Array  # int32: tokens made so far (the next one's PRNG step)
     max_tokens: jax.Array  # int32
-    stop_tokens: jax.Array  # int32 [slots, MAX_STOP_TOKENS], -1 where unused
+    stop_tokens: jax.Array  # int32 [slots, MAX_STOP_TOKENS + 1], -1 where unused (the engine's last column:
+    # a token where a steered row pauses, to be steered again)
 
 
 class TokenLogprobs(NamedTuple):
@@ -78,13 +79,30 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax
     return logits, _put_rows(cache, slots, rows)
 
 
+def allowed_tokens(masks: jax.Array, vocab: int) -> jax.Array:
+    """bool ``[rows, vocab]`` from token bitmasks uint32 ``[rows, vocab / 32]`` (bit t % 32 of word t // 32)."""
+    bits = (masks[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return bits.reshape(masks.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def _masked(logits: jax.Array, masks: jax.Array | None) -> jax.Array:
+    """``logits`` with the tokens a row's mask leaves out at -inf (the log-probabilities stay the model's)."""
+    if masks is None:
+        return logits
+    return jnp.where(allowed_tokens(masks, logits.shape[-1]), logits, -jnp.inf)
+
+
 def _logprobs(logits: jax.Array, tokens: jax.Array) -> TokenLogprobs:
     return TokenLogprobs(*top_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1])))
 
 
-def first_tokens(logits: jax.Array, sampling: RowSampling, *, logprobs: bool) -> tuple[jax.Array, TokenLogprobs | None]:
-    """Each row's first token from its prompt's last logits ``[rows, V]`` (PRNG step 0)."""
-    tokens = sample_rows(logits, jnp.zeros(logits.shape[:1], jnp.int32), sampling)
+def first_tokens(logits: jax.Array, sampling: RowSampling, masks: jax.Array | None = None, *,
+                 logprobs: bool) -> tuple[jax.Array, TokenLogprobs | None]:
+    """Each row's first token from its prompt's last logits ``[rows, V]`` (PRNG step 0).
+
+    ``masks``: uint32 ``[rows, V / 32]`` allowed-token bitmasks, or None (every token allowed).
+    """
+    tokens = sample_rows(_masked(logits, masks), jnp.zeros(logits.shape[:1], jnp.int32), sampling)
     return tokens, _logprobs(logits, tokens) if logprobs else None
 
 
@@ -97,13 +115,16 @@ def _put_rows(cache: KVCache, slots: jax.Array, rows: KVCache) -> KVCache:
 
 
 def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, sampling: RowSampling,
-                 steps: jax.Array, *, logprobs: bool) -> Burst:
+                 steps: jax.Array, masks: jax.Array | None = None, *, logprobs: bool) -> Burst:
     """Up to ``steps`` (traced, at most :data:`MAX_BURST`) decode steps of the rows in ``slots``.
 
     ``slots``: int32 ``[rows]``, the decoding slots (padded with an index past the last slot);
     ``rows`` and ``sampling`` are theirs. Only these rows are computed, so a burst costs what its
     live rows cost. A row stops at a stop token or at its ``max_tokens``, within the burst; the
     burst ends early when no row is decoding.
+
+    ``masks``: uint32 ``[rows, V / 32]`` allowed-token bitmasks, applied at every step (the engine
+    passes them with one-step bursts only), or None.
     """
     model = nnx.merge(graphdef, state)
     batch = rows.last_tokens.shape[0]
@@ -126,7 +147,7 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
         fed_positions = jnp.where(rows.active, rows.positions, -1)
         logits, row_cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], row_cache)
         logits = logits[:, 0]
-        tokens = jnp.where(rows.active, sample_rows(logits, rows.generated, sampling), 0)
+        tokens = jnp.where(rows.active, sample_rows(_masked(logits, masks), rows.generated, sampling), 0)
         if logprobs:
             step_logprobs = _logprobs(logits, tokens)
             out_logprobs = jax.tree.map(lambda out, new: out.at[:, step].set(new), out_logprobs, step_logprobs)

@@ -11,8 +11,8 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Literal
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -53,6 +53,19 @@ class SamplingParams:
       stop_token_ids: the request ends after producing one of these (it is kept in the output).
       logprobs: return each token's log-probability.
       top_logprobs: and this many most likely alternatives per token (needs ``logprobs``).
+      json_schema: the answer must be JSON valid against this schema (a dict, or True for any
+        JSON value); enforced while decoding (needs the ``structured`` extra and an engine made
+        with ``tokenizer=``).
+      regex: the answer must match this regular expression.
+      grammar: the answer must follow this grammar (llguidance's Lark dialect). At most one of
+        ``json_schema``, ``regex`` and ``grammar``.
+      harmony_frame: the prompt ends with ``<|start|>assistant`` and the constraint covers the
+        final channel's message, the rest of the reply following Harmony's frame (free
+        analysis first). False: the constraint covers the whole output (a raw prompt, or a
+        grammar that spells Harmony's frame itself).
+      thinking_token_budget: tokens the reply may write before its final channel opens; then
+        the engine ends what is open and opens it, as forced tokens that count toward
+        ``max_tokens``. None: no cap. For Harmony prompts (ending with ``<|start|>assistant``).
     """
 
     max_tokens: int | None = None
@@ -63,6 +76,16 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    json_schema: Mapping[str, Any] | bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    harmony_frame: bool = True
+    thinking_token_budget: int | None = None
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding is constrained (json_schema, regex or grammar)."""
+        return (self.json_schema, self.regex, self.grammar) != (None, None, None)
 
     def checked(self, prompt_length: int, max_context: int, vocab_size: int) -> SamplingParams:
         """These settings with defaults resolved, or a :class:`RequestError` saying what is wrong."""
@@ -92,6 +115,14 @@ class SamplingParams:
             raise RequestError(f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=True")
+        if sum(value is not None for value in (self.json_schema, self.regex, self.grammar)) > 1:
+            raise RequestError("give at most one of json_schema, regex and grammar")
+        if self.json_schema is not None and not isinstance(self.json_schema, (Mapping, bool)):
+            raise RequestError(f"json_schema must be an object (a dict) or a boolean, got "
+                               f"{type(self.json_schema).__name__}")
+        budget = self.thinking_token_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0):
+            raise RequestError(f"thinking_token_budget must be an integer >= 0 or None, got {budget!r}")
         return dataclasses.replace(self, max_tokens=int(max_tokens), seed=int(seed), stop_token_ids=stops)
 
 

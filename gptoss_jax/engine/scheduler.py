@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.compiled import CompiledByShape, donated
-from gptoss_jax.engine import programs
+from gptoss_jax.engine import constraints, programs
 from gptoss_jax.engine.requests import (
     MAX_STOP_TOKENS, Delta, EngineClosedError, QueueFullError, RequestError, RequestHandle, SamplingParams,
     TokenLogprob,
@@ -49,6 +49,7 @@ from gptoss_jax.footprint import MEMORY_FRACTION, device_memory_bytes
 from gptoss_jax.kv_cache import KVCache, cache_bytes
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import RowSampling
+from gptoss_jax.tokenizer import Tokenizer
 
 _MIN_CHUNK = 16
 MAX_SLOTS = 1024
@@ -100,6 +101,10 @@ class Engine:
       burst_steps_busy: decode steps per call while requests wait or are being prefilled.
       memory_fraction: the share of a device's memory the parameters and the cache may take; the
         rest is for the programs' temporaries.
+      tokenizer: the model's tokenizer; requests with ``json_schema``, ``regex``, ``grammar`` or
+        ``thinking_token_budget`` need it. While such a request is steered outside free text,
+        bursts are one step long (its next token mask depends on its last token) and the other
+        rows decode beside it one step per turn (see :mod:`gptoss_jax.engine.constraints`).
 
     Raises:
       EngineSizeError: slots and context that do not fit, with the figures.
@@ -107,7 +112,7 @@ class Engine:
 
     def __init__(self, model: GptOss, *, max_batch: int | None = 16, max_context: int = 4096,
                  prefill_chunk: int = 256, max_queue: int = 1024, burst_steps: int = 16, burst_steps_busy: int = 4,
-                 memory_fraction: float = MEMORY_FRACTION):
+                 memory_fraction: float = MEMORY_FRACTION, tokenizer: Tokenizer | None = None):
         config = model.config
         self.model = model
         self.data_shards = 1 if model.mesh is None else model.mesh.shape["data"]
@@ -127,6 +132,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_queue = max_queue
         self.burst_steps, self.burst_steps_busy = burst_steps, burst_steps_busy
+        self.tokenizer = tokenizer
 
         slots = self.max_batch
         self._graphdef, self._state = nnx.split(model)
@@ -140,7 +146,7 @@ class Engine:
         self._rows = programs.Rows(
             last_tokens=np.zeros(slots, np.int32), positions=np.zeros(slots, np.int32),
             active=np.zeros(slots, bool), generated=np.zeros(slots, np.int32), max_tokens=np.ones(slots, np.int32),
-            stop_tokens=np.full((slots, MAX_STOP_TOKENS), -1, np.int32),
+            stop_tokens=np.full((slots, MAX_STOP_TOKENS + 1), -1, np.int32),  # the last: a steered row's pause
         )
         self._temperature = np.ones(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
@@ -148,6 +154,7 @@ class Engine:
         self._keys = np.zeros((slots, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
 
         self._slots: list[_Slot | None] = [None] * slots
+        self._steering: list[constraints.RowSteering | None] = [None] * slots
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._condition = threading.Condition()
         self._closing = False
@@ -178,6 +185,7 @@ class Engine:
             raise TypeError("pass settings either as a SamplingParams or as keywords, not both")
         ids = self._checked_prompt(prompt)
         params = params.checked(ids.size, self.max_context, self.model.config.vocab_size)
+        steering = constraints.steering_for(params, self.tokenizer)
         with self._condition:
             if self._closing or self._failure is not None:
                 raise EngineClosedError("the engine is closed" if self._failure is None
@@ -186,6 +194,7 @@ class Engine:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue={self.max_queue})")
             handle = RequestHandle(next(self._request_ids), ids, params)
             handle._engine_wake = self._wake
+            handle._steering = steering
             self._waiting.append(handle)
             self._condition.notify_all()
         return handle
@@ -265,6 +274,7 @@ class Engine:
                 slot = _Slot(handle, next(self._admissions), min(self.prefill_chunk, _bucket(handle.prompt.size)))
                 self._slots[index] = slot
                 self._set_settings(index, handle.params)
+                self._steering[index] = handle._steering
 
     def _set_settings(self, index: int, params: SamplingParams) -> None:
         self._temperature[index] = params.temperature
@@ -283,6 +293,7 @@ class Engine:
     def _release(self, index: int, reason: str) -> None:
         handle = self._slots[index].handle
         self._rows.active[index] = False
+        self._steering[index] = None
         with self._condition:
             self._slots[index] = None
         handle._finish(reason)
@@ -337,7 +348,12 @@ class Engine:
         sampling_slots = np.minimum(slots, self.max_batch - 1)
         wants_logprobs = any(self._slots[index].handle.params.logprobs for _, index in finished)
         live = np.isin(np.arange(slots.size), [row for row, _ in finished])
+        steerings = [None] * slots.size
+        for row, index in finished:
+            steerings[row] = self._steering[index]
+        masks = constraints.step_masks(steerings, self.model.config.vocab_size)
         tokens, logprobs = jax.device_get(self._first_tokens(logits, self._sampling(sampling_slots, live),
+                                                             None if masks is None else jnp.asarray(masks),
                                                              logprobs=wants_logprobs))
         if logprobs is not None:  # one step per row, as a burst's are laid out
             logprobs = programs.TokenLogprobs(*(np.expand_dims(part, 1) for part in logprobs))
@@ -349,6 +365,8 @@ class Engine:
             rows = self._rows
             rows.last_tokens[index], rows.positions[index] = token, slot.handle.prompt.size
             rows.generated[index], rows.active[index] = 1, True
+            if self._steering[index] is not None:
+                self._steering[index].accept(token)
             self._hand_over(index, [token], logprobs, row, np.array([0]), now)
             if token in slot.handle.params.stop_token_ids:
                 self._release(index, "stop")
@@ -366,25 +384,39 @@ class Engine:
         slots[:decoding.size] = decoding
         taken = np.minimum(slots, self.max_batch - 1)
         live = np.arange(size) < decoding.size
+        steerings = [self._steering[index] for index in decoding] + [None] * (size - decoding.size)
+        steps = constraints.burst_steps(steerings, steps)
+        masks = constraints.step_masks(steerings, self.model.config.vocab_size)
         rows = programs.Rows(*(np.where(live.reshape(-1, *[1] * (field.ndim - 1)), field[taken], 0).astype(field.dtype)
                                for field in self._rows))
+        pauses = constraints.pause_tokens(steerings)
+        rows.stop_tokens[:, -1] = pauses
         wants_logprobs = any(self._slots[index].handle.params.logprobs for index in decoding)
         burst, seconds = self._decode(self._graphdef, self._state, self._cache, jnp.asarray(slots),
                                       jax.tree.map(jnp.asarray, rows), self._sampling(taken, live),
-                                      jnp.int32(steps), logprobs=wants_logprobs)
+                                      jnp.int32(steps), None if masks is None else jnp.asarray(masks),
+                                      logprobs=wants_logprobs)
         self.compile_seconds += seconds
         self._cache = burst.cache
         new_rows, tokens, valid, logprobs = jax.device_get((burst.rows, burst.tokens, burst.valid, burst.logprobs))
         now = time.perf_counter()
         for field, new in zip(self._rows, new_rows):
             field[decoding] = new[:decoding.size]
+        self._rows.stop_tokens[decoding, -1] = -1
         for row, index in enumerate(decoding):
             slot = self._slots[index]
             steps_valid = np.flatnonzero(valid[row])
+            if self._steering[index] is not None:
+                for token in tokens[row, steps_valid].tolist():
+                    self._steering[index].accept(token)
             self._hand_over(index, tokens[row, steps_valid].tolist(), logprobs, row, steps_valid, now)
             if not self._rows.active[index]:
-                stopped = int(tokens[row, steps_valid[-1]]) in slot.handle.params.stop_token_ids
-                self._release(index, "stop" if stopped else "length")
+                last = int(tokens[row, steps_valid[-1]])
+                stopped = last in slot.handle.params.stop_token_ids
+                if last == pauses[row] and not stopped and self._rows.generated[index] < self._rows.max_tokens[index]:
+                    self._rows.active[index] = True  # paused where its grammar's free text ended: steered again
+                else:
+                    self._release(index, "stop" if stopped else "length")
 
     def _hand_over(self, index: int, tokens: list[int], logprobs: programs.TokenLogprobs | None, row: int,
                    steps: np.ndarray, now: float) -> None:

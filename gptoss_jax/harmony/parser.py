@@ -136,6 +136,21 @@ def _parse_header(header: str, role: Role | None) -> _Header:
     return _Header(role, name, channel, recipient, content_type)
 
 
+MAX_HEADER_TOKENS = 64
+"""A header longer than this is text the model wrote without a header (lenient parsing)."""
+
+
+def _could_become_header(text: str) -> bool:
+    """Whether ``text``, after a known role, can still grow into a header: it opens with a
+    channel or a recipient (``to=...``), in at most four words."""
+    words = text.replace(CONSTRAIN, f" {CONSTRAIN}").replace(CHANNEL, f" {CHANNEL}").split()
+    if not words:
+        return True
+    first = words[0]
+    opens = first.startswith((CHANNEL, "to=")) or "to=".startswith(first)
+    return opens and len(words) <= 4
+
+
 class StreamState(enum.Enum):
     """What the next token belongs to, in a `StreamParser` (openai_harmony's `StreamState`)."""
 
@@ -168,7 +183,10 @@ class StreamParser:
     In strict mode (the default) malformed output raises `HarmonyParseError`. With
     `strict=False` nothing raises, which suits a model that may emit anything (the random demo
     model): text outside any message, and a header that cannot be read or never reaches
-    `<|message|>`, become content of a message from `role` (assistant when `role` is None).
+    `<|message|>`, become content of a message from `role` (assistant when `role` is None). A
+    header that can no longer become one (text right after `<|start|>assistant`, with no
+    channel) turns into content as soon as that is clear, so its text streams as it comes;
+    `misplaced` then says that some text was placed this way.
     """
 
     def __init__(
@@ -206,6 +224,12 @@ class StreamParser:
         self._tokens: list[int] = []
         self._last_delta = ""
         self._stopped = False
+        self._misplaced = False
+
+    @property
+    def misplaced(self) -> bool:
+        """Whether some text stood where Harmony allows none and became content (lenient mode)."""
+        return self._misplaced
 
     @property
     def state(self) -> StreamState:
@@ -231,6 +255,11 @@ class StreamParser:
     def last_content_delta(self) -> str:
         """The content text the last token added ("" when it added none)."""
         return self._last_delta
+
+    @property
+    def header_text(self) -> str:
+        """The text of the message header being read so far ("" outside a header)."""
+        return self._header_text() if self._state is StreamState.HEADER else ""
 
     @property
     def current_content(self) -> str:
@@ -280,6 +309,7 @@ class StreamParser:
                     f"({self._tokenizer.decode([token_id])!r})"
                 )
             elif not ends_message:
+                self._misplaced = True
                 self._begin_content(_Header(self._fallback_role))
                 self._add_content(token_id)
         elif self._state is StreamState.HEADER:
@@ -289,6 +319,9 @@ class StreamParser:
                 self._end_inside_header()
             else:
                 self._header_tokens.append(token_id)
+                if not self._strict and self._header_role is not None and (
+                        len(self._header_tokens) > MAX_HEADER_TOKENS or not _could_become_header(self._header_text())):
+                    self._header_as_content()
         elif ends_message:
             self._finish_message()
         else:
@@ -337,8 +370,17 @@ class StreamParser:
         self._last_delta = text
         self._finish_message()
 
+    def _header_as_content(self) -> None:
+        """Lenient: the header read so far is no header; it and what follows are content."""
+        self._misplaced = True
+        text = self._utf8.decode(self._tokenizer.decode_bytes(self._header_tokens)).lstrip()
+        self._begin_content(_Header(self._header_role))
+        self._content.append(text)
+        self._last_delta = text
+
     def _salvage_header(self, text: str) -> tuple[_Header, str]:
         """Lenient reading of a malformed header: its role and channel, the rest as content."""
+        self._misplaced = True
         try:
             channel, rest = _take_channel(text)
         except HarmonyParseError:

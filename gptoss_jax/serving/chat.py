@@ -13,8 +13,9 @@ from gptoss_jax.harmony import stop_token_ids
 from gptoss_jax.serving.generation import StopText, normalized_stops, submit_choices, token_stream
 from gptoss_jax.serving.protocol import ChatCompletionRequest
 from gptoss_jax.serving.state import ServerState
+from gptoss_jax.serving.structured import answer_grammar, reply_constraint, tool_grammars
 from gptoss_jax.serving.translate import (
-    ReplyParser, build_prompt, chat_messages, function_tools, tool_choice_of,
+    ReplyEvent, ReplyParser, build_prompt, chat_messages, function_tools, tool_choice_of,
 )
 from gptoss_jax.tokenizer import Tokenizer
 
@@ -49,7 +50,11 @@ class ChatChoice:
 
     def _on_token(self, token: int, logprob: TokenLogprob | None) -> bool:
         """Route one token; True when a stop string ended the reply."""
-        for event in self.parser.feed(token):
+        self._route(self.parser.feed(token), logprob)
+        return self.stop_text.hit
+
+    def _route(self, events: list[ReplyEvent], logprob: TokenLogprob | None) -> None:
+        for event in events:
             if event.kind == "reasoning":
                 self._delta(reasoning_content=event.text)
             elif event.kind == "content":
@@ -64,7 +69,6 @@ class ChatChoice:
                                              function=dict(name=event.call.name, arguments=""))])
             else:
                 self._delta(tool_calls=[dict(index=event.index, function=dict(arguments=event.text))])
-        return self.stop_text.hit
 
     async def run(self) -> dict[str, Any]:
         """Follow the request to its end; returns the choice as the whole response holds it."""
@@ -74,6 +78,8 @@ class ChatChoice:
                 if self._on_token(token, logprob):
                     break
         result = self.handle.result()
+        if not self.stop_text.hit:
+            self._route(self.parser.close(), None)
         tail = self.stop_text.flush()
         if tail:
             self.content.append(tail)
@@ -101,15 +107,19 @@ class ChatChoice:
 def prepare(state: ServerState, body: ChatCompletionRequest, emit: Emit | None) -> tuple[list[ChatChoice], int]:
     """Translate the request and submit its choices; returns them and the prompt's token count."""
     instructions, messages = chat_messages([message.model_dump() for message in body.messages])
+    tool_choice = tool_choice_of(body.tool_choice, nested=True)
     prompt = build_prompt(messages, state.tokenizer, instructions=instructions,
-                          tools=function_tools(body.tools, nested=True),
-                          tool_choice=tool_choice_of(body.tool_choice, nested=True),
+                          tools=function_tools(body.tools, nested=True), tool_choice=tool_choice,
                           reasoning_effort=body.reasoning_effort)
+    grammar = reply_constraint(answer_grammar(body.response_format, "response_format", nested=True,
+                                              tokenizer=state.tokenizer),
+                               tool_grammars(body.tools, nested=True, tokenizer=state.tokenizer), tool_choice)
     stops = normalized_stops(body.stop)
     params = SamplingParams(
         max_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature, top_p=body.top_p,
         seed=body.seed, stop_token_ids=tuple(stop_token_ids(state.tokenizer)), logprobs=body.logprobs,
-        top_logprobs=body.top_logprobs or 0,
+        top_logprobs=body.top_logprobs or 0, grammar=grammar, harmony_frame=False,
+        thinking_token_budget=body.thinking_token_budget,
     )
     handles = submit_choices(state.engine, prompt.token_ids, body.n, params)
     choices = [ChatChoice(index, handle, state.tokenizer, prompt.forced, stops, emit)

@@ -46,6 +46,8 @@ class ChatCompletionRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)
 
 
 class CompletionRequest(_Request):
@@ -73,3 +75,5 @@ class ResponsesRequest(_Request):
     tool_choice: str | dict[str, Any] | None = None
     previous_response_id: str | None = None
     store: bool = True
+    text: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)

@@ -23,6 +23,7 @@ from gptoss_jax.serving.generation import token_stream
 from gptoss_jax.serving.protocol import ResponsesRequest
 from gptoss_jax.serving.state import ServerState, StoredResponse
 from gptoss_jax.serving.streaming import sse, until_done_or_disconnected
+from gptoss_jax.serving.structured import answer_grammar, reply_constraint, tool_grammars
 from gptoss_jax.serving.translate import (
     ReplyEvent, ReplyParser, TranslationError, build_prompt, tool_choice_of, function_tools, response_items,
 )
@@ -119,13 +120,17 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
         instructions = instructions if instructions is not None else stored.instructions
     input_messages = history + response_items(body.input, call_names)
     effort = body.reasoning.effort if body.reasoning is not None else None
+    tool_choice = tool_choice_of(body.tool_choice, nested=False)
     prompt = build_prompt(input_messages, state.tokenizer, instructions=instructions,
-                          tools=function_tools(body.tools, nested=False),
-                          tool_choice=tool_choice_of(body.tool_choice, nested=False),
+                          tools=function_tools(body.tools, nested=False), tool_choice=tool_choice,
                           reasoning_effort=effort)
+    text_format = (body.text or {}).get("format")
+    grammar = reply_constraint(answer_grammar(text_format, "text.format", nested=False, tokenizer=state.tokenizer),
+                               tool_grammars(body.tools, nested=False, tokenizer=state.tokenizer), tool_choice)
     handle = state.engine.submit(prompt.token_ids, SamplingParams(
         max_tokens=body.max_output_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        stop_token_ids=tuple(stop_token_ids(state.tokenizer))))
+        stop_token_ids=tuple(stop_token_ids(state.tokenizer)), grammar=grammar, harmony_frame=False,
+        thinking_token_budget=body.thinking_token_budget))
     response_id = f"resp_{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -136,7 +141,8 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
             parallel_tool_calls=True, temperature=body.temperature, top_p=body.top_p,
             tool_choice=body.tool_choice or "auto", tools=body.tools or [],
             previous_response_id=body.previous_response_id, store=body.store,
-            reasoning=dict(effort=effort, summary=None), text=dict(format=dict(type="text")), truncation="disabled",
+            reasoning=dict(effort=effort, summary=None), text=dict(format=text_format or dict(type="text")),
+            truncation="disabled",
             usage=usage,
         )
 
@@ -146,6 +152,8 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
             async for token, _ in tokens:
                 for event in parser.feed(token):
                     output.feed(event)
+        for event in parser.close():
+            output.feed(event)
         parser.finish()
         output.close()
         result = handle.result()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from gptoss_jax.engine import Engine
+from gptoss_jax.engine import Engine, constraints
 from gptoss_jax.model import GptOss
 from gptoss_jax.serving.app import create_app
 from gptoss_jax.serving.state import ServerState
@@ -44,7 +44,8 @@ def serve(load: Callable[[], tuple[GptOss, Tokenizer]], *, model_name: str, host
         try:
             model, tokenizer = load()
             state.tokenizer = tokenizer
-            state.engine = Engine(model, **(engine_options or {}))
+            constraints.prepare(tokenizer)
+            state.engine = Engine(model, tokenizer=tokenizer, **(engine_options or {}))
         except BaseException as error:  # the server stays up and says why in its 503s
             state.load_error = error
             announce(f"gptoss-jax serve: loading failed: {error}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -30,6 +31,8 @@ from gptoss_jax.harmony import (
 from gptoss_jax.tokenizer import Tokenizer
 
 ToolChoice = Literal["auto", "none", "required"] | str  # or a function's name
+
+logger = logging.getLogger(__name__)
 
 
 class TranslationError(GptOssError):
@@ -255,7 +258,7 @@ class ReplyParser:
     """Generated Harmony tokens -> :class:`ReplyEvent`, token by token; :meth:`finish` gives the :class:`Reply`.
 
     Lenient (never raises), since a model may emit anything: text outside Harmony's structure
-    counts as content.
+    counts as content, streamed as it comes, and :meth:`finish` logs one warning for the reply.
     """
 
     def __init__(self, tokenizer: Tokenizer, forced: Sequence[int] = ()):
@@ -286,9 +289,21 @@ class ReplyParser:
             events.append(ReplyEvent("reasoning" if parser.current_channel == "analysis" else "content", text))
         return events
 
-    def finish(self) -> Reply:
-        """The reply so far, its last message completed if generation was cut."""
+    def close(self) -> list[ReplyEvent]:
+        """Generation ended: what the message it cut still adds (a header cut short is content)."""
         self._parser.process_eos()
+        text = self._parser.last_content_delta
+        if not text:
+            return []
+        channel = self._parser.messages[-1].channel
+        return [ReplyEvent("reasoning" if channel == "analysis" else "content", text)]
+
+    def finish(self) -> Reply:
+        """The reply so far, its last message completed if generation was cut (call :meth:`close` first
+        to stream what that adds)."""
+        self._parser.process_eos()
+        if self._parser.misplaced:
+            logger.warning("the model wrote text outside Harmony's message structure; it is returned as content")
         reasoning, content, arguments = [], [], []
         for message in self._parser.messages:
             if message.recipient is not None and message.recipient.startswith(f"{FUNCTIONS_NAMESPACE}."):
