@@ -193,3 +193,27 @@ def test_a_steered_row_runs_multi_step_bursts_only_through_free_text():
     header = len(tokenizer.encode("<|channel|>analysis<|message|>", allowed_special="all"))
     thought = len(tokenizer.encode("Some thought<|end|>", allowed_special="all"))
     assert steps == [1] * header + [16] * thought + [1] * (len(steps) - header - thought)
+
+
+def test_free_text_that_is_not_utf8_keeps_the_reply_on_its_grammar():
+    # A multi-step burst through the analysis keeps one mask until <|end|>, so a row may write a
+    # byte that opens a UTF-8 sequence and then a token that does not finish it. The grammar's
+    # text rule matches characters; the reply must still be able to reach its answer, and must
+    # not be let to stop before it (as a broken matcher would).
+    tokenizer = Tokenizer.from_pretrained_dir(ensure_demo_checkpoint())
+    lead_byte = next(token for token in range(tokenizer.vocab_size)
+                     if tokenizer.decode_bytes([token]) in (b"\xc3", b"\xe2", b"\xf0"))
+    steering = steering_for(SamplingParams(json_schema={"type": "boolean"}), tokenizer)
+    encode = lambda text: tokenizer.encode(text, allowed_special="all")  # noqa: E731
+    reply = [*encode("<|channel|>analysis<|message|>Some"), lead_byte, *encode("?x"), lead_byte, *encode("<|end|>"),
+             *encode("<|start|>assistant<|channel|>final<|message|>true<|return|>")]
+    stops = [tokenizer.special_token_id("<|return|>"), tokenizer.special_token_id("<|call|>")]
+    mask = np.zeros(mask_words(tokenizer.vocab_size), np.uint32)
+    for token in reply:
+        steering.fill_mask(mask)
+        allowed = lambda t: bool(mask[t // 32] >> np.uint32(t % 32) & 1)  # noqa: E731
+        if token not in stops:
+            assert not any(allowed(stop) for stop in stops), tokenizer.decode(reply[:reply.index(token)])
+        if steering.pause_token is None:
+            assert allowed(token), tokenizer.decode([token])
+        steering.accept(token)

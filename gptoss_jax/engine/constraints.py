@@ -149,6 +149,8 @@ class RowSteering:
         tracks_harmony = thinking_token_budget is not None or self._free_prelude
         self._harmony = StreamParser(tokenizer, strict=False) if tracks_harmony else None
         self._written = 0  # tokens before the final channel opened
+        # The matcher as a free-text message's content began (see accept).
+        self._free_content_start: llguidance.LLMatcher | None = None
         self._forcing: list[int] = []
         ids = HarmonyTokenIds.of(tokenizer)
         self._stops = [ids.return_, ids.call]
@@ -201,14 +203,25 @@ class RowSteering:
 
     def accept(self, token: int) -> None:
         """The row's next token (sampled under the last mask, or not steered at all)."""
+        in_free_text = self.pause_token is not None
         if self._forcing:
             self._forcing.pop(0)
         if self._matcher is not None and not self._matcher.is_stopped():
-            self._matcher.consume_token(token)
+            if in_free_text and self._matcher.validate_tokens([token]) == 0:
+                # The grammar's text rule matches characters, so a byte token that leaves a UTF-8
+                # sequence unfinished, followed by one that does not finish it (<|end|> included),
+                # breaks the matcher, though the burst's mask (fixed until <|end|>) allowed both.
+                # The message is free text and nothing after it depends on it: go on as from the
+                # content's start.
+                self._matcher = self._free_content_start.deep_copy()
+            if not in_free_text or self._matcher.validate_tokens([token]) == 1:
+                self._matcher.consume_token(token)
         if self._harmony is not None and not self._final_open():
             if self._budget is not None:
                 self._written += 1
             self._harmony.process(token)
+        if not in_free_text and self.pause_token is not None:
+            self._free_content_start = self._matcher.deep_copy()
 
     def _final_open(self) -> bool:
         harmony = self._harmony
