@@ -10,27 +10,34 @@ parameter's shard shape is its shape divided by the mesh axes its PartitionSpec 
 
 ``--programs`` goes further: every program a GPU run of ``benchmarks/gpu_session.py``'s plan runs
 (the random-weight initializer's parts, prefill's first and later chunks, the decode loop, the
-cache growth) is compiled on the CPU at the real shapes, and its peak taken from the compiler
-(``compiled.memory_analysis()``): arguments + outputs - donated (aliased) + temporaries. A run
-fits a device when its largest program's peak is within the share of the device's memory that
-the benchmarks give XLA (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.95). How far the figures bind:
+cache growth) is compiled at the real shapes by XLA's own GPU compiler, deviceless, for an H100
+(``--gpu``; :mod:`benchmarks.gpu_targets`: the CUDA plugin with a stand-in driver, on the CPU),
+and its peak taken from the compiler (``compiled.memory_analysis()``): arguments + outputs -
+donated (aliased) + temporaries. A run fits a device when its largest program's peak is within
+the share of the device's memory that the benchmarks give XLA (``XLA_PYTHON_CLIENT_MEM_FRACTION``,
+0.95). How far the figures bind:
 
-* The Pallas kernels cannot be compiled on the CPU. Each is compiled as an opaque host call with
-  the kernel's exact operands and outputs (``plgpu.kernel`` is replaced while lowering), so the
-  glue around it (routing, the decode attention's partials and their combination) is the
-  compiler's own figure. A kernel holds nothing else in device memory: its tiles live in shared
-  memory and registers. So for the kernel path the figure is exact up to what follows.
-* The CPU compiler makes float32 copies of bfloat16 matmul weights, which a GPU multiplies as
-  they are: an upcast and a transpose of the unembedding, live at once (4.6 GB for both
-  models), and in the decode loop, out of which XLA hoists them, every layer's attention
-  weights (0.1 GB a layer). So the figures are upper bounds, by up to 4.6 GB for prefill and
-  7.0 (20b) or 8.4 GB (120b) for decode, for both paths.
+* The Pallas kernels are compiled as opaque calls with the kernel's exact operands and outputs
+  (``plgpu.kernel`` is replaced while lowering): their Mosaic GPU calls do not compile
+  deviceless (XLA's GPU compiler JITs each kernel's host-side launcher, whose symbols the
+  stand-in driver does not provide: "Failed to lookup host symbol ... kernel_mosaic_gpu"). A
+  kernel holds nothing else in device memory (its tiles live in shared memory and registers),
+  so for the kernel path the figure is exact up to what follows, and holds for any kernel of
+  the same operands (the ``mma.sync`` expert kernel's too).
 * Left out, on a GPU: the CUDA context and cuBLAS workspaces (under 1 GB), within the 5% the
   memory fraction leaves.
-* The XLA path's temporaries are its own (the same compiler, another backend); they bound the
-  kernel path's from above at decode, where the XLA path decodes whole experts to bfloat16.
+* ``--cpu`` compiles on the CPU instead, as this module did before the deviceless GPU compile:
+  the CPU compiler makes float32 copies of bfloat16 matmul weights (the unembedding's upcast
+  and transpose, 4.6 GB for both models; in the decode loop every layer's attention weights),
+  so its figures are upper bounds, by up to 7 (20b) or 8.4 GB (120b).
+* ``--per-device`` (meshes of 1 to 8 devices) still compiles on the CPU: meshes of several
+  compile-only GPUs are not tried yet, so its figures are the CPU's upper bounds.
 
-    python -m benchmarks.memory --programs [--json PATH]
+``--fit`` says which batch x context fit beside a model on one GPU, on both paths (kernels and
+XLA), compiled for that GPU; a prefill chunk that does not fit is halved until it does.
+
+    python -m benchmarks.memory --programs [--gpu NAME] [--json PATH]
+    python -m benchmarks.memory --fit gpt-oss-20b --gpu "RTX 4060 Ti 16 GB"
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import argparse
 import functools
 import statistics
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +86,14 @@ def cpu_times(repeats: int) -> list[dict]:
     return rows
 
 
-def gpu_temporaries(target: gpu_targets.GpuTarget) -> list[dict]:
+def gpu_temporaries(target: gpu_targets.GpuTarget, matmuls: Sequence[str] = tuple(MATMULS),
+                    token_counts: Sequence[int] = TOKENS) -> list[dict]:
     """Each form's temporary bytes from XLA's GPU compiler for ``target`` (deviceless)."""
     sharding = jax.sharding.SingleDeviceSharding(gpu_targets.compile_only_device(target))
     rows = []
-    for matmul, out_features in MATMULS.items():
-        for tokens in TOKENS:
+    for matmul in matmuls:
+        out_features = MATMULS[matmul]
+        for tokens in token_counts:
             row = {"matmul": matmul, "tokens": tokens}
             for form in FORMS:
                 compiled = jax.jit(functools.partial(_product, form)).trace(

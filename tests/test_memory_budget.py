@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import memory
+from benchmarks.sass_tools import installed_tools
 from benchmarks.gpu_session import GenerateCase
 from gptoss_jax import footprint
 from gptoss_jax.config import preset
@@ -48,3 +52,54 @@ def test_the_initializer_and_decode_loop_stay_within_their_bounds_at_real_layer_
     # The cache is donated: the loop writes it in place.
     assert decode["alias_bytes"] >= decode["cache_bytes"] > 0
     assert report["fits"] == {"H100 80 GB": True, "H200 141 GB": True}
+
+
+# XLA's GPU compiler on the CPU (benchmarks/gpu_targets.py): the tools kernel_sass installs (CI
+# installs them first), in a process started with them on its paths.
+deviceless_tools = installed_tools()
+needs_deviceless_gpu = pytest.mark.skipif(
+    deviceless_tools is None, reason="the CUDA plugin and stand-in driver are not installed "
+                                     "(python -m benchmarks.kernel_sass installs them)")
+
+_DEVICELESS_FIGURES = """
+import json
+from benchmarks import gpu_targets, memory, moe_reference
+from benchmarks.gpu_session import GenerateCase
+
+decode_matmul = moe_reference.gpu_temporaries(gpu_targets.gpu_target("RTX 4090"), ["mlp1"], [8])[0]
+device = gpu_targets.compile_only_device(gpu_targets.gpu_target("L4"))
+report = memory.case_report(GenerateCase("gpt-oss-20b", "xla", 1, 1024, 256), layers=2, device=device)
+print(json.dumps({"decode_matmul": decode_matmul, "report": report}))
+"""
+
+
+@pytest.fixture(scope="module")
+def deviceless_figures():
+    """gpt-oss-20b's decode matmul compiled for an RTX 4090 and two of its layers' programs for an L4."""
+    done = subprocess.run([sys.executable, "-c", _DEVICELESS_FIGURES], env=deviceless_tools.environment(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@needs_deviceless_gpu
+def test_the_xla_decode_matmul_on_a_gpu_holds_one_decoded_expert_at_a_time(deviceless_figures):
+    # 8 tokens of gpt-oss-20b's mlp1 (32 rows, top-4 of 32 experts): a gather of every row's
+    # decoded expert held bf16[32, 5760, 2880], 1.08 GB of temporaries. Both forms now hold
+    # about one expert (33 MB in bf16).
+    expert_bytes = 5760 * 2880 * 2
+    figures = deviceless_figures["decode_matmul"]
+    assert figures["by_expert"] < 1.5 * expert_bytes and figures["per_row"] < 1.5 * expert_bytes
+
+
+@needs_deviceless_gpu
+def test_a_gpu_compile_holds_no_float32_weight_copies(deviceless_figures):
+    # The CPU's decode loop holds float32 copies of the unembedding and the attention weights
+    # (test above); the GPU compiler multiplies bf16 weights as they are, so two layers' decode
+    # holds less than one float32 unembedding, and the programs are the GPU's.
+    report = deviceless_figures["report"]
+    assert report["compiler"] == "NVIDIA L4"
+    config = preset("gpt-oss-20b")
+    programs = {program["program"]: program for program in report["programs"]}
+    assert programs["decode"]["temp_bytes"] < config.vocab_size * config.hidden_size * 4
+    assert programs["decode"]["alias_bytes"] >= programs["decode"]["cache_bytes"] > 0
