@@ -7,7 +7,8 @@ once, in a loop). The reference picks ``per_row`` on XLA's CPU backend and ``by_
 This measures both at gpt-oss-20b's expert shapes (32 experts, top-4; mlp1 5760 x 2880, mlp2
 2880 x 2880) and 1 and 8 tokens, with the routing drawn at random:
 
-* on this machine's CPU: the median time of each form, and their ratio;
+* on JAX's default device (this machine's CPU; a GPU where there is one): the median time of
+  each form, and their ratio;
 * with ``--gpu NAME`` (a row of ``benchmarks.gpu_targets``): the temporaries XLA's GPU compiler
   gives each form, compiled deviceless on the CPU (nothing runs).
 
@@ -60,8 +61,8 @@ def _operands(tokens: int, out_features: int, rng: np.random.Generator) -> tuple
             jnp.asarray(blocks), jnp.asarray(scales))
 
 
-def cpu_times(repeats: int) -> list[dict]:
-    """Median seconds of each form per (matmul, tokens) on this CPU; the forms agree up to the order
+def times(repeats: int) -> list[dict]:
+    """Median seconds of each form per (matmul, tokens) on the default device; the forms agree up to the order
     of their float32 sums."""
     rng = np.random.default_rng(0)
     rows = []
@@ -117,10 +118,10 @@ def main() -> None:
               "| matmul | tokens | per_row | by_expert |\n|---|---|---|---|", flush=True)
         gpu_temporaries(gpu_targets.gpu_target(args.gpu))
         return
-    print(f"this CPU ({jax.devices()[0].device_kind}, {jax.local_devices()[0].platform}), median of {args.repeats}:\n"
+    print(f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}), median of {args.repeats}:\n"
           "| matmul | tokens | distinct experts | per_row ms | by_expert ms | by_expert / per_row |\n"
           "|---|---|---|---|---|---|", flush=True)
-    cpu_times(args.repeats)
+    times(args.repeats)
 
 
 if __name__ == "__main__":
