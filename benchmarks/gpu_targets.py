@@ -93,15 +93,18 @@ class _ArchitectureLimits:
 
 _ARCHITECTURE_LIMITS = {
     (8, 0): _ArchitectureLimits(167936, 166912, 2048, 64),
-    (8, 6): _ArchitectureLimits(102400, 101376, 1536, 128),
     (8, 9): _ArchitectureLimits(102400, 101376, 1536, 128),
     (9, 0): _ArchitectureLimits(233472, 232448, 2048, 128),
     (12, 0): _ArchitectureLimits(102400, 101376, 1536, 128),
 }
 
 _MB = 1 << 20
+# From NVIDIA's datasheets (memory, bandwidth, dense tensor FLOP/s) and architecture whitepapers
+# (SMs, L2, boost clock). GeForce cards do bf16 with float32 accumulation at half the rate of
+# float16 accumulation, the figure their datasheets lead with.
 GPU_TARGETS: tuple[GpuTarget, ...] = (
-    GpuTarget("RTX 4060 Ti 16 GB", "NVIDIA GeForce RTX 4060 Ti", (8, 9), 34, 16 * GB, 288e9, 44.2e12, 32 * _MB, 2.535e9),
+    GpuTarget("RTX 4060 Ti 16 GB", "NVIDIA GeForce RTX 4060 Ti", (8, 9), 34, 16 * GB, 288e9, 44.2e12, 32 * _MB,
+              2.535e9),
     GpuTarget("RTX 4090", "NVIDIA GeForce RTX 4090", (8, 9), 128, 24 * GB, 1008e9, 165.2e12, 72 * _MB, 2.52e9),
     GpuTarget("L4", "NVIDIA L4", (8, 9), 58, 24 * GB, 300e9, 121e12, 48 * _MB, 2.04e9),
     GpuTarget("A100 40 GB", "NVIDIA A100-SXM4-40GB", (8, 0), 108, 40 * GB, 1555e9, 312e12, 40 * _MB, 1.41e9),

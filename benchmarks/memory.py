@@ -360,6 +360,10 @@ def main() -> None:
                         help="with --programs or --fit: the GPU XLA's compiler targets, deviceless (default: "
                              "%(default)s); its memory as sold is --fit's device size")
     parser.add_argument("--device-gb", type=float, help="with --fit: the device's memory in GB, instead of --gpu's")
+    parser.add_argument("--batch", type=int, nargs="+", default=FIT_BATCHES, help="with --fit: the batches "
+                        f"(default: {' '.join(map(str, FIT_BATCHES))})")
+    parser.add_argument("--context", type=int, nargs="+", default=FIT_CONTEXTS, help="with --fit: the contexts "
+                        f"(default: {' '.join(map(str, FIT_CONTEXTS))})")
     parser.add_argument("--cpu", action="store_true",
                         help="with --programs: compile on the CPU instead (upper bounds: see above)")
     parser.add_argument("--per-device", action="store_true",
@@ -387,7 +391,7 @@ def main() -> None:
         print(f"{args.fit} on one {device_bytes / 1e9:g} GB GPU (XLA may take {GPU_MEMORY_FRACTION:.0%}), compiled "
               f"for an {target.name} ({target.sm_version}), {_FIT_NEW_TOKENS} tokens generated after context - "
               f"{_FIT_NEW_TOKENS}:\n{FIT_HEADER}", flush=True)
-        rows = fit_table(args.fit, device_bytes, device)
+        rows = fit_table(args.fit, device_bytes, device, args.batch, args.context)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
