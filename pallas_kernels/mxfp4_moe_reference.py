@@ -55,23 +55,45 @@ def _epilogue(
     return clamped_swiglu(out, swiglu_limit) if epilogue == "bias_swiglu" else out
 
 
+FewRowsForm = Literal["per_row", "by_expert"]
+
+
 def few_rows_product(
-    lhs: jax.Array, expert: jax.Array, weights_of: Callable[[jax.Array], jax.Array], *, per_row: bool
+    lhs: jax.Array, expert: jax.Array, weights_of: Callable[[jax.Array], jax.Array], num_experts: int,
+    *, form: FewRowsForm,
 ) -> jax.Array:
     """float32 ``[M, N]``: each row of ``lhs [M, K]`` times the weights of its ``expert [M]``.
 
-    ``weights_of`` maps an expert index, or an array of them, to ``[..., N, K]`` weights.
-    ``per_row``: one matrix-vector product per row, for XLA's CPU backend, which copies the
-    gathered ``[M, N, K]`` weights and runs the batched product slowly (at gpt-oss-20b's sizes
-    and 1 or 4 tokens, 2.5-3.7x slower on a 2-core CPU, packed or decoded weights).
+    ``weights_of`` maps an expert index to its ``[N, K]`` weights. A row whose expert is
+    ``num_experts`` or more (past the groups) comes out as 0 in the ``by_expert`` form and is
+    clamped to the last expert in the ``per_row`` form (the caller masks it).
+
+    ``form``:
+
+    * ``per_row``: one matrix-vector product per row, decoding its expert each time. For XLA's
+      CPU backend, where it is the fastest form (``python -m benchmarks.throughput.moe_reference``).
+    * ``by_expert``: a loop over the distinct experts of the rows, each decoded once and
+      multiplied by every row, its own rows kept. One expert's weights are live at a time, where
+      a gather of every row's weights holds ``[M, N, K]`` (on an RTX 4090 at gpt-oss-20b's mlp1
+      and 8 tokens, 1.08 GB of temporaries for one matmul): the form for GPUs.
     """
-    if per_row:
+    rows = lhs.shape[0]
+    if form == "per_row":
+        clamped = jnp.minimum(expert, num_experts - 1)
         return jax.lax.map(
             lambda row_and_expert: jnp.dot(weights_of(row_and_expert[1]), row_and_expert[0],
                                            preferred_element_type=jnp.float32),
-            (lhs, expert),
+            (lhs, clamped),
         )
-    return jnp.einsum("mk,mnk->mn", lhs, weights_of(expert), preferred_element_type=jnp.float32)
+    used = jnp.zeros(num_experts, jnp.bool_).at[expert].set(True, mode="drop")
+    distinct = jnp.nonzero(used, size=min(rows, num_experts), fill_value=0)[0]
+
+    def one_expert(index: jax.Array, out: jax.Array) -> jax.Array:
+        product = jnp.dot(lhs, weights_of(distinct[index]).T, preferred_element_type=jnp.float32)
+        return jnp.where((expert == distinct[index])[:, None], product, out)
+
+    out_features = jax.eval_shape(weights_of, distinct[0]).shape[0]
+    return jax.lax.fori_loop(0, used.sum(), one_expert, jnp.zeros((rows, out_features), jnp.float32))
 
 
 def _row_tile(rows: int, num_experts: int) -> int:
@@ -156,20 +178,19 @@ def mxfp4_grouped_matmul_reference(
     rows = lhs.shape[0]
     out_features = n // 2 if epilogue == "bias_swiglu" else n
 
-    def weights_of(experts: jax.Array) -> jax.Array:
-        """``[..., N, K]`` weights of ``experts [...]`` (an index or an array of them) in lhs.dtype."""
+    def weights_of(expert: jax.Array) -> jax.Array:
+        """``[N, K]`` weights of one expert in lhs.dtype."""
         if decoded is None:
-            return mxfp4.dequantize(blocks[experts], scales[experts], lhs.dtype)
-        return decoded[experts].astype(lhs.dtype)
+            return mxfp4.dequantize(blocks[expert], scales[expert], lhs.dtype)
+        return decoded[expert].astype(lhs.dtype)
 
     if rows <= num_experts:
-        # Few rows (decode): each row with its own expert's weights, in one step rather than a
-        # loop over the experts.
+        # Few rows (decode): only the experts the rows use, rather than a loop over all of them.
         row_expert = expert_of_rows(group_sizes, rows)
         expert = jnp.minimum(row_expert, num_experts - 1)
         product = jax.lax.platform_dependent(
-            cpu=functools.partial(few_rows_product, lhs, expert, weights_of, per_row=True),
-            default=functools.partial(few_rows_product, lhs, expert, weights_of, per_row=False),
+            cpu=functools.partial(few_rows_product, lhs, row_expert, weights_of, num_experts, form="per_row"),
+            default=functools.partial(few_rows_product, lhs, row_expert, weights_of, num_experts, form="by_expert"),
         )
         out = _epilogue(product, bias[expert], epilogue, lhs.dtype, swiglu_limit)
         out = jnp.where((row_expert < num_experts)[:, None], out, 0)

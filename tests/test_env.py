@@ -200,6 +200,24 @@ def test_a_model_larger_than_the_free_memory_is_refused_before_loading(no_loadin
     assert not any(no_loading.iterdir())
 
 
+def test_gpt_oss_20b_on_a_16_gb_card_needs_most_of_it_for_xla(tmp_path, monkeypatch):
+    # An RTX 4060 Ti 16 GB has 16 GiB. XLA's allocator takes 75% by default: 12.88 GB, under
+    # 20b's 13.76 GB of parameters, so 20b is refused with the fix; with the CLI's 95% a batch-1
+    # cache of over 32K positions fits beside them (benchmarks/memory/budget.py --fit has the programs).
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)  # as a Python program starts
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_dict(preset("gpt-oss-20b"))))
+    card = "NVIDIA GeForce RTX 4060 Ti"
+    fake_gpu(monkeypatch, card, "8.9", limit=int(0.75 * 16 * 2**30))
+    model = gather_environment(tmp_path, option_name=option_flag)["checkpoint"]
+    assert model["refused"] == (
+        f"the model's parameters take 13.76 GB per device, but {card} (device 0) has 12.88 GB free; give JAX "
+        "more of the GPU than 0.75 by default (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95), use a device with more memory, "
+        "or split the model over more devices (--mesh)")
+    fake_gpu(monkeypatch, card, "8.9", limit=int(0.95 * 16 * 2**30))
+    model = gather_environment(tmp_path, option_name=option_flag)["checkpoint"]
+    assert model["refused"] is None and model["largest_context_at_batch_1"] > 32768
+
+
 def test_a_mesh_of_more_devices_than_there_are_is_refused_with_the_fix(no_loading, gpt_oss_120b_config, capsys):
     with pytest.raises(MeshDeviceCountError) as raised:
         open_model(mesh="expert=4,tensor=2")

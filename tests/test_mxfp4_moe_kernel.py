@@ -169,18 +169,48 @@ def test_numpy_prmt_follows_ptx():
     assert _NumpyWordOps().prmt(np.array([0x80], np.uint32), 0x4448)[0] == 0x000000FF
 
 
-@pytest.mark.parametrize("per_row", [True, False], ids=["per-row (CPU)", "batched (other backends)"])
-def test_reference_few_rows_product_against_float64(per_row):
+@pytest.mark.parametrize("form", ["per_row", "by_expert"], ids=["per-row (CPU)", "by-expert (other backends)"])
+def test_reference_few_rows_product_against_float64(form):
     # The reference picks its decode-sized form by backend, so the CPU runs only one of them
-    # inside it: both are checked here, on the CPU.
+    # inside it: both are checked here, on the CPU. Expert 4 has two rows (decoded once by
+    # expert), experts 1-3 none; the last row is past the groups (expert 5 of 5).
     rng = np.random.default_rng(0)
     weights = rng.standard_normal((5, 48, 64)).astype(np.float32)
-    lhs = rng.standard_normal((3, 64)).astype(np.float32)
-    expert = np.array([4, 0, 4], np.int32)
-    got = few_rows_product(jnp.asarray(lhs), jnp.asarray(expert), lambda e: jnp.asarray(weights)[e], per_row=per_row)
-    want = np.einsum("mk,mnk->mn", lhs.astype(np.float64), weights[expert].astype(np.float64))
+    lhs = rng.standard_normal((4, 64)).astype(np.float32)
+    expert = np.array([0, 4, 4, 5], np.int32)
+    got = few_rows_product(jnp.asarray(lhs), jnp.asarray(expert), lambda e: jnp.asarray(weights)[e], 5, form=form)
+    want = np.einsum("mk,mnk->mn", lhs[:3].astype(np.float64), weights[expert[:3]].astype(np.float64))
     assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[:3], want, rtol=1e-5, atol=1e-5)
+    if form == "by_expert":  # no expert decoded for the row past the groups
+        assert not np.asarray(got)[3].any()
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_reference_few_rows_forms_at_real_shapes(tokens):
+    # gpt-oss-20b's mlp2 shapes in bf16, routed as the model routes (each token's top-4 distinct
+    # experts, rows sorted by expert). The forms sum in float32 in different orders, so each is
+    # held to float64 within float32's accumulation error, relative to the terms' magnitudes;
+    # a row multiplied by another expert's weights would be off by about its whole magnitude.
+    rng = np.random.default_rng(tokens)
+    experts, top_k, n, k = 32, 4, 2880, 2880
+    expert = np.sort(np.concatenate([rng.choice(experts, top_k, replace=False) for _ in range(tokens)]))
+    blocks = jnp.asarray(rng.integers(0, 256, (experts, n, k // 32, 16), np.uint8))
+    scales = jnp.asarray(rng.integers(120, 130, (experts, n, k // 32), np.uint8))
+    lhs = jnp.asarray(rng.standard_normal((tokens * top_k, k)), jnp.bfloat16)
+
+    @functools.partial(jax.jit, static_argnames="form")
+    def product(lhs, expert, form):
+        weights_of = lambda e: mxfp4.dequantize(blocks[e], scales[e], jnp.bfloat16)  # noqa: E731
+        return few_rows_product(lhs, expert, weights_of, experts, form=form)
+
+    want, magnitude = np.zeros((len(expert), n)), np.zeros((len(expert), n))
+    for row, e in enumerate(expert):  # a row at a time: [N, K] float64 terms
+        terms = np.asarray(lhs[row], np.float64) * np.asarray(mxfp4.dequantize(blocks[e], scales[e], jnp.float32))
+        want[row], magnitude[row] = terms.sum(-1), np.abs(terms).sum(-1)
+    for form in ("per_row", "by_expert"):
+        error = np.abs(np.asarray(product(lhs, jnp.asarray(expert), form), np.float64) - want)
+        assert (error <= 1e-6 * magnitude).all(), (form, (error / magnitude).max())
 
 
 @pytest.mark.parametrize("rows, group_sizes", [(120, [37, 0, 5, 70, 0, 1]), (4, [1, 0, 2, 0, 0, 0])],

@@ -237,8 +237,13 @@ def gpu_memory_bytes() -> int | None:
 
 
 def memory_check_command(step_names: Sequence[str], json_path: Path) -> tuple[str, ...]:
-    """The command that writes the steps' program memory to ``json_path`` (``benchmarks.memory.budget --programs``)."""
-    return (sys.executable, "-m", "benchmarks.memory.budget", "--programs", "--json", str(json_path), "--step", *step_names)
+    """The command that writes the steps' program memory to ``json_path`` (``benchmarks.memory.budget --programs``).
+
+    Compiled on the CPU (``--cpu``, upper bounds): the deviceless GPU compile needs tools from
+    PyPI, which the device machine cannot reach, and the GPU itself is busy with the other steps.
+    """
+    return (sys.executable, "-m", "benchmarks.memory.budget", "--programs", "--cpu", "--json", str(json_path),
+            "--step", *step_names)
 
 
 class MemoryCheck:
