@@ -182,6 +182,31 @@ def test_sixteen_concurrent_streams_each_get_their_solo_reply(demo):
         assert list(pool.map(streamed, requests)) == solo
 
 
+def test_a_resent_prompt_reports_its_cached_tokens_in_every_api(demo):
+    client = demo.client()
+    system = " ".join(f"Rule {i}: answer plainly." for i in range(40))  # several 128-token blocks
+    messages = [dict(role="system", content=system), dict(role="user", content="Hello there")]
+    first = _chat(client, messages=messages, max_tokens=6)
+    again = _chat(client, messages=messages, max_tokens=6)
+    assert again.choices[0].message == first.choices[0].message
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens > 256
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 256 and cached % 128 == 0 and cached >= first.usage.prompt_tokens_details.cached_tokens
+    # n choices compute their prompt once: the usage is one prompt's.
+    choices = _chat(client, messages=[dict(role="system", content=system + " Be kind."),
+                                      dict(role="user", content="Hi")], max_tokens=3, n=3)
+    assert len(choices.choices) == 3 and choices.usage.prompt_tokens_details.cached_tokens >= 256
+    completion = client.completions.create(model="demo", prompt=[system + " One", system + " Two"], max_tokens=2)
+    assert completion.usage.prompt_tokens_details.cached_tokens >= 2 * 128
+    inputs = dict(model="demo", input="Hello there", instructions=system, max_output_tokens=2, temperature=0)
+    client.responses.create(**inputs)
+    assert client.responses.create(**inputs).usage.input_tokens_details.cached_tokens >= 256
+    metrics = httpx.get(f"{demo.url}/metrics").text
+    hits = float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("gptoss_prefix_cache_hit_tokens_total")))
+    assert hits >= cached and 'gptoss_prefix_cache_blocks{state="used"}' in metrics
+
+
 def test_a_client_that_disconnects_frees_its_slot(demo):
     engine = demo.state.engine
     body = dict(model="demo", messages=[dict(role="user", content="Tell me a long story")], max_tokens=900,

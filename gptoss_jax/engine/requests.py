@@ -123,6 +123,8 @@ class RequestResult:
       finish_reason: ``stop`` (a stop token), ``length`` (max_tokens or the context) or
         ``cancelled``.
       prompt_tokens, completion_tokens: token counts.
+      cached_tokens: prompt tokens taken from the prefix cache (or copied from a request
+        prefilling the same prompt) rather than computed.
       time_to_first_token: seconds from submit to the first token (None if none came).
       token_times: ``time.perf_counter()`` of each token's hand-over.
     """
@@ -132,6 +134,7 @@ class RequestResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     time_to_first_token: float | None
     token_times: list[float]
 
@@ -147,6 +150,8 @@ class RequestHandle:
         self.prompt = prompt
         self.params = params
         self.submitted = time.perf_counter()
+        self.cached_tokens = 0
+        """Prompt tokens not computed (set by the engine at admission)."""
         self._condition = threading.Condition()
         self._deltas: list[Delta] = []
         self._finish_reason: FinishReason | None = None
@@ -262,7 +267,7 @@ class RequestHandle:
         logprobs = ([entry for delta in self._deltas for entry in delta.logprobs] if self.params.logprobs else None)
         return RequestResult(
             tokens=tokens, logprobs=logprobs, finish_reason=self._finish_reason, prompt_tokens=int(self.prompt.size),
-            completion_tokens=len(tokens), time_to_first_token=times[0] - self.submitted if times else None,
+            completion_tokens=len(tokens), cached_tokens=self.cached_tokens, time_to_first_token=times[0] - self.submitted if times else None,
             token_times=times,
         )
 
