@@ -5,9 +5,9 @@ A workload is conversations that start together; a conversation's rounds run one
 round k + 1's prompt being round k's prompt, its reply and the round's appended tokens (a tool
 result). Each workload runs on an engine with the prefix cache, one without, and one request at a
 time (on the engine without). First the workload runs once on a throwaway engine, which compiles
-its programs (jax keeps them for the later engines); then each mode's engine runs a warm-up pass
-of the same shapes with other tokens (so the cache holds none of the timed prompts) before its
-timed pass. The compile time left in a timed pass is reported.
+its programs (jax keeps them for the later engines); then the engine with the cache runs a
+warm-up pass of the same shapes with other tokens (so its pool holds other prompts, none of the
+timed ones) before its timed pass. The compile time left in a timed pass is reported.
 """
 
 from __future__ import annotations
@@ -137,16 +137,18 @@ def run_traffic(model, args: argparse.Namespace) -> dict[str, Any]:
         for mode, caching, together in (("cache on", True, True), ("cache off", False, True),
                                         ("one at a time", False, False)):
             with Engine(model, prefix_caching=caching, **options) as engine:
-                run(engine, warm_up, together)
+                if caching:  # a cache holding other prompts, as a server's would
+                    run(engine, warm_up, together)
                 records, counters = run(engine, workload, together)
                 figures[mode] = summarize(records, counters)
-                figures[mode]["programs"] = engine.programs
+                figures[mode].update(programs=engine.programs, copy_programs=engine.copy_programs)
             row = figures[mode]
             later = (f"  later rounds TTFT p50 {row['later_ttft_p50']:.3f} p99 {row['later_ttft_p99']:.3f} s"
                      if "later_ttft_p50" in row else "")
             print(f"  {mode:>13}: {row['output_tokens_per_second']:7.1f} output tok/s  TTFT p50 {row['ttft_p50']:.3f} "
                   f"p99 {row['ttft_p99']:.3f} s{later}  prompt tokens computed {row['prompt_tokens_computed']} of "
-                  f"{row['prompt_tokens_sent']} ({row['computed_share']:.0%})  compile {row['compile_seconds']:.1f} s",
+                  f"{row['prompt_tokens_sent']} ({row['computed_share']:.0%})  compile {row['compile_seconds']:.1f} s, "
+                  f"{row['programs']} model programs",
                   flush=True)
         on, off, alone = figures["cache on"], figures["cache off"], figures["one at a time"]
         ratios = dict(throughput_over_one_at_a_time=on["output_tokens_per_second"] / alone["output_tokens_per_second"],

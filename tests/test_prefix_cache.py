@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -233,6 +234,21 @@ def test_a_restored_prefix_is_the_cache_a_prefill_to_its_length_leaves(model, le
         for got_part, expected_part in ((got.keys, expected.keys), (got.values, expected.values)):
             np.testing.assert_allclose(np.asarray(got_part[1])[held], np.asarray(expected_part[1])[held],
                                        rtol=0, atol=1e-5, err_msg=f"layer {layer}")
+
+
+def test_the_copies_lower_for_cuda_at_gpt_oss_shapes():
+    """Restore, save and the slot copy are plain XLA gathers and scatters beside the kernels' cache layout."""
+    config = preset("gpt-oss-20b")
+    cache = jax.eval_shape(lambda: KVCache.create(config, 64, 4096))
+    pool = jax.eval_shape(lambda: prefix_cache.create_pool(config, 256, 128, jnp.bfloat16))
+    scalar, rows = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((8,), jnp.int32)
+    for function, arguments in ((prefix_cache.restore_prefix, (cache, pool, scalar, rows, scalar)),
+                                (prefix_cache.save_blocks, (cache, pool, rows, rows, rows)),
+                                (prefix_cache.copy_rows, (cache, rows, rows))):
+        exported = jax.export.export(jax.jit(function), platforms=["cuda"])(*arguments)
+        assert exported.platforms == ("cuda",)
+        assert jax.tree.map(lambda out: out.shape, exported.out_avals) == jax.tree.map(
+            lambda out: out.shape, tuple(jax.tree.leaves(pool if function is prefix_cache.save_blocks else cache)))
 
 
 def test_bad_prefix_settings_are_refused_with_the_reason(model):

@@ -61,7 +61,7 @@ from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import RowSampling
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # slots are told apart by identity (a follower's leader)
 class _Slot:
     handle: RequestHandle
     order: int  # admission order: the oldest prompt is prefilled first
