@@ -171,6 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-budget", type=int, default=2048)
     parser.add_argument("--traffic", nargs="+", choices=("a", "b", "c"),
                         help="run these real-traffic workloads (cache on, off, one at a time) instead")
+    parser.add_argument("--modes", nargs="+", default=["on", "off", "alone"], choices=("on", "off", "alone"),
+                        help="--traffic: the modes to run (default all: cache on, cache off, one at a time)")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="--traffic: multiply the workloads' prompt lengths by this (GPU shapes: more)")
     parser.add_argument("--seed", type=int, default=0)
