@@ -330,3 +330,16 @@ def test_a_full_queue_answers_429_and_loading_503(scripted):
         assert httpx.get(f"{loading.url}/health").status_code == 503
     finally:
         loading.stop()
+
+
+@pytest.mark.parametrize("flags, caching, pool_bytes", [
+    ([], True, None), (["--no-prefix-caching"], False, None), (["--prefix-cache-gb", "2.5"], True, 2_500_000_000),
+])
+def test_serve_flags_reach_the_engine(monkeypatch, flags, caching, pool_bytes):
+    from gptoss_jax import cli
+    from gptoss_jax.serving import serve
+
+    seen = {}
+    monkeypatch.setattr(serve, "serve", lambda load, **options: seen.update(options["engine_options"]))
+    assert cli.main(["serve", "--prefill-budget", "4096", *flags]) == 0
+    assert (seen["prefix_caching"], seen["prefix_cache_bytes"], seen["prefill_budget"]) == (caching, pool_bytes, 4096)
