@@ -4,7 +4,7 @@ Workloads a, b and c of ``python -m benchmarks.engine --traffic`` (see :mod:`ben
 A workload is conversations that start together; a conversation's rounds run one after another,
 round k + 1's prompt being round k's prompt, its reply and the round's appended tokens (a tool
 result). Each workload runs on an engine with the prefix cache, one without, and one request at a
-time (on the engine without). First the workload runs once on a throwaway engine of each setting,
+time (on the engine without). First the workload runs once in each mode on a throwaway engine,
 which compiles its programs (jax keeps them for the later engines); then the engine with the cache runs a
 warm-up pass of the same shapes with other tokens (so its pool holds other prompts, none of the
 timed ones) before its timed pass. The compile time left in a timed pass is reported.
@@ -134,9 +134,9 @@ def run_traffic(model, args: argparse.Namespace) -> dict[str, Any]:
         print(f"workload {name}: {len(workload)} conversations x {len(workload[0].new_tokens)} rounds, "
               f"{options['max_batch']} slots x {context}, budget {args.prefill_budget} on {device}", flush=True)
         modes = [MODES[name] for name in MODES if name in args.modes]
-        for caching in sorted({caching for _, caching, _ in modes}):  # compiles what the runs need (jax keeps it)
+        for _, caching, together in modes:  # compiles what the runs need (jax keeps it)
             with Engine(model, prefix_caching=caching, **options) as engine:
-                run(engine, workload, True)
+                run(engine, workload, together)
         figures = {}
         for mode, caching, together in modes:
             with Engine(model, prefix_caching=caching, **options) as engine:
