@@ -95,6 +95,25 @@ class SamplingParams:
         return dataclasses.replace(self, max_tokens=int(max_tokens), seed=int(seed), stop_token_ids=stops)
 
 
+def checked_prompt(prompt, vocab_size: int, max_context: int) -> np.ndarray:
+    """A prompt of token ids as int32 ``[tokens]``, or a :class:`RequestError` saying what is wrong with it."""
+    if isinstance(prompt, (str, bytes)):
+        raise RequestError("the prompt must be token ids, not text: encode it with the tokenizer first")
+    ids = np.asarray(prompt)
+    if ids.ndim != 1:
+        raise RequestError(f"the prompt must be a flat sequence of token ids, got shape {ids.shape}")
+    if ids.size == 0:
+        raise RequestError("the prompt is empty: generation needs at least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise RequestError(f"the prompt must hold integer token ids, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise RequestError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
+    if ids.size + 1 > max_context:
+        raise RequestError(f"the prompt ({ids.size} tokens) leaves no room for a token in the engine's context "
+                           f"of {max_context}")
+    return ids.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability (untempered) and the most likely alternatives at its step."""

@@ -50,8 +50,8 @@ from flax import nnx
 from gptoss_jax.compiled import CompiledByShape, donated
 from gptoss_jax.engine import prefill, prefix_cache, programs, sizing
 from gptoss_jax.engine.requests import (
-    MAX_STOP_TOKENS, Delta, EngineClosedError, QueueFullError, RequestError, RequestHandle, SamplingParams,
-    TokenLogprob,
+    MAX_STOP_TOKENS, Delta, EngineClosedError, QueueFullError, RequestHandle, SamplingParams, TokenLogprob,
+    checked_prompt,
 )
 from gptoss_jax.engine.prefix_cache import BlockPool, PrefixIndex
 from gptoss_jax.engine.sizing import EngineSizeError
@@ -200,7 +200,7 @@ class Engine:
             params = SamplingParams(**settings)
         elif settings:
             raise TypeError("pass settings either as a SamplingParams or as keywords, not both")
-        ids = self._checked_prompt(prompt)
+        ids = checked_prompt(prompt, self.model.config.vocab_size, self.max_context)
         params = params.checked(ids.size, self.max_context, self.model.config.vocab_size)
         with self._condition:
             if self._closing or self._failure is not None:
@@ -508,21 +508,3 @@ class Engine:
                 for i, token in enumerate(tokens)
             ]
         self._slots[index].handle._push(Delta(tokens, entries, now))
-
-    def _checked_prompt(self, prompt) -> np.ndarray:
-        if isinstance(prompt, (str, bytes)):
-            raise RequestError("the prompt must be token ids, not text: encode it with the tokenizer first")
-        ids = np.asarray(prompt)
-        if ids.ndim != 1:
-            raise RequestError(f"the prompt must be a flat sequence of token ids, got shape {ids.shape}")
-        if ids.size == 0:
-            raise RequestError("the prompt is empty: generation needs at least one token")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise RequestError(f"the prompt must hold integer token ids, got {ids.dtype}")
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise RequestError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
-        if ids.size + 1 > self.max_context:
-            raise RequestError(f"the prompt ({ids.size} tokens) leaves no room for a token in the engine's context "
-                               f"of {self.max_context}")
-        return ids.astype(np.int32)
