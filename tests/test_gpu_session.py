@@ -82,8 +82,9 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     assert gpu_session.main(["--list", "--commit", "abc1234", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
-    assert names == ["env", "gptoss-env", "kernel-check", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b", "e2e-120b",
-                     "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b"]
+    assert names == ["env", "gptoss-env", "kernel-check", "kernel-tests", "moe-kernel", "attention-kernel", "e2e-20b",
+                     "e2e-120b", "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b",
+                     "engine-traffic-20b"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.gpu.e2e" in line]
     assert len(e2e_lines) == 4
     assert all("--commit abc1234" in line and f"--results-md {tmp_path}/RESULTS.md" in line for line in e2e_lines)
@@ -158,3 +159,6 @@ def test_the_engine_and_serve_steps_parse_with_their_scripts_own_parsers(tmp_pat
     assert engine_args.json == tmp_path / "engine-20b.json"
     serve_args = serve.parse_args(steps["serve-20b"].command[3:])
     assert (serve_args.model, serve_args.clients, serve_args.skip_sequential) == ("gpt-oss-20b", 64, True)
+    traffic_args = engine.parse_args(steps["engine-traffic-20b"].command[3:])
+    assert (traffic_args.model, traffic_args.traffic, traffic_args.prefill_budget) == ("gpt-oss-20b", ["a", "c", "b"],
+                                                                                       8192)

@@ -186,6 +186,31 @@ def test_sixteen_concurrent_streams_each_get_their_solo_reply(demo):
         assert list(pool.map(streamed, requests)) == solo
 
 
+def test_a_resent_prompt_reports_its_cached_tokens_in_every_api(demo):
+    client = demo.client()
+    system = " ".join(f"Rule {i}: answer plainly." for i in range(40))  # several 128-token blocks
+    messages = [dict(role="system", content=system), dict(role="user", content="Hello there")]
+    first = _chat(client, messages=messages, max_tokens=6)
+    again = _chat(client, messages=messages, max_tokens=6)
+    assert again.choices[0].message == first.choices[0].message
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens > 256
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 256 and cached % 128 == 0 and cached >= first.usage.prompt_tokens_details.cached_tokens
+    # n choices compute their prompt once: the usage is one prompt's.
+    choices = _chat(client, messages=[dict(role="system", content=system + " Be kind."),
+                                      dict(role="user", content="Hi")], max_tokens=3, n=3)
+    assert len(choices.choices) == 3 and choices.usage.prompt_tokens_details.cached_tokens >= 256
+    completion = client.completions.create(model="demo", prompt=[system + " One", system + " Two"], max_tokens=2)
+    assert completion.usage.prompt_tokens_details.cached_tokens >= 2 * 128
+    inputs = dict(model="demo", input="Hello there", instructions=system, max_output_tokens=2, temperature=0)
+    client.responses.create(**inputs)
+    assert client.responses.create(**inputs).usage.input_tokens_details.cached_tokens >= 256
+    metrics = httpx.get(f"{demo.url}/metrics").text
+    hits = float(next(line.split()[-1] for line in metrics.splitlines()
+                      if line.startswith("gptoss_prefix_cache_hit_tokens_total")))
+    assert hits >= cached and 'gptoss_prefix_cache_blocks{state="used"}' in metrics
+
+
 def test_a_client_that_disconnects_frees_its_slot(demo):
     engine = demo.state.engine
     body = dict(model="demo", messages=[dict(role="user", content="Tell me a long story")], max_tokens=900,
@@ -194,8 +219,11 @@ def test_a_client_that_disconnects_frees_its_slot(demo):
         with http.stream("POST", f"{demo.url}/v1/chat/completions", json=body,
                          headers=dict(authorization=f"Bearer {API_KEY}")) as response:
             lines = response.iter_lines()
-            assert next(lines).startswith("data: ")
-            assert engine.running == 1
+            assert next(lines).startswith("data: ")  # the role chunk: sent before the engine admits the request
+            deadline = time.monotonic() + 30
+            while engine.running != 1:
+                assert time.monotonic() < deadline, "the request never took a slot"
+                time.sleep(0.01)
     deadline = time.monotonic() + 30
     while engine.running:
         assert time.monotonic() < deadline, "the disconnected request still holds its slot"
@@ -394,3 +422,16 @@ def test_text_outside_harmony_comes_back_as_content_in_every_endpoint(demo, capl
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     response = client.responses.create(model="demo", input="Hello there", max_output_tokens=16, temperature=0)
     assert [item.type for item in response.output] == ["message"] and response.output_text
+
+
+@pytest.mark.parametrize("flags, caching, pool_bytes", [
+    ([], True, None), (["--no-prefix-caching"], False, None), (["--prefix-cache-gb", "2.5"], True, 2_500_000_000),
+])
+def test_serve_flags_reach_the_engine(monkeypatch, flags, caching, pool_bytes):
+    from gptoss_jax import cli
+    from gptoss_jax.serving import serve
+
+    seen = {}
+    monkeypatch.setattr(serve, "serve", lambda load, **options: seen.update(options["engine_options"]))
+    assert cli.main(["serve", "--prefill-budget", "4096", *flags]) == 0
+    assert (seen["prefix_caching"], seen["prefix_cache_bytes"], seen["prefill_budget"]) == (caching, pool_bytes, 4096)

@@ -27,7 +27,10 @@ order (``--list`` prints their commands):
 * ``moe-sweep``: the expert kernel's tuning configs at decode and prefill sizes;
 * ``engine-20b``: the continuous-batching engine at gpt-oss-20b shapes, 64 concurrent 1K/1K
   requests, against static batching;
-* ``serve-20b``: the HTTP server under 64 concurrent streaming clients at gpt-oss-20b shapes.
+* ``serve-20b``: the HTTP server under 64 concurrent streaming clients at gpt-oss-20b shapes;
+* ``engine-traffic-20b``: the engine's real-traffic workloads (``benchmarks.throughput.engine --traffic``:
+  short requests together, users sharing a system prompt, an agent replay) with the prefix cache
+  on, off and one request at a time.
 
 The generating steps (``e2e-*``) are checked against the GPU's memory first: at the start,
 ``benchmarks.memory.budget --programs`` compiles their programs at the real shapes on the CPU, beside
@@ -179,6 +182,10 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
                             "--burst-steps", "32", "--json", str(out / "engine-20b.json")), 420),
         Step("serve-20b", (python, "-m", "benchmarks.throughput.serve", "--model", "gpt-oss-20b", "--clients", "64",
                            "--prompt-len", "1024", "1024", "--new-tokens", "256", "256", "--skip-sequential"), 300),
+        # Real traffic (batched prefill, the prefix cache), cache on / off / one at a time, figures in the log
+        # (OUT's 8 files are taken): workload b at full length is the agent replay, a and c are quicker.
+        Step("engine-traffic-20b", (python, "-m", "benchmarks.throughput.engine", "--model", "gpt-oss-20b", "--traffic", "a", "c",
+                                    "b", "--prefill-budget", "8192", "--burst-steps", "32"), 420),
     ]
 
 

@@ -20,10 +20,25 @@ Reported per mode: output tokens/s (all requests' output tokens over the span fr
 arrival to the last token), time to first token (from arrival) p50/p99 and inter-token latency
 (gaps between a request's consecutive tokens, pooled) p50/p99.
 
+``--traffic a b c`` runs instead the real-traffic workloads, each with the prefix cache on, off,
+and one request at a time (the engine with the cache off, each request submitted when the one
+before has finished), side by side (:mod:`benchmarks.throughput.engine_traffic`):
+
+* **a**: 16 distinct short requests at once (prompts of about 80 tokens, replies of 8 to 64);
+* **b**: an agent replay: 8 conversations at once, each 6 rounds; every conversation starts with
+  the same 8 tools (long descriptions) and a developer message of about 1.5K tokens, then its own
+  task; each round appends the reply and a tool result and resends everything;
+* **c**: 16 users at once sharing one system prompt of about 1K tokens.
+
+Reported per workload and mode: output tokens/s, time to first token p50/p99 at the engine's
+API (from submit to the first token id; for b also over the rounds after the first), and prompt
+tokens computed against prompt tokens sent.
+
 Usage (from the repository root)::
 
     python -m benchmarks.throughput.engine                                   # demo model, CPU, 16 requests
     python -m benchmarks.throughput.engine --rate 4                          # Poisson arrivals
+    python -m benchmarks.throughput.engine --traffic a b c                   # batched prefill and the prefix cache
     python -m benchmarks.throughput.engine --model gpt-oss-20b --requests 64 --prompt-len 1024 1024 \\
         --new-tokens 1024 1024 --baselines static                 # a GPU
 """
@@ -153,6 +168,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--burst-steps", type=int, default=16)
     parser.add_argument("--burst-steps-busy", type=int, default=4)
     parser.add_argument("--baselines", nargs="*", default=["sequential", "static"], choices=MODES[1:])
+    parser.add_argument("--prefill-budget", type=int, default=2048)
+    parser.add_argument("--traffic", nargs="+", choices=("a", "b", "c"),
+                        help="run these real-traffic workloads (cache on, off, one at a time) instead")
+    parser.add_argument("--modes", nargs="+", default=["on", "off", "alone"], choices=("on", "off", "alone"),
+                        help="--traffic: the modes to run (default all: cache on, cache off, one at a time)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="--traffic: multiply the workloads' prompt lengths by this (GPU shapes: more)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -161,13 +183,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     model = load_model(args.model, args.dtype, args.kernels)
+    if args.traffic:
+        from benchmarks.throughput.engine_traffic import run_traffic
+
+        return run_traffic(model, args)
     config = model.config
     workload = make_workload(args.requests, tuple(args.prompt_len), tuple(args.new_tokens), args.rate,
                              config.vocab_size, args.seed)
     context = max(len(r["prompt"]) + r["new_tokens"] for r in workload)
     max_context = min(1 << (context - 1).bit_length(), config.max_position_embeddings)
     engine = Engine(model, max_batch=args.max_batch or args.requests, max_context=max_context,
-                    prefill_chunk=args.prefill_chunk, burst_steps=args.burst_steps,
+                    prefill_chunk=args.prefill_chunk, prefill_budget=args.prefill_budget, burst_steps=args.burst_steps,
                     burst_steps_busy=args.burst_steps_busy)
     runners = dict(engine=lambda: run_engine(engine, workload),
                    sequential=lambda: run_sequential(model, workload, args.prefill_chunk),

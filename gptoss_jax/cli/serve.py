@@ -17,7 +17,9 @@ def _run_serve(args: argparse.Namespace) -> int:
                          "pip install 'gptoss-jax[serve]'") from None
     model_name = args.served_model_name or ("demo" if args.checkpoint is None else checkpoint_name(args.checkpoint))
     engine_options = dict(max_batch=args.max_batch, max_context=args.max_context, prefill_chunk=args.prefill_chunk,
-                          max_queue=args.max_queue)
+                          prefill_budget=args.prefill_budget, max_queue=args.max_queue,
+                          prefix_caching=args.prefix_caching,
+                          prefix_cache_bytes=None if args.prefix_cache_gb is None else int(args.prefix_cache_gb * 1e9))
 
     def load():
         opened = open_model_for(args)
@@ -38,6 +40,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -64,7 +73,16 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-context", type=_positive, default=4096,
                         help="positions per request: prompt plus generated tokens (default: 4096)")
     parser.add_argument("--prefill-chunk", type=_positive, default=256,
-                        help="prompt tokens per prefill step, a power of two (default: 256)")
+                        help="the most prompt tokens of one request per prefill step, a power of two (default: 256)")
+    parser.add_argument("--prefill-budget", type=_positive, default=2048,
+                        help="the most tokens one prefill step runs, over the chunks of several waiting prompts "
+                             "(default: 2048)")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="compute every prompt in full (by default prompts' KV is kept in blocks of 128 tokens "
+                             "and a new prompt's longest cached prefix is reused)")
+    parser.add_argument("--prefix-cache-gb", type=_positive_float, metavar="GB",
+                        help="the prefix cache's pool per device, in GB (default: half the memory left after the "
+                             "parameters and the slots' KV cache)")
     parser.add_argument("--max-queue", type=_positive, default=1024,
                         help="requests that may wait for a slot; more are answered 429 (default: 1024)")
     add_runtime_arguments(parser)

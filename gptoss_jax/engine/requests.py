@@ -126,6 +126,25 @@ class SamplingParams:
         return dataclasses.replace(self, max_tokens=int(max_tokens), seed=int(seed), stop_token_ids=stops)
 
 
+def checked_prompt(prompt, vocab_size: int, max_context: int) -> np.ndarray:
+    """A prompt of token ids as int32 ``[tokens]``, or a :class:`RequestError` saying what is wrong with it."""
+    if isinstance(prompt, (str, bytes)):
+        raise RequestError("the prompt must be token ids, not text: encode it with the tokenizer first")
+    ids = np.asarray(prompt)
+    if ids.ndim != 1:
+        raise RequestError(f"the prompt must be a flat sequence of token ids, got shape {ids.shape}")
+    if ids.size == 0:
+        raise RequestError("the prompt is empty: generation needs at least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise RequestError(f"the prompt must hold integer token ids, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise RequestError(f"the prompt has token ids outside the vocabulary [0, {vocab_size})")
+    if ids.size + 1 > max_context:
+        raise RequestError(f"the prompt ({ids.size} tokens) leaves no room for a token in the engine's context "
+                           f"of {max_context}")
+    return ids.astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
     """A generated token's log-probability (untempered) and the most likely alternatives at its step."""
@@ -154,6 +173,8 @@ class RequestResult:
       finish_reason: ``stop`` (a stop token), ``length`` (max_tokens or the context) or
         ``cancelled``.
       prompt_tokens, completion_tokens: token counts.
+      cached_tokens: prompt tokens taken from the prefix cache (or copied from a request
+        prefilling the same prompt) rather than computed.
       time_to_first_token: seconds from submit to the first token (None if none came).
       token_times: ``time.perf_counter()`` of each token's hand-over.
     """
@@ -163,6 +184,7 @@ class RequestResult:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     time_to_first_token: float | None
     token_times: list[float]
 
@@ -178,6 +200,8 @@ class RequestHandle:
         self.prompt = prompt
         self.params = params
         self.submitted = time.perf_counter()
+        self.cached_tokens = 0
+        """Prompt tokens not computed (set by the engine at admission)."""
         self._condition = threading.Condition()
         self._deltas: list[Delta] = []
         self._finish_reason: FinishReason | None = None
@@ -293,7 +317,7 @@ class RequestHandle:
         logprobs = ([entry for delta in self._deltas for entry in delta.logprobs] if self.params.logprobs else None)
         return RequestResult(
             tokens=tokens, logprobs=logprobs, finish_reason=self._finish_reason, prompt_tokens=int(self.prompt.size),
-            completion_tokens=len(tokens), time_to_first_token=times[0] - self.submitted if times else None,
+            completion_tokens=len(tokens), cached_tokens=self.cached_tokens, time_to_first_token=times[0] - self.submitted if times else None,
             token_times=times,
         )
 

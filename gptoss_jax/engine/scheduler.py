@@ -1,18 +1,27 @@
 """The continuous-batching engine: requests join and leave a running batch of decode slots.
 
 One thread owns the device. Each turn of its loop it admits waiting requests into free slots,
-runs one prefill chunk (for up to one row per ``data`` shard), then one decode burst of every
-decoding slot, and hands each request its new tokens. So a long prompt delays the running
-streams by about one chunk per burst, never by its whole prefill.
+starts their prompts, runs one prefill call, then one decode burst of every decoding slot, and
+hands each request its new tokens. A prefill call takes the next chunk of as many waiting prompts
+as ``prefill_budget`` tokens hold (:mod:`gptoss_jax.engine.prefill`), so many short prompts are
+in after one call and a long prompt delays the running streams by about one budget per burst,
+never by its whole prefill.
+
+A prompt is computed once (:mod:`gptoss_jax.engine.prefix_cache`): a new prompt restores its
+longest cached prefix from the pool of blocks (prompts' blocks are kept there as their chunks
+complete them); one equal to a prompt being prefilled waits for it and copies its slot; one whose
+next block another slot is computing waits for that block.
 
 Bursts are short (``burst_steps_busy``) while requests wait for a slot or are being prefilled,
 so a finishing row frees its slot soon and a new prompt's chunks interleave closely; and long
 (``burst_steps``) when nothing waits, so the host's turn between bursts is paid rarely.
 
-Compiled programs: the prefill chunk for each chunk bucket (powers of two from 16 up to
-``prefill_chunk``, the first chunk of a prompt and later ones apart), the first-token sampler,
-and the decode burst, with and without top-k/top-p filtering and log-probabilities. A mixed
-workload compiles at most ``2 * buckets + 4`` model programs; the burst length is traced.
+Compiled programs: a prefill call for each shape (rows and chunk width, both powers of two; all
+first chunks or all later ones), the first-token sampler, and the decode burst, with and without
+top-k/top-p filtering and log-probabilities: at most ``2 * row_buckets * width_buckets + 4`` model
+programs, fewer where ``rows * width`` passes the budget; the burst length is traced. The prefix
+cache adds small copy programs: a restore per bucket of block counts, a save and a slot copy per
+bucket of rows.
 
 Example::
 
@@ -39,51 +48,32 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax.compiled import CompiledByShape, donated
-from gptoss_jax.engine import constraints, programs
+from gptoss_jax.engine import constraints, prefill, prefix_cache, programs, sizing
 from gptoss_jax.engine.requests import (
-    MAX_STOP_TOKENS, Delta, EngineClosedError, QueueFullError, RequestError, RequestHandle, SamplingParams,
-    TokenLogprob,
+    MAX_STOP_TOKENS, Delta, EngineClosedError, QueueFullError, RequestHandle, SamplingParams, TokenLogprob,
+    checked_prompt,
 )
-from gptoss_jax.errors import GptOssError
-from gptoss_jax.footprint import MEMORY_FRACTION, device_memory_bytes
-from gptoss_jax.kv_cache import KVCache, cache_bytes
+from gptoss_jax.engine.prefix_cache import BlockPool, PrefixIndex
+from gptoss_jax.engine.sizing import EngineSizeError
+from gptoss_jax.footprint import MEMORY_FRACTION
+from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from gptoss_jax.sampling import RowSampling
 from gptoss_jax.tokenizer import Tokenizer
 
-_MIN_CHUNK = 16
-MAX_SLOTS = 1024
-"""The most slots the engine chooses when it sizes itself from memory."""
 
-
-class EngineSizeError(GptOssError):
-    """Slots and context that do not fit beside the parameters; the message gives the figures."""
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # slots are told apart by identity (a follower's leader)
 class _Slot:
     handle: RequestHandle
     order: int  # admission order: the oldest prompt is prefilled first
-    chunk: int  # prompt tokens per prefill chunk for this request
     prefilled: int = 0  # prompt tokens in the cache
     decoding: bool = False
+    started: bool = False  # its prompt is being prefilled, restored or copied (not waiting for another's blocks)
+    leader: _Slot | None = None  # a slot prefilling the same prompt, whose cache row this one copies
+    digests: list[bytes] = dataclasses.field(default_factory=list)  # the prompt's block chain
 
 
-def _power_of_two_at_least(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def _bucket(n: int) -> int:
-    return _power_of_two_at_least(n, _MIN_CHUNK)
-
-
-def _parameter_bytes_per_device(model: GptOss) -> int:
-    """Bytes of the model's arrays on its first device (shards of a mesh are even)."""
-    total = 0
-    for leaf in jax.tree.leaves(nnx.state(model)):
-        if isinstance(leaf, jax.Array):
-            total += leaf.addressable_shards[0].data.nbytes
-    return total
+_power_of_two_at_least = prefill.power_of_two_at_least
 
 
 class Engine:
@@ -95,7 +85,17 @@ class Engine:
         ``memory_fraction`` of a device beside the parameters. On a mesh, a multiple of its
         ``data`` axis (rows split over it).
       max_context: positions per slot: a request's prompt plus its tokens.
-      prefill_chunk: prompt tokens per prefill step (a power of two, at least 16).
+      prefill_chunk: the most prompt tokens of one request per prefill call (a power of two, at
+        least 16). With the prefix cache on, a chunk also ends at each block end.
+      prefill_budget: the most tokens (rows x chunk width, padding included) one prefill call
+        runs: it takes the next chunks of as many waiting prompts as fit (at least
+        ``prefill_chunk``).
+      prefix_caching: keep prompts' KV in a pool of blocks and restore the longest cached prefix
+        of each new prompt instead of computing it (:mod:`gptoss_jax.engine.prefix_cache`).
+      prefix_cache_bytes: the pool's size per device; None: ``POOL_SHARE`` of the memory left in
+        ``memory_fraction`` after the parameters and the slots, at most
+        ``MAX_BLOCKS_PER_SLOT_CONTEXT`` slots' worth of context.
+      prefix_block: tokens per block (a multiple of the model's sliding window and of 16).
       max_queue: requests that may wait for a slot; one more is refused (:class:`QueueFullError`).
       burst_steps: decode steps per device call when no request waits.
       burst_steps_busy: decode steps per call while requests wait or are being prefilled.
@@ -111,8 +111,10 @@ class Engine:
     """
 
     def __init__(self, model: GptOss, *, max_batch: int | None = 16, max_context: int = 4096,
-                 prefill_chunk: int = 256, max_queue: int = 1024, burst_steps: int = 16, burst_steps_busy: int = 4,
-                 memory_fraction: float = MEMORY_FRACTION, tokenizer: Tokenizer | None = None):
+                 prefill_chunk: int = 256, prefill_budget: int = 2048, max_queue: int = 1024, burst_steps: int = 16,
+                 burst_steps_busy: int = 4, memory_fraction: float = MEMORY_FRACTION, prefix_caching: bool = True,
+                 prefix_cache_bytes: int | None = None, prefix_block: int = prefix_cache.DEFAULT_BLOCK_TOKENS,
+                 tokenizer: Tokenizer | None = None):
         config = model.config
         self.model = model
         self.data_shards = 1 if model.mesh is None else model.mesh.shape["data"]
@@ -120,16 +122,22 @@ class Engine:
         if not 1 <= max_context <= config.max_position_embeddings:
             raise EngineSizeError(f"max_context must be from 1 to the model's {config.max_position_embeddings}, "
                                   f"got {max_context}")
-        if prefill_chunk < _MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
-            raise EngineSizeError(f"prefill_chunk must be a power of two >= {_MIN_CHUNK}, got {prefill_chunk}")
+        if prefill_chunk < prefill.MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
+            raise EngineSizeError(f"prefill_chunk must be a power of two >= {prefill.MIN_CHUNK}, got {prefill_chunk}")
+        if prefill_budget < prefill_chunk * self.data_shards:
+            raise EngineSizeError(f"prefill_budget must hold a chunk per data shard ({prefill_chunk} x "
+                                  f"{self.data_shards}), got {prefill_budget}")
+        if prefix_block % config.sliding_window or prefix_block % prefill.MIN_CHUNK:
+            raise EngineSizeError(f"prefix_block must be a multiple of the sliding window ({config.sliding_window}) "
+                                  f"and of {prefill.MIN_CHUNK}, got {prefix_block}")
         for name, steps in (("burst_steps", burst_steps), ("burst_steps_busy", burst_steps_busy)):
             if not 1 <= steps <= programs.MAX_BURST:
                 raise EngineSizeError(f"{name} must be from 1 to {programs.MAX_BURST}, got {steps}")
         if max_queue < 1:
             raise EngineSizeError(f"max_queue must be >= 1, got {max_queue}")
         self.max_context = max_context
-        self.max_batch = self._checked_batch(max_batch, memory_fraction)
-        self.prefill_chunk = prefill_chunk
+        self.max_batch = sizing.slots_that_fit(model, max_context, max_batch, memory_fraction)
+        self.prefill_chunk, self.prefill_budget = prefill_chunk, prefill_budget
         self.max_queue = max_queue
         self.burst_steps, self.burst_steps_busy = burst_steps, burst_steps_busy
         self.tokenizer = tokenizer
@@ -140,7 +148,24 @@ class Engine:
         self._prefill = CompiledByShape(programs.prefill_chunk, donated("cache"), ("first",))
         self._decode = CompiledByShape(programs.decode_burst, donated("cache"), ("logprobs",))
         self._first_tokens = jax.jit(programs.first_tokens, static_argnames="logprobs")
+        # Copies between the cache and the prefix pool: small programs, compiled by jit as they come.
+        self._copy_rows = jax.jit(prefix_cache.copy_rows, donate_argnames=donated("cache"))
+        self._restore = jax.jit(prefix_cache.restore_prefix, donate_argnames=donated("cache"))
+        self._save = jax.jit(prefix_cache.save_blocks, donate_argnames=donated("pool"))
+        self.prompt_tokens = 0
+        """Prompt tokens admitted so far."""
+        self.cached_prompt_tokens = 0
+        """Of those, the ones taken from the prefix cache or from a slot prefilling the same prompt, not computed."""
         self.compile_seconds = 0.0
+        self.prefix_block = prefix_block
+        self._pool: BlockPool | None = None
+        self.prefix_index: PrefixIndex | None = None
+        """The prefix cache's index (its counters and use); None when the cache is off."""
+        if prefix_caching and max_context > prefix_block:  # else no block and a token to compute fit a slot
+            blocks = sizing.pool_blocks(model, self.max_batch, max_context, prefix_block, prefix_cache_bytes,
+                                        memory_fraction)
+            self._pool = prefix_cache.create_pool(config, blocks, prefix_block, model.dtype, model.mesh)
+            self.prefix_index = PrefixIndex(blocks)
 
         # Each slot's decoding state and settings, on the host: a burst takes them as arguments.
         self._rows = programs.Rows(
@@ -183,7 +208,7 @@ class Engine:
             params = SamplingParams(**settings)
         elif settings:
             raise TypeError("pass settings either as a SamplingParams or as keywords, not both")
-        ids = self._checked_prompt(prompt)
+        ids = checked_prompt(prompt, self.model.config.vocab_size, self.max_context)
         params = params.checked(ids.size, self.max_context, self.model.config.vocab_size)
         steering = constraints.steering_for(params, self.tokenizer)
         with self._condition:
@@ -211,8 +236,13 @@ class Engine:
 
     @property
     def programs(self) -> int:
-        """Model programs compiled so far (prefill chunks and decode bursts)."""
+        """Model programs compiled so far (prefill calls and decode bursts)."""
         return self._prefill.programs + self._decode.programs
+
+    @property
+    def copy_programs(self) -> int:
+        """Programs compiled so far that copy KV between the prefix pool and slots, or between slots."""
+        return sum(program._cache_size() for program in (self._restore, self._save, self._copy_rows))
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the engine: waiting and running requests end with :class:`EngineClosedError`."""
@@ -251,14 +281,15 @@ class Engine:
             handle._fail(error)
 
     def _turn(self) -> bool:
-        """One turn: admit, drop the cancelled, one prefill chunk, one decode burst. False: closing."""
+        """One turn: admit, drop the cancelled, one prefill call, one decode burst. False: closing."""
         with self._condition:
             self._condition.wait_for(lambda: self._closing or self._waiting or self.running)
             if self._closing:
                 return False
             self._admit()
         self._drop_cancelled()
-        self._prefill_one_chunk()
+        self._start_prompts()
+        self._prefill_one_call()
         if self._rows.active.any():
             self._decode_one_burst()
         return True
@@ -271,10 +302,53 @@ class Engine:
                 if handle.cancel_requested:
                     handle._finish("cancelled")
                     continue
-                slot = _Slot(handle, next(self._admissions), min(self.prefill_chunk, _bucket(handle.prompt.size)))
+                slot = _Slot(handle, next(self._admissions))
                 self._slots[index] = slot
                 self._set_settings(index, handle.params)
                 self._steering[index] = handle._steering
+
+    def _start_prompts(self) -> None:
+        """Start the prompts of newly admitted slots, each computed once.
+
+        A prompt equal to one a slot is prefilling follows that slot (it copies the slot's row
+        once the prompt is in). Otherwise it restores its longest cached prefix, unless another
+        slot is computing its next block: then it waits for that block, a turn at a time.
+        """
+        computing = {digest for slot in self._slots if slot is not None and slot.started and not slot.decoding
+                     for digest in slot.digests[slot.prefilled // self.prefix_block:]}
+        for index, slot in enumerate(self._slots):
+            if slot is None or slot.started:
+                continue
+            prompt = slot.handle.prompt
+            leader = next((other for other in self._slots if other is not None and other.started
+                           and other.leader is None and not other.decoding and np.array_equal(other.handle.prompt,
+                                                                                              prompt)), None)
+            if self.prefix_index is not None and not slot.digests:  # also a follower's: it may lose its leader
+                slot.digests = prefix_cache.block_digests(prompt, self.prefix_block)
+            if leader is None and self.prefix_index is not None:
+                blocks = self.prefix_index.longest_prefix(slot.digests)
+                if len(blocks) < len(slot.digests) and slot.digests[len(blocks)] in computing:
+                    continue
+                if blocks:
+                    length = min(len(blocks) * self.prefix_block, prompt.size - 1)  # a token left for the logits
+                    self._restore_prefix(index, blocks, length)
+                    slot.prefilled = length
+                    self._record_cached(index, length)
+            slot.started, slot.leader = True, leader
+            self.prompt_tokens += prompt.size
+            computing.update(slot.digests[slot.prefilled // self.prefix_block:])
+
+    def _record_cached(self, index: int, tokens: int) -> None:
+        self._slots[index].handle.cached_tokens = tokens
+        self.cached_prompt_tokens += tokens
+
+    def _restore_prefix(self, index: int, blocks: list[int], length: int) -> None:
+        most = self.max_context // self.prefix_block
+        padded = np.zeros(min(most, _power_of_two_at_least(len(blocks), 1)), np.int32)
+        padded[:len(blocks)] = blocks
+        self.prefix_index.pin(blocks)  # the index never hands a pinned block to a save
+        self._cache = self._restore(self._cache, self._pool, jnp.int32(index), jnp.asarray(padded), jnp.int32(length))
+        self.prefix_index.unpin(blocks)
 
     def _set_settings(self, index: int, params: SamplingParams) -> None:
         self._temperature[index] = params.temperature
@@ -291,12 +365,15 @@ class Engine:
                 self._release(index, "cancelled")
 
     def _release(self, index: int, reason: str) -> None:
-        handle = self._slots[index].handle
+        released = self._slots[index]
         self._rows.active[index] = False
         self._steering[index] = None
+        for slot in self._slots:
+            if slot is not None and slot.leader is released:  # its followers prefill for themselves
+                slot.leader = None
         with self._condition:
             self._slots[index] = None
-        handle._finish(reason)
+        released.handle._finish(reason)
 
     def _sampling(self, slots: np.ndarray, live: np.ndarray) -> RowSampling:
         """The settings of ``slots``; the static choices follow the ``live`` ones (bool mask) only."""
@@ -306,59 +383,90 @@ class Engine:
                            jnp.asarray(self._top_p[slots]), jax.random.wrap_key_data(jnp.asarray(self._keys[slots])),
                            bool(sampling_rows.any()), filters)
 
-    def _prefill_one_chunk(self) -> None:
-        """Run the next chunk of the oldest prompts (one row per data shard) that share a chunk shape."""
+    def _next_chunk(self, index: int) -> prefill.Chunk:
+        slot = self._slots[index]
+        start, size = slot.prefilled, slot.handle.prompt.size
+        end = min(start + self.prefill_chunk, size)
+        if self.prefix_index is not None:  # end at a block end, where the rings hold the whole block
+            end = min(end, (start // self.prefix_block + 1) * self.prefix_block)
+        return prefill.Chunk(index, slot.handle.prompt, start, end, first=start == 0)
+
+    def _prefill_one_call(self) -> None:
+        """Run the next chunks of the oldest waiting prompts, as many as the budget holds, in one call."""
         pending = sorted((slot.order, index) for index, slot in enumerate(self._slots)
-                         if slot is not None and not slot.decoding)
+                         if slot is not None and slot.started and not slot.decoding and slot.leader is None)
         if not pending:
             return
-        oldest = self._slots[pending[0][1]]
-        shape = (oldest.chunk, oldest.prefilled == 0)
-        group = [index for _, index in pending
-                 if (self._slots[index].chunk, self._slots[index].prefilled == 0) == shape][:self.data_shards]
-        chunk, first = shape
-        padded = self.data_shards
-        slots = np.full(padded, self.max_batch, np.int32)  # past the last slot: padding, writes dropped
-        tokens = np.zeros((padded, chunk), np.int32)
-        positions = np.full((padded, chunk), -1, np.int32)
-        last_index = np.zeros(padded, np.int32)
-        for row, index in enumerate(group):
-            slot = self._slots[index]
-            prompt, start = slot.handle.prompt, slot.prefilled
-            piece = prompt[start:start + chunk]
-            slots[row] = index
-            tokens[row, :piece.size] = piece
-            positions[row, :piece.size] = np.arange(start, start + piece.size)
-            last_index[row] = min(prompt.size - 1 - start, chunk - 1)
+        call = prefill.plan_call([self._next_chunk(index) for _, index in pending], self.prefill_budget,
+                                 self.data_shards, self.max_batch, pad_slot=self.max_batch)
         (logits, self._cache), seconds = self._prefill(
-            self._graphdef, self._state, self._cache, jnp.asarray(slots), jnp.asarray(tokens), jnp.asarray(positions),
-            jnp.asarray(last_index), first=first)
+            self._graphdef, self._state, self._cache, jnp.asarray(call.slots), jnp.asarray(call.tokens),
+            jnp.asarray(call.positions), jnp.asarray(call.last_index), first=call.first)
         self.compile_seconds += seconds
         finished = []
-        for row, index in enumerate(group):
-            slot = self._slots[index]
-            slot.prefilled = min(slot.prefilled + chunk, slot.handle.prompt.size)
+        for row, chunk in enumerate(call.chunks):
+            slot = self._slots[chunk.slot]
+            slot.prefilled = chunk.end
             if slot.prefilled == slot.handle.prompt.size:
-                finished.append((row, index))
+                finished += [(row, chunk.slot)] + [(row, index) for index, other in enumerate(self._slots)
+                                                   if other is not None and other.leader is slot]
+        self._save_blocks(call.chunks)
         if finished:
-            self._start_decoding(logits, slots, finished)
+            self._start_decoding(logits, finished)
 
-    def _start_decoding(self, logits: jax.Array, slots: np.ndarray, finished: list[tuple[int, int]]) -> None:
-        """Sample the first token of each row whose prompt is in, and hand it over."""
-        sampling_slots = np.minimum(slots, self.max_batch - 1)
+    def _save_blocks(self, chunks: list[prefill.Chunk]) -> None:
+        """Put each block a chunk has just completed in the pool, unless it is there already."""
+        if self.prefix_index is None:
+            return
+        saves = []
+        for chunk in chunks:
+            block = chunk.end // self.prefix_block - 1
+            if chunk.end % self.prefix_block or block < 0:
+                continue
+            digests = self._slots[chunk.slot].digests
+            if digests[block] not in self.prefix_index:
+                pool_block = self.prefix_index.allocate(digests[block])
+                if pool_block is not None:
+                    saves.append((chunk.slot, block * self.prefix_block, pool_block))
+            self.prefix_index.touch(digests[:block + 1])
+        if not saves:
+            return
+        rows = _power_of_two_at_least(len(saves), 1)
+        slots, starts, blocks = (np.full(rows, pad, np.int32) for pad in (self.max_batch, 0, self.prefix_index.capacity))
+        slots[:len(saves)], starts[:len(saves)], blocks[:len(saves)] = zip(*saves)
+        self._pool = self._save(self._cache, self._pool, jnp.asarray(slots), jnp.asarray(starts), jnp.asarray(blocks))
+
+    def _start_decoding(self, logits: jax.Array, finished: list[tuple[int, int]]) -> None:
+        """Sample the first token of each slot whose prompt is in, and hand it over.
+
+        ``finished``: (logits row, slot) pairs; a follower shares its leader's row and first
+        copies the leader's cache row.
+        """
+        followers = [(self._slots[index].leader, index) for _, index in finished if self._slots[index].leader]
+        if followers:
+            count = _power_of_two_at_least(len(followers), 1)
+            sources, targets = np.zeros(count, np.int32), np.full(count, self.max_batch, np.int32)
+            for row, (leader, index) in enumerate(followers):
+                sources[row], targets[row] = self._slots.index(leader), index
+                self._slots[index].leader = None
+                self._record_cached(index, self._slots[index].handle.prompt.size)
+            self._cache = self._copy_rows(self._cache, jnp.asarray(sources), jnp.asarray(targets))
+        size = _power_of_two_at_least(len(finished), 1)
+        logits_rows, slots = np.zeros(size, np.int32), np.full(size, self.max_batch - 1, np.int32)
+        for row, (logits_row, index) in enumerate(finished):
+            logits_rows[row], slots[row] = logits_row, index
         wants_logprobs = any(self._slots[index].handle.params.logprobs for _, index in finished)
-        live = np.isin(np.arange(slots.size), [row for row, _ in finished])
-        steerings = [None] * slots.size
-        for row, index in finished:
-            steerings[row] = self._steering[index]
+        live = np.arange(size) < len(finished)
+        steerings = [self._steering[index] for _, index in finished] + [None] * (size - len(finished))
         masks = constraints.step_masks(steerings, self.model.config.vocab_size)
-        tokens, logprobs = jax.device_get(self._first_tokens(logits, self._sampling(sampling_slots, live),
+        tokens, logprobs = jax.device_get(self._first_tokens(jnp.take(logits, jnp.asarray(logits_rows), axis=0),
+                                                             self._sampling(slots, live),
                                                              None if masks is None else jnp.asarray(masks),
                                                              logprobs=wants_logprobs))
         if logprobs is not None:  # one step per row, as a burst's are laid out
             logprobs = programs.TokenLogprobs(*(np.expand_dims(part, 1) for part in logprobs))
         now = time.perf_counter()
-        for row, index in finished:
+        for row, (_, index) in enumerate(finished):
             slot = self._slots[index]
             slot.decoding = True
             token = int(tokens[row])
@@ -432,46 +540,3 @@ class Engine:
                 for i, token in enumerate(tokens)
             ]
         self._slots[index].handle._push(Delta(tokens, entries, now))
-
-    def _checked_batch(self, max_batch: int | None, memory_fraction: float) -> int:
-        model, config, data = self.model, self.model.config, self.data_shards
-        parameters = _parameter_bytes_per_device(model)
-        available = memory_fraction * device_memory_bytes(jax.local_devices()[0])
-        per_row = cache_bytes(config, data, self.max_context, model.dtype, model.mesh) / data
-        if max_batch is None:
-            fitting = int((available - parameters) // per_row) if available > parameters else 0
-            max_batch = min(MAX_SLOTS, fitting - fitting % data)
-            if max_batch < data:
-                raise EngineSizeError(
-                    f"no KV cache of {self.max_context} positions fits beside the parameters "
-                    f"({parameters / 1e9:.2f} GB) in {memory_fraction:.0%} of the device's "
-                    f"{available / memory_fraction / 1e9:.1f} GB; lower max_context")
-            return max_batch
-        if max_batch < 1 or max_batch % data:
-            raise EngineSizeError(f"max_batch must be a positive multiple of the mesh's data axis ({data}), "
-                                  f"got {max_batch}")
-        cache = cache_bytes(config, max_batch, self.max_context, model.dtype, model.mesh)
-        if parameters + cache > available:
-            raise EngineSizeError(
-                f"a KV cache of {max_batch} rows x {self.max_context} positions takes {cache / 1e9:.2f} GB per "
-                f"device; with the parameters ({parameters / 1e9:.2f} GB) that is over {memory_fraction:.0%} "
-                f"of the device's {available / memory_fraction / 1e9:.1f} GB; lower max_batch or max_context")
-        return max_batch
-
-    def _checked_prompt(self, prompt) -> np.ndarray:
-        if isinstance(prompt, (str, bytes)):
-            raise RequestError("the prompt must be token ids, not text: encode it with the tokenizer first")
-        ids = np.asarray(prompt)
-        if ids.ndim != 1:
-            raise RequestError(f"the prompt must be a flat sequence of token ids, got shape {ids.shape}")
-        if ids.size == 0:
-            raise RequestError("the prompt is empty: generation needs at least one token")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise RequestError(f"the prompt must hold integer token ids, got {ids.dtype}")
-        vocab = self.model.config.vocab_size
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise RequestError(f"the prompt has token ids outside the vocabulary [0, {vocab})")
-        if ids.size + 1 > self.max_context:
-            raise RequestError(f"the prompt ({ids.size} tokens) leaves no room for a token in the engine's context "
-                               f"of {self.max_context}")
-        return ids.astype(np.int32)

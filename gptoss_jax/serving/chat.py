@@ -10,7 +10,9 @@ from typing import Any
 
 from gptoss_jax.engine import RequestHandle, SamplingParams, TokenLogprob
 from gptoss_jax.harmony import stop_token_ids
-from gptoss_jax.serving.generation import StopText, normalized_stops, submit_choices, token_stream
+from gptoss_jax.serving.generation import (
+    StopText, normalized_stops, prompt_cached_tokens, submit_choices, token_stream,
+)
 from gptoss_jax.serving.protocol import ChatCompletionRequest
 from gptoss_jax.serving.state import ServerState
 from gptoss_jax.serving.structured import answer_grammar, reply_constraint, tool_grammars
@@ -129,9 +131,11 @@ def prepare(state: ServerState, body: ChatCompletionRequest, emit: Emit | None) 
 
 def completion_object(state: ServerState, choices: list[dict[str, Any]], prompt_tokens: int) -> dict[str, Any]:
     completion_tokens = sum(choice.pop("completion_tokens") for choice in choices)
-    for choice in choices:
-        state.metrics.record(choice.pop("result"))
+    results = [choice.pop("result") for choice in choices]
+    for result in results:
+        state.metrics.record(result)
     return dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion", created=int(time.time()),
                 model=state.model_name, choices=choices,
                 usage=dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           total_tokens=prompt_tokens + completion_tokens))
+                           total_tokens=prompt_tokens + completion_tokens,
+                           prompt_tokens_details=dict(cached_tokens=prompt_cached_tokens(results))))

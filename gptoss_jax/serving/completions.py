@@ -20,9 +20,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from flax import nnx
 
-from gptoss_jax.engine import RequestError, RequestHandle, SamplingParams, TokenLogprob
+from gptoss_jax.engine import RequestError, RequestHandle, RequestResult, SamplingParams, TokenLogprob
 from gptoss_jax.model import GptOss
-from gptoss_jax.serving.generation import Detokenizer, StopText, normalized_stops, submit_choices, token_stream
+from gptoss_jax.serving.generation import (
+    Detokenizer, StopText, normalized_stops, prompt_cached_tokens, submit_choices, token_stream,
+)
 from gptoss_jax.serving.protocol import CompletionRequest
 from gptoss_jax.serving.state import ServerState
 from gptoss_jax.serving.streaming import merged_stream, sse, until_done_or_disconnected
@@ -142,10 +144,13 @@ async def complete(state: ServerState, body: CompletionRequest, request: Request
 
     def finished(results: list[dict[str, Any]]) -> dict[str, Any]:
         completion_tokens = sum(result.pop("completion_tokens") for result in results)
+        by_prompt: list[list[RequestResult]] = [[] for _ in prompts]
         for result in results:
+            by_prompt[result["index"] // body.n].append(result["result"])
             state.metrics.record(result.pop("result"))
         return dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens)
+                    total_tokens=prompt_tokens + completion_tokens,
+                    prompt_tokens_details=dict(cached_tokens=sum(map(prompt_cached_tokens, by_prompt))))
 
     if chunks is None:
         results = list(await until_done_or_disconnected(request, asyncio.gather(*(c.run() for c in choices))))

@@ -10,7 +10,7 @@ import codecs
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
-from gptoss_jax.engine import Engine, RequestError, RequestHandle, SamplingParams, TokenLogprob
+from gptoss_jax.engine import Engine, RequestError, RequestHandle, RequestResult, SamplingParams, TokenLogprob
 from gptoss_jax.tokenizer import Tokenizer
 
 
@@ -92,3 +92,12 @@ def submit_choices(engine: Engine, prompt: Sequence[int], n: int, params: Sampli
             handle.cancel()
         raise
     return handles
+
+
+def prompt_cached_tokens(choices: Sequence[RequestResult]) -> int:
+    """The ``cached_tokens`` of one prompt's ``n`` choices: what the first to compute it took from the cache.
+
+    The other choices copy the whole prompt from it, so the fewest cached tokens among them is
+    what the prompt cost (0 without choices: a stream's header).
+    """
+    return min((result.cached_tokens for result in choices), default=0)

@@ -161,7 +161,7 @@ async def respond(state: ServerState, body: ResponsesRequest, request: Request) 
         if body.store:
             state.store_response(response_id, StoredResponse(input_messages + output.as_messages(call_names),
                                                              instructions, call_names))
-        usage = dict(input_tokens=len(prompt.token_ids), input_tokens_details=dict(cached_tokens=0),
+        usage = dict(input_tokens=len(prompt.token_ids), input_tokens_details=dict(cached_tokens=result.cached_tokens),
                      output_tokens=result.completion_tokens, output_tokens_details=dict(reasoning_tokens=0),
                      total_tokens=len(prompt.token_ids) + result.completion_tokens)
         status = "incomplete" if result.finish_reason == "length" else "completed"

@@ -29,6 +29,16 @@ class Metrics:
         self.requests = Counter("gptoss_requests", "Finished requests, by finish reason", ["finish_reason"],
                                 registry=self.registry)
         self.tokens = Counter("gptoss_generated_tokens", "Tokens generated", registry=self.registry)
+        self.prompt_tokens = Counter("gptoss_prefix_cache_query_tokens", "Prompt tokens of finished requests, "
+                                     "each looked up in the prefix cache", registry=self.registry)
+        self.cached_tokens = Counter("gptoss_prefix_cache_hit_tokens", "Of those, the ones taken from the prefix "
+                                     "cache (or from a request with the same prompt) instead of computed",
+                                     registry=self.registry)
+        pool_blocks = Gauge("gptoss_prefix_cache_blocks", "Blocks of the prefix cache's pool", ["state"],
+                            registry=self.registry)
+        index = lambda: server.engine.prefix_index if server.engine else None  # noqa: E731 (None while loading)
+        pool_blocks.labels("used").set_function(lambda: index().used if index() else 0)
+        pool_blocks.labels("capacity").set_function(lambda: index().capacity if index() else 0)
         self.ttft = Histogram("gptoss_time_to_first_token_seconds", "Time from submit to the first token",
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
         self.itl = Histogram("gptoss_inter_token_latency_seconds", "Time between a request's tokens",
@@ -37,6 +47,8 @@ class Metrics:
     def record(self, result: RequestResult) -> None:
         self.requests.labels(result.finish_reason).inc()
         self.tokens.inc(result.completion_tokens)
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.cached_tokens.inc(result.cached_tokens)
         if result.time_to_first_token is not None:
             self.ttft.observe(result.time_to_first_token)
         for earlier, later in zip(result.token_times, result.token_times[1:]):
