@@ -57,7 +57,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.kernel_cases import Case, gpt_oss_cases, shard_cases, variant_cases
+from benchmarks.kernel_cases import Case, gpt_oss_cases, mma_cases, shard_cases, variant_cases
 from benchmarks.sass_tools import DEFAULT_TOOLS, TOOL_PINS, Tools, install_tools
 from benchmarks.sass_reading import (
     CLASS_NAMES,
@@ -76,17 +76,33 @@ RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
 SASS_DIR = REPOSITORY / "benchmarks" / "sass"
 SECTION_TITLE = "## Kernels compiled to SASS on the CPU"
 TARGET = "sm_90a"
+STAND_IN_CAPABILITY = "GPTOSS_STAND_IN_COMPUTE_CAPABILITY"  # read by stand_in_libcuda.c
 
-# Hopper (sm_90) per-SM limits.
-REGISTERS_PER_SM = 65536
+REGISTERS_PER_SM = 65536  # on every target here
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_REGISTERS = 255
-SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 SMEM_UNIT = 128
-MAX_CTAS_PER_SM = 32
-MAX_WARPS_PER_SM = 64
 ISSUE_PER_SM = 4  # warp instructions per cycle: one per scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """A compute capability's per-SM occupancy limits (CUDA C Programming Guide, "Technical
+    Specifications per Compute Capability")."""
+
+    smem: int  # shared memory per SM, bytes
+    max_ctas: int
+    max_warps: int
+
+
+SM_LIMITS = {
+    "9.0": SmLimits(228 * 1024, 32, 64),
+    "8.0": SmLimits(164 * 1024, 32, 64),
+    "8.6": SmLimits(100 * 1024, 16, 48),
+    "8.9": SmLimits(100 * 1024, 24, 48),
+    "12.0": SmLimits(100 * 1024, 32, 48),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,18 +131,22 @@ class KernelReport:
         return math.ceil(self.launch.threads / 32)
 
     @property
+    def limits(self) -> SmLimits:
+        return SM_LIMITS[self.case.arch]
+
+    @property
     def ctas_by_registers(self) -> int:
         per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
-        return min(REGISTERS_PER_SM // per_warp, MAX_WARPS_PER_SM) // self.warps
+        return min(REGISTERS_PER_SM // per_warp, self.limits.max_warps) // self.warps
 
     @property
     def ctas_by_smem(self) -> int:
         per_cta = math.ceil(self.smem / SMEM_UNIT) * SMEM_UNIT + SMEM_RESERVED_PER_CTA
-        return SMEM_PER_SM // per_cta
+        return self.limits.smem // per_cta
 
     @property
     def ctas_per_sm(self) -> int:
-        return min(self.ctas_by_registers, self.ctas_by_smem, MAX_CTAS_PER_SM)
+        return min(self.ctas_by_registers, self.ctas_by_smem, self.limits.max_ctas)
 
     @property
     def loop_total(self) -> int:
@@ -228,6 +248,7 @@ def _compile_in_worker(cases_file: Path, out_dir: Path) -> None:
     for i, case in pickle.loads(cases_file.read_bytes()):
         try:
             core.KNOWN_KERNELS.clear()
+            os.environ[STAND_IN_CAPABILITY] = case.arch  # the stand-in driver's answer: ptxas' target
             case.export()
             modules = list(core.KNOWN_KERNELS.values())
             if len(modules) != 1:

@@ -18,26 +18,29 @@ What differs, and why:
 
 * **Operand layouts.** One warpgroup (4 warps) computes a ``[64 weight rows, block_m tokens]``
   accumulator, each warp 16 weight rows (``MMALayouts`` with ``m_warps=4``): swap A/B as on
-  Hopper, so decode-sized groups need an 8-token N side only. A thread's packed weight bytes
-  come from the swizzled shared-memory tile straight into ``mma.sync``'s A-fragment layout (2
+  Hopper, so decode-sized groups need a small N side only. A step's packed weight bytes come
+  from the swizzled shared-memory tile straight into ``mma.sync``'s A-fragment layout (2
   adjacent bytes per register), where the word decode turns each register into one bf16x2 word
   of each K half; the activations are read as the B fragments of the transposed tile.
-* **Scales per 16-byte slice.** ``mma.sync`` takes K = 16 bf16 a step, exactly one scale block
-  of each half (16 bytes = 32 values, even and odd). So each slice is decoded, multiplied by its
-  row scales (a ``[64]`` vector broadcast over the slice) and fed to two ``mma.sync`` without
-  ever forming a scaled ``[64, block_kb]`` tile. Scales are loaded per thread from global memory
-  (2 rows a thread), one pipeline step ahead: ``cp.async`` has no copy of the 90-byte-strided
-  scale rows, and TMA (the WGMMA kernel's ``scale_source="smem"``) does not exist before Hopper.
+* **Scales from global memory, unfolded.** A step's scales are loaded per thread (2 weight rows
+  a thread), one step ahead: ``cp.async`` has no copy of the 90-byte-strided scale rows, and TMA
+  (the WGMMA kernel's ``scale_source="smem"``) does not exist before Hopper. The WGMMA kernel's
+  folding of 2**126 into the scales is left out: the decoding costs about 0.03 warp
+  instructions per weight byte here against the 1.3 an RTX 4090's bandwidth leaves
+  (``benchmarks.kernel_cost``), and the second pipeline it needs makes Mosaic GPU's layout
+  inference 5 times slower.
 * **Row tile of at least 16.** Pre-Hopper copies (``cp.async``) into the 8-row swizzled tiles
   split a tile's 8-row blocks over the 4 warps: a bf16 activation tile of ``block_kb = 96``
-  bytes (3 blocks of 32-byte swizzle rows) needs 2 row blocks or more. The extra rows at decode
-  (1 or 2 rows per expert) cost ``mma.sync`` issue slots only, which the cost model shows are
-  not the limit (``benchmarks.kernel_cost``).
+  bytes (3 rows of the 32-byte swizzle) needs 2 row blocks or more. The extra rows at decode
+  (1 or 2 rows per expert) cost ``mma.sync`` issue slots only.
 * **Output through XLA.** Pre-Hopper GPUs have no TMA stores, and a task's rows are ragged. Each
   task writes its whole ``[64, block_m]`` tile, transposed as the accumulator holds it, to its own
   slab of a ``[tasks, N, block_m]`` buffer with plain vector stores; one XLA gather then takes
   each row from its task (rows past the groups come out as 0). At decode sizes the buffer is a
-  few hundred KB; at prefill sizes its extra pass is small beside the matmul's work.
+  few hundred KB beside tens of MB of weights.
+* **Shared memory for 2 CTAs an SM.** Ada and consumer Blackwell SMs have 100 KB of shared
+  memory: 2 pipeline stages (37 KB for mlp1) let 2 CTAs share an SM, so gpt-oss-20b's 180
+  decode CTAs run in one wave on an RTX 4090, where 4 stages (74 KB) would need two.
 
 Interpret mode (``interpret=plgpu.InterpretGPUParams()``) runs everything except ``mma.sync``
 (the interpreter has no rule for it) and the inline word decode: there the product is a float32
@@ -57,18 +60,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import e2m1, mxfp4
+from pallas_kernels import mxfp4
 from pallas_kernels.mxfp4_moe import BLOCK_N, Tasks, decode_packed, epilogue_tile, expert_operands, tile_rows_for
 from pallas_kernels.mxfp4_moe_reference import SWIGLU_LIMIT, Epilogue
 
 _MIN_BLOCK_M = 16  # cp.async's 8-row tiles of a 96-byte bf16 activation tile: see the docstring
-_BLOCKS_PER_SLICE = 2  # scale blocks (16 bytes) in a 32-byte slice
 _ROW_ALIGN = 8  # Tasks start their windows on multiples of 8 rows
-# The shared-memory tiles' swizzle (bytes), Mosaic GPU's smallest: a step's tiles are read in
-# slices of 32 columns (2 scale blocks, 2 mma.sync K steps), which start on the 32-byte tiling
-# of the packed bytes.
+# The shared-memory tiles' swizzle (bytes): pre-Hopper copies split a bf16 activation tile's
+# 8-row blocks over the 4 warps, so with 16 rows its 96 bytes of K must span an even number of
+# swizzle rows; 32 is Mosaic GPU's smallest swizzle.
 _SWIZZLE = 32
-_SLICE_BYTES = 32
 _SMEM_BYTES = 99 * 1024  # per block on sm_86 / sm_89 / sm_120 (sm_80 and sm_90 allow more)
 _WEIGHTS = plgpu.Layout.MMA_LHS(jnp.bfloat16)  # [64, k]: also the packed bytes', 2 per register
 _ACTIVATIONS = plgpu.Layout.MMA_RHS(jnp.bfloat16)  # [k, block_m]
@@ -87,19 +88,15 @@ class Config:
         fewer rows uses the smallest power of two >= 16 that holds them.
       block_kb: packed bytes of K per pipeline step (2 * block_kb weight columns); a multiple of
         32 dividing K/2 (96 for gpt-oss's 1440).
-      max_concurrent_steps: pipeline depth (copies in flight).
-      fold_scales: with ``"word"`` decoding, multiply each decoded slice once, by
-        ``2**(s - 1)``, instead of by 2**126 and then ``2**(s - 127)``, in a CTA whose scales
-        all fold (:func:`pallas_kernels.e2m1.folded_scale_bits`; every gpt-oss weight's). The
-        CTA reads its scales once more before its pipeline to decide.
+      max_concurrent_steps: pipeline depth (copies in flight); 2 lets 2 CTAs share an SM of
+        100 KB shared memory (the module docstring).
       e2m1_decode: ``"word"`` (the GPU default) or ``"select"`` (integer operations only:
         interpret mode's), as :attr:`pallas_kernels.mxfp4_moe.Config.e2m1_decode`.
     """
 
     block_m: int = 64
     block_kb: int = 96
-    max_concurrent_steps: int = 4
-    fold_scales: bool = True
+    max_concurrent_steps: int = 2
     e2m1_decode: Literal["word", "select"] = "word"
 
     def __post_init__(self):
@@ -111,6 +108,12 @@ class Config:
             raise ValueError("max_concurrent_steps must be positive")
         if self.e2m1_decode not in ("word", "select"):
             raise ValueError(f"e2m1_decode={self.e2m1_decode!r} must be 'word' or 'select'")
+
+
+def tile_rows(rows: int, config: Config) -> int:
+    """``block_m`` of a call with ``rows`` rows: the smallest power of two >= 16 holding them, at
+    most ``config.block_m``."""
+    return tile_rows_for(rows, config.block_m, _MIN_BLOCK_M)
 
 
 # Jitted with its options static, like the WGMMA kernel: every layer calls it with the same shapes.
@@ -157,7 +160,7 @@ def mxfp4_grouped_matmul_mma(
                          "use 'select'")
     operands = expert_operands(lhs, group_sizes, blocks, scales, bias, epilogue=epilogue,
                                row_weights=row_weights, block_kb=config.block_kb,
-                               block_m=tile_rows_for(lhs.shape[0], config.block_m, _MIN_BLOCK_M))
+                               block_m=tile_rows(lhs.shape[0], config))
     halves, block_m = operands.halves, operands.block_m
     stages = min(config.max_concurrent_steps, operands.k_steps)
     smem_bytes = stages * (halves * BLOCK_N * config.block_kb + 2 * block_m * config.block_kb * 2)
@@ -166,8 +169,6 @@ def mxfp4_grouped_matmul_mma(
     rows, out_n = lhs.shape[0], operands.out_n
     tasks = Tasks(group_sizes, rows, block_m)
     num_experts = blocks.shape[0]
-    # A CTA's scales, [BLOCK_N, halves, K/32] contiguous in the checkpoint, flat for the fold check.
-    cta_scales = scales.reshape(num_experts, out_n // BLOCK_N, -1)
     kernel = functools.partial(
         _kernel,
         num_experts=num_experts,
@@ -191,7 +192,7 @@ def mxfp4_grouped_matmul_mma(
     )
     packed = operands.packed.reshape(num_experts, out_n, -1)  # [E, N/h, h * K/2]
     args = [tasks.group, tasks.block_start, tasks.count, operands.lhs_even, operands.lhs_odd,
-            packed, operands.scales, cta_scales, operands.bias]
+            packed, operands.scales, operands.bias]
     if row_weights is not None:
         args.append(operands.row_weights)
     per_task = call(*args)
@@ -221,7 +222,6 @@ def _kernel(
     lhs_odd_gmem,
     packed_gmem,
     scales_gmem,
-    cta_scales_gmem,
     bias_gmem,
     *weights_and_out,
     num_experts: int,
@@ -241,37 +241,33 @@ def _kernel(
     n_rows = pl.ds(n_tile * BLOCK_N, BLOCK_N)
     expert = group_gmem[task]
     rows = pl.ds(pl.multiple_of(block_start_gmem[task], _ROW_ALIGN), block_m)
-    slices = block_kb // mxfp4.BYTES_PER_BLOCK  # one scale block, one mma.sync K step per half
+    blocks = block_kb // mxfp4.BYTES_PER_BLOCK  # scale blocks of a step, per half
 
     def load_scales(step):
         """uint16 ``[64]`` scale bytes of every half and 16-byte slice of a step, half-major."""
-        return tuple(plgpu.load(scales_gmem.at[expert, n_rows, half, step * slices + s], (),
+        return tuple(plgpu.load(scales_gmem.at[expert, n_rows, half, step * blocks + b], (),
                                 layout=_WEIGHT_ROW, optimized=False).astype(jnp.uint16)
-                     for half in range(halves) for s in range(slices))
+                     for half in range(halves) for b in range(blocks))
 
     def product(acc, weights, activations):
         if interpret:  # the interpreter has no mma.sync; the same float32 sum of exact products
             return acc + jnp.dot(weights, activations, preferred_element_type=jnp.float32)
         return plgpu.mma(acc, weights, activations)
 
-    def compute(fold: bool) -> tuple[jax.Array, ...]:
+    def compute() -> tuple[jax.Array, ...]:
         def body(idx, *refs_and_carry):
             (step,) = idx
             *refs, (accs, scales) = refs_and_carry
             w_smems, (x_even, x_odd) = refs[:halves], refs[halves:]
             accs = list(accs)
-            for piece in range(block_kb // _SLICE_BYTES):
-                columns = pl.ds(piece * _SLICE_BYTES, _SLICE_BYTES)
-                activations = [plgpu.load(x.T.at[columns], (), layout=_ACTIVATIONS, optimized=False)
-                               for x in (x_even, x_odd)]
-                for half, w_smem in enumerate(w_smems):
-                    packed = plgpu.load(w_smem.at[:, columns], (), layout=_WEIGHTS, optimized=False)
-                    first = half * slices + piece * _BLOCKS_PER_SLICE
-                    decoded = decode_packed(
-                        packed, functools.partial(_scale_tile, scales[first:first + _BLOCKS_PER_SLICE]),
-                        config.e2m1_decode, fold=fold, layout=_WEIGHTS)
-                    for weights, x in zip(decoded, activations):
-                        accs[half] = product(accs[half], weights, x)
+            activations = [plgpu.load(x.T, (), layout=_ACTIVATIONS, optimized=False) for x in (x_even, x_odd)]
+            for half, w_smem in enumerate(w_smems):
+                packed = plgpu.load(w_smem, (), layout=_WEIGHTS, optimized=False)
+                scale_bytes = scales[half * blocks : (half + 1) * blocks]
+                decoded = decode_packed(packed, functools.partial(_scale_tile, scale_bytes), config.e2m1_decode,
+                                        fold=False, layout=_WEIGHTS)
+                for weights, x in zip(decoded, activations):
+                    accs[half] = product(accs[half], weights, x)
             # The next step's scales load while this step's products run (the last reloads its own).
             return tuple(accs), load_scales(jnp.minimum(step + 1, k_steps - 1))
 
@@ -308,17 +304,11 @@ def _kernel(
 
     @pl.when((count_gmem[task] > 0) & (expert < num_experts))
     def _matmul():
-        if not (config.fold_scales and config.e2m1_decode == "word"):
-            epilogue(compute(fold=False))
-            return
-        # One pipeline or the other for the whole CTA, so neither loop branches.
-        foldable = e2m1.scales_fold(cta_scales_gmem[expert, n_tile])
-        pl.when(foldable)(lambda: epilogue(compute(fold=True)))
-        pl.when(~foldable)(lambda: epilogue(compute(fold=False)))
+        epilogue(compute())
 
 
 def _scale_tile(scale_bytes: tuple[jax.Array, ...], to_bf16) -> jax.Array:
-    """``[BLOCK_N, 32]``: each weight row's scales (uint16 ``[BLOCK_N]`` each), each over its 16
+    """``[BLOCK_N, block_kb]``: each weight row's scales (uint16 ``[BLOCK_N]`` each), each over its 16
     columns, turned into bf16 by ``to_bf16``."""
     blocks = [lax.broadcast_in_dim(to_bf16(s), (BLOCK_N, mxfp4.BYTES_PER_BLOCK), (0,)) for s in scale_bytes]
     return jnp.concatenate(blocks, axis=1)
