@@ -2,12 +2,14 @@
 shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
 at gpt-oss's shapes, on one GPU and at one device's shapes on each mesh of
 :mod:`benchmarks.sharded_kernels` (:func:`benchmarks.kernel_cases.shard_cases`), and each kernel's
-non-default variants at decode shapes (:func:`benchmarks.kernel_cases.variant_cases`). No GPU is
-needed or used.
+non-default variants at decode shapes (:func:`benchmarks.kernel_cases.variant_cases`); and the
+``mma.sync`` expert kernel for the GPUs before and after Hopper (sm_80, sm_89, sm_120) at
+gpt-oss-20b's decode shapes (:func:`benchmarks.kernel_cases.mma_cases`). No GPU is needed or used.
 
-  python -m benchmarks.kernel_sass [--only moe flash decode] [--write] [--jobs N] [--tools DIR]
+  python -m benchmarks.kernel_sass [--only moe flash decode moe-mma] [--write] [--jobs N] [--tools DIR]
 
-``--write`` replaces this tool's section of ``benchmarks/RESULTS.md`` with the tables and writes
+``--write`` replaces this tool's sections of ``benchmarks/RESULTS.md`` (one for the Hopper
+kernels, one for the ``mma.sync`` kernel, those of the kernels compiled) with the tables and writes
 each kernel's SASS to ``benchmarks/sass/``. Other tools take the figures from
 :func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases
 (:mod:`benchmarks.kernel_cases`: built from a config with ``gpt_oss_cases``, one with a shard's
@@ -15,12 +17,14 @@ sizes giving that shard's, or directly).
 
 How (design.md, testing without a GPU, item 6). ``jax.export`` for ``cuda`` lowers a kernel to
 its Mosaic GPU module (``mosaic.gpu.core.KNOWN_KERNELS``); the CUDA 13 PJRT plugin's
-``MosaicGpuCompile`` takes it through LLVM, PTX and ptxas for ``sm_90a``, printing ptxas'
-report, the SASS and the host code that launches it (``MOSAIC_GPU_DUMP_*``); its launch call
-names the grid, the threads and the dynamic shared memory. The plugin asks the CUDA driver for
-the compute capability first, so a stand-in ``libcuda.so.1`` (``stand_in_libcuda.c``, built here
-with the machine's C compiler) answers 9.0. Loading the module then fails, which is where the
-compile stops.
+``MosaicGpuCompile`` takes it through LLVM, PTX and ptxas for the device's target (``sm_90a``
+on Hopper), printing ptxas' report, the SASS and the host code that launches it
+(``MOSAIC_GPU_DUMP_*``); its launch call names the grid, the threads and the dynamic shared
+memory. The plugin asks the CUDA driver for the compute capability first, so a stand-in
+``libcuda.so.1`` (``stand_in_libcuda.c``, built here with the machine's C compiler) answers the
+case's (``$GPTOSS_STAND_IN_COMPUTE_CAPABILITY``, 9.0 for the Hopper kernels), and the case
+lowers for the same one (:func:`benchmarks.kernel_cases.lowering_for`). Loading the module then
+fails, which is where the compile stops.
 
 The tools (:mod:`benchmarks.sass_tools`; about 500 MB, installed once with pip into ``--tools``,
 by default ``~/.cache/gptoss-jax/kernel-sass``): the PJRT plugin of the device image's jax-cuda13 0.11.2,
@@ -57,7 +61,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.kernel_cases import Case, gpt_oss_cases, mma_cases, shard_cases, variant_cases
+from benchmarks.kernel_cases import Case, gpt_oss_cases, mma_cases, shard_cases, sm_name, variant_cases
 from benchmarks.sass_tools import DEFAULT_TOOLS, TOOL_PINS, Tools, install_tools
 from benchmarks.sass_reading import (
     CLASS_NAMES,
@@ -75,8 +79,10 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
 SASS_DIR = REPOSITORY / "benchmarks" / "sass"
 SECTION_TITLE = "## Kernels compiled to SASS on the CPU"
+MMA_SECTION_TITLE = "## The mma.sync expert kernel compiled to SASS on the CPU (sm_80, sm_89, sm_120)"
+MMA_SASS_PREFIX = "moe-mma-"
 TARGET = "sm_90a"
-STAND_IN_CAPABILITY = "GPTOSS_STAND_IN_COMPUTE_CAPABILITY"  # read by stand_in_libcuda.c
+STAND_IN_CAPABILITY = "GPTOSS_STAND_IN_COMPUTE_CAPABILITY"  # read by stand_in_libcuda.c: ptxas' target
 
 REGISTERS_PER_SM = 65536  # on every target here
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
@@ -175,10 +181,18 @@ def registers_allowing(ctas: int, threads: int) -> int:
     return min(MAX_REGISTERS, per_warp // 32)
 
 
+# The mma.sync expert kernel is held to 2 CTAs per SM: gpt-oss-20b's decode grids (180 CTAs at
+# one token) then run in one wave on the GPUs it serves (108 to 170 SMs), and 8 warps an SM keep
+# its cp.async pipeline's bytes in flight (benchmarks.kernel_cost's section on it). On an A100's
+# 164 KB of shared memory 4 CTAs would fit, which registers need not allow.
+MMA_TARGET_CTAS_PER_SM = 2
+
+
 def register_budget(report: KernelReport) -> int:
     if report.case.kernel == "flash":
         return FLASH_REGISTER_BUDGET
-    return registers_allowing(min(report.ctas_by_smem, TARGET_CTAS_PER_SM), report.launch.threads)
+    target = MMA_TARGET_CTAS_PER_SM if report.case.kernel == "moe_mma" else TARGET_CTAS_PER_SM
+    return registers_allowing(min(report.ctas_by_smem, target), report.launch.threads)
 
 
 def violations(report: KernelReport) -> list[str]:
@@ -209,18 +223,25 @@ def compile_kernels(cases: Sequence[Case], tools: Tools | None = None, jobs: int
     """
     tools = tools or install_tools()
     cases = list(cases)
-    jobs = max(1, min(jobs, len(cases)))
+    # The plugin keeps the first compute capability it is told for the rest of its process, so
+    # each worker compiles for one: the cases of each target, split over up to ``jobs`` workers.
+    chunks = []
+    for arch in dict.fromkeys(case.arch for case in cases):
+        mine = [i for i, case in enumerate(cases) if case.arch == arch]
+        ways = max(1, min(jobs, len(mine)))
+        chunks += [(arch, mine[j::ways]) for j in range(ways)]
     with tempfile.TemporaryDirectory(prefix="kernel-sass-") as scratch:
         scratch = Path(scratch)
-        workers = []
-        for j in range(jobs):
-            mine = list(range(j, len(cases), jobs))
+        running, worker_errors = [], []
+        for j, (arch, mine) in enumerate(chunks):
+            if len(running) >= max(1, jobs):
+                worker_errors.append(running.pop(0).communicate()[1])
             (scratch / f"cases-{j}.pickle").write_bytes(pickle.dumps([(i, cases[i]) for i in mine]))
             command = [sys.executable, "-m", "benchmarks.kernel_sass", "--worker", str(scratch / f"cases-{j}.pickle"),
                        str(scratch)]
-            workers.append(subprocess.Popen(command, cwd=REPOSITORY, env=tools.environment(),
+            running.append(subprocess.Popen(command, cwd=REPOSITORY, env=tools.environment() | {STAND_IN_CAPABILITY: arch},
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        worker_errors = [w.communicate()[1] for w in workers]
+        worker_errors += [w.communicate()[1] for w in running]
         reports, failures = [], []
         for i, case in enumerate(cases):
             output, error = scratch / f"{i}.out", scratch / f"{i}.error"
@@ -248,7 +269,6 @@ def _compile_in_worker(cases_file: Path, out_dir: Path) -> None:
     for i, case in pickle.loads(cases_file.read_bytes()):
         try:
             core.KNOWN_KERNELS.clear()
-            os.environ[STAND_IN_CAPABILITY] = case.arch  # the stand-in driver's answer: ptxas' target
             case.export()
             modules = list(core.KNOWN_KERNELS.values())
             if len(modules) != 1:
@@ -312,11 +332,11 @@ def loop_table(reports: Sequence[KernelReport]) -> str:
 
 
 def moe_byte_table(reports: Sequence[KernelReport]) -> str:
-    shown = ("int", "perm/logic", "half2", "ld.global", "ld.shared", "hgmma")
+    shown = ("int", "perm/logic", "half2", "ld.global", "ld.shared", "hgmma", "hmma")
     rows = ["| case | weight B/iteration | " + " | ".join(shown) + " | all | weight B/cycle/SM at issue limit |",
             "|---" * (len(shown) + 4) + "|"]
     for r in reports:
-        if r.case.kernel != "moe":
+        if r.case.kernel not in ("moe", "moe_mma"):
             continue
         cells = " | ".join(f"{r.per_weight_byte(n):.3f}" for n in shown)
         rows.append(f"| {r.case.name} | {r.case.weight_bytes_per_step()} | {cells} | {r.per_weight_byte():.3f} | "
@@ -331,7 +351,7 @@ def tables(reports: Sequence[KernelReport], sass_files: dict[str, str] | None = 
         + "\nThe main loop's instructions by class (one iteration, one warp):\n\n"
         + loop_table(reports)
         + ("\nThe expert matmul's main loop per packed weight byte (warp instructions x warps / bytes):\n\n"
-           + moe_byte_table(reports) if any(r.case.kernel == "moe" for r in reports) else "")
+           + moe_byte_table(reports) if any(r.case.kernel in ("moe", "moe_mma") for r in reports) else "")
     )
 
 
@@ -339,13 +359,15 @@ def sass_file_name(case: Case) -> str:
     return re.sub(r"[^a-z0-9]+", "-", case.name.lower()).strip("-") + ".sass"
 
 
-def replace_section(text: str, section: str, title: str = SECTION_TITLE, before: str = "## ") -> str:
+def replace_section(text: str, section: str, title: str = SECTION_TITLE, before: str | None = "## ") -> str:
     """``text`` (RESULTS.md) with the section headed ``title`` (by default this tool's) replaced,
-    or added before the first heading starting with ``before`` (by default the first ``## ``)."""
+    or added before the first heading starting with ``before`` (by default the first ``## ``;
+    None: at the end)."""
     section = section.rstrip("\n") + "\n"
     start = text.find(title + "\n")
     if start < 0:
-        start = end = text.find("\n" + before) + 1 if "\n" + before in text else len(text)
+        found = before is not None and "\n" + before in text
+        start = end = text.find("\n" + before) + 1 if found else len(text)
         if start == len(text) and not text.endswith("\n\n"):
             section = "\n" + section
     else:
@@ -356,40 +378,60 @@ def replace_section(text: str, section: str, title: str = SECTION_TITLE, before:
 
 def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Path = RESULTS_MD,
                   sass_dir: Path = SASS_DIR) -> None:
-    """Replace this tool's section of RESULTS.md and the SASS files under ``sass_dir``."""
+    """Replace this tool's sections of RESULTS.md (the Hopper kernels', the ``mma.sync`` kernel's:
+    those of which ``reports`` holds cases) and their SASS files under ``sass_dir``."""
     import jax
 
     from benchmarks.e2e import git_commit
 
     sass_dir.mkdir(parents=True, exist_ok=True)
-    for old in sass_dir.glob("*.sass"):
-        old.unlink()
-    sass_files, by_shape = {}, {}
-    for r in reports:  # cases whose SASS differs only in constants (expert counts, grids) share a file
-        name = by_shape.setdefault(re.sub(r"0x[0-9a-f]+|\b\d+\b", "#", r.sass), sass_file_name(r.case))
-        sass_files[r.case.name] = name
-        if not (sass_dir / name).exists():
-            (sass_dir / name).write_text(r.sass)
-    section = (
-        f"{SECTION_TITLE}\n\n"
-        f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernel_sass --write` for `{TARGET}` with "
-        f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {git_commit()}; "
-        "each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 routing). "
-        "After gpt-oss's own shapes come one device's on each mesh of `benchmarks/sharded_kernels.py` (the "
-        "README's Multiple GPUs table) that one GPU does not have: `E<n>`, n experts per device (a device "
-        "gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per "
-        "device. "
-        f"Each kernel's SASS is in `{sass_dir.relative_to(REPOSITORY)}/` (column SASS; cases whose SASS differs "
-        "only in constants, such as the expert count, share one). The tool's docstring says "
-        "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
-        + tables(reports, sass_files)
-    )
-    results_md.write_text(replace_section(results_md.read_text(), section))
+    commit = git_commit()
+    text = results_md.read_text()
+    for title, group, mma in ((SECTION_TITLE, [r for r in reports if r.case.kernel != "moe_mma"], False),
+                              (MMA_SECTION_TITLE, [r for r in reports if r.case.kernel == "moe_mma"], True)):
+        if not group:
+            continue
+        for old in sass_dir.glob("*.sass"):
+            if old.name.startswith(MMA_SASS_PREFIX) == mma:
+                old.unlink()
+        sass_files, by_shape = {}, {}
+        for r in group:  # cases whose SASS differs only in constants (expert counts, grids) share a file
+            name = by_shape.setdefault(re.sub(r"0x[0-9a-f]+|\b\d+\b", "#", r.sass), sass_file_name(r.case))
+            sass_files[r.case.name] = name
+            if not (sass_dir / name).exists():
+                (sass_dir / name).write_text(r.sass)
+        introduction = MMA_INTRODUCTION if mma else HOPPER_INTRODUCTION.format(target=TARGET)
+        section = (
+            f"{title}\n\n"
+            f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernel_sass --write` {introduction} with "
+            f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {commit}. "
+            f"Each kernel's SASS is in `{sass_dir.relative_to(REPOSITORY)}/` (column SASS; cases whose SASS differs "
+            "only in constants, such as the expert count, share one). The tool's docstring says "
+            "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
+            + tables(group, sass_files)
+        )
+        # The mma.sync kernel's section goes at the end (RESULTS.md's sections are added there).
+        text = replace_section(text, section, title, before="## " if not mma else None)
+    results_md.write_text(text)
+
+
+HOPPER_INTRODUCTION = (
+    "for `{target}`; each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 "
+    "routing). After gpt-oss's own shapes come one device's on each mesh of `benchmarks/sharded_kernels.py` "
+    "(the README's Multiple GPUs table) that one GPU does not have: `E<n>`, n experts per device (a device "
+    "gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per device")
+MMA_INTRODUCTION = (
+    "for each target the case names (sm_80: A100; sm_89: RTX 4090, L4; sm_120: RTX 5090; the stand-in driver "
+    "answering that compute capability), the `mma.sync` expert kernel (`pallas_kernels/mxfp4_moe_mma.py`) in "
+    "its default config at gpt-oss-20b's decode shapes, `tokens` tokens (4 rows each, top-4 routing); CTAs/SM "
+    "by each target's own limits")
 
 
 def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["moe", "flash", "decode"], default=["moe", "flash", "decode"])
+    kernels = ["moe", "flash", "decode", "moe-mma"]
+    parser.add_argument("--only", nargs="+", choices=kernels, default=kernels,
+                        help="these kernels only (moe-mma: the mma.sync expert kernel, for sm_80, sm_89 and sm_120)")
     parser.add_argument("--write", action="store_true", help="write RESULTS.md's section and benchmarks/sass/")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a kernel spills, draws a ptxas warning or exceeds its register budget")
@@ -402,9 +444,12 @@ def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
         _compile_in_worker(*args.worker)
         return []
     tools = install_tools(args.tools, args.ptxas)
-    cases = gpt_oss_cases(kernels=args.only) + shard_cases(args.only) + variant_cases(args.only)
+    hopper = [kernel for kernel in args.only if kernel != "moe-mma"]
+    cases = gpt_oss_cases(kernels=hopper) + shard_cases(hopper) + variant_cases(hopper)
+    cases += mma_cases() if "moe-mma" in args.only else []
     reports = compile_kernels(cases, tools, jobs=args.jobs)
-    print(f"{tools.ptxas_version}, {TARGET}\n")
+    targets = sorted({sm_name(case.arch) for case in cases})
+    print(f"{tools.ptxas_version}, {', '.join(targets)}\n")
     print(tables(reports))
     refused = [v for r in reports for v in violations(r)]
     print("\n".join(refused) or f"{len(reports)} kernels: no spills, no ptxas warnings, registers within budget")
