@@ -188,6 +188,13 @@ def registers_allowing(ctas: int, threads: int) -> int:
 MMA_TARGET_CTAS_PER_SM = 2
 
 
+# On sm_120 ptxas guards each TMA copy (Mosaic GPU copies with TMA from compute capability 9.0
+# on) with a call taken only when the copy's barrier lies in another CTA's shared memory (it
+# compares the address with the CTA's cluster rank; never so here): its 8-byte argument buffer is
+# the kernel's only stack, no spill.
+ALLOWED_STACK_FRAME = {"12.0": 8}
+
+
 def register_budget(report: KernelReport) -> int:
     if report.case.kernel == "flash":
         return FLASH_REGISTER_BUDGET
@@ -200,7 +207,7 @@ def violations(report: KernelReport) -> list[str]:
     registers over :func:`register_budget`."""
     found = []
     p = report.ptxas
-    if p.spill_stores or p.spill_loads or p.stack_frame:
+    if p.spill_stores or p.spill_loads or p.stack_frame > ALLOWED_STACK_FRAME.get(report.case.arch, 0):
         found.append(f"spills {p.spill_stores} B stored / {p.spill_loads} B loaded, stack frame {p.stack_frame} B")
     found += [f"ptxas: {w}" for w in p.warnings]
     if report.registers > (budget := register_budget(report)):
