@@ -1,21 +1,27 @@
 """Choice between the Pallas Mosaic-GPU kernels and their plain-XLA references.
 
-``auto`` takes the kernels on NVIDIA Hopper GPUs (sm_90) and the references elsewhere;
-``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
-mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
-``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
+``auto`` takes the kernels on NVIDIA GPUs that have them and the references elsewhere:
+on Hopper (sm_90) all of them (WGMMA); on Ampere, Ada and Blackwell (sm_80, sm_86, sm_89,
+sm_100, sm_120) the ``mma.sync`` expert kernel (:mod:`pallas_kernels.mxfp4_moe_mma`), with
+attention on XLA (docs/kernels.md says why). ``pallas`` and ``xla`` force either; ``interpret``
+runs the kernels in Mosaic GPU interpret mode on the CPU (slow; for testing the kernel path
+without a GPU). The environment variable ``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit
+``kernels=`` argument overrides both.
 
 Each kernel takes only the shapes it was written for, so a choice becomes a :class:`KernelPlan`
 (:func:`kernel_plan`), which says what runs each part of the model: the one place that decides,
 for the model as for what the CLI shows. :func:`kernel_decisions` gives each part's reason too
-(the device, the shapes, the CUDA toolchain), which ``gptoss-jax env`` prints.
+(the device, the shapes, the CUDA toolchain), which ``gptoss-jax env`` prints, and
+:func:`expert_matmul` the expert matmul a plan's choice runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -31,34 +37,64 @@ KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 Implementation = Literal["pallas", "xla", "interpret"]  # what a resolved choice runs
 ENV_VAR = "GPTOSS_JAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla", "interpret")
-# The kernels' WGMMA exists on Hopper only: sm_90a code does not run on later GPUs (Blackwell
-# has tcgen05 instead).
+# WGMMA, which the attention kernels and the Hopper expert kernel use, exists on Hopper only:
+# sm_90a code does not run on later GPUs (Blackwell has tcgen05 instead).
 _HOPPER_MAJOR = 9
 HOPPER_GPU = "an NVIDIA Hopper GPU (sm_90)"
+# The GPUs the mma.sync expert kernel is for (A100; A10G, RTX 30xx; L4, L40S, RTX 40xx; B200;
+# RTX 50xx): mma.sync runs on all of them; benchmarks.kernel_sass compiles it for sm_80, sm_89
+# and sm_120, and sm_86 and sm_100 take the same instructions.
+MMA_SYNC_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (10, 0), (12, 0))
+KERNEL_GPU = "an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120"
 
 
 class KernelChoiceError(GptOssError):
     """A kernel choice that is no choice: an unknown name, in an argument or the environment."""
 
 
-def hopper_gpu_missing() -> str | None:
-    """Why the default device cannot run the kernels (``the device is cpu``); None on a Hopper GPU."""
+def compute_capability() -> tuple[int, int] | None:
+    """The default device's NVIDIA compute capability, ``(8, 9)``; None elsewhere (the CPU, other GPUs)."""
+    device = jax.devices()[0]
+    major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
+    if device.platform != "gpu" or not (major.isdigit() and minor.isdigit()):
+        return None
+    return int(major), int(minor)
+
+
+def _device_description() -> str:
+    """``the device is cpu``, ``the device is NVIDIA L4 (sm_89)``."""
     device = jax.devices()[0]
     if device.platform != "gpu":
         return f"the device is {device.platform}"
-    capability = str(getattr(device, "compute_capability", "unknown"))
-    major, _, minor = capability.partition(".")
-    if not (major.isdigit() and minor.isdigit()):  # not an NVIDIA compute capability
-        return f"the device is {device.device_kind} (compute capability {capability})"
-    if int(major) == _HOPPER_MAJOR:
+    capability = compute_capability()
+    if capability is None:  # not an NVIDIA compute capability
+        return f"the device is {device.device_kind} (compute capability {getattr(device, 'compute_capability', 'unknown')})"
+    return f"the device is {device.device_kind} (sm_{capability[0]}{capability[1]})"
+
+
+def hopper_gpu_missing() -> str | None:
+    """Why the default device cannot run the Hopper kernels (``the device is cpu``); None on a Hopper GPU."""
+    capability = compute_capability()
+    if capability is not None and capability[0] == _HOPPER_MAJOR:
         return None
-    later = ": WGMMA, which the kernels use, is Hopper's alone" if int(major) > _HOPPER_MAJOR else ""
-    return f"the device is {device.device_kind} (sm_{major}{minor}{later})"
+    later = capability is not None and capability[0] > _HOPPER_MAJOR
+    return _device_description() + (": WGMMA, which the Hopper kernels use, is Hopper's alone" if later else "")
 
 
 def has_hopper_gpu() -> bool:
     """Whether the default device is an NVIDIA Hopper GPU (sm_90: WGMMA and TMA)."""
     return hopper_gpu_missing() is None
+
+
+def has_mma_sync_gpu() -> bool:
+    """Whether the default device is one the ``mma.sync`` expert kernel is for (:data:`MMA_SYNC_CAPABILITIES`)."""
+    return compute_capability() in MMA_SYNC_CAPABILITIES
+
+
+def kernel_gpu_missing() -> str | None:
+    """Why the default device runs none of the kernels (``the device is cpu``); None on a GPU that
+    runs some: Hopper all, :data:`MMA_SYNC_CAPABILITIES` the expert kernel."""
+    return None if has_hopper_gpu() or has_mma_sync_gpu() else _device_description()
 
 
 def requested_kernels(choice: KernelChoice = "auto") -> tuple[KernelChoice, str | None]:
@@ -81,10 +117,10 @@ def _resolved(choice: KernelChoice) -> tuple[Implementation, str]:
     requested, source = requested_kernels(choice)
     if requested != "auto":
         return requested, f"kernels={requested!r} asked for" if source is None else f"{source}={requested}"
-    missing = hopper_gpu_missing()
+    missing = kernel_gpu_missing()
     if missing is None:
-        return "pallas", f"auto: the device is {jax.devices()[0].device_kind}"
-    return "xla", f"auto: the kernels need {HOPPER_GPU}; {missing}"
+        return "pallas", f"auto: {_device_description()}"
+    return "xla", f"auto: the kernels need {KERNEL_GPU}; {missing}"
 
 
 def resolve_kernels(choice: KernelChoice = "auto") -> Implementation:
@@ -171,6 +207,9 @@ def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtyp
     decisions = {}
     for part, misfit in misfits.items():
         reason = misfit(config, dtype) if kernels != "xla" else None
+        if reason is None and part == "attention" and kernels == "pallas" and has_mma_sync_gpu():
+            reason = (f"the attention kernels need {HOPPER_GPU}; {_device_description()}, where attention "
+                      "stays on XLA (docs/kernels.md)")
         decisions[part] = PartDecision("xla", reason) if reason else PartDecision(kernels, why)
     return decisions
 
@@ -183,3 +222,18 @@ def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype) ->
 def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:
     """The kernels' ``interpret`` argument for a resolved kernel choice."""
     return plgpu.InterpretGPUParams() if kernels == "interpret" else None
+
+
+def expert_matmul(kernels: Implementation) -> Callable:
+    """The expert matmul a resolved choice runs: the XLA reference for ``xla``; for ``pallas`` the
+    WGMMA kernel on Hopper and the ``mma.sync`` kernel elsewhere; for ``interpret`` the WGMMA
+    kernel in interpret mode."""
+    if kernels == "xla":
+        from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
+
+        return mxfp4_grouped_matmul_reference
+    if kernels == "pallas" and not has_hopper_gpu():
+        from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
+
+        return mxfp4_grouped_matmul_mma
+    return functools.partial(mxfp4_moe.mxfp4_grouped_matmul, interpret=interpret_params(kernels))
