@@ -245,7 +245,7 @@ def _kernel(
 
     def load_scales(step):
         """uint16 ``[64]`` scale bytes of every half and 16-byte slice of a step, half-major."""
-        return tuple(plgpu.load(scales_gmem.at[expert, n_rows, half, step * blocks + b], (),
+        return tuple(plgpu.load(scales_gmem.at[expert, n_rows, half, step * blocks + b],
                                 layout=_WEIGHT_ROW, optimized=False).astype(jnp.uint16)
                      for half in range(halves) for b in range(blocks))
 
@@ -260,9 +260,9 @@ def _kernel(
             *refs, (accs, scales) = refs_and_carry
             w_smems, (x_even, x_odd) = refs[:halves], refs[halves:]
             accs = list(accs)
-            activations = [plgpu.load(x.T, (), layout=_ACTIVATIONS, optimized=False) for x in (x_even, x_odd)]
+            activations = [plgpu.load(x.T, layout=_ACTIVATIONS, optimized=False) for x in (x_even, x_odd)]
             for half, w_smem in enumerate(w_smems):
-                packed = plgpu.load(w_smem, (), layout=_WEIGHTS, optimized=False)
+                packed = plgpu.load(w_smem, layout=_WEIGHTS, optimized=False)
                 scale_bytes = scales[half * blocks : (half + 1) * blocks]
                 decoded = decode_packed(packed, functools.partial(_scale_tile, scale_bytes), config.e2m1_decode,
                                         fold=False, layout=_WEIGHTS)
@@ -292,12 +292,12 @@ def _kernel(
 
     def epilogue(accs: tuple[jax.Array, ...]) -> None:
         biases = [lax.broadcast_in_dim(
-            plgpu.load(bias_gmem.at[expert, n_rows, half], (), layout=_ACC_ROW, optimized=False).astype(jnp.float32),
+            plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ACC_ROW, optimized=False).astype(jnp.float32),
             (BLOCK_N, block_m), (0,)) for half in range(halves)]
         weights = None
         if apply_weights:
             (weights_gmem,) = maybe_weights_gmem
-            weights = lax.broadcast_in_dim(plgpu.load(weights_gmem.at[rows], (), layout=_ACC_COL, optimized=False),
+            weights = lax.broadcast_in_dim(plgpu.load(weights_gmem.at[rows], layout=_ACC_COL, optimized=False),
                                            (BLOCK_N, block_m), (1,))
         out = epilogue_tile(accs, biases, weights, swiglu_limit)
         out_gmem.at[task, n_rows][...] = out.astype(out_gmem.dtype)
