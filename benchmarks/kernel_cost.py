@@ -494,10 +494,13 @@ def layer_table(predicted: Sequence[Prediction]) -> str:
 
 
 def mma_section(predicted: Sequence[Prediction], source: str) -> str:
+    from benchmarks.e2e import git_commit
+
     sources = "\n".join(f"- {name}: {text}." for name, text in MMA_SOURCES)
     return (
         f"{MMA_COST_SECTION_TITLE}\n\n"
-        f"Predicted on the CPU by `python -m benchmarks.kernel_cost --write` from {source}, the same model as "
+        f"Predicted on a 2-core CPU machine (no GPU) by `python -m benchmarks.kernel_cost --write` at commit "
+        f"{git_commit()} from {source}, the same model as "
         "the Hopper kernels' (above): the `mma.sync` expert kernel (`pallas_kernels/mxfp4_moe_mma.py`) at "
         "gpt-oss-20b's decode shapes, each GPU with the SASS of its compute capability (sm_89 for the RTX 4090 "
         "and the L4, sm_80 for the A100s, sm_120 for the RTX 5090). No such GPU has run it. *MB* counts the "

@@ -410,7 +410,8 @@ def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Pat
         introduction = MMA_INTRODUCTION if mma else HOPPER_INTRODUCTION.format(target=TARGET)
         section = (
             f"{title}\n\n"
-            f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernel_sass --write` {introduction} with "
+            f"Compiled on a 2-core CPU machine (no GPU) by `python -m benchmarks.kernel_sass --write`"
+            f"{' (or `--only moe-mma --write`)' if mma else ''} {introduction} with "
             f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {commit}. "
             f"Each kernel's SASS is in `{sass_dir.relative_to(REPOSITORY)}/` (column SASS; cases whose SASS differs "
             "only in constants, such as the expert count, share one). The tool's docstring says "
