@@ -211,15 +211,21 @@ def decode_packed(packed: jax.Array, scale: Callable[[Callable[[jax.Array], jax.
     return even * factor, odd * factor
 
 
-def epilogue_tile(accs: tuple[jax.Array, ...], biases: list[jax.Array], weights: jax.Array | None,
+def epilogue_tile(accs: tuple[jax.Array, ...], bias_refs: list, weights_ref, *, row_layout: Any, column_layout: Any,
                   swiglu_limit: float) -> jax.Array:
-    """The epilogue on float32 accumulator tiles ``[BLOCK_N, block_m]`` (one per half): the bias
-    added in bf16 (``biases``, broadcast tiles), the clamped SwiGLU of the two halves if there
-    are two, then the routing ``weights`` (a broadcast tile) in float32, with the reference's
-    rounding points. Shared by the WGMMA and the ``mma.sync`` kernel (float32 tiles out)."""
+    """The epilogue on float32 accumulator tiles ``[BLOCK_N, block_m]`` (one per half): each
+    half's bias (``bias_refs``, ``[BLOCK_N]`` each, loaded in the accumulator's ``row_layout``)
+    added in bf16, the clamped SwiGLU of the two halves if there are two, then the routing
+    weights (``weights_ref``, ``[block_m]`` in ``column_layout``, or None) in float32, with the
+    reference's rounding points. Shared by the WGMMA and the ``mma.sync`` kernel."""
+    shape = accs[0].shape
+    biases = [lax.broadcast_in_dim(plgpu.load(ref, layout=row_layout, optimized=False).astype(jnp.float32), shape, (0,))
+              for ref in bias_refs]
     outs = [_round(_round(acc) + bias) for acc, bias in zip(accs, biases)]
     out = _clamped_swiglu(*outs, swiglu_limit) if len(outs) == 2 else outs[0]
-    return out if weights is None else out * weights
+    if weights_ref is None:
+        return out
+    return out * lax.broadcast_in_dim(plgpu.load(weights_ref, layout=column_layout, optimized=False), shape, (1,))
 
 
 def tile_rows(rows: int, config: Config) -> int:
@@ -651,15 +657,10 @@ def _kernel(
     @pl.when((count > 0) & (expert < num_experts))
     def _matmul():
         accs = pl.run_scoped(compute, *[plgpu.ACC((BLOCK_N, block_m))] * halves)
-        biases = [lax.broadcast_in_dim(
-            plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ROW, optimized=False).astype(jnp.float32),
-            (BLOCK_N, block_m), (0,)) for half in range(halves)]
-        weights = None
-        if apply_weights:
-            (weights_gmem,) = maybe_weights_gmem
-            weights = lax.broadcast_in_dim(plgpu.load(weights_gmem.at[rows], layout=_COL, optimized=False),
-                                           (BLOCK_N, block_m), (1,))
-        store(epilogue_tile(accs, biases, weights, swiglu_limit))
+        bias_refs = [bias_gmem.at[expert, n_rows, half] for half in range(halves)]
+        weights_ref = maybe_weights_gmem[0].at[rows] if apply_weights else None
+        store(epilogue_tile(accs, bias_refs, weights_ref, row_layout=_ROW, column_layout=_COL,
+                            swiglu_limit=swiglu_limit))
 
     @pl.when((count > 0) & (expert == num_experts))
     def _zeros():

@@ -133,25 +133,11 @@ def mxfp4_grouped_matmul_mma(
 ) -> jax.Array:
     """Grouped matmul of expert-sorted rows with MXFP4 expert weights, on ``mma.sync``.
 
-    Same contract as :func:`~pallas_kernels.mxfp4_moe_reference.mxfp4_grouped_matmul_reference`
-    and :func:`~pallas_kernels.mxfp4_moe.mxfp4_grouped_matmul`.
-
-    Args:
-      lhs: bfloat16 ``[M, K]`` rows sorted by expert.
-      group_sizes: int32 ``[E]``, rows per expert, in order; rows past their sum come out as 0.
-      blocks: uint8 ``[E, N, K/32, 16]``, the checkpoint's MXFP4 blocks.
-      scales: uint8 ``[E, N, K/32]`` E8M0 scales, each in 1..254.
-      bias: ``[E, N]``, rounded to bfloat16.
-      epilogue: ``"bias"``, or ``"bias_swiglu"`` (interleaved clamped SwiGLU, halves N).
-      swiglu_limit: the SwiGLU's clamp (static).
-      row_weights: optional ``[M]`` routing weight of each row; when given the result is the
-        float32 product ``weight * out``.
-      config: tuning; ``None`` picks :class:`Config` defaults, with ``e2m1_decode="select"`` in
-        interpret mode.
-      interpret: ``plgpu.InterpretGPUParams()`` runs the kernel in Mosaic GPU interpret mode.
-
-    Returns:
-      ``[M, N]`` (``[M, N/2]`` with SwiGLU) bfloat16, or float32 with ``row_weights``.
+    Same contract, arguments and result as :func:`pallas_kernels.mxfp4_moe.mxfp4_grouped_matmul`
+    (``lhs [M, K]`` bfloat16 rows sorted by expert, ``blocks [E, N, K/32, 16]``, ``scales
+    [E, N, K/32]``, ``bias [E, N]``; ``[M, N]``, or ``[M, N/2]`` with SwiGLU, bfloat16 or float32
+    with ``row_weights``), but for ``config``: this kernel's :class:`Config`; ``None`` picks its
+    defaults, with ``e2m1_decode="select"`` in interpret mode.
     """
     if config is None:
         config = Config() if interpret is None else Config(e2m1_decode="select")
@@ -291,15 +277,10 @@ def _kernel(
         return accs
 
     def epilogue(accs: tuple[jax.Array, ...]) -> None:
-        biases = [lax.broadcast_in_dim(
-            plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ACC_ROW, optimized=False).astype(jnp.float32),
-            (BLOCK_N, block_m), (0,)) for half in range(halves)]
-        weights = None
-        if apply_weights:
-            (weights_gmem,) = maybe_weights_gmem
-            weights = lax.broadcast_in_dim(plgpu.load(weights_gmem.at[rows], layout=_ACC_COL, optimized=False),
-                                           (BLOCK_N, block_m), (1,))
-        out = epilogue_tile(accs, biases, weights, swiglu_limit)
+        bias_refs = [bias_gmem.at[expert, n_rows, half] for half in range(halves)]
+        weights_ref = maybe_weights_gmem[0].at[rows] if apply_weights else None
+        out = epilogue_tile(accs, bias_refs, weights_ref, row_layout=_ACC_ROW, column_layout=_ACC_COL,
+                            swiglu_limit=swiglu_limit)
         out_gmem.at[task, n_rows][...] = out.astype(out_gmem.dtype)
 
     @pl.when((count_gmem[task] > 0) & (expert < num_experts))
