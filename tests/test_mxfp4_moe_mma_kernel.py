@@ -7,8 +7,8 @@ Without a GPU:
   integer-only nibble decode, since XLA on the CPU flushes the word decode's subnormals), at a
   gpt-oss-sized matmul and on ragged groups. The word decode's bits are checked exactly in
   NumPy by test_mxfp4_moe_kernel.py (the same function, whatever the register layout).
-* ``jax.export`` for ``cuda`` runs the whole Mosaic GPU lowering for abstract sm_80, sm_89 and
-  sm_120 devices (``cp.async`` copies before sm_90, TMA from it on) at gpt-oss-20b's shapes.
+* ``jax.export`` for ``cuda`` runs the whole Mosaic GPU lowering for abstract sm_80, sm_89,
+  sm_100 and sm_120 devices (``cp.async`` copies before sm_90, TMA from it on) at gpt-oss-20b's shapes.
   benchmarks/kernel_sass.py takes the same cases through ptxas (in .ci/run).
 
 On a Hopper GPU (``mma.sync`` runs there too) the gpt-oss shapes run compiled, as Hopper lowers
@@ -111,7 +111,7 @@ def _export(arch, n, rows, epilogue):
 
 @pytest.mark.parametrize("tokens", [1, 8, 4096], ids=lambda t: f"tokens{t}")
 @pytest.mark.parametrize("n, epilogue", [(2 * HIDDEN, "bias_swiglu"), (HIDDEN, "bias")], ids=["mlp1", "mlp2"])
-@pytest.mark.parametrize("arch", ["8.0", "8.9", "12.0"], ids=["sm_80", "sm_89", "sm_120"])
+@pytest.mark.parametrize("arch", ["8.0", "8.9", "10.0", "12.0"], ids=["sm_80", "sm_89", "sm_100", "sm_120"])
 def test_lowers_for_cuda_at_gpt_oss_20b_shapes(arch, n, epilogue, tokens):
     _export(arch, n, tokens * 4, epilogue)  # top-4 routing: 4 rows per token
 
