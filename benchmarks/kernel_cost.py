@@ -1,7 +1,9 @@
 """A cost model of every Pallas kernel, on the CPU: the time each is bound to by HBM bytes, by
 instruction issue, by load/store units and by tensor cores, at gpt-oss's decode and prefill
 shapes on an H100 SXM and an H200, which bound binds, and the fraction of the device's HBM peak
-(and bf16 tensor-core peak) that predicts. A model, to be calibrated by a GPU: the kernel
+(and bf16 tensor-core peak) that predicts; and the ``mma.sync`` expert kernel at gpt-oss-20b's
+decode shapes on the GPUs it serves (RTX 4090, L4, A100, RTX 5090: :data:`MMA_DEVICES`), each
+from the SASS of its own compute capability. A model, to be calibrated by a GPU: the kernel
 benchmarks (``benchmarks/moe_kernel.py``, ``benchmarks/attention_kernel.py``, run by
 ``gpu_session``) print its prediction beside each measured time.
 
