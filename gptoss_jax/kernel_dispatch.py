@@ -226,13 +226,14 @@ def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:
 
 def expert_matmul(kernels: Implementation) -> Callable:
     """The expert matmul a resolved choice runs: the XLA reference for ``xla``; for ``pallas`` the
-    WGMMA kernel on Hopper and the ``mma.sync`` kernel elsewhere; for ``interpret`` the WGMMA
-    kernel in interpret mode."""
+    ``mma.sync`` kernel on :data:`MMA_SYNC_CAPABILITIES` GPUs and the WGMMA kernel elsewhere (on
+    Hopper, and where programs are lowered for a GPU without one, which Mosaic GPU does for
+    sm_90); for ``interpret`` the WGMMA kernel in interpret mode."""
     if kernels == "xla":
         from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
         return mxfp4_grouped_matmul_reference
-    if kernels == "pallas" and not has_hopper_gpu():
+    if kernels == "pallas" and has_mma_sync_gpu():
         from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
 
         return mxfp4_grouped_matmul_mma
