@@ -23,7 +23,7 @@ What differs, and why:
   adjacent bytes per register), where the word decode turns each register into one bf16x2 word
   of each K half; the activations are read as the B fragments of the transposed tile.
 * **Scales from global memory, unfolded.** A step's scales are loaded per thread (2 weight rows
-  a thread), one step ahead: ``cp.async`` has no copy of the 90-byte-strided scale rows, and TMA
+  a thread, two scale bytes a load), one step ahead: ``cp.async`` has no copy of the 90-byte-strided scale rows, and TMA
   (the WGMMA kernel's ``scale_source="smem"``) does not exist before Hopper. The WGMMA kernel's
   folding of 2**126 into the scales is left out: the decoding costs about 0.03 warp
   instructions per weight byte here against the 1.3 an RTX 4090's bandwidth leaves
@@ -177,8 +177,11 @@ def mxfp4_grouped_matmul_mma(
         interpret=interpret,
     )
     packed = operands.packed.reshape(num_experts, out_n, -1)  # [E, N/h, h * K/2]
+    # Scale byte pairs [E, N/h, h, K/64] (K/32 is even: K/2 is a multiple of block_kb): half the
+    # loads, each still one byte's worth of L1 wavefronts.
+    scale_pairs = lax.bitcast_convert_type(operands.scales.reshape(*operands.scales.shape[:-1], -1, 2), jnp.uint16)
     args = [tasks.group, tasks.block_start, tasks.count, operands.lhs_even, operands.lhs_odd,
-            packed, operands.scales, operands.bias]
+            packed, scale_pairs, operands.bias]
     if row_weights is not None:
         args.append(operands.row_weights)
     per_task = call(*args)
@@ -230,10 +233,12 @@ def _kernel(
     blocks = block_kb // mxfp4.BYTES_PER_BLOCK  # scale blocks of a step, per half
 
     def load_scales(step):
-        """uint16 ``[64]`` scale bytes of every half and 16-byte slice of a step, half-major."""
-        return tuple(plgpu.load(scales_gmem.at[expert, n_rows, half, step * blocks + b],
-                                layout=_WEIGHT_ROW, optimized=False).astype(jnp.uint16)
-                     for half in range(halves) for b in range(blocks))
+        """uint16 ``[64]`` scale bytes of every half and 16-byte slice of a step, half-major: each
+        thread loads its rows' scales two blocks at a time (``scales_gmem`` holds byte pairs)."""
+        pairs = [plgpu.load(scales_gmem.at[expert, n_rows, half, step * blocks // 2 + p],
+                            layout=_WEIGHT_ROW, optimized=False)
+                 for half in range(halves) for p in range(blocks // 2)]
+        return tuple(byte for pair in pairs for byte in (pair & 0xFF, pair >> 8))  # little-endian
 
     def product(acc, weights, activations):
         if interpret:  # the interpreter has no mma.sync; the same float32 sum of exact products
