@@ -24,7 +24,7 @@ from gptoss_jax import footprint
 from gptoss_jax.checkpoints.folder import CONFIG_FILENAME, checked_checkpoint_folder
 from gptoss_jax.config import PRESETS, GptOssConfig, preset
 from gptoss_jax.kernel_check import CheckMode, KernelCheckFailedError, combination, verdict_file
-from gptoss_jax.kernel_dispatch import has_hopper_gpu, kernel_decisions
+from gptoss_jax.kernel_dispatch import kernel_decisions, kernel_gpu_missing
 from gptoss_jax.opening import (
     ModelOptionError,
     ModelTooLargeError,
@@ -83,8 +83,8 @@ def _kernels(config: GptOssConfig, option_name: OptionName, check: CheckMode) ->
 
 
 def _kernel_check() -> dict[str, Any] | None:
-    """What the verdicts hold for and where they are kept: on a Hopper GPU, where the check runs."""
-    if not has_hopper_gpu():
+    """What the verdicts hold for and where they are kept: on a GPU that runs kernels, where the check runs."""
+    if kernel_gpu_missing() is not None:
         return None
     facts = combination()
     return {"combination": facts, "verdict_file": str(verdict_file(facts))}
@@ -129,7 +129,7 @@ def gather_environment(checkpoint: str | os.PathLike | None = None, mesh: str | 
     ``$CUDA_ROOT`` or pip's CUDA, None without either), ``variables`` (``GPTOSS_JAX_*``, ``JAX_*``,
     ``XLA_*``), ``kernels`` (under ``auto`` in bfloat16: each kernel's ``runs`` and ``why``, or
     ``refused`` with opening's message; each kernel's first-use verdict on this GPU as ``check``),
-    ``kernel_check`` (on a Hopper GPU: the combination the verdicts hold for and their file),
+    ``kernel_check`` (on a GPU that runs kernels: the combination the verdicts hold for and their file),
     ``compilation_cache`` (JAX's folder, None if off),
     ``checkpoint`` (given one: its model, parameter bytes per device against the devices' free
     bytes, the largest context a batch-1 engine takes) and ``jax_environment_info``

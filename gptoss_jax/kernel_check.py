@@ -9,7 +9,9 @@ under a time limit: a kernel that crashes, or deadlocks on a barrier, takes the 
 the user's program. The verdict is kept in the cache folder, one JSON file per combination, so
 the check runs once per combination and model shape.
 
-Each kernel is one :class:`KernelCheck` of :data:`KERNEL_CHECKS`: a new kernel is a new entry.
+Each kernel is one :class:`KernelCheck` of :data:`KERNEL_CHECKS` (Hopper's kernels) or
+:data:`MMA_SYNC_KERNEL_CHECKS` (the ``mma.sync`` expert kernel, which runs on Ampere, Ada and
+Blackwell instead): a new kernel is a new entry.
 :func:`gptoss_jax.kernel_dispatch.kernel_decisions` asks for the verdicts; a kernel that fails
 runs on XLA under ``auto`` (:func:`warn_fallback`: one warning line) and is refused when asked
 for by name (:class:`KernelCheckFailedError`). ``GPTOSS_JAX_KERNEL_CHECK=0`` turns the check off.
@@ -84,6 +86,11 @@ KERNEL_CHECKS = (
                 180),
     KernelCheck("decode attention", "decode_attention", "gptoss_jax.kernel_check_cases:check_decode_attention",
                 180),
+)
+# Where the mma.sync expert kernel runs (kernel_dispatch.MMA_SYNC_CAPABILITIES) it is the only kernel,
+# so its check is the only one; a GPU never runs both expert kernels, and verdicts are per GPU.
+MMA_SYNC_KERNEL_CHECKS = (
+    KernelCheck("MoE experts (mma.sync)", "experts", "gptoss_jax.kernel_check_cases:check_experts_mma", 300),
 )
 
 

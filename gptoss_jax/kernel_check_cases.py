@@ -33,6 +33,7 @@ from pallas_kernels.attention_reference import EMPTY_SLOT, KERNEL_ATOL, attentio
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
 from pallas_kernels.mxfp4_moe_reference import KERNEL_EXACT_FRACTION, KERNEL_RTOL, mxfp4_grouped_matmul_reference
 
 
@@ -101,7 +102,18 @@ def compare(case: str, got: jax.Array, want: jax.Array, *, rtol: float, atol: fl
 
 
 def check_experts(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> list[CaseResult]:
-    """The MXFP4 expert kernel: the model's mlp1 (SwiGLU) and mlp2 (routing weights) at each token count.
+    """The MXFP4 expert kernel on WGMMA (Hopper's): :func:`_expert_cases`."""
+    return _expert_cases(mxfp4_grouped_matmul, config, sizes, interpret)
+
+
+def check_experts_mma(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> list[CaseResult]:
+    """The MXFP4 expert kernel on ``mma.sync`` (Ampere's, Ada's and Blackwell's): :func:`_expert_cases`."""
+    return _expert_cases(mxfp4_grouped_matmul_mma, config, sizes, interpret)
+
+
+def _expert_cases(kernel: Callable[..., jax.Array], config: GptOssConfig, sizes: CheckSizes,
+                  interpret: bool) -> list[CaseResult]:
+    """An MXFP4 expert kernel: the model's mlp1 (SwiGLU) and mlp2 (routing weights) at each token count.
 
     Tokens are routed top-k over every expert at random, so the groups are ragged and some
     empty, as in a batch; the weights are random bytes with gpt-oss's range of scales.
@@ -126,7 +138,7 @@ def check_experts(config: GptOssConfig, sizes: CheckSizes, interpret: bool) -> l
                 row_weights=jnp.asarray(rng.random(rows), jnp.float32) if epilogue == "bias" else None,
                 epilogue=epilogue, swiglu_limit=config.swiglu_limit, **weights,
             )
-            got = mxfp4_grouped_matmul(**problem, interpret=plgpu.InterpretGPUParams() if interpret else None)
+            got = kernel(**problem, interpret=plgpu.InterpretGPUParams() if interpret else None)
             want = mxfp4_grouped_matmul_reference(**problem)
             results.append(compare(f"{name}, {tokens} tokens", got, want, rtol=KERNEL_RTOL, atol=1e-30,
                                    exact_fraction=KERNEL_EXACT_FRACTION))

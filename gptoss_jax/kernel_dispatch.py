@@ -1,22 +1,28 @@
 """Choice between the Pallas Mosaic-GPU kernels and their plain-XLA references.
 
-``auto`` takes the kernels on NVIDIA Hopper GPUs (sm_90) and the references elsewhere;
-``pallas`` and ``xla`` force either; ``interpret`` runs the kernels in Mosaic GPU interpret
-mode on the CPU (slow; for testing the kernel path without a GPU). The environment variable
-``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit ``kernels=`` argument overrides both.
+``auto`` takes the kernels on NVIDIA GPUs that have them and the references elsewhere:
+on Hopper (sm_90) all of them (WGMMA); on Ampere, Ada and Blackwell (sm_80, sm_86, sm_89,
+sm_100, sm_120) the ``mma.sync`` expert kernel (:mod:`pallas_kernels.mxfp4_moe_mma`), with
+attention on XLA (docs/kernels.md says why). ``pallas`` and ``xla`` force either; ``interpret``
+runs the kernels in Mosaic GPU interpret mode on the CPU (slow; for testing the kernel path
+without a GPU). The environment variable ``GPTOSS_JAX_KERNELS`` overrides ``auto``; an explicit
+``kernels=`` argument overrides both.
 
 Each kernel takes only the shapes it was written for, so a choice becomes a :class:`KernelPlan`
 (:func:`kernel_plan`), which says what runs each part of the model: the one place that decides,
 for the model as for what the CLI shows. :func:`kernel_decisions` gives each part's reason too
 (the device, the shapes, the CUDA toolchain, the kernel's first-use check on this GPU:
-:mod:`gptoss_jax.kernel_check`), which ``gptoss-jax env`` prints.
+:mod:`gptoss_jax.kernel_check`), which ``gptoss-jax env`` prints, and :func:`expert_matmul` the
+expert matmul a plan's choice runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -27,6 +33,7 @@ from gptoss_jax.config import GptOssConfig
 from gptoss_jax.errors import GptOssError
 from gptoss_jax.kernel_check import (
     KERNEL_CHECKS,
+    MMA_SYNC_KERNEL_CHECKS,
     CheckMode,
     KernelCheckFailedError,
     Verdict,
@@ -42,34 +49,64 @@ KernelChoice = Literal["auto", "pallas", "xla", "interpret"]
 Implementation = Literal["pallas", "xla", "interpret"]  # what a resolved choice runs
 ENV_VAR = "GPTOSS_JAX_KERNELS"
 _CHOICES = ("auto", "pallas", "xla", "interpret")
-# The kernels' WGMMA exists on Hopper only: sm_90a code does not run on later GPUs (Blackwell
-# has tcgen05 instead).
+# WGMMA, which the attention kernels and the Hopper expert kernel use, exists on Hopper only:
+# sm_90a code does not run on later GPUs (Blackwell has tcgen05 instead).
 _HOPPER_MAJOR = 9
 HOPPER_GPU = "an NVIDIA Hopper GPU (sm_90)"
+# The GPUs the mma.sync expert kernel is for (A100; A10G, RTX 30xx; L4, L40S, RTX 40xx; B200;
+# RTX 50xx): mma.sync runs on all of them; benchmarks.kernels.kernel_sass compiles it for sm_80, sm_89
+# and sm_120, and sm_86 and sm_100 take the same instructions.
+MMA_SYNC_CAPABILITIES = ((8, 0), (8, 6), (8, 9), (10, 0), (12, 0))
+KERNEL_GPU = "an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120"
 
 
 class KernelChoiceError(GptOssError):
     """A kernel choice that is no choice: an unknown name, in an argument or the environment."""
 
 
-def hopper_gpu_missing() -> str | None:
-    """Why the default device cannot run the kernels (``the device is cpu``); None on a Hopper GPU."""
+def compute_capability() -> tuple[int, int] | None:
+    """The default device's NVIDIA compute capability, ``(8, 9)``; None elsewhere (the CPU, other GPUs)."""
+    device = jax.devices()[0]
+    major, _, minor = str(getattr(device, "compute_capability", "")).partition(".")
+    if device.platform != "gpu" or not (major.isdigit() and minor.isdigit()):
+        return None
+    return int(major), int(minor)
+
+
+def _device_description() -> str:
+    """``the device is cpu``, ``the device is NVIDIA L4 (sm_89)``."""
     device = jax.devices()[0]
     if device.platform != "gpu":
         return f"the device is {device.platform}"
-    capability = str(getattr(device, "compute_capability", "unknown"))
-    major, _, minor = capability.partition(".")
-    if not (major.isdigit() and minor.isdigit()):  # not an NVIDIA compute capability
-        return f"the device is {device.device_kind} (compute capability {capability})"
-    if int(major) == _HOPPER_MAJOR:
+    capability = compute_capability()
+    if capability is None:  # not an NVIDIA compute capability
+        return f"the device is {device.device_kind} (compute capability {getattr(device, 'compute_capability', 'unknown')})"
+    return f"the device is {device.device_kind} (sm_{capability[0]}{capability[1]})"
+
+
+def hopper_gpu_missing() -> str | None:
+    """Why the default device cannot run the Hopper kernels (``the device is cpu``); None on a Hopper GPU."""
+    capability = compute_capability()
+    if capability is not None and capability[0] == _HOPPER_MAJOR:
         return None
-    later = ": WGMMA, which the kernels use, is Hopper's alone" if int(major) > _HOPPER_MAJOR else ""
-    return f"the device is {device.device_kind} (sm_{major}{minor}{later})"
+    later = capability is not None and capability[0] > _HOPPER_MAJOR
+    return _device_description() + (": WGMMA, which the Hopper kernels use, is Hopper's alone" if later else "")
 
 
 def has_hopper_gpu() -> bool:
     """Whether the default device is an NVIDIA Hopper GPU (sm_90: WGMMA and TMA)."""
     return hopper_gpu_missing() is None
+
+
+def has_mma_sync_gpu() -> bool:
+    """Whether the default device is one the ``mma.sync`` expert kernel is for (:data:`MMA_SYNC_CAPABILITIES`)."""
+    return compute_capability() in MMA_SYNC_CAPABILITIES
+
+
+def kernel_gpu_missing() -> str | None:
+    """Why the default device runs none of the kernels (``the device is cpu``); None on a GPU that
+    runs some: Hopper all, :data:`MMA_SYNC_CAPABILITIES` the expert kernel."""
+    return None if has_hopper_gpu() or has_mma_sync_gpu() else _device_description()
 
 
 def requested_kernels(choice: KernelChoice = "auto") -> tuple[KernelChoice, str | None]:
@@ -92,10 +129,10 @@ def _resolved(choice: KernelChoice) -> tuple[Implementation, str]:
     requested, source = requested_kernels(choice)
     if requested != "auto":
         return requested, f"kernels={requested!r} asked for" if source is None else f"{source}={requested}"
-    missing = hopper_gpu_missing()
+    missing = kernel_gpu_missing()
     if missing is None:
-        return "pallas", f"auto: the device is {jax.devices()[0].device_kind}"
-    return "xla", f"auto: the kernels need {HOPPER_GPU}; {missing}"
+        return "pallas", f"auto: {_device_description()}"
+    return "xla", f"auto: the kernels need {KERNEL_GPU}; {missing}"
 
 
 def resolve_kernels(choice: KernelChoice = "auto") -> Implementation:
@@ -186,8 +223,9 @@ def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtyp
 
     The parts are :class:`KernelPlan`'s fields. A kernel runs a part where the choice resolves
     to it and the part's shapes fit it; the XLA reference runs the rest, so ``pallas`` may leave
-    a part on XLA. On a Hopper GPU, a kernel also has to pass its first-use check
-    (:mod:`gptoss_jax.kernel_check`; ``check`` says whether to run it or only look its verdict
+    a part on XLA. On a GPU that runs kernels, a kernel also has to pass its first-use check
+    (:mod:`gptoss_jax.kernel_check`: Hopper's kernels there, the ``mma.sync`` expert kernel on
+    :data:`MMA_SYNC_CAPABILITIES`; ``check`` says whether to run it or only look its verdict
     up): one that fails runs on XLA under ``auto``, with a warning, and is refused when asked for.
 
     Raises:
@@ -200,8 +238,11 @@ def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtyp
     decisions = {}
     for part, misfit in misfits.items():
         reason = misfit(config, dtype) if kernels != "xla" else None
+        if reason is None and part != "experts" and kernels == "pallas" and has_mma_sync_gpu():
+            reason = (f"the attention kernels need {HOPPER_GPU}; {_device_description()}, where attention "
+                      "stays on XLA (docs/kernels.md)")
         decisions[part] = PartDecision("xla", reason) if reason else PartDecision(kernels, why)
-    if kernels == "pallas" and hopper_gpu_missing() is None:
+    if kernels == "pallas" and kernel_gpu_missing() is None:
         decisions.update(_checked(decisions, config, check, requested_kernels(choice)))
     return decisions
 
@@ -210,7 +251,7 @@ def _checked(decisions: dict[str, PartDecision], config: GptOssConfig, mode: Che
              requested: tuple[KernelChoice, str | None]) -> dict[str, PartDecision]:
     """The decisions of the parts a kernel runs, after each kernel's first-use check."""
     checked = {}
-    for kernel_check in KERNEL_CHECKS:
+    for kernel_check in KERNEL_CHECKS if has_hopper_gpu() else MMA_SYNC_KERNEL_CHECKS:
         decision = decisions[kernel_check.part]
         if decision.runs != "pallas":
             continue
@@ -241,3 +282,19 @@ def kernel_plan(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtype,
 def interpret_params(kernels: str) -> plgpu.InterpretGPUParams | None:
     """The kernels' ``interpret`` argument for a resolved kernel choice."""
     return plgpu.InterpretGPUParams() if kernels == "interpret" else None
+
+
+def expert_matmul(kernels: Implementation) -> Callable:
+    """The expert matmul a resolved choice runs: the XLA reference for ``xla``; for ``pallas`` the
+    ``mma.sync`` kernel on :data:`MMA_SYNC_CAPABILITIES` GPUs and the WGMMA kernel elsewhere (on
+    Hopper, and where programs are lowered for a GPU without one, which Mosaic GPU does for
+    sm_90); for ``interpret`` the WGMMA kernel in interpret mode."""
+    if kernels == "xla":
+        from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
+
+        return mxfp4_grouped_matmul_reference
+    if kernels == "pallas" and has_mma_sync_gpu():
+        from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
+
+        return mxfp4_grouped_matmul_mma
+    return functools.partial(mxfp4_moe.mxfp4_grouped_matmul, interpret=interpret_params(kernels))

@@ -34,6 +34,7 @@ from gptoss_jax.kernel_dispatch import (
     Implementation,
     KernelChoice,
     KernelPlan,
+    expert_matmul,
     interpret_params,
     kernel_plan,
     resolve_kernels,
@@ -288,7 +289,7 @@ class MLPBlock(nnx.Module):
         batch, length, hidden = x.shape
         t = self.norm(x).reshape(batch * length, hidden)
         routing_weights, expert_indices = route(self.gate(t), config.experts_per_token)
-        mlp1_matmul = mlp2_matmul = _grouped_matmul(kernels)
+        mlp1_matmul = mlp2_matmul = expert_matmul(kernels)
         if self.mlp1_weight.decoded is not None and mlp1_matmul is mxfp4_grouped_matmul_reference:
             mlp1_matmul = functools.partial(mlp1_matmul, decoded=self.mlp1_weight.decoded[...])
             mlp2_matmul = functools.partial(mlp2_matmul, decoded=self.mlp2_weight.decoded[...])
@@ -488,10 +489,3 @@ class GptOss(nnx.Module):
         return x, None if cache is None else KVCache(tuple(layer_caches))
 
 
-def _grouped_matmul(kernels: Implementation):
-    """The expert matmul: the Pallas kernel or its XLA reference."""
-    if kernels == "xla":
-        return mxfp4_grouped_matmul_reference
-    from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
-
-    return functools.partial(mxfp4_grouped_matmul, interpret=interpret_params(kernels))

@@ -221,24 +221,25 @@ def checked_kernels(kernels: KernelChoice, config: GptOssConfig, dtype: str,
     the verdicts up (``lookup``), or run it again (``again``): :mod:`gptoss_jax.kernel_check`.
 
     Raises:
-      KernelsUnavailableError: ``pallas`` (asked for, or by ``GPTOSS_JAX_KERNELS``) without a Hopper GPU.
+      KernelsUnavailableError: ``pallas`` (asked for, or by ``GPTOSS_JAX_KERNELS``) on a device that runs
+        no kernel (a Hopper GPU runs them all, Ampere, Ada and Blackwell GPUs the expert kernel).
       MiscompilingCudaError: ``pallas`` where the CUDA toolchain miscompiles the attention kernels
         (``auto`` leaves attention on XLA there instead).
       KernelCheckFailedError: ``pallas`` where a kernel failed its first-use check on this GPU
         (``auto`` runs that kernel's part on XLA instead; :mod:`gptoss_jax.kernel_check`).
     """
     from gptoss_jax.kernel_check import KernelCheckFailedError, refusal
-    from gptoss_jax.kernel_dispatch import HOPPER_GPU, hopper_gpu_missing, kernel_plan, requested_kernels
+    from gptoss_jax.kernel_dispatch import KERNEL_GPU, kernel_gpu_missing, kernel_plan, requested_kernels
     from pallas_kernels.cuda_toolchain import FIX, MISCOMPILES, miscompiling_toolchain
 
     requested, source = requested_kernels(kernels)
     asked = option_name("kernels", "pallas") if source is None else f"{source}=pallas"
     auto = option_name("kernels", "auto") if source is None else f"unset {source}"
     if requested == "pallas":
-        missing = hopper_gpu_missing()
+        missing = kernel_gpu_missing()
         if missing is not None:
             raise KernelsUnavailableError(
-                f"{asked} needs {HOPPER_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
+                f"{asked} needs {KERNEL_GPU}, but {missing}; use {option_name('kernels', 'xla')}")
         culprit = miscompiling_toolchain()
         if culprit is not None:
             raise MiscompilingCudaError(

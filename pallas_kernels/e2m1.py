@@ -25,7 +25,7 @@ expert matmul decodes with integer and bit operations. Three forms, chosen by
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -122,17 +122,20 @@ class _MlirWordOps:
         return arith.muli(word, mgpu.utils.c(factor, self.i32))
 
 
-def times_two_pow_minus_126_words(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 packed bytes ``[rows, cols]`` in WGMMA's register layout -> the bf16
+def times_two_pow_minus_126_words(
+    packed: jax.Array, layout: Any = plgpu.Layout.WGMMA  # a plgpu.Layout, plain or parameterized
+) -> tuple[jax.Array, jax.Array]:
+    """uint8 packed bytes ``[rows, cols]`` in a register ``layout`` -> the bf16
     ``value * 2**-126`` of their low nibbles and of their high nibbles, ``[rows, cols]`` each in
-    the same layout (so the decoded halves feed WGMMA as register operands directly).
+    the same layout (so the decoded halves feed the MMA as register operands directly).
 
-    WGMMA's layout gives each thread pairs of adjacent columns, one ``vector<2xi8>`` register
-    per pair: each register becomes one word of each half, with nothing moved between threads.
+    The layout must give each thread pairs of adjacent columns, one ``vector<2xi8>`` register
+    per pair, as WGMMA's and ``mma.sync``'s A-operand layouts for bf16 do: each register becomes
+    one word of each half, with nothing moved between threads.
     """
-    half = plgpu.ShapeDtypeStruct(packed.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+    half = plgpu.ShapeDtypeStruct(packed.shape, jnp.bfloat16, layout=layout)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,), return_type=(half, half))
+    @plgpu.inline_mgpu(arg_types=(layout,), return_type=(half, half))
     def decode(_, fragments: mgpu.FragmentedArray):
         ops = _MlirWordOps()
         i16 = ir.IntegerType.get_signless(16)

@@ -69,7 +69,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -183,10 +184,59 @@ def _clamped_swiglu(gate: jax.Array, linear: jax.Array, limit: float) -> jax.Arr
     return _round(_round(gate * sigmoid) * _round(linear + 1.0))
 
 
+def decode_packed(packed: jax.Array, scale: Callable[[Callable[[jax.Array], jax.Array]], jax.Array],
+                  form: Literal["word", "multiply", "select"], *, fold: bool, layout: Any) -> tuple[jax.Array, jax.Array]:
+    """The even-K and odd-K bf16 halves of a packed uint8 weight tile, scaled: 2 x ``packed.shape``.
+
+    ``scale(to_bf16)`` is the tile of each weight's scale, its bytes (uint16) turned into bf16 by
+    ``to_bf16`` (:func:`e2m1.scale_bits` or :func:`e2m1.folded_scale_bits`). ``form`` is
+    :attr:`Config.e2m1_decode`; ``"word"`` runs in the register ``layout`` the tile is in (the
+    operand layout of the MMA it feeds). ``fold``: every scale of the CTA allows one multiply
+    (:func:`e2m1.folded_scale_bits`). Shared by the WGMMA and the ``mma.sync`` kernel.
+    """
+    if form == "word":
+        halves_126 = e2m1.times_two_pow_minus_126_words(packed, layout)
+        if fold:
+            factor = scale(e2m1.folded_scale_bits)
+            return tuple(h * factor for h in halves_126)
+        # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
+        factor = scale(e2m1.scale_bits)
+        return tuple(h * e2m1.TWO_POW_126 * factor for h in halves_126)
+    factor = scale(e2m1.scale_bits)
+    wide = packed.astype(jnp.uint16)
+    if form == "multiply":
+        even, odd = (e2m1.times_two_pow_minus_126(wide, nibble) * e2m1.TWO_POW_126 for nibble in (0, 1))
+    else:
+        even, odd = e2m1.select_decode(wide & 0xF), e2m1.select_decode(wide >> 4)
+    return even * factor, odd * factor
+
+
+def epilogue_tile(accs: tuple[jax.Array, ...], bias_refs: list, weights_ref, *, row_layout: Any, column_layout: Any,
+                  swiglu_limit: float) -> jax.Array:
+    """The epilogue on float32 accumulator tiles ``[BLOCK_N, block_m]`` (one per half): each
+    half's bias (``bias_refs``, ``[BLOCK_N]`` each, loaded in the accumulator's ``row_layout``)
+    added in bf16, the clamped SwiGLU of the two halves if there are two, then the routing
+    weights (``weights_ref``, ``[block_m]`` in ``column_layout``, or None) in float32, with the
+    reference's rounding points. Shared by the WGMMA and the ``mma.sync`` kernel."""
+    shape = accs[0].shape
+    biases = [lax.broadcast_in_dim(plgpu.load(ref, layout=row_layout, optimized=False).astype(jnp.float32), shape, (0,))
+              for ref in bias_refs]
+    outs = [_round(_round(acc) + bias) for acc, bias in zip(accs, biases)]
+    out = _clamped_swiglu(*outs, swiglu_limit) if len(outs) == 2 else outs[0]
+    if weights_ref is None:
+        return out
+    return out * lax.broadcast_in_dim(plgpu.load(weights_ref, layout=column_layout, optimized=False), shape, (1,))
+
+
 def tile_rows(rows: int, config: Config) -> int:
     """``block_m`` of a call with ``rows`` rows: the smallest power of two >= 8 holding them, at
     most ``config.block_m``."""
-    return min(config.block_m, max(_MIN_BLOCK_M, pl.next_power_of_2(rows)))
+    return tile_rows_for(rows, config.block_m, _MIN_BLOCK_M)
+
+
+def tile_rows_for(rows: int, block_m: int, minimum: int) -> int:
+    """The smallest power of two >= ``minimum`` holding ``rows`` rows, at most ``block_m``."""
+    return min(block_m, max(minimum, pl.next_power_of_2(rows)))
 
 
 class Tasks:
@@ -250,6 +300,82 @@ def _store_rows(o_smem, o_gmem, block_start, offset, count, col_start, max_rows:
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
+class ExpertOperands(NamedTuple):
+    """A call's operands as both expert kernels read them (:func:`expert_operands`).
+
+    Attributes:
+      halves: 2 for ``bias_swiglu`` (gate and linear rows), else 1.
+      out_n: output features, ``N / halves``.
+      k_steps: pipeline steps along K, ``K/2 / block_kb``.
+      block_m: the call's row tile.
+      out_dtype: float32 with routing weights, else bfloat16.
+      lhs_even, lhs_odd: bf16 ``[padded rows, K/2]``, the even and odd columns of the rows,
+        padded by ``block_m`` rows (to a multiple of 8) so a window from any row stays in bounds.
+      packed: uint8 ``[E, N/h, h, K/2]``: gate (even) and linear (odd) rows as strided views of
+        the same bytes.
+      scales: uint8 ``[E, N/h, h, K/32]``, the same view of the scales.
+      bias: bf16 ``[E, N/h, h]``.
+      row_weights: float32 ``[padded rows]``, or None.
+    """
+
+    halves: int
+    out_n: int
+    k_steps: int
+    block_m: int
+    out_dtype: jnp.dtype
+    lhs_even: jax.Array
+    lhs_odd: jax.Array
+    packed: jax.Array
+    scales: jax.Array
+    bias: jax.Array
+    row_weights: jax.Array | None
+
+
+def expert_operands(lhs: jax.Array, group_sizes: jax.Array, blocks: jax.Array, scales: jax.Array, bias: jax.Array,
+                    *, epilogue: Epilogue, row_weights: jax.Array | None, block_kb: int, block_m: int) -> ExpertOperands:
+    """Check a call's operands (the contract of :func:`mxfp4_grouped_matmul`) and prepare them
+    for a kernel with ``block_kb``-byte K steps and ``block_m``-row tiles: one XLA fusion reads
+    ``[rows, K]`` once for the even and odd columns; the rest are free reshapes."""
+    rows, k = lhs.shape
+    num_experts, n, k_blocks, block_bytes = blocks.shape
+    if lhs.dtype != jnp.bfloat16:
+        raise NotImplementedError(f"lhs must be bfloat16, got {lhs.dtype}")
+    if block_bytes != _BYTES_PER_SCALE or k_blocks * mxfp4.BLOCK_SIZE != k:
+        raise ValueError(f"blocks {blocks.shape} do not match lhs {lhs.shape}")
+    if scales.shape != (num_experts, n, k_blocks) or bias.shape != (num_experts, n):
+        raise ValueError(
+            f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}"
+        )
+    if group_sizes.shape != (num_experts,):
+        raise ValueError(f"group_sizes {group_sizes.shape} must be [{num_experts}]")
+    if epilogue not in ("bias", "bias_swiglu"):
+        raise ValueError(f"unknown epilogue {epilogue!r}")
+    halves = 2 if epilogue == "bias_swiglu" else 1
+    out_n = n // halves
+    if out_n % BLOCK_N:
+        raise NotImplementedError(f"output features {out_n} must be a multiple of {BLOCK_N}")
+    half_k = k // 2
+    if half_k % block_kb:
+        raise NotImplementedError(f"K/2={half_k} must be a multiple of block_kb={block_kb}")
+    # (The TMA descriptor's row count must be a multiple of the 8-row smem tiling.)
+    padded_rows = pl.cdiv(rows + block_m, _ROW_ALIGN) * _ROW_ALIGN
+    pad = ((0, padded_rows - rows), (0, 0))
+    weights = None if row_weights is None else jnp.pad(row_weights.astype(jnp.float32), (0, padded_rows - rows))
+    return ExpertOperands(
+        halves=halves,
+        out_n=out_n,
+        k_steps=half_k // block_kb,
+        block_m=block_m,
+        out_dtype=jnp.float32 if row_weights is not None else jnp.bfloat16,
+        lhs_even=jnp.pad(lhs[:, 0::2], pad),
+        lhs_odd=jnp.pad(lhs[:, 1::2], pad),
+        packed=blocks.reshape(num_experts, out_n, halves, half_k),
+        scales=scales.reshape(num_experts, out_n, halves, k_blocks),
+        bias=bias.astype(jnp.bfloat16).reshape(num_experts, out_n, halves),
+        row_weights=weights,
+    )
+
+
 # Jitted with its options static: the model calls it with the same shapes in every layer, and
 # each call would otherwise go through the whole Mosaic GPU lowering again.
 @functools.partial(jax.jit, static_argnames=("epilogue", "swiglu_limit", "config", "interpret"))
@@ -297,65 +423,32 @@ def mxfp4_grouped_matmul(
     if interpret is not None and config.e2m1_decode == "word":
         raise ValueError("interpret mode cannot run the inline Mosaic GPU code of e2m1_decode='word'; "
                          "use 'select'")
-    rows, k = lhs.shape
-    num_experts, n, k_blocks, block_bytes = blocks.shape
-    if lhs.dtype != jnp.bfloat16:
-        raise NotImplementedError(f"lhs must be bfloat16, got {lhs.dtype}")
-    if block_bytes != _BYTES_PER_SCALE or k_blocks * mxfp4.BLOCK_SIZE != k:
-        raise ValueError(f"blocks {blocks.shape} do not match lhs {lhs.shape}")
-    if scales.shape != (num_experts, n, k_blocks) or bias.shape != (num_experts, n):
-        raise ValueError(
-            f"scales {scales.shape} / bias {bias.shape} do not match blocks {blocks.shape}"
-        )
-    if group_sizes.shape != (num_experts,):
-        raise ValueError(f"group_sizes {group_sizes.shape} must be [{num_experts}]")
-    if epilogue not in ("bias", "bias_swiglu"):
-        raise ValueError(f"unknown epilogue {epilogue!r}")
-    halves = 2 if epilogue == "bias_swiglu" else 1
-    out_n = n // halves
-    if out_n % BLOCK_N:
-        raise NotImplementedError(f"output features {out_n} must be a multiple of {BLOCK_N}")
-    half_k = k // 2
-    block_kb = config.block_kb
-    if half_k % block_kb:
-        raise NotImplementedError(f"K/2={half_k} must be a multiple of block_kb={block_kb}")
-    out_dtype = jnp.float32 if row_weights is not None else jnp.bfloat16
-
-    block_m = tile_rows(rows, config)
-    stages = min(config.max_concurrent_steps, half_k // block_kb)
+    operands = expert_operands(lhs, group_sizes, blocks, scales, bias, epilogue=epilogue, row_weights=row_weights,
+                               block_kb=config.block_kb, block_m=tile_rows(lhs.shape[0], config))
+    halves, block_m, block_kb, out_n = operands.halves, operands.block_m, config.block_kb, operands.out_n
+    num_experts, k_blocks = blocks.shape[0], blocks.shape[2]
+    stages = min(config.max_concurrent_steps, operands.k_steps)
     smem_bytes = stages * (halves * BLOCK_N * block_kb + 2 * block_m * block_kb * 2)
-    smem_bytes += block_m * BLOCK_N * jnp.dtype(out_dtype).itemsize
+    smem_bytes += block_m * BLOCK_N * jnp.dtype(operands.out_dtype).itemsize
     if config.decoded_lhs == "smem":
         smem_bytes += 2 * halves * BLOCK_N * block_kb * 2
     # A CTA's scales, [BLOCK_N, halves, K/32] contiguous in the checkpoint, as 128-byte TMA rows.
     scale_rows = halves * BLOCK_N * k_blocks // _SCALE_ROW_BYTES
     if config.scale_source == "smem":
         if scale_rows > _MAX_TMA_BOX:
-            raise NotImplementedError(f"K={k} has more scales per tile than one TMA copies; "
+            raise NotImplementedError(f"K={lhs.shape[1]} has more scales per tile than one TMA copies; "
                                       "use scale_source='global'")
         smem_bytes += scale_rows * _SCALE_ROW_BYTES
     if smem_bytes > _SMEM_BYTES:
         raise ValueError(f"{config} needs {smem_bytes} bytes of shared memory, more than {_SMEM_BYTES}")
-    tasks = Tasks(group_sizes, rows, block_m)
-    # Even and odd columns of the activations, padded so a tile starting at any row stays in
-    # bounds. One XLA fusion, [rows, K] read once.
-    # (The TMA descriptor's row count must be a multiple of the 8-row smem tiling.)
-    padded_rows = pl.cdiv(rows + block_m, _ROW_ALIGN) * _ROW_ALIGN
-    pad = ((0, padded_rows - rows), (0, 0))
-    lhs_even = jnp.pad(lhs[:, 0::2], pad)
-    lhs_odd = jnp.pad(lhs[:, 1::2], pad)
-    if row_weights is not None:
-        weights = jnp.pad(row_weights.astype(jnp.float32), (0, padded_rows - rows))
-    # Gate (even) and linear (odd) rows are strided views of the same bytes: [E, N/h, h, K/2].
-    packed = blocks.reshape(num_experts, out_n, halves, half_k)
+    tasks = Tasks(group_sizes, lhs.shape[0], block_m)
     if config.scale_source == "smem":
         scales_h = scales.reshape(num_experts, out_n // BLOCK_N, scale_rows, _SCALE_ROW_BYTES)
         scale_scratch = dict(scales_smem=plgpu.SMEM((scale_rows, _SCALE_ROW_BYTES), jnp.uint8),
                              scales_barrier=plgpu.Barrier(num_arrivals=1))
     else:
-        scales_h = scales.reshape(num_experts, out_n, halves, k_blocks)
+        scales_h = operands.scales
         scale_scratch = {}
-    bias_h = bias.astype(jnp.bfloat16).reshape(num_experts, out_n, halves)
 
     kernel = functools.partial(
         _kernel,
@@ -363,7 +456,7 @@ def mxfp4_grouped_matmul(
         halves=halves,
         block_m=block_m,
         block_kb=block_kb,
-        k_steps=half_k // block_kb,
+        k_steps=operands.k_steps,
         stages=stages,
         config=config,
         apply_weights=row_weights is not None,
@@ -374,20 +467,20 @@ def mxfp4_grouped_matmul(
     # _store_rows), and a swizzled tile sliced off an 8-row boundary would start mid-pattern.
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((rows, out_n), out_dtype),
+        out_type=jax.ShapeDtypeStruct((lhs.shape[0], out_n), operands.out_dtype),
         grid=(tasks.num_tasks, out_n // BLOCK_N),
         grid_names=("task", "n"),
-        scratch_types=dict(o_smem=plgpu.SMEM((block_m, BLOCK_N), out_dtype), **scale_scratch),
+        scratch_types=dict(o_smem=plgpu.SMEM((block_m, BLOCK_N), operands.out_dtype), **scale_scratch),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup
         ),
         interpret=interpret,
     )
-    operands = [tasks.group, tasks.block_start, tasks.offset, tasks.count]
-    operands += [lhs_even, lhs_odd, packed, scales_h, bias_h]
+    args = [tasks.group, tasks.block_start, tasks.offset, tasks.count]
+    args += [operands.lhs_even, operands.lhs_odd, operands.packed, scales_h, operands.bias]
     if row_weights is not None:
-        operands.append(weights)
-    return call(*operands)
+        args.append(operands.row_weights)
+    return call(*args)
 
 
 def _load_scale_columns(scales_smem, halves: int, columns: pl.Slice, *, interpret: bool) -> list[jax.Array]:
@@ -472,26 +565,9 @@ def _kernel(
         return jnp.concatenate(slices, axis=1)
 
     def decoded_tiles(w_smem, scale_bytes, fold: bool):
-        """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb].
-
-        ``fold``: every scale of the CTA allows one multiply (:func:`e2m1.folded_scale_bits`).
-        """
-        if config.e2m1_decode == "word":
-            halves_126 = e2m1.times_two_pow_minus_126_words(w_smem[...])
-            if fold:
-                scale = scale_tile(scale_bytes, e2m1.folded_scale_bits)
-                return tuple(h * scale for h in halves_126)
-            # 2**126 before the scale: a subnormal times a scale below 1 would lose bits.
-            scale = scale_tile(scale_bytes, e2m1.scale_bits)
-            return tuple(h * e2m1.TWO_POW_126 * scale for h in halves_126)
-        scale = scale_tile(scale_bytes, e2m1.scale_bits)
-        packed = w_smem[...].astype(jnp.uint16)
-        if config.e2m1_decode == "multiply":
-            even, odd = (e2m1.times_two_pow_minus_126(packed, nibble) * e2m1.TWO_POW_126
-                         for nibble in (0, 1))
-        else:
-            even, odd = e2m1.select_decode(packed & 0xF), e2m1.select_decode(packed >> 4)
-        return even * scale, odd * scale
+        """The even-K and odd-K bf16 halves of one scaled weight tile: 2 x [BLOCK_N, block_kb]."""
+        return decode_packed(w_smem[...], functools.partial(scale_tile, scale_bytes), config.e2m1_decode,
+                             fold=fold, layout=plgpu.Layout.WGMMA)
 
     # Folding 2**126 into the scales needs all of a CTA's scales at hand: those in shared memory.
     folds = config.fold_scales and config.e2m1_decode == "word" and scales_smem is not None
@@ -581,17 +657,10 @@ def _kernel(
     @pl.when((count > 0) & (expert < num_experts))
     def _matmul():
         accs = pl.run_scoped(compute, *[plgpu.ACC((BLOCK_N, block_m))] * halves)
-        outs = []
-        for half, acc in enumerate(accs):
-            bias = plgpu.load(bias_gmem.at[expert, n_rows, half], layout=_ROW, optimized=False)
-            bias = lax.broadcast_in_dim(bias.astype(jnp.float32), (BLOCK_N, block_m), (0,))
-            outs.append(_round(_round(acc) + bias))
-        out = _clamped_swiglu(*outs, swiglu_limit) if halves == 2 else outs[0]
-        if apply_weights:
-            (weights_gmem,) = maybe_weights_gmem
-            weights = plgpu.load(weights_gmem.at[rows], layout=_COL, optimized=False)
-            out = out * lax.broadcast_in_dim(weights, (BLOCK_N, block_m), (1,))
-        store(out)
+        bias_refs = [bias_gmem.at[expert, n_rows, half] for half in range(halves)]
+        weights_ref = maybe_weights_gmem[0].at[rows] if apply_weights else None
+        store(epilogue_tile(accs, bias_refs, weights_ref, row_layout=_ROW, column_layout=_COL,
+                            swiglu_limit=swiglu_limit))
 
     @pl.when((count > 0) & (expert == num_experts))
     def _zeros():

@@ -85,7 +85,7 @@ def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(cap
     assert "jax:    " + jax.__version__ in report["jax_environment_info"]
     lines = text.splitlines()
     assert f"compilation cache: {tmp_path / 'jax-compilation'}" in lines
-    reason = "auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is cpu"
+    reason = "auto: the kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is cpu"
     for kernel in ("MoE experts", "prefill attention", "decode attention"):
         assert report["kernels"]["parts"][kernel] == {"runs": "xla", "why": reason, "check": None}
         assert [line for line in lines if line.strip().startswith(kernel)] == [f"  {kernel:17}  xla     {reason}"]
@@ -133,20 +133,36 @@ def test_free_memory_is_the_allocators_limit_less_what_is_in_use():
     assert 0 < footprint.device_free_bytes(cpu) <= footprint.device_memory_bytes(cpu)
 
 
-@pytest.mark.parametrize(("kind", "capability", "architecture"), [
-    ("NVIDIA A100-SXM4-80GB", "8.0", "sm_80"),
-    ("NVIDIA B200", "10.0", "sm_100: WGMMA, which the kernels use, is Hopper's alone"),
-])
-def test_pallas_off_hopper_is_refused_with_the_fix(no_loading, monkeypatch, kind, capability, architecture):
-    fake_gpu(monkeypatch, kind, capability)
+def test_pallas_where_no_kernel_runs_is_refused_with_the_fix(no_loading, monkeypatch):
+    kind = "Tesla V100-SXM2-16GB"
+    fake_gpu(monkeypatch, kind, "7.0")
     with pytest.raises(KernelsUnavailableError) as raised:
         open_model(kernels="pallas", option_name=option_flag)
-    assert str(raised.value) == (f"--kernels pallas needs an NVIDIA Hopper GPU (sm_90), but the device is {kind} "
-                                 f"({architecture}); use --kernels xla")
+    assert str(raised.value) == (f"--kernels pallas needs an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120, but the device is {kind} "
+                                 "(sm_70); use --kernels xla")
     assert not any(no_loading.iterdir())
     parts = gather_environment()["kernels"]["parts"]
-    why = f"auto: the kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} ({architecture})"
+    why = f"auto: the kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is {kind} (sm_70)"
     assert parts["MoE experts"] == {"runs": "xla", "why": why, "check": None}
+
+
+@pytest.mark.parametrize(("kind", "capability"), [
+    ("NVIDIA A100-SXM4-80GB", "8.0"), ("NVIDIA L4", "8.9"), ("NVIDIA B200", "10.0"), ("NVIDIA GeForce RTX 5090", "12.0"),
+])
+def test_ampere_ada_and_blackwell_run_the_mma_sync_expert_kernel_and_attention_on_xla(monkeypatch, kind, capability):
+    fake_gpu(monkeypatch, kind, capability)
+    sm = "sm_" + capability.replace(".", "")
+    parts = gather_environment()["kernels"]["parts"]
+    assert parts["MoE experts"] == {"runs": "pallas", "check": None, "why": (
+        f"auto: the device is {kind} ({sm}); not checked here yet (gptoss-jax env --check-kernels)")}
+    for attention in ("prefill attention", "decode attention"):
+        assert parts[attention] == {"runs": "xla", "check": None, "why": (
+            f"the attention kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} ({sm}), where "
+            "attention stays on XLA (docs/kernels.md)")}
+    from gptoss_jax.kernel_dispatch import expert_matmul
+    from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
+
+    assert expert_matmul("pallas") is mxfp4_grouped_matmul_mma
 
 
 def test_a_miscompiling_cuda_refuses_pallas_and_keeps_auto_attention_on_xla(no_loading, monkeypatch, capsys):
@@ -166,7 +182,7 @@ def test_a_miscompiling_cuda_refuses_pallas_and_keeps_auto_attention_on_xla(no_l
     assert report["cuda"] == {"runtime": "12.8", "driver": "12.9"}
     parts = report["kernels"]["parts"]
     assert parts["MoE experts"] == {"runs": "pallas", "check": None, "why": (
-        f"auto: the device is {H100}; not checked here yet (gptoss-jax env --check-kernels)")}
+        f"auto: the device is {H100} (sm_90); not checked here yet (gptoss-jax env --check-kernels)")}
     for attention in ("prefill attention", "decode attention"):
         assert parts[attention]["runs"] == "xla"
         assert parts[attention]["why"].startswith("the ptxas of CUDA 12.8.0 up to 12.9.0 miscompiles masked "

@@ -30,7 +30,13 @@ from gptoss_jax import cli, kernel_check
 from gptoss_jax.cache_folder import CACHE_ENV_VAR
 from gptoss_jax.cli.arguments import option_flag
 from gptoss_jax.config import preset
-from gptoss_jax.kernel_check import KERNEL_CHECKS, KernelCheck, KernelCheckFailedError, run_kernel_check
+from gptoss_jax.kernel_check import (
+    KERNEL_CHECKS,
+    MMA_SYNC_KERNEL_CHECKS,
+    KernelCheck,
+    KernelCheckFailedError,
+    run_kernel_check,
+)
 from gptoss_jax.kernel_check_cases import CheckSizes
 from gptoss_jax.kernel_dispatch import KernelPlan, kernel_decisions, kernel_plan
 from gptoss_jax.opening import checked_kernels
@@ -41,9 +47,10 @@ PARTS = ("prefill_attention", "decode_attention", "experts")
 
 def fake_checks(monkeypatch: pytest.MonkeyPatch, seconds: float = 60, **cases: str) -> None:
     """Make each part's kernel check run the fake ``cases[part]`` (``passes`` for the parts not named)."""
-    checks = tuple(KernelCheck(check.kernel, check.part, f"kernel_check_fakes:{cases.get(check.part, 'passes')}",
-                               seconds) for check in KERNEL_CHECKS)
-    monkeypatch.setattr("gptoss_jax.kernel_dispatch.KERNEL_CHECKS", checks)
+    for name, real in (("KERNEL_CHECKS", KERNEL_CHECKS), ("MMA_SYNC_KERNEL_CHECKS", MMA_SYNC_KERNEL_CHECKS)):
+        checks = tuple(KernelCheck(check.kernel, check.part, f"kernel_check_fakes:{cases.get(check.part, 'passes')}",
+                                   seconds) for check in real)
+        monkeypatch.setattr(f"gptoss_jax.kernel_dispatch.{name}", checks)
 
 
 @pytest.fixture
@@ -75,7 +82,7 @@ def test_a_failing_kernel_falls_back_to_xla_with_one_warning_and_the_others_stay
                                         "tolerance (largest error 0.5)")
     assert decisions["prefill_attention"].why == (
         "failed its first-use check: crashed (exit 1): RuntimeError: the kernel exploded")
-    assert decisions["decode_attention"].why.startswith(f"auto: the device is {H100}; passed its first-use check (")
+    assert decisions["decode_attention"].why.startswith(f"auto: the device is {H100} (sm_90); passed its first-use check (")
     verdict_file = kernel_check.verdict_file(kernel_check.combination())
     assert [record.getMessage() for record in caplog.records] == [
         f"gptoss-jax: the {kernel} kernel {decisions[part].why}; it runs on XLA instead; for a bug report, send "
@@ -83,6 +90,20 @@ def test_a_failing_kernel_falls_back_to_xla_with_one_warning_and_the_others_stay
         for kernel, part in (("MoE experts", "experts"), ("prefill attention", "prefill_attention"))
     ]  # once each, though the plan was made twice
     assert run_count(hopper) == 3  # the second plan found the verdicts
+
+
+def test_the_mma_sync_expert_kernel_is_checked_where_it_runs(hopper, monkeypatch, caplog):
+    fake_gpu(monkeypatch, "NVIDIA L4", "8.9")
+    fake_checks(monkeypatch)
+    assert kernel_plan("auto", GPT_OSS_20B, jnp.bfloat16) == KernelPlan("xla", "xla", "pallas")
+    assert run_count(hopper) == 1  # the experts' check; attention runs on XLA here, unchecked
+    content = json.loads(kernel_check.verdict_file(kernel_check.combination()).read_text())
+    assert list(content["verdicts"]) == ["MoE experts (mma.sync)"]
+
+    fake_checks(monkeypatch, experts="wrong_values")
+    with caplog.at_level(logging.WARNING):
+        assert kernel_plan("auto", GPT_OSS_20B, jnp.bfloat16, check="again") == KernelPlan("xla", "xla", "xla")
+    assert "the MoE experts (mma.sync) kernel failed its first-use check" in caplog.text
 
 
 def test_a_kernel_that_never_returns_is_killed_with_all_it_started(hopper, monkeypatch, tmp_path):
@@ -210,7 +231,7 @@ def test_env_reports_verdicts_and_runs_the_check_only_when_asked(hopper, monkeyp
         lines = capsys.readouterr().out.splitlines()
         return [line for line in lines if line.startswith(("  MoE", "  prefill", "  decode", "first-use"))]
 
-    not_yet = f"pallas  auto: the device is {H100}; not checked here yet (gptoss-jax env --check-kernels)"
+    not_yet = f"pallas  auto: the device is {H100} (sm_90); not checked here yet (gptoss-jax env --check-kernels)"
     assert kernel_lines()[:3] == [f"  MoE experts        {not_yet}", f"  prefill attention  {not_yet}",
                                   f"  decode attention   {not_yet}"]
     assert run_count(hopper) == 0
@@ -219,7 +240,7 @@ def test_env_reports_verdicts_and_runs_the_check_only_when_asked(hopper, monkeyp
     assert checked[0] == ("  MoE experts        xla     failed its first-use check: mlp2, 64 tokens: 1 of 8 values "
                           "beyond the tolerance (largest error 0.5)")
     for line in checked[1:3]:
-        assert f"pallas  auto: the device is {H100}; passed its first-use check (" in line
+        assert f"pallas  auto: the device is {H100} (sm_90); passed its first-use check (" in line
     facts = kernel_check.combination()
     assert checked[3] == (f"first-use kernel checks (gpu {H100}, driver CUDA 12.9, cuda 12.9, ptxas 12.9.86, jax "
                           f"{jax.__version__}, jaxlib {facts['jaxlib']}, kernels {facts['kernels']}): "
@@ -253,7 +274,7 @@ def test_the_gpu_sessions_step_puts_the_verdicts_before_the_e2e_table(hopper, mo
     assert lines[-1] == "| an e2e row |" and benchmarks.gpu.e2e.RESULTS_HEADER.splitlines()[0] in lines
 
 
-@pytest.mark.parametrize("check", KERNEL_CHECKS, ids=lambda check: check.part)
+@pytest.mark.parametrize("check", KERNEL_CHECKS + MMA_SYNC_KERNEL_CHECKS, ids=lambda check: check.kernel)
 def test_the_real_check_passes_in_interpret_mode(check):
     """The cases and the child process end to end, at the kernel tests' small interpret-mode sizes."""
     config = dataclasses.replace(preset("tiny"), hidden_size=192, intermediate_size=384, head_dim=64,

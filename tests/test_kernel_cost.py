@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.kernels import kernel_cost
 from benchmarks.gpu.gpu_measure import Peaks
-from benchmarks.kernels.kernel_cases import DecodeCase, MoeCase
+from benchmarks.kernels.kernel_cases import DecodeCase, MmaMoeCase, MoeCase
 from benchmarks.kernels.kernel_sass import RESULTS_MD, SECTION_TITLE
 from benchmarks.kernels.sass_reading import count_classes
 
@@ -42,6 +42,33 @@ def test_wavefronts_by_width():
     assert [kernel_cost.wavefronts(i) for i in ("LDS.U16 R1, [R2]", "LDS R1, [R2]", "LDS.128 R4, [R2]",
                                                   "LDSM.16.M88.4 R4, [R2]", "LD.E.U8 R1, desc[UR4][R2.64]",
                                                   "IADD3 R1, R2, R3, RZ")] == [1, 1, 4, 4, 8, 0]
+    # cp.async: 32 lanes of 8 or 16 bytes.
+    assert [kernel_cost.wavefronts(i) for i in ("LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64]",
+                                                  "LDGSTS.E.LTC128B.64 [R1], desc[UR4][R2.64]")] == [4, 2]
+
+
+def test_mma_sync_flops_count_per_warp():
+    assert kernel_cost.hmma_flops("HMMA.16816.F32.BF16 R4, R8, R12, R4") == 2 * 16 * 8 * 16
+    assert kernel_cost.hmma_flops("@P0 HMMA.16816.F32.BF16 R4, R8, R12, R4") == 4096
+    assert kernel_cost.hmma_flops("HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24") == 0
+    case = MmaMoeCase("20b", "mlp2", 1, 32, 2880, 2880, arch="8.9")
+    figures = kernel_cost.KernelFigures(case.name, (45, 5, 1), 128, 110, 24577, 3,
+                                        ("HMMA.16816.F32.BF16 R4, R8, R12, R4",))
+    p = kernel_cost.predict(case, figures, DEVICE)
+    # 180 working CTAs (4 experts x 45 tiles) of 15 steps on 132 SMs: the busiest runs 2; 4 warps each.
+    assert p.seconds["tensor"] == pytest.approx(2 * 15 * 4 * 4096 / 4096 / 1e9)
+
+
+def test_the_mma_kernels_predictions_use_each_devices_own_target():
+    figures = kernel_cost.committed_figures()
+    predicted = kernel_cost.mma_predictions(figures)
+    assert {(p.device, p.case.split()[1]) for p in predicted} == {
+        ("RTX 4090", "sm_89"), ("L4", "sm_89"), ("A100 40 GB", "sm_80"), ("A100 80 GB", "sm_80"),
+        ("RTX 5090", "sm_120")}
+    # The per-task output tiles are counted, not credited: 4 tasks of 16 rows for 4 rows at 1 token.
+    one = next(p for p in predicted if p.case == "moe-mma sm_89 20b mlp2 tokens=1")
+    assert one.overhead_bytes == (4 * 16 - 4) * 2880 * 4
+    assert "| RTX 4090 | 1 |" in kernel_cost.layer_table(predicted)
 
 
 def _loop_table_totals() -> dict[str, int]:

@@ -173,3 +173,16 @@ def test_kernel_choice(monkeypatch):
         resolve_kernels("auto")
     with pytest.raises(ValueError, match="kernels must be one of"):
         GptOss(KERNEL_CONFIG, kernels="cuda", rngs=nnx.Rngs(0))
+
+
+def test_the_expert_matmul_of_each_choice():
+    from gptoss_jax.kernel_dispatch import expert_matmul
+    from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+    from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
+
+    assert expert_matmul("xla") is mxfp4_grouped_matmul_reference
+    # No GPU here: programs lowered for a GPU are lowered for sm_90, so pallas is the WGMMA kernel
+    # (on Ampere, Ada and Blackwell GPUs the mma.sync kernel: tests/test_env.py).
+    assert expert_matmul("pallas").func is mxfp4_grouped_matmul and expert_matmul("pallas").keywords == {
+        "interpret": None}
+    assert expert_matmul("interpret").keywords["interpret"] is not None

@@ -68,6 +68,7 @@ def fake_report(case, registers=128, smem=1000, threads=128, spills=0, warnings=
 
 MOE = kernel_cases.MoeCase("20b", "mlp1", 1, 32, 5760, 2880)
 FLASH = kernel_cases.PrefillCase(4096, None)
+MMA = {arch: kernel_cases.MmaMoeCase("20b", "mlp1", 1, 32, 5760, 2880, arch=arch) for arch in ("8.0", "8.9", "12.0")}
 
 
 def test_ptxas_report():
@@ -183,6 +184,15 @@ def test_write_results_commits_the_tables_and_the_main_loops_the_cost_model_read
     ks.write_sass([report], tmp_path / "sass")
     assert (tmp_path / "sass" / "flash-t-4096-full.sass").read_text() == report.sass
 
+    # --only moe-mma --write: the mma.sync kernel's section and entries, the Hopper kernels' kept.
+    mma = dataclasses.replace(report, case=MMA["8.9"])
+    ks.write_results([mma], tools, results_md=results_md, main_loops=main_loops)
+    assert json.loads(main_loops.read_text()) == {"flash-t-4096-full": sr.main_loop_mnemonics(SASS),
+                                                  "moe-mma-sm-89-20b-mlp1-tokens-1": sr.main_loop_mnemonics(SASS)}
+    text = results_md.read_text()
+    assert "| `flash-t-4096-full` |" in text and text.index(ks.MMA_SECTION_TITLE) > text.index("## On a GPU session")
+    assert "| `moe-mma-sm-89-20b-mlp1-tokens-1` |" in text
+
 
 def test_the_section_replaces_only_itself(tmp_path):
     text = "# Results\n\nintro\n\n## On a GPU session\n\nrows\n"
@@ -193,10 +203,71 @@ def test_the_section_replaces_only_itself(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-def test_the_stand_in_driver_reports_one_sm90_device_and_loads_nothing(tmp_path):
+@pytest.mark.parametrize("asked, capability", [(None, (9, 0)), ("8.9", (8, 9)), ("12.0", (12, 0)), ("junk", (9, 0))])
+def test_the_stand_in_driver_reports_the_asked_compute_capability_and_loads_nothing(tmp_path, monkeypatch, asked,
+                                                                                     capability):
+    if asked is None:
+        monkeypatch.delenv(ks.STAND_IN_CAPABILITY, raising=False)
+    else:
+        monkeypatch.setenv(ks.STAND_IN_CAPABILITY, asked)
     driver = ctypes.CDLL(str(sass_tools._driver(tmp_path) / "libcuda.so.1"))
     value = ctypes.c_int(-1)
     assert driver.cuInit(0) == 0
-    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 75, 0) == 0 and value.value == 9
-    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 76, 0) == 0 and value.value == 0
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 75, 0) == 0 and value.value == capability[0]
+    assert driver.cuDeviceGetAttribute(ctypes.byref(value), 76, 0) == 0 and value.value == capability[1]
+    name = ctypes.create_string_buffer(32)
+    assert driver.cuDeviceGetName(name, 32, 0) == 0 and name.value.decode() == "stand-in sm_%d%d" % capability
     assert driver.cuModuleLoadData(ctypes.byref(ctypes.c_void_p()), None) != 0
+
+
+def test_the_mma_kernel_is_held_to_two_ctas_per_sm_by_its_targets_limits():
+    # sm_80 (164 KB) fits 4 CTAs of 37 KB, sm_89 and sm_120 (100 KB) 2: 2 are wanted either way.
+    assert [fake_report(MMA[arch], smem=36865).ctas_by_smem for arch in MMA] == [4, 2, 2]
+    assert {ks.register_budget(fake_report(MMA[arch], smem=36865)) for arch in MMA} == {255}
+    assert fake_report(MMA["8.9"], registers=184, smem=49153).ctas_per_sm == 2
+    # 32 registers allow 64 warps: all of an sm_80's, more than an sm_89's 48.
+    assert fake_report(MMA["8.0"], registers=32).ctas_by_registers == 16
+    assert fake_report(MMA["8.9"], registers=32).ctas_by_registers == 12
+
+
+def test_sm_120s_guard_call_stack_is_allowed_there_only():
+    def stacked(case):
+        report = fake_report(case, registers=166, smem=36881)
+        return dataclasses.replace(report, ptxas=dataclasses.replace(report.ptxas, spill_stores=0, spill_loads=0,
+                                                                      stack_frame=8))
+
+    assert ks.violations(stacked(MMA["12.0"])) == []
+    assert ks.violations(stacked(MMA["8.9"])) == ["moe-mma sm_89 20b mlp1 tokens=1: spills 0 B stored / 0 B loaded, "
+                                                  "stack frame 8 B"]
+
+
+def test_mma_cases_name_their_target_and_lower_for_it():
+    cases = kernel_cases.mma_cases()
+    assert len({c.name for c in cases}) == len(cases) == 3 * 2 * 2
+    assert {c.arch for c in cases} == {"8.0", "8.9", "12.0"} and cases[0].name == "moe-mma sm_80 20b mlp1 tokens=1"
+    assert MMA["8.9"].weight_bytes_per_step() == 2 * 64 * 96
+    import jax
+    from jax.experimental.mosaic.gpu import utils
+
+    with kernel_cases.lowering_for("8.9"):
+        assert utils._infer_arch() == (8, 9)
+    assert jax.sharding.get_abstract_mesh().empty
+
+
+def test_each_worker_compiles_for_one_target(monkeypatch, tmp_path):
+    """The plugin keeps the first compute capability it is told for its whole process."""
+    started = []
+
+    class Worker:
+        def __init__(self, command, env, **kwargs):
+            cases = __import__("pickle").loads(open(command[command.index("--worker") + 1], "rb").read())
+            started.append((env[ks.STAND_IN_CAPABILITY], {case.arch for _, case in cases}))
+
+        def communicate(self):
+            return "", ""
+
+    monkeypatch.setattr(ks.subprocess, "Popen", Worker)
+    tools = sass_tools.Tools(tmp_path, tmp_path, tmp_path)
+    with pytest.raises(sr.CompileError):  # the stand-in workers write nothing
+        ks.compile_kernels([MOE, *MMA.values()], tools, jobs=2)
+    assert sorted(started) == [("12.0", {"12.0"}), ("8.0", {"8.0"}), ("8.9", {"8.9"}), ("9.0", {"9.0"})]

@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from moe_cases import HIDDEN, mxfp4_problem
+
 from pallas_kernels import e2m1, mxfp4
 from pallas_kernels.mxfp4_moe import Config, Tasks, mxfp4_grouped_matmul
 from pallas_kernels.mxfp4_moe_reference import (
@@ -38,25 +40,7 @@ from pallas_kernels.mxfp4_moe_reference import (
     mxfp4_grouped_matmul_reference,
 )
 
-HIDDEN = 2880  # gpt-oss-20b and 120b: hidden size = expert intermediate size
 INTERPRET = plgpu.InterpretGPUParams()
-
-
-def _problem(rows, k, n, group_sizes, *, scale_range=(122, 132), seed=0):
-    rng = np.random.default_rng(seed)
-    experts = len(group_sizes)
-    blocks = rng.integers(0, 256, (experts, n, k // 32, 16), dtype=np.uint8)
-    scales = rng.integers(*scale_range, (experts, n, k // 32), dtype=np.uint8)
-    bias = rng.standard_normal((experts, n)).astype(np.float32)
-    lhs = rng.standard_normal((rows, k)).astype(np.float32)
-    row_weights = rng.random(rows).astype(np.float32)
-    return dict(
-        lhs=jnp.asarray(lhs, jnp.bfloat16),
-        group_sizes=jnp.asarray(group_sizes, jnp.int32),
-        blocks=jnp.asarray(blocks),
-        scales=jnp.asarray(scales),
-        bias=jnp.asarray(bias, jnp.bfloat16),
-    ), jnp.asarray(row_weights)
 
 
 def _check(problem, kernel_mode, *, config=Config(), epilogue="bias", row_weights=None, swiglu_limit=SWIGLU_LIMIT):
@@ -219,7 +203,7 @@ def test_reference_against_float64(rows, group_sizes):
     # Row tiles of 32 (120 rows, 6 experts): two tiles for 37 rows and three for 70, each
     # expert's last tile running into the next one's rows or past the groups (7 rows past them).
     # Then the decode-sized path (no more rows than experts), one row past the groups.
-    problem, row_weights = _problem(rows, 64, 32, group_sizes)
+    problem, row_weights = mxfp4_problem(rows, 64, 32, group_sizes)
     problem["lhs"] = problem["lhs"].astype(jnp.float32)
     got = mxfp4_grouped_matmul_reference(**problem, row_weights=row_weights)
     weights = np.asarray(mxfp4.dequantize(problem["blocks"], problem["scales"], jnp.float32), np.float64)
@@ -233,33 +217,33 @@ def test_reference_against_float64(rows, group_sizes):
 
 @pytest.mark.parametrize("decode, message", [("multiply", "flushes the subnormal"), ("word", "inline Mosaic GPU")])
 def test_interpret_mode_refuses_the_gpu_decodes(decode, message):
-    problem, _ = _problem(4, 192, 128, [4])
+    problem, _ = mxfp4_problem(4, 192, 128, [4])
     with pytest.raises(ValueError, match=message):
         mxfp4_grouped_matmul(**problem, config=Config(decoded_lhs="smem", e2m1_decode=decode), interpret=INTERPRET)
 
 
 def test_ragged_groups_with_empty_experts_and_rows_past_the_groups(kernel_mode):
     # 3 pipeline steps along K; 4 rows past sum(group_sizes) must come out as 0.
-    problem, _ = _problem(21, 192, 128, [5, 0, 9, 0, 3])
+    problem, _ = mxfp4_problem(21, 192, 128, [5, 0, 9, 0, 3])
     out = _check(problem, kernel_mode, config=Config(block_kb=32))
     assert np.all(out[17:] == 0)
 
 
 def test_single_token(kernel_mode):
-    problem, _ = _problem(1, 192, 128, [0, 0, 1, 0])
+    problem, _ = mxfp4_problem(1, 192, 128, [0, 0, 1, 0])
     _check(problem, kernel_mode, epilogue="bias_swiglu")
 
 
 @pytest.mark.parametrize("group_sizes", [[0, 40, 0], [3, 37, 0]], ids=["aligned", "unaligned"])
 def test_all_rows_on_one_expert_over_several_row_tiles(group_sizes, kernel_mode):
     # block_m=16: the expert's rows span 3 row tiles (4 when its first row is not 8-aligned).
-    problem, row_weights = _problem(40, 192, 128, group_sizes)
+    problem, row_weights = mxfp4_problem(40, 192, 128, group_sizes)
     _check(problem, kernel_mode, config=Config(block_m=16, block_kb=32), row_weights=row_weights)
 
 
 @pytest.mark.parametrize("scale_source", ["smem", "global"])
 def test_wide_scale_range_with_swiglu_and_row_weights(kernel_mode, scale_source):
-    problem, row_weights = _problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
+    problem, row_weights = mxfp4_problem(12, 192, 256, [4, 5, 3], scale_range=(100, 151), seed=1)
     _check(
         problem,
         kernel_mode,
@@ -309,7 +293,7 @@ def test_half_codes_under_every_scale_in_every_gpu_variant(gpu, config, top_scal
 
 def test_swiglu_limit_of_the_config(kernel_mode):
     # Not gpt-oss's 7.0, and no bf16 number: the reference's bf16 arithmetic clamps at 3.296875.
-    problem, _ = _problem(6, 192, 256, [2, 4], seed=4)
+    problem, _ = mxfp4_problem(6, 192, 256, [2, 4], seed=4)
     clamped = _check(problem, kernel_mode, config=Config(block_kb=32), epilogue="bias_swiglu", swiglu_limit=3.3)
     gpt_oss = mxfp4_grouped_matmul_reference(**problem, epilogue="bias_swiglu")
     assert np.mean(clamped != np.asarray(gpt_oss, np.float32)) > 0.1  # the limit reached the clamps
@@ -317,7 +301,7 @@ def test_swiglu_limit_of_the_config(kernel_mode):
 
 def test_gpt_oss_first_expert_matmul_shape(kernel_mode):
     # K=2880, N=5760 (gate and linear interleaved), 2 experts, one of them empty.
-    problem, _ = _problem(2, HIDDEN, 2 * HIDDEN, [0, 2], seed=2)
+    problem, _ = mxfp4_problem(2, HIDDEN, 2 * HIDDEN, [0, 2], seed=2)
     _check(
         problem,
         kernel_mode,
@@ -328,7 +312,7 @@ def test_gpt_oss_first_expert_matmul_shape(kernel_mode):
 
 def test_gpt_oss_second_expert_matmul_shape(kernel_mode):
     # K=2880, N=2880, 2 experts (the second one empty), routing weights.
-    problem, row_weights = _problem(3, HIDDEN, HIDDEN, [3, 0], seed=3)
+    problem, row_weights = mxfp4_problem(3, HIDDEN, HIDDEN, [3, 0], seed=3)
     _check(
         problem,
         kernel_mode,
@@ -348,7 +332,7 @@ def test_gpt_oss_20b_shapes_on_the_gpu(gpu, tokens, n, epilogue, scale_range):
     rng = np.random.default_rng(tokens)
     experts = rng.permuted(np.tile(np.arange(32), (tokens, 1)), axis=1)[:, :4]
     group_sizes = np.bincount(experts.ravel(), minlength=32)
-    problem, row_weights = _problem(tokens * 4, HIDDEN, n, group_sizes, scale_range=scale_range, seed=tokens)
+    problem, row_weights = mxfp4_problem(tokens * 4, HIDDEN, n, group_sizes, scale_range=scale_range, seed=tokens)
     _check(problem, "gpu", epilogue=epilogue, row_weights=row_weights if epilogue == "bias" else None)
 
 
@@ -398,12 +382,12 @@ def test_a_layers_two_matmuls_share_their_task_metadata():
 
 
 def test_rejects_what_it_cannot_run():
-    problem, _ = _problem(4, 192, 128, [4])
+    problem, _ = mxfp4_problem(4, 192, 128, [4])
     with pytest.raises(NotImplementedError, match="multiple of block_kb"):
         mxfp4_grouped_matmul(**problem, config=Config(block_kb=64))
     with pytest.raises(NotImplementedError, match="bfloat16"):
         mxfp4_grouped_matmul(**{**problem, "lhs": problem["lhs"].astype(jnp.float32)})
-    big, _ = _problem(256, HIDDEN, 128, [256])
+    big, _ = mxfp4_problem(256, HIDDEN, 128, [256])
     with pytest.raises(ValueError, match="shared memory"):
         jax.eval_shape(
             lambda p: mxfp4_grouped_matmul(**p, config=Config(block_m=256, max_concurrent_steps=8)), big
@@ -412,7 +396,7 @@ def test_rejects_what_it_cannot_run():
         Config(block_m=12)
     with pytest.raises(ValueError, match="scale_source"):
         Config(scale_source="tma")
-    wide, _ = _problem(4, 8256, 128, [4])  # K/32 = 258 scales a row: 258 TMA rows for mlp1's two halves
+    wide, _ = mxfp4_problem(4, 8256, 128, [4])  # K/32 = 258 scales a row: 258 TMA rows for mlp1's two halves
     with pytest.raises(NotImplementedError, match="scale_source='global'"):
         jax.eval_shape(lambda p: mxfp4_grouped_matmul(**p, epilogue="bias_swiglu"), wide)
     jax.eval_shape(lambda p: mxfp4_grouped_matmul(**p, epilogue="bias_swiglu", config=Config(scale_source="global")),

@@ -12,7 +12,7 @@ import gptoss_jax
 from checkpoint_cases import assert_same_parameters, tiny_model
 from gptoss_jax.checkpoints.layouts import Layout
 from gptoss_jax.checkpoints.safetensors_writer import write_checkpoint
-from gptoss_jax.kernel_dispatch import KernelPlan, has_hopper_gpu
+from gptoss_jax.kernel_dispatch import KernelPlan, kernel_gpu_missing
 from gptoss_jax.opening import ModelOptionError, open_model
 from gptoss_jax.sharding import MeshError
 from gptoss_jax.tokenizer import build_demo_tokenizer
@@ -50,12 +50,16 @@ def test_a_checkpoint_with_dense_experts_says_they_are_quantized(tmp_path: Path)
                         "as they load") and len(lines) == 3
 
 
+def has_kernel_gpu() -> bool:
+    return kernel_gpu_missing() is None
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
         pytest.param({"kernels": "pallas"}, ModelOptionError,
-                     "kernels='pallas' needs an NVIDIA Hopper GPU (sm_90), but the device is cpu; use "
-                     "kernels='xla'", marks=pytest.mark.skipif(has_hopper_gpu(), reason="a Hopper GPU runs them")),
+                     "kernels='pallas' needs an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120, but the device is cpu; use "
+                     "kernels='xla'", marks=pytest.mark.skipif(has_kernel_gpu(), reason="this GPU runs them")),
         ({"dtype": "float16"}, ModelOptionError, "dtype must be one of ('bfloat16', 'float32'), got 'float16'"),
         ({"mesh": "expert=3"}, MeshError, "needs 3 devices, but there are 1"),
         ({"decode_experts": True, "kernels": "interpret"}, ModelOptionError,
@@ -75,8 +79,8 @@ def test_options_that_cannot_work_are_refused_before_any_weight_is_read(
 
 
 def test_the_environment_can_ask_for_the_kernels_too(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
-    if has_hopper_gpu():
-        pytest.skip("a Hopper GPU runs the kernels")
+    if has_kernel_gpu():
+        pytest.skip("this GPU runs the kernels")
     monkeypatch.setenv("GPTOSS_JAX_KERNELS", "pallas")
-    with pytest.raises(ModelOptionError, match=r"^GPTOSS_JAX_KERNELS=pallas needs an NVIDIA Hopper GPU"):
+    with pytest.raises(ModelOptionError, match=r"^GPTOSS_JAX_KERNELS=pallas needs an NVIDIA GPU of sm_80"):
         open_model(checkpoint)

@@ -19,6 +19,10 @@ order (``--list`` prints their commands):
   barrier forever hangs the GPU rather than fail);
 * ``moe-kernel``, ``attention-kernel``: the kernel benchmarks against the XLA paths and the
   device's peaks;
+* ``moe-mma``: the ``mma.sync`` expert kernel (Ampere's, Ada's and Blackwell's, which runs on
+  Hopper too) at gpt-oss-20b's decode sizes, as Hopper and as an sm_80 device lower it, timed
+  beside the WGMMA kernel and checked against the reference (its compiled tests run in
+  ``kernel-tests``);
 * ``e2e-20b``: gpt-oss-20b end to end (``--quick``, profiled: where decode time goes);
 * ``e2e-120b``: gpt-oss-120b end to end (``--quick``);
 * ``e2e-120b-32k``: gpt-oss-120b with a 20000-token prompt, so a 32K-token cache: its peak
@@ -73,7 +77,7 @@ DEFAULT_BUDGET_SECONDS = 520
 MIN_STEP_SECONDS = 60
 TEST_TIMEOUT_SECONDS = 150  # one test, its compiles included
 KERNEL_TEST_FILES = (
-    "tests/test_mxfp4_moe_kernel.py", "tests/test_attention_kernels.py", "tests/test_kernel_dispatch.py",
+    "tests/test_mxfp4_moe_kernel.py", "tests/test_mxfp4_moe_mma_kernel.py", "tests/test_attention_kernels.py", "tests/test_kernel_dispatch.py",
     "tests/test_gpu_measure.py",
 )
 # The scratch folder of the profiled run: its trace files lie too deep for the device's $OUT.
@@ -167,6 +171,8 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         # Several test workers share the GPU: none may take most of its memory up front.
         Step("kernel-tests", tuple(pytest), 300, env=(("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),
         Step("moe-kernel", (python, "-m", "benchmarks.gpu.moe_kernel"), 240),
+        Step("moe-mma", (python, "-m", "benchmarks.gpu.moe_kernel", "--mma", "--models", "20b", "--tokens", "1", "8",
+                         "64"), 150),
         Step("attention-kernel", (python, "-m", "benchmarks.gpu.attention_kernel"), 180),
         # One batch size each, as e2e's --quick: every batch size compiles again.
         e2e("e2e-20b", GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256), 300, "--profile", TRACE_DIR),

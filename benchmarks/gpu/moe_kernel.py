@@ -13,6 +13,12 @@ Times, at gpt-oss shapes (hidden 2880, top-4 routing, 32 or 128 experts):
 * ``bf16``: jax's Mosaic GPU ``ragged_dot`` on weights dequantized to bf16 beforehand (no
   epilogue): the grouped matmul the packed format competes with.
 
+With ``--mma``, the ``mma.sync`` expert kernel (``pallas_kernels.mxfp4_moe_mma``, the one
+Ampere, Ada and Blackwell GPUs run; ``mma.sync`` runs on Hopper too) instead, beside the WGMMA
+kernel and the reference, each checked against the reference: ``mma.sync`` as this GPU lowers it
+(TMA copies on Hopper) and ``mma.sync sm_80`` as an sm_80 device lowers it (``cp.async`` copies,
+the A100's and the RTX 4090's code path; :func:`benchmarks.kernels.kernel_cases.lowering_for`).
+
 Both expert matmuls are measured: ``mlp1`` (N=5760, bias + clamped SwiGLU) and ``mlp2``
 (N=2880, bias + routing weight, float32 out). Bytes are what each path must move at least:
 the active experts' weights (packed bytes + scales for the kernel, bf16 for ``bf16``, the packed
@@ -24,12 +30,14 @@ print as it finishes. It measures; it asserts nothing.
 
   python -m benchmarks.gpu.moe_kernel [--tokens 1 8 64 4096] [--models 20b 120b] [--iters 20]
   python -m benchmarks.gpu.moe_kernel --sweep --models 20b --tokens 1 64 4096   # tune Config
+  python -m benchmarks.gpu.moe_kernel --mma --models 20b --tokens 1 8 64   # the mma.sync kernel
   python -m benchmarks.gpu.moe_kernel --interpret   # tiny CPU smoke run of the same code path
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -40,12 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from benchmarks.kernels.kernel_cases import MoeCase, config_suffix, variant_configs
+from benchmarks.kernels.kernel_cases import MoeCase, config_suffix, lowering_for, variant_configs
 from benchmarks.gpu.gpu_measure import Peaks, device_peaks, kernel_seconds
 from benchmarks.kernels.kernel_cost import predicted_cell
 from pallas_kernels import mxfp4
 from pallas_kernels.expert_routing import group_by_expert
 from pallas_kernels.mxfp4_moe import Config, mxfp4_grouped_matmul
+from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
 from pallas_kernels.mxfp4_moe_reference import mxfp4_grouped_matmul_reference
 
 HIDDEN, TOP_K = 2880, 4
@@ -147,8 +156,7 @@ def bench(case: Case, iters: int) -> dict:
     call = lambda *a: reference(*a[:5], row_weights=a[5])
     row["xla"] = (kernel_seconds(call, *args, iters=iters), kernel_bytes)
     out = mxfp4_grouped_matmul(*args[:5], epilogue=case.epilogue, row_weights=case.row_weights)
-    difference = out.astype(jnp.float32) - call(*args).astype(jnp.float32)
-    row["max_abs_diff"] = float(jnp.max(jnp.abs(difference)))
+    row["max_abs_diff"] = {"kernel": _max_abs_difference(out, call(*args))}
 
     problem = case.problem
     weights_bf16 = mxfp4.dequantize(problem["blocks"], problem["scales"])  # [E, N, K]
@@ -158,6 +166,42 @@ def bench(case: Case, iters: int) -> dict:
         row["bf16"] = (seconds, case.active * case.n * HIDDEN * 2 + case.io_bytes)
     except Exception as error:  # report the baseline's failure, keep measuring the rest
         row["bf16_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return row
+
+
+def _max_abs_difference(out: jax.Array, reference: jax.Array) -> float:
+    return float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference.astype(jnp.float32))))
+
+
+# The mma.sync kernel's paths: as this GPU lowers it, and as an sm_80 device does (cp.async).
+MMA_PATHS = {"mma.sync": None, "mma.sync sm_80": "8.0"}
+
+
+def bench_mma(case: Case, iters: int) -> dict:
+    """The ``mma.sync`` kernel's paths (:data:`MMA_PATHS`) beside the WGMMA kernel and the
+    reference at one case, each kernel with its largest difference to the reference."""
+    row = dict(model=case.model, tokens=case.tokens, matmul=case.matmul, active=case.active, flops=case.flops,
+               predicted={}, max_abs_diff={})
+    kernel_bytes = case.packed_bytes + case.io_bytes
+    args = (*case.problem.values(), case.row_weights)
+    reference = jax.jit(functools.partial(mxfp4_grouped_matmul_reference, epilogue=case.epilogue))
+    call = lambda *a: reference(*a[:5], row_weights=a[5])
+    expected = call(*args)
+    row["xla"] = (kernel_seconds(call, *args, iters=iters), kernel_bytes)
+    row["kernel"] = (case.kernel_seconds(Config(), iters), kernel_bytes)
+    row["predicted"]["kernel"] = ""
+    row["max_abs_diff"]["kernel"] = _max_abs_difference(
+        mxfp4_grouped_matmul(*args[:5], epilogue=case.epilogue, row_weights=case.row_weights), expected)
+    for path, arch in MMA_PATHS.items():
+        kernel = jax.jit(functools.partial(mxfp4_grouped_matmul_mma, epilogue=case.epilogue))
+        try:
+            with lowering_for(arch) if arch else contextlib.nullcontext():
+                row[path] = (kernel_seconds(lambda *a: kernel(*a[:5], row_weights=a[5]), *args, iters=iters),
+                             kernel_bytes)
+                row["max_abs_diff"][path] = _max_abs_difference(kernel(*args[:5], row_weights=args[5]), expected)
+        except Exception as error:  # report the path's failure, keep measuring the rest
+            row["max_abs_diff"][path] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+        row["predicted"][path] = ""
     return row
 
 
@@ -203,11 +247,14 @@ def print_case_rows(r: dict, peaks: Peaks) -> None:
     short keeps the cases before)."""
     head = f"| {r['model']} | {r['tokens']} | {r['matmul']} | {r['active']} |"
     for path in (*r["predicted"], "xla", "bf16"):
+        difference = r["max_abs_diff"].get(path, "")
         if path not in r:
+            if difference:  # a path that failed
+                print(f"{head} {path} | {difference} | | | | | | | |")
             continue
         seconds, nbytes = r[path]
         bandwidth, flop_rate = nbytes / seconds, r["flops"] / seconds
-        difference = f"{r['max_abs_diff']:.3g}" if path == "kernel" else ""
+        difference = f"{difference:.3g}" if isinstance(difference, float) else difference
         predicted = r["predicted"].get(path, "")
         print(f"{head} {path} | {seconds * 1e6:.1f} | {predicted} | {nbytes / 1e6:.1f} | {bandwidth / 1e9:.0f} | "
               f"{100 * bandwidth / peaks.hbm_bytes_per_second:.0f}% | {flop_rate / 1e12:.1f} | "
@@ -244,6 +291,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=sorted(EXPERTS), default=["20b", "120b"])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--interpret", action="store_true", help="tiny CPU smoke run instead")
+    parser.add_argument("--mma", action="store_true",
+                        help="time the mma.sync expert kernel (as this GPU and as an sm_80 lowers it) beside the "
+                             "WGMMA kernel and the XLA reference instead")
     parser.add_argument("--sweep", action="store_true",
                         help="time the kernel alone over the tuning configs of SWEEP instead (one "
                              "model and a few token counts per call: each config compiles)")
@@ -268,7 +318,7 @@ def main() -> None:
         return
     print_table_header()
     for case in cases:
-        print_case_rows(bench(case, args.iters), peaks)
+        print_case_rows((bench_mma if args.mma else bench)(case, args.iters), peaks)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ non-default configs (kept for a GPU sweep to decide) at decode shapes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 
@@ -31,6 +32,7 @@ class MoeCase:
     config: Any = None  # pallas_kernels.mxfp4_moe.Config; None for its defaults
 
     kernel = "moe"
+    arch = "9.0"  # the compute capability it is compiled for: the WGMMA kernel is Hopper's
 
     @property
     def name(self) -> str:
@@ -42,16 +44,24 @@ class MoeCase:
 
     def weight_bytes_per_step(self) -> int:
         """Packed weight bytes one pipeline step (one main-loop iteration) decodes per CTA."""
-        from pallas_kernels.mxfp4_moe import BLOCK_N, Config
+        from pallas_kernels.mxfp4_moe import BLOCK_N
 
         halves = 2 if self.matmul == "mlp1" else 1
-        return halves * BLOCK_N * (self.config or Config()).block_kb
+        return halves * BLOCK_N * self.kernel_config().block_kb
+
+    def kernel_config(self) -> Any:
+        from pallas_kernels.mxfp4_moe import Config
+
+        return self.config or Config()
+
+    def kernel_function(self) -> Callable:
+        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
+
+        return mxfp4_grouped_matmul
 
     def export(self) -> None:
         import jax
         import jax.numpy as jnp
-
-        from pallas_kernels.mxfp4_moe import mxfp4_grouped_matmul
 
         rows, blocks = self.tokens * self.top_k, self.k // 32
         shapes = [
@@ -63,12 +73,68 @@ class MoeCase:
         ]
         if self.matmul == "mlp2":
             shapes.append(jax.ShapeDtypeStruct((rows,), jnp.float32))
+        kernel = self.kernel_function()
 
         def matmul(lhs, group_sizes, blocks, scales, bias, row_weights=None):
-            return mxfp4_grouped_matmul(lhs, group_sizes, blocks, scales, bias, epilogue=self.epilogue,
-                                        row_weights=row_weights, config=self.config)
+            return kernel(lhs, group_sizes, blocks, scales, bias, epilogue=self.epilogue,
+                          row_weights=row_weights, config=self.config)
 
-        jax.export.export(jax.jit(matmul), platforms=["cuda"])(*shapes)
+        with lowering_for(self.arch):
+            jax.export.export(jax.jit(matmul), platforms=["cuda"])(*shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MmaMoeCase(MoeCase):
+    """The ``mma.sync`` expert matmul (:mod:`pallas_kernels.mxfp4_moe_mma`) compiled for a GPU of
+    compute capability ``arch`` (``"8.9"``: RTX 4090, L4)."""
+
+    arch: str = "8.9"
+
+    kernel = "moe_mma"
+
+    @property
+    def name(self) -> str:
+        return (f"moe-mma {sm_name(self.arch)} {self.model} {self.matmul} tokens={self.tokens}"
+                + config_suffix(self.config))
+
+    def kernel_config(self) -> Any:
+        from pallas_kernels.mxfp4_moe_mma import Config
+
+        return self.config or Config()
+
+    def kernel_function(self) -> Callable:
+        from pallas_kernels.mxfp4_moe_mma import mxfp4_grouped_matmul_mma
+
+        return mxfp4_grouped_matmul_mma
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractGpu:
+    """What Mosaic GPU asks of the device it lowers for (``mosaic.gpu.utils._infer_arch``): an
+    abstract mesh's device with a ``compute_capability``."""
+
+    compute_capability: str
+    platform: str = "gpu"
+    num_cores: int | None = None
+
+    @property
+    def device_kind(self) -> str:
+        return f"abstract {sm_name(self.compute_capability)}"
+
+
+def lowering_for(compute_capability: str) -> contextlib.AbstractContextManager:
+    """Lower Mosaic GPU kernels inside for a GPU of ``compute_capability`` (``"8.0"``, ``"12.0"``):
+    pre-Hopper copies (``cp.async``) below 9.0. Without a GPU Mosaic GPU lowers for 9.0; this
+    names another through an abstract mesh (``jax.sharding.use_abstract_mesh``)."""
+    import jax
+
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=AbstractGpu(compute_capability))
+    return jax.sharding.use_abstract_mesh(mesh)
+
+
+def sm_name(compute_capability: str) -> str:
+    """``sm_89`` for ``"8.9"``."""
+    return "sm_" + compute_capability.replace(".", "")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +164,7 @@ class PrefillCase(AttentionHeads):
     config: Any = None  # pallas_kernels.flash_attention.FlashAttentionConfig
 
     kernel = "flash"
+    arch = "9.0"
 
     @property
     def name(self) -> str:
@@ -135,6 +202,7 @@ class DecodeCase(AttentionHeads):
     config: Any = None  # pallas_kernels.decode_attention.DecodeAttentionConfig
 
     kernel = "decode"
+    arch = "9.0"
 
     @property
     def cache_len(self) -> int:
@@ -165,7 +233,7 @@ class DecodeCase(AttentionHeads):
         )
 
 
-Case = MoeCase | PrefillCase | DecodeCase
+Case = MoeCase | MmaMoeCase | PrefillCase | DecodeCase
 
 
 def gpt_oss_cases(
@@ -269,3 +337,17 @@ def config_suffix(config: Any) -> str:
 def config_label(config: Any) -> str:
     """'20b' / '120b' for the presets' expert counts, else 'E<experts>'."""
     return {32: "20b", 128: "120b"}.get(config.num_experts, f"E{config.num_experts}")
+
+
+# The mma.sync expert kernel's targets and the GPUs of benchmarks.kernels.kernel_cost that stand for them.
+MMA_TARGETS = {"8.0": "A100", "8.9": "RTX 4090, L4", "12.0": "RTX 5090"}
+
+
+def mma_cases(archs: Sequence[str] = tuple(MMA_TARGETS), tokens: Sequence[int] = (1, 8)) -> list[Case]:
+    """The ``mma.sync`` expert kernel at gpt-oss-20b's shapes (the model the GPUs it serves hold),
+    both matmuls, ``tokens`` tokens, compiled for each compute capability of ``archs``."""
+    from gptoss_jax.config import preset
+
+    moe = gpt_oss_cases((preset("gpt-oss-20b"),), tokens=tokens, kernels=("moe",))
+    return [MmaMoeCase(**{f.name: getattr(case, f.name) for f in dataclasses.fields(case)}, arch=arch)
+            for arch in archs for case in moe]

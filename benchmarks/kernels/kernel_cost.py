@@ -1,7 +1,9 @@
 """A cost model of every Pallas kernel, on the CPU: the time each is bound to by HBM bytes, by
 instruction issue, by load/store units and by tensor cores, at gpt-oss's decode and prefill
 shapes on an H100 SXM and an H200, which bound binds, and the fraction of the device's HBM peak
-(and bf16 tensor-core peak) that predicts. A model, to be calibrated by a GPU: the kernel
+(and bf16 tensor-core peak) that predicts; and the ``mma.sync`` expert kernel at gpt-oss-20b's
+decode shapes on the GPUs it serves (RTX 4090, L4, A100, RTX 5090: :data:`MMA_DEVICES`), each
+from the SASS of its own compute capability. A model, to be calibrated by a GPU: the kernel
 benchmarks (``benchmarks/gpu/moe_kernel.py``, ``benchmarks/gpu/attention_kernel.py``, run by
 ``gpu_session``) print its prediction beside each measured time.
 
@@ -44,9 +46,27 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.gpu import gpu_targets
 from benchmarks.gpu.gpu_measure import PEAKS, Peaks
-from benchmarks.kernels.kernel_cases import Case, DecodeCase, MoeCase, PrefillCase, gpt_oss_cases, variant_cases
-from benchmarks.kernels.kernel_sass import ISSUE_PER_SM, MAIN_LOOPS, RESULTS_MD, SECTION_TITLE, KernelReport, replace_section
+from benchmarks.kernels.kernel_cases import (
+    Case,
+    DecodeCase,
+    MmaMoeCase,
+    MoeCase,
+    PrefillCase,
+    gpt_oss_cases,
+    mma_cases,
+    variant_cases,
+)
+from benchmarks.kernels.kernel_sass import (
+    ISSUE_PER_SM,
+    MAIN_LOOPS,
+    MMA_SECTION_TITLE,
+    RESULTS_MD,
+    SECTION_TITLE,
+    KernelReport,
+    replace_section,
+)
 from benchmarks.kernels.sass_reading import CompileError, main_loop, mnemonic, opcode
 
 COST_SECTION_TITLE = "## Kernel cost model (predicted, not measured)"
@@ -73,6 +93,32 @@ def _peaks(kind: str) -> Peaks:
 
 
 DEVICES = (Device("H100 SXM", _peaks("H100")), Device("H200", _peaks("H200")))
+
+# The GPUs the mma.sync expert kernel serves, each with the compute capability whose SASS models
+# it: their datasheet figures (SMs, boost clock, memory bandwidth, dense bf16 tensor FLOP/s with
+# float32 accumulation; GeForce cards run it at half their float16-accumulate rate) are the
+# deviceless compiles' (benchmarks.gpu.gpu_targets).
+MMA_GPUS = ("RTX 4090", "L4", "A100 40 GB", "A100 80 GB", "RTX 5090")
+
+
+def _mma_device(name: str) -> tuple[Device, str]:
+    target = gpu_targets.gpu_target(name)
+    major, minor = target.compute_capability
+    peaks = Peaks(target.bf16_flops, target.bandwidth_bytes_per_second)
+    return Device(target.name, peaks, sms=target.sms, clock_hz=target.boost_clock_hz), f"{major}.{minor}"
+
+
+MMA_DEVICES: tuple[tuple[Device, str], ...] = tuple(_mma_device(name) for name in MMA_GPUS)
+MMA_SOURCES = (
+    ("RTX 4090", "NVIDIA Ada Lovelace architecture whitepaper (AD102, GeForce RTX 4090): 128 SMs, 2.52 GHz boost, "
+     "1008 GB/s GDDR6X, 165.2 TFLOP/s FP16/BF16 tensor with FP32 accumulate"),
+    ("L4", "NVIDIA L4 datasheet: 300 GB/s GDDR6, 121 TFLOP/s BF16 tensor (dense); 58 SMs (7424 CUDA cores), "
+     "2.04 GHz boost (Ada whitepaper)"),
+    ("A100 40GB / 80GB", "NVIDIA A100 datasheet: 1555 GB/s (40GB) / 2039 GB/s (80GB SXM) HBM2(e), 312 TFLOP/s BF16 "
+     "tensor; 108 SMs, 1.41 GHz boost (Ampere GA100 whitepaper)"),
+    ("RTX 5090", "NVIDIA RTX Blackwell GPU architecture whitepaper (GB202, GeForce RTX 5090): 170 SMs, 2.41 GHz "
+     "boost, 1792 GB/s GDDR7, 209.5 TFLOP/s FP16/BF16 tensor with FP32 accumulate (dense)"),
+)
 
 # One warp's one-byte scale load (the MoE loop's LD.E.U8) reads 8 accumulator rows (4 lanes a row
 # in WGMMA's layout, 2 of each 16-row slice's halves per instruction), each row on its own
@@ -123,14 +169,21 @@ class KernelFigures:
 
 @functools.cache
 def committed_figures(results_md: Path = RESULTS_MD, main_loops: Path = MAIN_LOOPS) -> dict[str, KernelFigures]:
-    """Every case of kernel_sass's committed resources table, by case name, with its main loop's
-    mnemonics (each as many times as the loop holds it; their order is not kept, and no cost needs it)."""
+    """Every case of kernel_sass's committed resources tables (the Hopper kernels' and the
+    ``mma.sync`` kernel's), by case name, with its main loop's mnemonics (each as many times as the
+    loop holds it; their order is not kept, and no cost needs it)."""
     counts = json.loads(main_loops.read_text())
     text = results_md.read_text()
-    start = text.find(SECTION_TITLE + "\n")
+    return {name: figures for title in (SECTION_TITLE, MMA_SECTION_TITLE)
+            for name, figures in _section_figures(text, title, results_md, counts).items()}
+
+
+def _section_figures(text: str, title: str, results_md: Path, counts: dict[str, dict[str, int]]
+                     ) -> dict[str, KernelFigures]:
+    start = text.find(title + "\n")
     if start < 0:
-        raise CompileError(f"no {SECTION_TITLE!r} section in {results_md}")
-    end = text.find("\n## ", start + len(SECTION_TITLE))
+        raise CompileError(f"no {title!r} section in {results_md}")
+    end = text.find("\n## ", start + len(title))
     lines = text[start : end if end >= 0 else len(text)].splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| case | grid |"))
     columns = [c.strip() for c in lines[header].strip("|").split("|")]
@@ -160,6 +213,9 @@ def wavefronts(instruction: str) -> int:
         return math.ceil(32 * bits // 8 / L1_WAVEFRONT_BYTES)
     if op in ("LDG", "LD"):
         return SCALE_LOAD_WAVEFRONTS
+    if op == "LDGSTS":  # cp.async: each lane copies 4, 8 or 16 bytes (its last modifier, in bits)
+        bits = int(modifiers[-1]) if modifiers and modifiers[-1].isdigit() else 32
+        return math.ceil(32 * bits // 8 / L1_WAVEFRONT_BYTES)
     return 0
 
 
@@ -168,6 +224,15 @@ def hgmma_flops(instruction: str) -> int:
     if opcode(instruction) != "HGMMA":
         return 0
     m, n, k = map(int, re.search(r"HGMMA\.(\d+)x(\d+)x(\d+)", instruction).groups())
+    return 2 * m * n * k
+
+
+def hmma_flops(instruction: str) -> int:
+    """FLOPs of one warp's ``HMMA.16816`` (``mma.sync.m16n8k16``; 0 for anything else)."""
+    if opcode(instruction) != "HMMA":
+        return 0
+    shape = instruction.split()[1 if instruction.startswith("@") else 0].split(".")[1]  # 16816: m16 n8 k16
+    m, n, k = map(int, re.fullmatch(r"(\d\d)(\d)(\d+)", shape).groups())
     return 2 * m * n * k
 
 
@@ -189,24 +254,33 @@ def routed_group_sizes(tokens: int, experts: int, top_k: int, seed: int = ROUTIN
     return np.bincount(choices.ravel(), minlength=experts)
 
 
-def moe_work(case: MoeCase, figures: KernelFigures) -> Work:
+def moe_work(case: MoeCase | MmaMoeCase, figures: KernelFigures) -> Work:
+    """The expert matmul's work, either kernel: the ``mma.sync`` kernel writes each working task's
+    whole ``[N, block_m]`` tile (its XLA gather of the rows, after the kernel, is not counted)."""
     import jax.numpy as jnp
 
-    from pallas_kernels.mxfp4_moe import BLOCK_N, Config, Tasks, tile_rows
+    from pallas_kernels import mxfp4_moe, mxfp4_moe_mma
 
-    config = case.config or Config()
+    config = case.kernel_config()
+    tile_rows = (mxfp4_moe_mma if case.kernel == "moe_mma" else mxfp4_moe).tile_rows
     rows = case.tokens * case.top_k
+    block_m = tile_rows(rows, config)
     sizes = routed_group_sizes(case.tokens, case.experts, case.top_k)
-    tasks = Tasks(jnp.asarray(sizes, jnp.int32), rows, tile_rows(rows, config))
+    tasks = mxfp4_moe.Tasks(jnp.asarray(sizes, jnp.int32), rows, block_m)
     working_tasks = int((np.asarray(tasks.count) > 0).sum())
     halves = 2 if case.matmul == "mlp1" else 1
     out_n = case.n // halves
     steps = case.k // 2 // config.block_kb
     active = int((sizes > 0).sum())
     weights = active * case.n * (case.k // 2 + case.k // 32 + 2)  # blocks, scales, bias
-    out_bytes = rows * out_n * (4 if case.matmul == "mlp2" else 2) + (4 * rows if case.matmul == "mlp2" else 0)
-    return Work(math.prod(figures.grid), (steps,) * (working_tasks * out_n // BLOCK_N),
-                weights + rows * case.k * 2 + out_bytes, 2 * rows * case.n * case.k)
+    out_itemsize = 4 if case.matmul == "mlp2" else 2
+    out_bytes = rows * out_n * out_itemsize + (4 * rows if case.matmul == "mlp2" else 0)
+    overhead = 0
+    if case.kernel == "moe_mma":
+        overhead = (working_tasks * block_m - rows) * out_n * out_itemsize
+    return Work(math.prod(figures.grid), (steps,) * (working_tasks * out_n // mxfp4_moe.BLOCK_N),
+                weights + rows * case.k * 2 + out_bytes + overhead, 2 * rows * case.n * case.k,
+                overhead_bytes=overhead)
 
 
 def decode_work(case: DecodeCase, figures: KernelFigures) -> Work:
@@ -250,7 +324,7 @@ def prefill_work(case: PrefillCase, figures: KernelFigures) -> Work:
 
 
 def work(case: Case, figures: KernelFigures) -> Work:
-    return {"moe": moe_work, "decode": decode_work, "flash": prefill_work}[case.kernel](case, figures)
+    return {"moe": moe_work, "moe_mma": moe_work, "decode": decode_work, "flash": prefill_work}[case.kernel](case, figures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +377,13 @@ def predict(case: Case, figures: KernelFigures, device: Device) -> Prediction:
     w = work(case, figures)
     busiest, balance = busiest_sm(w.iterations, device.sms)
     loop_wavefronts = sum(wavefronts(i) for i in figures.loop)
-    loop_flops = sum(hgmma_flops(i) for i in figures.loop)
+    # HGMMA is one warpgroup's instruction, HMMA (mma.sync) one warp's.
+    cta_flops = (math.ceil(figures.warps / 4) * sum(hgmma_flops(i) for i in figures.loop)
+                 + figures.warps * sum(hmma_flops(i) for i in figures.loop))
     cycles = {
         "issue": busiest * figures.warps * len(figures.loop) / device.issue_per_sm_cycle,
         "LSU": busiest * figures.warps * loop_wavefronts / device.l1_wavefronts_per_sm_cycle,
-        "tensor": busiest * math.ceil(figures.warps / 4) * loop_flops / device.tensor_flops_per_sm_cycle,
+        "tensor": busiest * cta_flops / device.tensor_flops_per_sm_cycle,
     }
     seconds = {"HBM": w.hbm_bytes / device.peaks.hbm_bytes_per_second}
     seconds |= {bound: c / device.clock_hz for bound, c in cycles.items()}
@@ -388,6 +464,63 @@ def section(predicted: Sequence[tuple[Prediction, ...]], source: str) -> str:
         + assumptions_table() + "\n" + prediction_table(predicted))
 
 
+MMA_COST_SECTION_TITLE = "## The mma.sync expert kernel on Ampere, Ada and Blackwell GPUs (predicted, not measured)"
+
+
+def mma_predictions(figures: dict[str, KernelFigures]) -> list[Prediction]:
+    """Each of :data:`MMA_DEVICES` with its compute capability's ``mma.sync`` kernel cases."""
+    return [predict(case, figures[case.name], device) for device, arch in MMA_DEVICES
+            for case in mma_cases(archs=(arch,))]
+
+
+def mma_table(predicted: Sequence[Prediction]) -> str:
+    rows = ["| device | case | working CTAs | CTAs/SM | waves | SM balance | MB | issue us | LSU us | tensor us "
+            "| HBM us | bound | predicted us | % HBM peak |", "|---" * 14 + "|"]
+    for p in predicted:
+        rows.append(
+            f"| {p.device} | {p.case} | {p.working} | {p.ctas_per_sm} | {p.waves} | {100 * p.balance:.0f}% | "
+            f"{p.hbm_bytes / 1e6:.2f} | " + " | ".join(f"{p.seconds[b] * 1e6:.1f}" for b in ("issue", "LSU", "tensor", "HBM"))
+            + f" | {p.bound} | {p.time * 1e6:.1f} | {100 * p.hbm_fraction:.0f}% |")
+    return "\n".join(rows) + "\n"
+
+
+def layer_table(predicted: Sequence[Prediction]) -> str:
+    """A layer's two expert matmuls together, per device and token count: their necessary bytes
+    over their summed predicted times, of the device's bandwidth (the issue's goal: 70%)."""
+    totals: dict[tuple[str, int], list[float]] = {}
+    peaks = {}
+    for p in predicted:
+        tokens = int(re.search(r"tokens=(\d+)", p.case).group(1))
+        total = totals.setdefault((p.device, tokens), [0.0, 0.0])
+        total[0] += p.hbm_bytes - p.overhead_bytes
+        total[1] += p.time
+        peaks[p.device] = p.peaks.hbm_bytes_per_second
+    rows = ["| device | tokens | MB (mlp1 + mlp2) | predicted us | GB/s | % HBM peak |", "|---" * 6 + "|"]
+    for (device, tokens), (necessary, seconds) in totals.items():
+        rows.append(f"| {device} | {tokens} | {necessary / 1e6:.2f} | {seconds * 1e6:.1f} | {necessary / seconds / 1e9:.0f} "
+                    f"| {100 * necessary / seconds / peaks[device]:.0f}% |")
+    return "\n".join(rows) + "\n"
+
+
+def mma_section(predicted: Sequence[Prediction], source: str) -> str:
+    from benchmarks.gpu.e2e import git_commit
+
+    sources = "\n".join(f"- {name}: {text}." for name, text in MMA_SOURCES)
+    return (
+        f"{MMA_COST_SECTION_TITLE}\n\n"
+        f"Predicted on a 2-core CPU machine (no GPU) by `python -m benchmarks.kernels.kernel_cost --write` at commit "
+        f"{git_commit()} from {source}, the same model as "
+        "the Hopper kernels' (above): the `mma.sync` expert kernel (`pallas_kernels/mxfp4_moe_mma.py`) at "
+        "gpt-oss-20b's decode shapes, each GPU with the SASS of its compute capability (sm_89 for the RTX 4090 "
+        "and the L4, sm_80 for the A100s, sm_120 for the RTX 5090). No such GPU has run it. *MB* counts the "
+        "kernel's per-task output tiles too (a few hundred KB; *% HBM peak* leaves them out), not the XLA "
+        "gather of the rows after it. The model leaves out latency: with 2 CTAs (8 warps) an SM it assumes "
+        "the `cp.async` pipeline keeps enough bytes in flight (2 stages of 18 KB a CTA, where an RTX 4090 "
+        "needs about 5 KB an SM by Little's law at 600 ns).\n\nDevices (datasheets):\n\n" + sources
+        + "\n\nA layer's two expert matmuls together:\n\n" + layer_table(predicted)
+        + "\nEach matmul:\n\n" + mma_table(predicted))
+
+
 def main(argv: Sequence[str] | None = None) -> list[tuple[Prediction, ...]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compile", action="store_true",
@@ -398,17 +531,22 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[Prediction, ...]]:
     if args.compile:
         from benchmarks.kernels.kernel_sass import compile_kernels
 
-        figures = {r.case.name: KernelFigures.of_report(r) for r in compile_kernels(cases())}
+        figures = {r.case.name: KernelFigures.of_report(r) for r in compile_kernels(cases() + mma_cases())}
         source = "a fresh compile of the kernels (`--compile`)"
     else:
         figures = committed_figures()
         source = "the committed output of `benchmarks.kernels.kernel_sass` (its section above and `benchmarks/kernels/main_loops.json`)"
     predicted = predictions(figures)
+    mma_predicted = mma_predictions(figures)
     print(assumptions_table())
     print(prediction_table(predicted))
+    print(layer_table(mma_predicted))
+    print(mma_table(mma_predicted))
     if args.write:
-        text = RESULTS_MD.read_text()
-        RESULTS_MD.write_text(replace_section(text, section(predicted, source), COST_SECTION_TITLE, before="## On a GPU session"))
+        text = replace_section(RESULTS_MD.read_text(), section(predicted, source), COST_SECTION_TITLE,
+                               before="## On a GPU session")
+        RESULTS_MD.write_text(replace_section(text, mma_section(mma_predicted, source), MMA_COST_SECTION_TITLE,
+                                              before=None))
     return predicted
 
 

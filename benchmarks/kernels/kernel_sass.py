@@ -2,27 +2,32 @@
 shared memory, CTAs per SM, and the instruction mix of the kernel's main loop, per kernel config
 at gpt-oss's shapes, on one GPU and at one device's shapes on each mesh of
 :mod:`benchmarks.kernels.sharded_kernels` (:func:`benchmarks.kernels.kernel_cases.shard_cases`), and each kernel's
-non-default variants at decode shapes (:func:`benchmarks.kernels.kernel_cases.variant_cases`). No GPU is
-needed or used.
+non-default variants at decode shapes (:func:`benchmarks.kernels.kernel_cases.variant_cases`); and the
+``mma.sync`` expert kernel for the GPUs before and after Hopper (sm_80, sm_89, sm_120) at
+gpt-oss-20b's decode shapes (:func:`benchmarks.kernels.kernel_cases.mma_cases`). No GPU is needed or used.
 
-  python -m benchmarks.kernels.kernel_sass [--only moe flash decode] [--check] [--write] [--sass DIR] [--jobs N]
+  python -m benchmarks.kernels.kernel_sass [--only moe flash decode moe-mma] [--check] [--write] [--sass DIR] [--jobs N]
 
-``--write`` replaces this tool's section of ``benchmarks/RESULTS.md`` with the tables and writes
-each main loop's instruction counts, by mnemonic, to ``benchmarks/kernels/main_loops.json`` (what
-:mod:`benchmarks.kernels.kernel_cost` reads); ``--sass DIR`` writes each kernel's whole SASS there,
-for reading (the dumps are regenerated on demand, not committed). Other tools take the figures from
+``--write`` replaces this tool's sections of ``benchmarks/RESULTS.md`` (one for the Hopper
+kernels, one for the ``mma.sync`` kernel: those of the kernels compiled) with the tables and
+writes each main loop's instruction counts, by mnemonic, to ``benchmarks/kernels/main_loops.json``
+(what :mod:`benchmarks.kernels.kernel_cost` reads; the entries of the section not compiled are
+kept); ``--sass DIR`` writes each kernel's whole SASS there, for reading (the dumps are
+regenerated on demand, not committed). Other tools take the figures from
 :func:`compile_kernels` (a :class:`KernelReport` per case), with their own cases
 (:mod:`benchmarks.kernels.kernel_cases`: built from a config with ``gpt_oss_cases``, one with a shard's
 sizes giving that shard's, or directly).
 
 How (design.md, testing without a GPU, item 6). ``jax.export`` for ``cuda`` lowers a kernel to
 its Mosaic GPU module (``mosaic.gpu.core.KNOWN_KERNELS``); the CUDA 13 PJRT plugin's
-``MosaicGpuCompile`` takes it through LLVM, PTX and ptxas for ``sm_90a``, printing ptxas'
-report, the SASS and the host code that launches it (``MOSAIC_GPU_DUMP_*``); its launch call
-names the grid, the threads and the dynamic shared memory. The plugin asks the CUDA driver for
-the compute capability first, so a stand-in ``libcuda.so.1`` (``stand_in_libcuda.c``, built here
-with the machine's C compiler) answers 9.0. Loading the module then fails, which is where the
-compile stops.
+``MosaicGpuCompile`` takes it through LLVM, PTX and ptxas for the device's target (``sm_90a``
+on Hopper), printing ptxas' report, the SASS and the host code that launches it
+(``MOSAIC_GPU_DUMP_*``); its launch call names the grid, the threads and the dynamic shared
+memory. The plugin asks the CUDA driver for the compute capability first, so a stand-in
+``libcuda.so.1`` (``stand_in_libcuda.c``, built here with the machine's C compiler) answers the
+case's (``$GPTOSS_STAND_IN_COMPUTE_CAPABILITY``, 9.0 for the Hopper kernels), and the case
+lowers for the same one (:func:`benchmarks.kernels.kernel_cases.lowering_for`). Loading the module then
+fails, which is where the compile stops.
 
 The tools (:mod:`benchmarks.kernels.sass_tools`; about 500 MB, installed once with pip into ``--tools``,
 by default ``~/.cache/gptoss-jax/kernel-sass``): the PJRT plugin of the device image's jax-cuda13 0.11.2,
@@ -60,7 +65,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.kernels.kernel_cases import Case, gpt_oss_cases, shard_cases, variant_cases
+from benchmarks.kernels.kernel_cases import Case, gpt_oss_cases, mma_cases, shard_cases, sm_name, variant_cases
 from benchmarks.kernels.sass_tools import DEFAULT_TOOLS, TOOL_PINS, Tools, install_tools
 from benchmarks.kernels.sass_reading import (
     CLASS_NAMES,
@@ -79,18 +84,37 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 RESULTS_MD = REPOSITORY / "benchmarks" / "RESULTS.md"
 MAIN_LOOPS = Path(__file__).with_name("main_loops.json")
 SECTION_TITLE = "## Kernels compiled to SASS on the CPU"
+MMA_SECTION_TITLE = "## The mma.sync expert kernel compiled to SASS on the CPU (sm_80, sm_89, sm_120)"
+MMA_LOOP_PREFIX = "moe-mma-"  # the mma.sync kernel's entries of main_loops.json
 TARGET = "sm_90a"
+STAND_IN_CAPABILITY = "GPTOSS_STAND_IN_COMPUTE_CAPABILITY"  # read by stand_in_libcuda.c: ptxas' target
 
-# Hopper (sm_90) per-SM limits.
-REGISTERS_PER_SM = 65536
+REGISTERS_PER_SM = 65536  # on every target here
 REGISTER_UNIT = 256  # registers are allocated per warp in units of 256
 MAX_REGISTERS = 255
-SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 SMEM_UNIT = 128
-MAX_CTAS_PER_SM = 32
-MAX_WARPS_PER_SM = 64
 ISSUE_PER_SM = 4  # warp instructions per cycle: one per scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class SmLimits:
+    """A compute capability's per-SM occupancy limits (CUDA C Programming Guide, "Technical
+    Specifications per Compute Capability")."""
+
+    smem: int  # shared memory per SM, bytes
+    max_ctas: int
+    max_warps: int
+
+
+SM_LIMITS = {
+    "9.0": SmLimits(228 * 1024, 32, 64),
+    "8.0": SmLimits(164 * 1024, 32, 64),
+    "8.6": SmLimits(100 * 1024, 16, 48),
+    "8.9": SmLimits(100 * 1024, 24, 48),
+    "10.0": SmLimits(228 * 1024, 32, 64),
+    "12.0": SmLimits(100 * 1024, 32, 48),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,18 +143,22 @@ class KernelReport:
         return math.ceil(self.launch.threads / 32)
 
     @property
+    def limits(self) -> SmLimits:
+        return SM_LIMITS[self.case.arch]
+
+    @property
     def ctas_by_registers(self) -> int:
         per_warp = math.ceil(self.registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
-        return min(REGISTERS_PER_SM // per_warp, MAX_WARPS_PER_SM) // self.warps
+        return min(REGISTERS_PER_SM // per_warp, self.limits.max_warps) // self.warps
 
     @property
     def ctas_by_smem(self) -> int:
         per_cta = math.ceil(self.smem / SMEM_UNIT) * SMEM_UNIT + SMEM_RESERVED_PER_CTA
-        return SMEM_PER_SM // per_cta
+        return self.limits.smem // per_cta
 
     @property
     def ctas_per_sm(self) -> int:
-        return min(self.ctas_by_registers, self.ctas_by_smem, MAX_CTAS_PER_SM)
+        return min(self.ctas_by_registers, self.ctas_by_smem, self.limits.max_ctas)
 
     @property
     def loop_total(self) -> int:
@@ -159,10 +187,25 @@ def registers_allowing(ctas: int, threads: int) -> int:
     return min(MAX_REGISTERS, per_warp // 32)
 
 
+# The mma.sync expert kernel is held to 2 CTAs per SM: gpt-oss-20b's decode grids (180 CTAs at
+# one token) then run in one wave on the GPUs it serves (108 to 170 SMs), and 8 warps an SM keep
+# its cp.async pipeline's bytes in flight (benchmarks.kernels.kernel_cost's section on it). On an A100's
+# 164 KB of shared memory 4 CTAs would fit, which registers need not allow.
+MMA_TARGET_CTAS_PER_SM = 2
+
+
+# On sm_120 ptxas guards each TMA copy (Mosaic GPU copies with TMA from compute capability 9.0
+# on) with a call taken only when the copy's barrier lies in another CTA's shared memory (it
+# compares the address with the CTA's cluster rank; never so here): its 8-byte argument buffer is
+# the kernel's only stack, no spill.
+ALLOWED_STACK_FRAME = {"12.0": 8}
+
+
 def register_budget(report: KernelReport) -> int:
     if report.case.kernel == "flash":
         return FLASH_REGISTER_BUDGET
-    return registers_allowing(min(report.ctas_by_smem, TARGET_CTAS_PER_SM), report.launch.threads)
+    target = MMA_TARGET_CTAS_PER_SM if report.case.kernel == "moe_mma" else TARGET_CTAS_PER_SM
+    return registers_allowing(min(report.ctas_by_smem, target), report.launch.threads)
 
 
 def violations(report: KernelReport) -> list[str]:
@@ -170,7 +213,7 @@ def violations(report: KernelReport) -> list[str]:
     registers over :func:`register_budget`."""
     found = []
     p = report.ptxas
-    if p.spill_stores or p.spill_loads or p.stack_frame:
+    if p.spill_stores or p.spill_loads or p.stack_frame > ALLOWED_STACK_FRAME.get(report.case.arch, 0):
         found.append(f"spills {p.spill_stores} B stored / {p.spill_loads} B loaded, stack frame {p.stack_frame} B")
     found += [f"ptxas: {w}" for w in p.warnings]
     if report.registers > (budget := register_budget(report)):
@@ -193,18 +236,25 @@ def compile_kernels(cases: Sequence[Case], tools: Tools | None = None, jobs: int
     """
     tools = tools or install_tools()
     cases = list(cases)
-    jobs = max(1, min(jobs, len(cases)))
+    # The plugin keeps the first compute capability it is told for the rest of its process, so
+    # each worker compiles for one: the cases of each target, split over up to ``jobs`` workers.
+    chunks = []
+    for arch in dict.fromkeys(case.arch for case in cases):
+        mine = [i for i, case in enumerate(cases) if case.arch == arch]
+        ways = max(1, min(jobs, len(mine)))
+        chunks += [(arch, mine[j::ways]) for j in range(ways)]
     with tempfile.TemporaryDirectory(prefix="kernel-sass-") as scratch:
         scratch = Path(scratch)
-        workers = []
-        for j in range(jobs):
-            mine = list(range(j, len(cases), jobs))
+        running, worker_errors = [], []
+        for j, (arch, mine) in enumerate(chunks):
+            if len(running) >= max(1, jobs):
+                worker_errors.append(running.pop(0).communicate()[1])
             (scratch / f"cases-{j}.pickle").write_bytes(pickle.dumps([(i, cases[i]) for i in mine]))
             command = [sys.executable, "-m", "benchmarks.kernels.kernel_sass", "--worker", str(scratch / f"cases-{j}.pickle"),
                        str(scratch)]
-            workers.append(subprocess.Popen(command, cwd=REPOSITORY, env=tools.environment(),
+            running.append(subprocess.Popen(command, cwd=REPOSITORY, env=tools.environment() | {STAND_IN_CAPABILITY: arch},
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        worker_errors = [w.communicate()[1] for w in workers]
+        worker_errors += [w.communicate()[1] for w in running]
         reports, failures = [], []
         for i, case in enumerate(cases):
             output, error = scratch / f"{i}.out", scratch / f"{i}.error"
@@ -295,11 +345,11 @@ def loop_table(reports: Sequence[KernelReport]) -> str:
 
 
 def moe_byte_table(reports: Sequence[KernelReport]) -> str:
-    shown = ("int", "perm/logic", "half2", "ld.global", "ld.shared", "hgmma")
+    shown = ("int", "perm/logic", "half2", "ld.global", "ld.shared", "hgmma", "hmma")
     rows = ["| case | weight B/iteration | " + " | ".join(shown) + " | all | weight B/cycle/SM at issue limit |",
             "|---" * (len(shown) + 4) + "|"]
     for r in reports:
-        if r.case.kernel != "moe":
+        if r.case.kernel not in ("moe", "moe_mma"):
             continue
         cells = " | ".join(f"{r.per_weight_byte(n):.3f}" for n in shown)
         rows.append(f"| {r.case.name} | {r.case.weight_bytes_per_step()} | {cells} | {r.per_weight_byte():.3f} | "
@@ -314,7 +364,7 @@ def tables(reports: Sequence[KernelReport], loop_names: dict[str, str] | None = 
         + "\nThe main loop's instructions by class (one iteration, one warp):\n\n"
         + loop_table(reports)
         + ("\nThe expert matmul's main loop per packed weight byte (warp instructions x warps / bytes):\n\n"
-           + moe_byte_table(reports) if any(r.case.kernel == "moe" for r in reports) else "")
+           + moe_byte_table(reports) if any(r.case.kernel in ("moe", "moe_mma") for r in reports) else "")
     )
 
 
@@ -335,13 +385,15 @@ def main_loop_entries(case_names: Sequence[str], sass: Sequence[str]) -> tuple[d
     return names, entries
 
 
-def replace_section(text: str, section: str, title: str = SECTION_TITLE, before: str = "## ") -> str:
+def replace_section(text: str, section: str, title: str = SECTION_TITLE, before: str | None = "## ") -> str:
     """``text`` (RESULTS.md) with the section headed ``title`` (by default this tool's) replaced,
-    or added before the first heading starting with ``before`` (by default the first ``## ``)."""
+    or added before the first heading starting with ``before`` (by default the first ``## ``;
+    None: at the end)."""
     section = section.rstrip("\n") + "\n"
     start = text.find(title + "\n")
     if start < 0:
-        start = end = text.find("\n" + before) + 1 if "\n" + before in text else len(text)
+        found = before is not None and "\n" + before in text
+        start = end = text.find("\n" + before) + 1 if found else len(text)
         if start == len(text) and not text.endswith("\n\n"):
             section = "\n" + section
     else:
@@ -357,28 +409,50 @@ def shown_path(path: Path) -> Path:
 
 def write_results(reports: Sequence[KernelReport], tools: Tools, results_md: Path = RESULTS_MD,
                   main_loops: Path = MAIN_LOOPS) -> None:
-    """Replace this tool's section of RESULTS.md and the main loops' counts in ``main_loops``."""
+    """Replace this tool's sections of RESULTS.md (the Hopper kernels', the ``mma.sync`` kernel's:
+    those of which ``reports`` holds cases) and their entries of ``main_loops``."""
     import jax
 
     from benchmarks.gpu.e2e import git_commit
 
-    loop_names, entries = main_loop_entries([r.case.name for r in reports], [r.sass for r in reports])
+    commit = git_commit()
+    text = results_md.read_text()
+    entries = json.loads(main_loops.read_text()) if main_loops.exists() else {}
+    for title, group, mma in ((SECTION_TITLE, [r for r in reports if r.case.kernel != "moe_mma"], False),
+                              (MMA_SECTION_TITLE, [r for r in reports if r.case.kernel == "moe_mma"], True)):
+        if not group:
+            continue
+        loop_names, group_entries = main_loop_entries([r.case.name for r in group], [r.sass for r in group])
+        entries = {name: counts for name, counts in entries.items() if name.startswith(MMA_LOOP_PREFIX) != mma}
+        entries.update(group_entries)
+        introduction = MMA_INTRODUCTION if mma else HOPPER_INTRODUCTION.format(target=TARGET)
+        section = (
+            f"{title}\n\n"
+            f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernels.kernel_sass --write`"
+            f"{' (or `--only moe-mma --write`)' if mma else ''} {introduction} with "
+            f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {commit}. "
+            f"Each main loop's instructions, counted by mnemonic, are in `{shown_path(main_loops)}` "
+            "(column main loop; cases whose loops differ only in operands, such as the expert count, share one); "
+            "`--sass DIR` writes the whole SASS of each kernel. The tool's docstring says "
+            "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
+            + tables(group, loop_names)
+        )
+        # The mma.sync kernel's section goes at the end (RESULTS.md's sections are added there).
+        text = replace_section(text, section, title, before="## " if not mma else None)
     main_loops.write_text(json.dumps(entries, indent=1) + "\n")
-    section = (
-        f"{SECTION_TITLE}\n\n"
-        f"Compiled on the CPU (no GPU) by `python -m benchmarks.kernels.kernel_sass --write` for `{TARGET}` with "
-        f"jax {jax.__version__}, {TOOL_PINS[0]} and {tools.ptxas_version}, at commit {git_commit()}; "
-        "each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 routing). "
-        "After gpt-oss's own shapes come one device's on each mesh of `benchmarks/kernels/sharded_kernels.py` (the "
-        "Multiple GPUs table of `docs/multi-gpu.md`) that one GPU does not have: `E<n>`, n experts per device (a "
-        "device gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per "
-        f"device. Each main loop's instructions, counted by mnemonic, are in `{shown_path(main_loops)}` "
-        "(column main loop; cases whose loops differ only in operands, such as the expert count, share one); "
-        "`--sass DIR` writes the whole SASS of each kernel. The tool's docstring says "
-        "what each column counts, and the check (`--check`, in CI) what the budget is.\n\n"
-        + tables(reports, loop_names)
-    )
-    results_md.write_text(replace_section(results_md.read_text(), section))
+    results_md.write_text(text)
+
+
+HOPPER_INTRODUCTION = (
+    "for `{target}`; each kernel in its default config, the MoE kernel at `tokens` tokens (4 rows each, top-4 "
+    "routing). After gpt-oss's own shapes come one device's on each mesh of `benchmarks/kernels/sharded_kernels.py` "
+    "(the Multiple GPUs table of `docs/multi-gpu.md`) that one GPU does not have: `E<n>`, n experts per device (a "
+    "device gets every token of its data shard); `heads=q/kv`, query / KV heads per device; `batch`, rows per device")
+MMA_INTRODUCTION = (
+    "for each target the case names (sm_80: A100; sm_89: RTX 4090, L4; sm_120: RTX 5090; the stand-in driver "
+    "answering that compute capability), the `mma.sync` expert kernel (`pallas_kernels/mxfp4_moe_mma.py`) in "
+    "its default config at gpt-oss-20b's decode shapes, `tokens` tokens (4 rows each, top-4 routing); CTAs/SM "
+    "by each target's own limits")
 
 
 def write_sass(reports: Sequence[KernelReport], directory: Path) -> None:
@@ -390,9 +464,12 @@ def write_sass(reports: Sequence[KernelReport], directory: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=["moe", "flash", "decode"], default=["moe", "flash", "decode"])
+    kernels = ["moe", "flash", "decode", "moe-mma"]
+    parser.add_argument("--only", nargs="+", choices=kernels, default=kernels,
+                        help="these kernels only (moe-mma: the mma.sync expert kernel, for sm_80, sm_89 and sm_120)")
     parser.add_argument("--write", action="store_true",
-                        help="write RESULTS.md's section and benchmarks/kernels/main_loops.json")
+                        help="write RESULTS.md's sections of the kernels compiled and their entries of "
+                             "benchmarks/kernels/main_loops.json")
     parser.add_argument("--sass", type=Path, metavar="DIR", help="write each kernel's whole SASS to DIR")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a kernel spills, draws a ptxas warning or exceeds its register budget")
@@ -405,9 +482,12 @@ def main(argv: Sequence[str] | None = None) -> list[KernelReport]:
         _compile_in_worker(*args.worker)
         return []
     tools = install_tools(args.tools, args.ptxas)
-    cases = gpt_oss_cases(kernels=args.only) + shard_cases(args.only) + variant_cases(args.only)
+    hopper = [kernel for kernel in args.only if kernel != "moe-mma"]
+    cases = gpt_oss_cases(kernels=hopper) + shard_cases(hopper) + variant_cases(hopper)
+    cases += mma_cases() if "moe-mma" in args.only else []
     reports = compile_kernels(cases, tools, jobs=args.jobs)
-    print(f"{tools.ptxas_version}, {TARGET}\n")
+    targets = sorted({sm_name(case.arch) for case in cases})
+    print(f"{tools.ptxas_version}, {', '.join(targets)}\n")
     print(tables(reports))
     refused = [v for r in reports for v in violations(r)]
     print("\n".join(refused) or f"{len(reports)} kernels: no spills, no ptxas warnings, registers within budget")

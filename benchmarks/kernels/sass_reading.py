@@ -2,8 +2,8 @@
 and nvdisasm's SASS, down to the instructions of the kernel's main loop counted by class.
 
 *The main loop* is the kernel's pipeline loop: of the outermost loops of the SASS (back edges,
-branches to a block that dominates them, not inside another such loop) those that issue HGMMA,
-and of several (the MoE kernel's two pipelines, with its scales folded and not) the shortest,
+branches to a block that dominates them, not inside another such loop) those that issue HGMMA (or
+``mma.sync``'s HMMA), and of several (the MoE kernel's two pipelines, with its scales folded and not) the shortest,
 which a call whose scales fold (all of gpt-oss's) runs; the widest loop of a kernel without
 HGMMA. Its instructions are those between the loop's head and its back edge, each counted once
 (one warp, one iteration); code placed out of line, such as the retries of a barrier wait, is
@@ -33,9 +33,10 @@ INSTRUCTION_CLASSES: dict[str, frozenset[str]] = {
     "fp32": frozenset({"FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSET", "MUFU", "FCHK",
                        "FSWZADD", "FRND"}),
     "convert": frozenset({"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP"}),
-    "ld.global": frozenset({"LDG", "LD"}),
+    "ld.global": frozenset({"LDG", "LD", "LDGSTS"}),  # LDGSTS: cp.async, global to shared
     "ld.shared": frozenset({"LDS", "LDSM"}),
     "hgmma": frozenset({"HGMMA"}),
+    "hmma": frozenset({"HMMA"}),  # mma.sync
     "barrier": frozenset({"BAR", "SYNCS", "WARPGROUP", "MEMBAR", "FENCE", "DEPBAR", "ERRBAR", "WARPSYNC"}),
 }
 UNIFORM, OTHER = "uniform", "other"
@@ -151,7 +152,7 @@ def main_loop(sass: str) -> list[str]:
     if not loops:
         raise CompileError("the SASS has no loop")
     bodies = [[text for _, text in instructions[first : last + 1]] for first, last in loops]
-    pipelines = [body for body in bodies if any(opcode(text) == "HGMMA" for text in body)]
+    pipelines = [body for body in bodies if any(opcode(text) in ("HGMMA", "HMMA") for text in body)]
     if pipelines:
         return min(pipelines, key=len)
     return max(bodies, key=len)

@@ -5,7 +5,9 @@ Installed once with pip (``--no-deps --target``, about 500 MB) under a folder of
 the PJRT plugin of the device image's jax-cuda13 0.11.2 (whose ``MosaicGpuCompile`` takes a
 kernel through PTX and ptxas), CUDA 13.0's ptxas and nvlink and an nvdisasm. The stand-in
 ``libcuda.so.1`` (``stand_in_libcuda.c``, built here with the machine's C compiler) answers the
-plugin's questions about the device as a Hopper GPU would and refuses to load a module.
+plugin's questions about the device as a GPU of the compute capability in
+``$GPTOSS_STAND_IN_COMPUTE_CAPABILITY`` would (a Hopper GPU's 9.0 by default) and refuses to load
+a module.
 """
 
 from __future__ import annotations

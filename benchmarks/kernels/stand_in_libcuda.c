@@ -2,9 +2,12 @@
 
    benchmarks/kernels/kernel_sass.py builds it with the machine's C compiler and puts it first on
    LD_LIBRARY_PATH. MosaicGpuCompile asks the driver for the device's compute capability before
-   it runs ptxas; these answers describe one sm_90 device (an H100/H200). Loading a module fails,
-   so nothing compiled is ever run. */
+   it runs ptxas, and compiles for it; these answers describe one device of the compute capability
+   in $GPTOSS_STAND_IN_COMPUTE_CAPABILITY ("8.9": an RTX 4090 or L4; read at every question), by
+   default 9.0 (an H100/H200). Loading a module fails, so nothing compiled is ever run. */
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef int CUresult;
@@ -18,13 +21,27 @@ CUresult cuDeviceGet(int *device, int ordinal) { *device = 0; return CUDA_SUCCES
 CUresult cuCtxGetCurrent(void **context) { *context = (void *)1; return CUDA_SUCCESS; }
 CUresult cuCtxGetDevice(int *device) { *device = 0; return CUDA_SUCCESS; }
 
+static void compute_capability(int *major, int *minor) {
+  const char *asked = getenv("GPTOSS_STAND_IN_COMPUTE_CAPABILITY");
+  *major = 9;
+  *minor = 0;
+  if (asked != NULL && sscanf(asked, "%d.%d", major, minor) != 2) {
+    *major = 9;
+    *minor = 0;
+  }
+}
+
 CUresult cuDeviceGetAttribute(int *value, int attribute, int device) {
-  *value = attribute == COMPUTE_CAPABILITY_MAJOR ? 9 : 0;
+  int major, minor;
+  compute_capability(&major, &minor);
+  *value = attribute == COMPUTE_CAPABILITY_MAJOR ? major : attribute == COMPUTE_CAPABILITY_MINOR ? minor : 0;
   return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetName(char *name, int length, int device) {
-  strncpy(name, "stand-in sm_90", length);
+  int major, minor;
+  compute_capability(&major, &minor);
+  snprintf(name, length, "stand-in sm_%d%d", major, minor);
   return CUDA_SUCCESS;
 }
 

@@ -36,9 +36,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernels", choices=("auto", "pallas", "xla"), default="auto",
         help="pallas: the Pallas Mosaic-GPU kernels for attention and the MXFP4 experts wherever the "
              "model's shapes fit them (gpt-oss's always do; the status line says which run), the plain-XLA "
-             "reference elsewhere; needs an NVIDIA Hopper GPU (sm_90). xla: the XLA reference "
-             "everywhere. auto: pallas on a Hopper GPU, else xla; the GPTOSS_JAX_KERNELS environment "
-             "variable overrides auto (default: auto)")
+             "reference elsewhere; on an NVIDIA Hopper GPU (sm_90) all of them, on Ampere, Ada and Blackwell "
+             "GPUs (sm_80, sm_86, sm_89, sm_100, sm_120) the expert kernel (mma.sync), attention on XLA. xla: "
+             "the XLA reference everywhere. auto: pallas on those GPUs, else xla; the GPTOSS_JAX_KERNELS "
+             "environment variable overrides auto (default: auto)")
     parser.add_argument(
         "--decode-experts", action="store_true",
         help="keep a bfloat16 copy of the expert weights beside the packed MXFP4 ones, which the XLA path "
