@@ -10,8 +10,14 @@ of those positions once the slot has just computed the block's last token:
   ``block_tokens`` is a multiple of the window). That is exactly the ring a prefix ending at the
   block's end needs, and all of it: no later query sees further back.
 
-So restoring a prefix of ``p`` tokens (``p`` a block end, or one less) into a slot's contiguous
-rows copies its blocks' full-layer entries and its last block's rings, and marks every other
+A finished request's slot holds its prompt and its generated tokens but the last, with its rings
+at that end ``q``: its blocks go to the pool too (those whose rings moved on during decoding as
+*interior* blocks, never the last of a restored prefix), and ``[last block end, q)`` as a *tail*
+(see :class:`PrefixIndex`) whose rings are those at ``q``.
+
+So restoring a prefix of ``p`` tokens (``p`` a block end, or one less, or a tail's end) into a
+slot's contiguous rows copies its blocks' full-layer entries and its last block's (or tail's)
+rings, and marks every other
 position empty: the slot then holds what a prefill of those ``p`` tokens would have left, no
 kernel change needed. (At a block end less one, the ring entry of position ``p - window`` is
 left empty: no query at ``p`` or later sees it, and the write of position ``p`` takes its slot.) Per hit that reads and writes ``p`` positions of each full layer plus one

@@ -9,7 +9,7 @@ never by its whole prefill.
 
 A prompt is computed once (:mod:`gptoss_jax.engine.prefix_cache`): a new prompt restores its
 longest cached prefix from the pool of blocks (prompts' blocks are kept there as their chunks
-complete them); one equal to a prompt being prefilled waits for it and copies its slot; one whose
+complete them, and a finished request's prompt and reply when it ends); one equal to a prompt being prefilled waits for it and copies its slot; one whose
 next block another slot is computing waits for that block.
 
 Bursts are short (``burst_steps_busy``) while requests wait for a slot or are being prefilled,
