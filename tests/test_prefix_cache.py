@@ -75,11 +75,15 @@ def _agent_loop(engine: Engine, params: SamplingParams, rounds: int = 5, seed: i
     rng = np.random.default_rng(seed)
     prompt = _tokens(rng, 37)
     outcomes = []
-    for _ in range(rounds):
+    for tool in _tool_result_sizes(seed, rounds):
         result = engine.submit(prompt, params).result(timeout=120)
         outcomes.append((result.tokens, [entry.logprob for entry in result.logprobs], result.cached_tokens))
-        prompt = prompt + result.tokens + _tokens(rng, int(rng.integers(5, 30)))
+        prompt = prompt + result.tokens + _tokens(rng, tool)
     return outcomes
+
+
+def _tool_result_sizes(seed: int, rounds: int = 5) -> list[int]:
+    return np.random.default_rng(seed + 1000).integers(5, 30, rounds).tolist()
 
 
 def _same_outputs(got, expected) -> None:
@@ -96,9 +100,29 @@ def test_an_agent_loop_gets_its_uncached_tokens_and_hits_its_earlier_rounds(cach
     got = _agent_loop(cached, SETTINGS[settings], seed=seed)
     _same_outputs(got, expected)
     assert got[0][2] == 0 and all(cached_tokens == 0 for *_, cached_tokens in expected)
-    # Round k resends round k-1's prompt: its whole blocks are hit.
-    for earlier, (tokens, _, cached_tokens) in zip(expected, got[1:]):
-        assert cached_tokens >= 37 // BLOCK * BLOCK and cached_tokens % BLOCK == 0
+    # Round k resends round k-1's prompt and reply: all of its cache is hit, its prompt and its
+    # reply but the last token (sampled, never fed through the model).
+    prompt = 37
+    for (tokens, _, _), (_, _, cached_tokens), tool in zip(got, got[1:], _tool_result_sizes(seed)):
+        assert cached_tokens == prompt + len(tokens) - 1
+        prompt += len(tokens) + tool
+
+
+def test_a_reply_ending_at_its_first_token_keeps_its_prompt_for_the_next_round(cached, uncached):
+    """A stop token as the first token: the finished row holds exactly its prompt, kept as a tail."""
+    rng = np.random.default_rng(17)
+    prompt = _tokens(rng, 2 * BLOCK + 7)
+    stop = uncached.submit(prompt, SETTINGS["greedy"]).result(60).tokens[0]
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop], logprobs=True)
+    first = cached.submit(prompt, params).result(60)
+    assert first.tokens == [stop] and first.finish_reason == "stop"
+    following = prompt + [stop] + _tokens(rng, 6)
+    result = cached.submit(following, params).result(60)
+    assert result.cached_tokens == len(prompt)
+    expected = uncached.submit(following, params).result(60)
+    assert result.tokens == expected.tokens
+    np.testing.assert_allclose([e.logprob for e in result.logprobs], [e.logprob for e in expected.logprobs],
+                               rtol=0, atol=1e-6)
 
 
 def test_prompts_sharing_part_of_a_block_hit_only_the_whole_blocks(cached, uncached):
@@ -197,12 +221,15 @@ def test_prompts_admitted_together_are_prefilled_in_few_calls(model, monkeypatch
     assert calls == [(8, 16)]
 
 
-@pytest.mark.parametrize("length", [2 * BLOCK, 2 * BLOCK - 1, 3 * BLOCK, 3 * BLOCK - 1])
-def test_a_restored_prefix_is_the_cache_a_prefill_to_its_length_leaves(model, length):
+@pytest.mark.parametrize(("length", "ring_end"), [(2 * BLOCK, 2 * BLOCK), (2 * BLOCK - 1, 2 * BLOCK),
+                                                  (3 * BLOCK, 3 * BLOCK), (3 * BLOCK - 1, 3 * BLOCK),
+                                                  (2 * BLOCK + 5, 2 * BLOCK + 5), (BLOCK + 11, BLOCK + 11), (3, 3)])
+def test_a_restored_prefix_is_the_cache_a_prefill_to_its_length_leaves(model, length, ring_end):
     """Every layer, every slot: the positions held exactly as a prefill to ``length`` leaves them, the
     rings' included (a ring restored one position off fails), and the keys and values computed for
     them. The one ring entry no later query sees (position ``length - window``, there when ``length``
-    is a block end less one) may be empty: the next token's write takes its slot."""
+    is a block end less one) may be empty: the next token's write takes its slot. A ``ring_end`` off
+    a block end is a tail's (saved where slot 0's cache ends), the window larger than 3 included."""
     config = model.config
     graphdef, state = nnx.split(model)
     prompt = np.asarray(_tokens(np.random.default_rng(16), 3 * BLOCK + 5), np.int32)
@@ -217,15 +244,17 @@ def test_a_restored_prefix_is_the_cache_a_prefill_to_its_length_leaves(model, le
 
     # Slot 0 computes the blocks and keeps them in a pool; slot 1 computes exactly `length` tokens.
     pool = prefix_cache.create_pool(config, 4, BLOCK, jnp.float32)
-    for block in range(3):
-        cache = run(cache, 0, block * BLOCK, (block + 1) * BLOCK, first=block == 0)
+    ends = [(block + 1) * BLOCK for block in range(3 if ring_end % BLOCK == 0 else ring_end // BLOCK)]
+    for block, end in enumerate(ends + ([ring_end] if ring_end % BLOCK else [])):  # the tail's saved at ring_end
+        cache = run(cache, 0, block * BLOCK, end, first=block == 0)
         pool = prefix_cache.save_blocks(cache, pool, jnp.asarray([0]), jnp.asarray([block * BLOCK]),
                                         jnp.asarray([3 - block]))  # blocks out of order in the pool
     reference = run(cache, 1, 0, length, first=True)
-    restored = prefix_cache.restore_prefix(cache, pool, jnp.int32(1), jnp.asarray([3, 2, 1, 0]), jnp.int32(length))
+    restored = prefix_cache.restore_prefix(cache, pool, jnp.int32(1), jnp.asarray([3, 2, 1, 0]), jnp.int32(length),
+                                           jnp.int32(ring_end))
     for layer, (got, expected) in enumerate(zip(restored.layers, reference.layers)):
         positions, got_positions = np.asarray(expected.positions[1]), np.asarray(got.positions[1])
-        if config.is_sliding(layer):  # the ring's entry at length - window is in no later query's window
+        if config.is_sliding(layer) and length < ring_end:  # length - window: in no later query's window
             unseen = length - config.sliding_window
             positions, got_positions = (np.where(held == unseen, EMPTY_SLOT, held) for held in (positions, got_positions))
         np.testing.assert_array_equal(got_positions, positions, err_msg=f"layer {layer}")
@@ -242,7 +271,7 @@ def test_the_copies_lower_for_cuda_at_gpt_oss_shapes():
     cache = jax.eval_shape(lambda: KVCache.create(config, 64, 4096))
     pool = jax.eval_shape(lambda: prefix_cache.create_pool(config, 256, 128, jnp.bfloat16))
     scalar, rows = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((8,), jnp.int32)
-    for function, arguments in ((prefix_cache.restore_prefix, (cache, pool, scalar, rows, scalar)),
+    for function, arguments in ((prefix_cache.restore_prefix, (cache, pool, scalar, rows, scalar, scalar)),
                                 (prefix_cache.save_blocks, (cache, pool, rows, rows, rows)),
                                 (prefix_cache.copy_rows, (cache, rows, rows))):
         exported = jax.export.export(jax.jit(function), platforms=["cuda"])(*arguments)

@@ -10,8 +10,14 @@ of those positions once the slot has just computed the block's last token:
   ``block_tokens`` is a multiple of the window). That is exactly the ring a prefix ending at the
   block's end needs, and all of it: no later query sees further back.
 
-So restoring a prefix of ``p`` tokens (``p`` a block end, or one less) into a slot's contiguous
-rows copies its blocks' full-layer entries and its last block's rings, and marks every other
+A finished request's slot holds its prompt and its generated tokens but the last, with its rings
+at that end ``q``: its blocks go to the pool too (those whose rings moved on during decoding as
+*interior* blocks, never the last of a restored prefix), and ``[last block end, q)`` as a *tail*
+(see :class:`PrefixIndex`) whose rings are those at ``q``.
+
+So restoring a prefix of ``p`` tokens (``p`` a block end, or one less, or a tail's end) into a
+slot's contiguous rows copies its blocks' full-layer entries and its last block's (or tail's)
+rings, and marks every other
 position empty: the slot then holds what a prefill of those ``p`` tokens would have left, no
 kernel change needed. (At a block end less one, the ring entry of position ``p - window`` is
 left empty: no query at ``p`` or later sees it, and the write of position ``p`` takes its slot.) Per hit that reads and writes ``p`` positions of each full layer plus one
@@ -87,23 +93,27 @@ def _sliding(cache: KVCache, layer: LayerCache) -> bool:
 
 
 def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: jax.Array,
-                   length: jax.Array) -> KVCache:
+                   length: jax.Array, ring_end: jax.Array) -> KVCache:
     """Put the first ``length`` positions of a prefix into slot ``slot``; every other position is emptied.
 
     Args:
       slot: int32 scalar.
       block_ids: int32 ``[blocks]``: the prefix's pool blocks in order, padded with any id (a
         bucket of block counts).
-      length: int32 scalar (traced): a block end or one less.
+      length: int32 scalar (traced): the positions restored.
+      ring_end: int32 scalar (traced): where the sliding rings of the block holding position
+        ``ring_end - 1`` end: a block end (``length`` is that or one less) or a tail's end
+        (``length`` equals it).
     """
     layers = []
     for layer, (pool_keys, pool_values) in zip(cache.layers, pool.layers):
         if _sliding(cache, layer):
             block_tokens = next(keys.shape[1] for (keys, _), full in zip(pool.layers, cache.layers)
                                 if not _sliding(cache, full))
-            last = (length - 1) // block_tokens
-            held = (last + 1) * block_tokens - layer.slots + jnp.arange(layer.slots)  # the ring at the block's end
-            keys, values = pool_keys[block_ids[last]], pool_values[block_ids[last]]
+            # Ring slot r holds the position congruent to r below ring_end (negative: none yet).
+            held = ring_end - 1 - (ring_end - 1 - jnp.arange(layer.slots)) % layer.slots
+            ring_block = block_ids[(ring_end - 1) // block_tokens]
+            keys, values = pool_keys[ring_block], pool_values[ring_block]
         else:
             held = jnp.arange(layer.slots)
             keys = pool_keys[block_ids].reshape(-1, *pool_keys.shape[2:])
@@ -112,18 +122,20 @@ def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: 
         layers.append(LayerCache(jax.lax.dynamic_update_slice(layer.keys, keys[None].astype(layer.keys.dtype), start),
                                  jax.lax.dynamic_update_slice(layer.values, values[None].astype(layer.values.dtype),
                                                               start),
-                                 layer.positions.at[slot].set(jnp.where(held < length, held, EMPTY_SLOT))))
+                                 layer.positions.at[slot].set(jnp.where((held >= 0) & (held < length), held,
+                                                                        EMPTY_SLOT))))
     return KVCache(tuple(layers))
 
 
 def save_blocks(cache: KVCache, pool: BlockPool, slots: jax.Array, starts: jax.Array,
                 block_ids: jax.Array) -> BlockPool:
-    """Copy each row's block that ends where its slot's cache ends into the pool.
+    """Copy each row's block (its full layers' positions from ``start``, its rings as they are) into the pool.
 
     Args:
-      slots, starts, block_ids: int32 ``[rows]``: the slot, the block's first position (the slot
-        has just computed the block's last token, so its rings hold the block's end) and the pool
-        block to write; a block id past the pool's last is padding (dropped).
+      slots, starts, block_ids: int32 ``[rows]``: the slot, the block's first position and the
+        pool block to write; a block id past the pool's last is padding (dropped). The rings are
+        the block's only where the slot's cache ends at the block's end (a block just prefilled,
+        or a tail); an interior block's are not, and the index never restores them.
     """
     layers = []
     for layer, (pool_keys, pool_values) in zip(cache.layers, pool.layers):
@@ -147,18 +159,39 @@ def copy_rows(cache: KVCache, sources: jax.Array, targets: jax.Array) -> KVCache
 
 # --- the index (host) ------------------------------------------------------------------------------
 
+def _digest(parent: bytes, tokens: np.ndarray, kind: bytes = b"") -> bytes:
+    return hashlib.blake2b(parent + kind + tokens.astype(np.int32).tobytes(), digest_size=16).digest()
+
+
 def block_digests(tokens: np.ndarray, block_tokens: int) -> list[bytes]:
     """The hash chain of a sequence's whole blocks: digest i covers tokens ``[0, (i + 1) * block_tokens)``."""
     digests, parent = [], b""
     for start in range(0, tokens.size - block_tokens + 1, block_tokens):
-        parent = hashlib.blake2b(parent + tokens[start:start + block_tokens].astype(np.int32).tobytes(),
-                                 digest_size=16).digest()
+        parent = _digest(parent, tokens[start:start + block_tokens])
         digests.append(parent)
     return digests
 
 
+class Hit(NamedTuple):
+    """A cached prefix: ``blocks`` (pool ids, in order) restore ``length`` positions, rings ending at ``ring_end``."""
+
+    blocks: list[int]
+    length: int
+    ring_end: int
+
+
 class PrefixIndex:
     """Which pool block holds which chain digest; least recently used eviction; pins.
+
+    Three kinds of entries share the pool and its LRU order:
+
+    * a block computed by a prefill chunk ending at its end: all its layers are valid;
+    * an interior block, saved from a finished request's cache (where the rings had moved on):
+      only its full layers are valid, so a restored prefix never ends on one;
+    * a tail, saved from a finished request's cache of ``q`` positions: the full layers of
+      ``[b, q)`` (``b`` the last block end at or before ``q``) and the rings at ``q``. It is keyed
+      by its parent block's digest (``b""`` at 0) and its tokens, and a prefix may end on it when
+      the new prompt continues with all its tokens.
 
     Not thread-safe: the engine's thread owns it (the server reads its counters only).
     """
@@ -168,6 +201,9 @@ class PrefixIndex:
         self._blocks: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # oldest use first
         self._free = list(range(blocks - 1, -1, -1))
         self._pins: collections.Counter[int] = collections.Counter()
+        self._interior: set[bytes] = set()
+        self._tails: dict[bytes, dict[bytes, np.ndarray]] = collections.defaultdict(dict)  # parent -> tail -> tokens
+        self._tail_parents: dict[bytes, bytes] = {}
         self.query_tokens = 0
         """Prompt tokens looked up (every admitted prompt's length)."""
         self.hit_tokens = 0
@@ -181,16 +217,43 @@ class PrefixIndex:
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._blocks
 
-    def longest_prefix(self, digests: Sequence[bytes]) -> list[int]:
-        """The pool ids of the longest run of ``digests`` cached from the first; marks them used."""
-        found = []
+    def blocks(self, digests: Sequence[bytes]) -> list[int]:
+        """The pool ids of those of ``digests`` cached."""
+        return [self._blocks[digest] for digest in digests if digest in self._blocks]
+
+    def complete(self, digest: bytes) -> bool:
+        """Whether ``digest``'s block is cached with its rings (not an interior block)."""
+        return digest in self._blocks and digest not in self._interior
+
+    def longest_prefix(self, digests: Sequence[bytes], prompt: np.ndarray, block_tokens: int) -> Hit | None:
+        """The longest cached prefix of ``prompt`` (``digests``: its block chain) leaving a token to compute.
+
+        It ends on a complete block, or on a tail whose tokens all follow in ``prompt``. Marks its
+        entries used; None: nothing cached.
+        """
+        chain = []
         for digest in digests:
-            block = self._blocks.get(digest)
-            if block is None:
+            if digest not in self._blocks:
                 break
-            found.append(block)
-        self.touch(digests[:len(found)])
-        return found
+            chain.append(digest)
+        for count in range(len(chain), -1, -1):
+            end = count * block_tokens
+            parent = chain[count - 1] if count else b""
+            rest = prompt[end:]
+            tail = max(((digest, tokens.size) for digest, tokens in self._tails.get(parent, {}).items()
+                        if tokens.size < rest.size and np.array_equal(rest[:tokens.size], tokens)),
+                       key=lambda found: found[1], default=None)
+            if tail is not None:
+                used = chain[:count] + [tail[0]]
+                hit = Hit([self._blocks[digest] for digest in used], end + tail[1], end + tail[1])
+            elif count and self.complete(parent):
+                used = chain[:count]
+                hit = Hit([self._blocks[digest] for digest in used], min(end, prompt.size - 1), end)
+            else:
+                continue
+            self.touch(used)
+            return hit
+        return None
 
     def touch(self, digests: Sequence[bytes]) -> None:
         """Mark a chain's cached blocks used, its head last: a chain is evicted from its tail."""
@@ -205,11 +268,15 @@ class PrefixIndex:
         self._pins.subtract(blocks)
         self._pins += collections.Counter()  # drop the zeros
 
-    def allocate(self, digest: bytes) -> int | None:
+    def allocate(self, digest: bytes, interior: bool = False) -> int | None:
         """A pool block for ``digest`` (the least recently used unpinned one if none is free), now indexed.
 
-        None when every block is pinned.
+        An interior block's digest allocated again as a complete block keeps its pool block (to be
+        written again). None when every block is pinned.
         """
+        if digest in self._blocks:
+            self._interior.discard(digest)
+            return self._blocks[digest]
         if self._free:
             block = self._free.pop()
         else:
@@ -217,5 +284,25 @@ class PrefixIndex:
             if victim is None:
                 return None
             block = self._blocks.pop(victim)
+            self._interior.discard(victim)
+            if victim in self._tail_parents:
+                parent = self._tail_parents.pop(victim)
+                del self._tails[parent][victim]
+                if not self._tails[parent]:
+                    del self._tails[parent]
         self._blocks[digest] = block
+        if interior:
+            self._interior.add(digest)
+        return block
+
+    def allocate_tail(self, parent: bytes, tokens: np.ndarray) -> int | None:
+        """A pool block for the tail ``tokens`` after ``parent``'s block; None if cached already or all pinned."""
+        digest = _digest(parent, tokens, b"tail")
+        if digest in self._blocks:
+            self.touch([digest])
+            return None
+        block = self.allocate(digest)
+        if block is not None:
+            self._tails[parent][digest] = tokens.copy()
+            self._tail_parents[digest] = parent
         return block

@@ -9,7 +9,7 @@ never by its whole prefill.
 
 A prompt is computed once (:mod:`gptoss_jax.engine.prefix_cache`): a new prompt restores its
 longest cached prefix from the pool of blocks (prompts' blocks are kept there as their chunks
-complete them); one equal to a prompt being prefilled waits for it and copies its slot; one whose
+complete them, and a finished request's prompt and reply when it ends); one equal to a prompt being prefilled waits for it and copies its slot; one whose
 next block another slot is computing waits for that block.
 
 Bursts are short (``burst_steps_busy``) while requests wait for a slot or are being prefilled,
@@ -326,14 +326,14 @@ class Engine:
             if self.prefix_index is not None and not slot.digests:  # also a follower's: it may lose its leader
                 slot.digests = prefix_cache.block_digests(prompt, self.prefix_block)
             if leader is None and self.prefix_index is not None:
-                blocks = self.prefix_index.longest_prefix(slot.digests)
-                if len(blocks) < len(slot.digests) and slot.digests[len(blocks)] in computing:
+                hit = self.prefix_index.longest_prefix(slot.digests, prompt, self.prefix_block)
+                whole = 0 if hit is None else hit.ring_end // self.prefix_block
+                if whole < len(slot.digests) and slot.digests[whole] in computing:
                     continue
-                if blocks:
-                    length = min(len(blocks) * self.prefix_block, prompt.size - 1)  # a token left for the logits
-                    self._restore_prefix(index, blocks, length)
-                    slot.prefilled = length
-                    self._record_cached(index, length)
+                if hit is not None:
+                    self._restore_prefix(index, hit)
+                    slot.prefilled = hit.length
+                    self._record_cached(index, hit.length)
             slot.started, slot.leader = True, leader
             self.prompt_tokens += prompt.size
             computing.update(slot.digests[slot.prefilled // self.prefix_block:])
@@ -342,13 +342,14 @@ class Engine:
         self._slots[index].handle.cached_tokens = tokens
         self.cached_prompt_tokens += tokens
 
-    def _restore_prefix(self, index: int, blocks: list[int], length: int) -> None:
+    def _restore_prefix(self, index: int, hit: prefix_cache.Hit) -> None:
         most = self.max_context // self.prefix_block
-        padded = np.zeros(min(most, _power_of_two_at_least(len(blocks), 1)), np.int32)
-        padded[:len(blocks)] = blocks
-        self.prefix_index.pin(blocks)  # the index never hands a pinned block to a save
-        self._cache = self._restore(self._cache, self._pool, jnp.int32(index), jnp.asarray(padded), jnp.int32(length))
-        self.prefix_index.unpin(blocks)
+        padded = np.zeros(min(most, _power_of_two_at_least(len(hit.blocks), 1)), np.int32)
+        padded[:len(hit.blocks)] = hit.blocks
+        self.prefix_index.pin(hit.blocks)  # the index never hands a pinned block to a save
+        self._cache = self._restore(self._cache, self._pool, jnp.int32(index), jnp.asarray(padded),
+                                    jnp.int32(hit.length), jnp.int32(hit.ring_end))
+        self.prefix_index.unpin(hit.blocks)
 
     def _set_settings(self, index: int, params: SamplingParams) -> None:
         self._temperature[index] = params.temperature
@@ -366,6 +367,8 @@ class Engine:
 
     def _release(self, index: int, reason: str) -> None:
         released = self._slots[index]
+        if reason != "cancelled" and released.decoding:
+            self._save_finished(index)
         self._rows.active[index] = False
         self._steering[index] = None
         for slot in self._slots:
@@ -424,11 +427,53 @@ class Engine:
             if chunk.end % self.prefix_block or block < 0:
                 continue
             digests = self._slots[chunk.slot].digests
-            if digests[block] not in self.prefix_index:
-                pool_block = self.prefix_index.allocate(digests[block])
-                if pool_block is not None:
-                    saves.append((chunk.slot, block * self.prefix_block, pool_block))
+            if not self.prefix_index.complete(digests[block]):
+                self._claim(saves, chunk.slot, block * self.prefix_block, self.prefix_index.allocate(digests[block]))
             self.prefix_index.touch(digests[:block + 1])
+        self._write_pool(saves)
+
+    def _save_finished(self, index: int) -> None:
+        """Keep what a finished request's cache row holds: its prompt and all but its last generated token.
+
+        The row holds positions ``[0, q)`` with its rings at ``q``: the blocks not cached yet go to
+        the pool as interior blocks (complete if one ends at ``q``), ``[last block end, q)`` as a
+        tail, so the next round of a conversation, which repeats the reply, restores it.
+        """
+        if self.prefix_index is None:
+            return
+        handle = self._slots[index].handle
+        q = int(self._rows.positions[index])
+        generated = [token for delta in handle._deltas for token in delta.tokens]
+        tokens = np.concatenate([handle.prompt, np.asarray(generated[:q - handle.prompt.size], np.int32)])
+        digests = prefix_cache.block_digests(tokens, self.prefix_block)
+        self.prefix_index.touch(digests)
+        chain = self.prefix_index.blocks(digests)
+        self.prefix_index.pin(chain)  # its own blocks are not evicted for its tail
+        saves = []
+        for block, digest in enumerate(digests):
+            ends_here = (block + 1) * self.prefix_block == q
+            if digest not in self.prefix_index or (ends_here and not self.prefix_index.complete(digest)):
+                self._claim(saves, index, block * self.prefix_block, self.prefix_index.allocate(digest, not ends_here))
+        start = len(digests) * self.prefix_block
+        if start < q and start + self.prefix_block <= self.max_context:  # the tail's block fits a slot's rows
+            self._claim(saves, index, start, self.prefix_index.allocate_tail(digests[-1] if digests else b"",
+                                                                             tokens[start:q]))
+        self.prefix_index.unpin(chain)
+        self._write_pool(saves)
+
+    def _claim(self, saves: list[tuple[int, int, int]], index: int, start: int, block: int | None) -> None:
+        """Add a save of slot ``index`` from ``start`` to pool block ``block`` (None: none allocated).
+
+        The block stays pinned until the save is written, so a later allocation of the same
+        save program does not take it.
+        """
+        if block is not None:
+            self.prefix_index.pin([block])
+            saves.append((index, start, block))
+
+    def _write_pool(self, saves: list[tuple[int, int, int]]) -> None:
+        """One save program for (slot, first position, pool block) rows; unpins their blocks."""
+        self.prefix_index.unpin([block for _, _, block in saves])
         if not saves:
             return
         rows = _power_of_two_at_least(len(saves), 1)
