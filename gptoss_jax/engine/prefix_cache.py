@@ -204,10 +204,6 @@ class PrefixIndex:
         self._interior: set[bytes] = set()
         self._tails: dict[bytes, dict[bytes, np.ndarray]] = collections.defaultdict(dict)  # parent -> tail -> tokens
         self._tail_parents: dict[bytes, bytes] = {}
-        self.query_tokens = 0
-        """Prompt tokens looked up (every admitted prompt's length)."""
-        self.hit_tokens = 0
-        """Prompt tokens restored from the pool instead of computed."""
 
     @property
     def used(self) -> int:
