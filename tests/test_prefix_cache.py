@@ -86,6 +86,13 @@ def _tool_result_sizes(seed: int, rounds: int = 5) -> list[int]:
     return np.random.default_rng(seed + 1000).integers(5, 30, rounds).tolist()
 
 
+def _same_result(result, expected) -> None:
+    """One request's tokens equal, its logprobs within float32 noise."""
+    assert result.tokens == expected.tokens
+    np.testing.assert_allclose([e.logprob for e in result.logprobs], [e.logprob for e in expected.logprobs],
+                               rtol=0, atol=1e-6)
+
+
 def _same_outputs(got, expected) -> None:
     for (tokens, logprobs, _), (expected_tokens, expected_logprobs, _) in zip(got, expected, strict=True):
         assert tokens == expected_tokens
@@ -119,10 +126,7 @@ def test_a_reply_ending_at_its_first_token_keeps_its_prompt_for_the_next_round(c
     following = prompt + [stop] + _tokens(rng, 6)
     result = cached.submit(following, params).result(60)
     assert result.cached_tokens == len(prompt)
-    expected = uncached.submit(following, params).result(60)
-    assert result.tokens == expected.tokens
-    np.testing.assert_allclose([e.logprob for e in result.logprobs], [e.logprob for e in expected.logprobs],
-                               rtol=0, atol=1e-6)
+    _same_result(result, uncached.submit(following, params).result(60))
 
 
 def test_prompts_sharing_part_of_a_block_hit_only_the_whole_blocks(cached, uncached):
@@ -142,10 +146,7 @@ def test_a_prompt_of_whole_cached_blocks_computes_its_last_token(cached, uncache
     cached.submit(prompt, params).result(60)
     result = cached.submit(prompt, params).result(60)
     assert result.cached_tokens == 3 * BLOCK - 1
-    expected = uncached.submit(prompt, params).result(60)
-    assert result.tokens == expected.tokens
-    np.testing.assert_allclose([e.logprob for e in result.logprobs], [e.logprob for e in expected.logprobs],
-                               rtol=0, atol=1e-6)
+    _same_result(result, uncached.submit(prompt, params).result(60))
 
 
 def test_an_evicted_prefix_is_computed_again(model, uncached):
