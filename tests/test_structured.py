@@ -85,6 +85,33 @@ def test_every_seed_of_every_schema_ends_with_stop_and_validates(demo):
     assert [handle.result().tokens for handle in beside] == solo
 
 
+def test_a_row_steered_token_by_token_keeps_multi_step_bursts_and_its_tokens(demo):
+    # With no reasoning allowed, every token of the reply is steered by its last one. The engine
+    # steers it within multi-step bursts (the host called back after each step), which must give
+    # exactly the tokens that one-step bursts give (each row's draw depends on its own key, step
+    # and mask only), so its unconstrained neighbours keep their bursts for nothing.
+    engine, tokenizer, prompt = demo
+    schema = {"type": "object", "additionalProperties": False, "required": ["text"],
+              "properties": {"text": {"type": "string", "maxLength": 80}}}
+    requests = [_params(tokenizer, max_tokens=40, seed=7, json_schema=schema, thinking_token_budget=0),
+                _params(tokenizer, max_tokens=40, seed=8)]
+
+    def run() -> list[list[list[int]]]:
+        handles = [engine.submit(prompt, params) for params in requests]
+        return [[delta.tokens for delta in handle] for handle in handles]
+
+    within_bursts = run()
+    steps = engine.burst_steps, engine.burst_steps_busy
+    engine.burst_steps = engine.burst_steps_busy = 1
+    try:
+        one_step = run()
+    finally:
+        engine.burst_steps, engine.burst_steps_busy = steps
+    assert [sum(deltas, []) for deltas in within_bursts] == [sum(deltas, []) for deltas in one_step]
+    assert max(len(tokens) for tokens in within_bursts[0]) > 1
+    assert max(len(tokens) for tokens in one_step[0]) == 1
+
+
 OPEN_FINAL = "<|channel|>final<|message|>"
 CLOSINGS = ("<|end|><|start|>assistant" + OPEN_FINAL, "<|start|>assistant" + OPEN_FINAL, OPEN_FINAL,
             "<|message|><|end|><|start|>assistant" + OPEN_FINAL)

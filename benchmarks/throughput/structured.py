@@ -7,7 +7,8 @@ constrained row does to the decode speed of the unconstrained rows beside it.
 - decode: the demo model on this machine, 15 unconstrained rows beside a 16th that is
   unconstrained too, or constrained and writing its analysis (free text: multi-step bursts
   under one mask), or constrained and writing its JSON answer (a long string; no reasoning,
-  ``thinking_token_budget=0``: one-step bursts for the whole batch); tokens/s of the 15.
+  ``thinking_token_budget=0``: multi-step bursts that call the host back after every step for
+  the row's next mask); tokens/s of the 15.
 
 Usage::
 

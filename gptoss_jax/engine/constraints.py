@@ -6,10 +6,15 @@ it for the allowed tokens, as a bitmask row (``uint32 [vocab / 32]``, bit ``t % 
 ``t // 32`` is token t), and the device applies it to the row's logits before sampling; after
 the step the engine hands it the token.
 
-A mask depends on the tokens before it, so a steered row needs one-step bursts, and so do the
-rows beside it. Except where the grammar is free text: in an analysis message of a Harmony
-reply grammar (one that begins with :data:`FREE_PRELUDE`) the mask stays the same until
-``<|end|>``, so the row runs multi-step bursts under that one mask, pausing at ``<|end|>``.
+A mask depends on the tokens before it, so a steered row's next mask is computed after each of
+its tokens: the decode burst calls the host back after every step (``io_callback``), which hands
+the steerings the step's tokens and returns the next step's masks, so the rows beside it keep
+their multi-step bursts at the cost of a host round trip per step. Where the grammar is free
+text there is not even that: in an analysis message of a Harmony reply grammar (one that begins
+with :data:`FREE_PRELUDE`) the mask stays the same until ``<|end|>``, so the row runs multi-step
+bursts under that one mask, pausing at ``<|end|>``. An engine spread over several processes
+would be called back on the first process only, whose steerings alone would follow, so there
+the whole batch runs one-step bursts while a row is steered outside free text.
 
 The grammar engine is llguidance (the ``structured`` extra): it computes a mask at o200k's
 201,088 tokens in well under a millisecond, covers JSON Schema with ``$ref``, ``anyOf``,
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gptoss_jax.engine.programs import RowMasks
 from gptoss_jax.engine.requests import RequestError, SamplingParams
 from gptoss_jax.harmony.grammar import FREE_PRELUDE, AnswerGrammar, reply_grammar
 from gptoss_jax.harmony.parser import HarmonyTokenIds, StreamParser, StreamState
@@ -277,21 +283,34 @@ def steering_for(params: SamplingParams, tokenizer: Tokenizer | None) -> RowStee
                        free_prelude=grammar is not None and grammar.startswith(FREE_PRELUDE))
 
 
-def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int) -> np.ndarray | None:
-    """The bitmasks of the next burst for rows with these steerings: uint32 ``[rows, vocab / 32]``,
-    every token allowed for a row that is not steered now; None when no row is."""
-    steered = [row for row, steering in enumerate(steerings) if steering is not None and steering.needs_mask]
-    if not steered:
-        return None
-    masks = np.full((len(steerings), mask_words(vocab_size)), 0xFFFFFFFF, np.uint32)
-    for row in steered:
-        steerings[row].fill_mask(masks[row])
-    return masks
+def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int,
+               rows: Sequence[int] | None = None, *, fill: bool = True) -> RowMasks | None:
+    """The next step's masks of a batch whose rows have these steerings.
+
+    Args:
+      rows: the rows to give a mask (None: those steered now; then None is returned if there are
+        none). Their count is padded to a power of two, so a few programs serve every count.
+      fill: compute the masks (False: every token allowed, the shapes alone matter).
+    """
+    if rows is None:
+        rows = [row for row, steering in enumerate(steerings) if steering is not None and steering.needs_mask]
+        if not rows:
+            return None
+    count = 1 << max(len(rows) - 1, 0).bit_length()
+    masked = np.full(count, len(steerings), np.int32)
+    masked[:len(rows)] = rows
+    bits = np.full((count, mask_words(vocab_size)), 0xFFFFFFFF, np.uint32)
+    for mask, row in zip(bits, rows):
+        if fill and steerings[row] is not None and steerings[row].needs_mask:
+            steerings[row].fill_mask(mask)
+    return RowMasks(masked, bits)
 
 
 def burst_steps(steerings: Sequence[RowSteering | None], steps: int) -> int:
-    """How many steps the next decode burst may run: 1 while a row is steered outside free text
-    (its next mask depends on its last token), else up to the nearest reasoning budget."""
+    """How many steps the next decode burst may run under one set of masks: 1 while a row is
+    steered outside free text (its next mask depends on its last token), else up to the nearest
+    reasoning budget. Fewer than ``steps``: the engine steers the burst token by token instead,
+    where it can (see :func:`gptoss_jax.engine.programs.decode_burst`)."""
     live = [steering for steering in steerings if steering is not None]
     if any(steering.needs_mask and steering.pause_token is None for steering in live):
         return 1

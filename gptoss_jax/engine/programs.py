@@ -8,11 +8,13 @@ attends to, so it costs a row of compute and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import io_callback
 
 from gptoss_jax.engine.requests import MAX_TOP_LOGPROBS
 from gptoss_jax.kv_cache import KVCache
@@ -41,6 +43,14 @@ class TokenLogprobs(NamedTuple):
     chosen: jax.Array  # float32 [..., steps]
     top_ids: jax.Array  # int32 [..., steps, MAX_TOP_LOGPROBS]
     top_values: jax.Array  # float32 [..., steps, MAX_TOP_LOGPROBS]
+
+
+class RowMasks(NamedTuple):
+    """Allowed-token bitmasks of a few rows of a batch: only the steered rows carry one, so a
+    step applies ``k`` masks, not one per row (bit ``t % 32`` of word ``t // 32`` is token t)."""
+
+    rows: jax.Array  # int32 [k]: the rows masked; the batch size (past the last row) is padding
+    bits: jax.Array  # uint32 [k, V / 32]
 
 
 class Burst(NamedTuple):
@@ -85,22 +95,24 @@ def allowed_tokens(masks: jax.Array, vocab: int) -> jax.Array:
     return bits.reshape(masks.shape[0], -1)[:, :vocab].astype(bool)
 
 
-def _masked(logits: jax.Array, masks: jax.Array | None) -> jax.Array:
-    """``logits`` with the tokens a row's mask leaves out at -inf (the log-probabilities stay the model's)."""
+def _masked(logits: jax.Array, masks: RowMasks | None) -> jax.Array:
+    """``logits [rows, V]`` with the tokens a row's mask leaves out at -inf (the log-probabilities stay the model's)."""
     if masks is None:
         return logits
-    return jnp.where(allowed_tokens(masks, logits.shape[-1]), logits, -jnp.inf)
+    picked = jnp.take(logits, masks.rows, axis=0, mode="clip")
+    kept = jnp.where(allowed_tokens(masks.bits, logits.shape[-1]), picked, -jnp.inf)
+    return logits.at[masks.rows].set(kept, mode="drop")
 
 
 def _logprobs(logits: jax.Array, tokens: jax.Array) -> TokenLogprobs:
     return TokenLogprobs(*top_logprobs(logits, tokens, min(MAX_TOP_LOGPROBS, logits.shape[-1])))
 
 
-def first_tokens(logits: jax.Array, sampling: RowSampling, masks: jax.Array | None = None, *,
+def first_tokens(logits: jax.Array, sampling: RowSampling, masks: RowMasks | None = None, *,
                  logprobs: bool) -> tuple[jax.Array, TokenLogprobs | None]:
     """Each row's first token from its prompt's last logits ``[rows, V]`` (PRNG step 0).
 
-    ``masks``: uint32 ``[rows, V / 32]`` allowed-token bitmasks, or None (every token allowed).
+    ``masks``: the steered rows' allowed tokens, or None (every token allowed to every row).
     """
     tokens = sample_rows(_masked(logits, masks), jnp.zeros(logits.shape[:1], jnp.int32), sampling)
     return tokens, _logprobs(logits, tokens) if logprobs else None
@@ -115,7 +127,8 @@ def _put_rows(cache: KVCache, slots: jax.Array, rows: KVCache) -> KVCache:
 
 
 def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, sampling: RowSampling,
-                 steps: jax.Array, masks: jax.Array | None = None, *, logprobs: bool) -> Burst:
+                 steps: jax.Array, masks: RowMasks | None = None, *, logprobs: bool,
+                 next_masks: Callable | None = None) -> Burst:
     """Up to ``steps`` (traced, at most :data:`MAX_BURST`) decode steps of the rows in ``slots``.
 
     ``slots``: int32 ``[rows]``, the decoding slots (padded with an index past the last slot);
@@ -123,8 +136,14 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
     live rows cost. A row stops at a stop token or at its ``max_tokens``, within the burst; the
     burst ends early when no row is decoding.
 
-    ``masks``: uint32 ``[rows, V / 32]`` allowed-token bitmasks, applied at every step (the engine
-    passes them with one-step bursts only), or None.
+    ``masks``: the steered rows' allowed tokens at the first step, or None (every token allowed to
+    every row). Without ``next_masks`` they apply at every step.
+
+    ``next_masks``: (static) a host function, called after each step with that step's tokens
+    (int32 ``[rows]``), which rows made one (bool ``[rows]``) and whether another step follows
+    (bool); it returns the masks of the next step, of the same rows and shapes as ``masks`` (which
+    must be given). A row whose next allowed tokens depend on its last one is steered token by
+    token this way, within a burst, so the rows beside it keep their multi-step bursts.
     """
     model = nnx.merge(graphdef, state)
     batch = rows.last_tokens.shape[0]
@@ -143,7 +162,7 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
         return (step < steps) & jnp.any(rows.active)
 
     def one_step(carry):
-        step, row_cache, rows, out_tokens, out_valid, out_logprobs = carry
+        step, row_cache, rows, out_tokens, out_valid, out_logprobs, masks = carry
         fed_positions = jnp.where(rows.active, rows.positions, -1)
         logits, row_cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], row_cache)
         logits = logits[:, 0]
@@ -160,9 +179,13 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
             active=active & ~finished,
             generated=generated,
         )
+        if next_masks is not None:
+            another = (step + 1 < steps) & jnp.any(rows.active)
+            masks = io_callback(next_masks, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), masks),
+                                tokens, active, another)
         return (step + 1, row_cache, rows, out_tokens.at[:, step].set(tokens),
-                out_valid.at[:, step].set(active), out_logprobs)
+                out_valid.at[:, step].set(active), out_logprobs, masks)
 
-    carry = (jnp.int32(0), _take_rows(cache, slots), rows, out_tokens, out_valid, out_logprobs)
-    _, row_cache, rows, out_tokens, out_valid, out_logprobs = jax.lax.while_loop(keep_going, one_step, carry)
+    carry = (jnp.int32(0), _take_rows(cache, slots), rows, out_tokens, out_valid, out_logprobs, masks)
+    _, row_cache, rows, out_tokens, out_valid, out_logprobs, _ = jax.lax.while_loop(keep_going, one_step, carry)
     return Burst(_put_rows(cache, slots, row_cache), rows, out_tokens, out_valid, out_logprobs)

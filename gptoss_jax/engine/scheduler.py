@@ -103,8 +103,9 @@ class Engine:
         rest is for the programs' temporaries.
       tokenizer: the model's tokenizer; requests with ``json_schema``, ``regex``, ``grammar`` or
         ``thinking_token_budget`` need it. While such a request is steered outside free text,
-        bursts are one step long (its next token mask depends on its last token) and the other
-        rows decode beside it one step per turn (see :mod:`gptoss_jax.engine.constraints`).
+        its next token mask depends on its last token: the burst calls the host back after each
+        step for the next masks, and the other rows keep their multi-step bursts (see
+        :mod:`gptoss_jax.engine.constraints`).
 
     Raises:
       EngineSizeError: slots and context that do not fit, with the figures.
@@ -146,7 +147,7 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self._cache = KVCache.create(config, slots, max_context, model.dtype, model.mesh)
         self._prefill = CompiledByShape(programs.prefill_chunk, donated("cache"), ("first",))
-        self._decode = CompiledByShape(programs.decode_burst, donated("cache"), ("logprobs",))
+        self._decode = CompiledByShape(programs.decode_burst, donated("cache"), ("logprobs", "next_masks"))
         self._first_tokens = jax.jit(programs.first_tokens, static_argnames="logprobs")
         # Copies between the cache and the prefix pool: small programs, compiled by jit as they come.
         self._copy_rows = jax.jit(prefix_cache.copy_rows, donate_argnames=donated("cache"))
@@ -180,6 +181,8 @@ class Engine:
 
         self._slots: list[_Slot | None] = [None] * slots
         self._steering: list[constraints.RowSteering | None] = [None] * slots
+        # The running burst's steerings by row, while it calls back (see _steer_step).
+        self._burst_steerings: list[constraints.RowSteering | None] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._condition = threading.Condition()
         self._closing = False
@@ -506,7 +509,7 @@ class Engine:
         masks = constraints.step_masks(steerings, self.model.config.vocab_size)
         tokens, logprobs = jax.device_get(self._first_tokens(jnp.take(logits, jnp.asarray(logits_rows), axis=0),
                                                              self._sampling(slots, live),
-                                                             None if masks is None else jnp.asarray(masks),
+                                                             jax.tree.map(jnp.asarray, masks),
                                                              logprobs=wants_logprobs))
         if logprobs is not None:  # one step per row, as a burst's are laid out
             logprobs = programs.TokenLogprobs(*(np.expand_dims(part, 1) for part in logprobs))
@@ -538,20 +541,25 @@ class Engine:
         taken = np.minimum(slots, self.max_batch - 1)
         live = np.arange(size) < decoding.size
         steerings = [self._steering[index] for index in decoding] + [None] * (size - decoding.size)
-        steps = constraints.burst_steps(steerings, steps)
-        masks = constraints.step_masks(steerings, self.model.config.vocab_size)
+        by_token = constraints.burst_steps(steerings, steps) < steps and jax.process_count() == 1
+        if not by_token:
+            steps = constraints.burst_steps(steerings, steps)
+        masks = constraints.step_masks(steerings, self.model.config.vocab_size,
+                                       [row for row, steering in enumerate(steerings) if steering] if by_token else None)
         rows = programs.Rows(*(np.where(live.reshape(-1, *[1] * (field.ndim - 1)), field[taken], 0).astype(field.dtype)
                                for field in self._rows))
-        pauses = constraints.pause_tokens(steerings)
+        pauses = constraints.pause_tokens(steerings) if not by_token else np.full(size, -1, np.int32)
         rows.stop_tokens[:, -1] = pauses
         wants_logprobs = any(self._slots[index].handle.params.logprobs for index in decoding)
+        self._burst_steerings = steerings
         burst, seconds = self._decode(self._graphdef, self._state, self._cache, jnp.asarray(slots),
                                       jax.tree.map(jnp.asarray, rows), self._sampling(taken, live),
-                                      jnp.int32(steps), None if masks is None else jnp.asarray(masks),
-                                      logprobs=wants_logprobs)
+                                      jnp.int32(steps), jax.tree.map(jnp.asarray, masks),
+                                      logprobs=wants_logprobs, next_masks=self._steer_step if by_token else None)
         self.compile_seconds += seconds
         self._cache = burst.cache
         new_rows, tokens, valid, logprobs = jax.device_get((burst.rows, burst.tokens, burst.valid, burst.logprobs))
+        self._burst_steerings = []
         now = time.perf_counter()
         for field, new in zip(self._rows, new_rows):
             field[decoding] = new[:decoding.size]
@@ -559,7 +567,7 @@ class Engine:
         for row, index in enumerate(decoding):
             slot = self._slots[index]
             steps_valid = np.flatnonzero(valid[row])
-            if self._steering[index] is not None:
+            if self._steering[index] is not None and not by_token:
                 for token in tokens[row, steps_valid].tolist():
                     self._steering[index].accept(token)
             self._hand_over(index, tokens[row, steps_valid].tolist(), logprobs, row, steps_valid, now)
@@ -570,6 +578,18 @@ class Engine:
                     self._rows.active[index] = True  # paused where its grammar's free text ended: steered again
                 else:
                     self._release(index, "stop" if stopped else "length")
+
+    def _steer_step(self, tokens: np.ndarray, made: np.ndarray, another: np.ndarray) -> np.ndarray:
+        """The host's turn within a burst steered token by token (``next_masks`` of
+        :func:`programs.decode_burst`): the step's tokens (int32 ``[rows]``) to the steered rows that
+        made one (bool ``[rows]``), then the next step's masks of the steered rows (every token
+        allowed when no step follows)."""
+        steerings = self._burst_steerings
+        steered = [row for row, steering in enumerate(steerings) if steering is not None]
+        for row in steered:
+            if made[row]:
+                steerings[row].accept(int(tokens[row]))
+        return constraints.step_masks(steerings, self.model.config.vocab_size, steered, fill=bool(another))
 
     def _hand_over(self, index: int, tokens: list[int], logprobs: programs.TokenLogprobs | None, row: int,
                    steps: np.ndarray, now: float) -> None:
