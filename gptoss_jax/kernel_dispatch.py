@@ -235,8 +235,15 @@ def kernel_decisions(choice: KernelChoice, config: GptOssConfig, dtype: jnp.dtyp
     kernels, why = _resolved(choice)
     misfits = {"prefill_attention": attention_kernel_misfit, "decode_attention": attention_kernel_misfit,
                "experts": moe_kernel_misfit}
+    missing = kernel_gpu_missing() if requested_kernels(choice)[0] == "auto" else None
     decisions = {}
     for part, misfit in misfits.items():
+        if missing is not None:
+            # Auto on a device no kernel runs on: each part says which GPU its own kernel needs.
+            needed = f"the expert kernels need {KERNEL_GPU}" if part == "experts" else (
+                f"the attention kernels need {HOPPER_GPU}")
+            decisions[part] = PartDecision("xla", f"auto: {needed}; {missing}")
+            continue
         reason = misfit(config, dtype) if kernels != "xla" else None
         if reason is None and part != "experts" and kernels == "pallas" and has_mma_sync_gpu():
             reason = (f"the attention kernels need {HOPPER_GPU}; {_device_description()}, where attention "

@@ -85,8 +85,9 @@ def test_env_on_the_cpu_compiles_nothing_and_says_why_the_kernels_do_not_run(cap
     assert "jax:    " + jax.__version__ in report["jax_environment_info"]
     lines = text.splitlines()
     assert f"compilation cache: {tmp_path / 'jax-compilation'}" in lines
-    reason = "auto: the kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is cpu"
-    for kernel in ("MoE experts", "prefill attention", "decode attention"):
+    experts = "auto: the expert kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is cpu"
+    attention = "auto: the attention kernels need an NVIDIA Hopper GPU (sm_90); the device is cpu"
+    for kernel, reason in (("MoE experts", experts), ("prefill attention", attention), ("decode attention", attention)):
         assert report["kernels"]["parts"][kernel] == {"runs": "xla", "why": reason, "check": None}
         assert [line for line in lines if line.strip().startswith(kernel)] == [f"  {kernel:17}  xla     {reason}"]
 
@@ -142,8 +143,9 @@ def test_pallas_where_no_kernel_runs_is_refused_with_the_fix(no_loading, monkeyp
                                  "(sm_70); use --kernels xla")
     assert not any(no_loading.iterdir())
     parts = gather_environment()["kernels"]["parts"]
-    why = f"auto: the kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is {kind} (sm_70)"
+    why = f"auto: the expert kernels need an NVIDIA GPU of sm_80, sm_86, sm_89, sm_90, sm_100 or sm_120; the device is {kind} (sm_70)"
     assert parts["MoE experts"] == {"runs": "xla", "why": why, "check": None}
+    assert parts["decode attention"]["why"] == f"auto: the attention kernels need an NVIDIA Hopper GPU (sm_90); the device is {kind} (sm_70)"
 
 
 @pytest.mark.parametrize(("kind", "capability"), [
