@@ -129,9 +129,17 @@ def _opaque_kernel(body=None, *, out_type, **options):
 
 @contextlib.contextmanager
 def kernels_as_opaque_calls() -> Iterator[None]:
-    """While open, the Pallas kernels lower to opaque calls of their exact operands and outputs."""
-    with mock.patch.object(plgpu, "kernel", _opaque_kernel):
-        yield
+    """While open, the Pallas kernels lower to opaque calls of their exact operands and outputs.
+
+    The kernels' wrappers are jitted, and jit keeps their traces by argument shapes: JAX's caches
+    are cleared on the way in and out, so no trace made under the stand-in outlives it (a later
+    trace of the same shapes would otherwise get the opaque call, not the kernel)."""
+    jax.clear_caches()
+    try:
+        with mock.patch.object(plgpu, "kernel", _opaque_kernel):
+            yield
+    finally:
+        jax.clear_caches()
 
 
 def _compiling_for(device: jax.Device | None) -> contextlib.AbstractContextManager:
