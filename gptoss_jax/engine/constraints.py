@@ -284,13 +284,12 @@ def steering_for(params: SamplingParams, tokenizer: Tokenizer | None) -> RowStee
 
 
 def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int,
-               rows: Sequence[int] | None = None, *, fill: bool = True) -> RowMasks | None:
+               rows: Sequence[int] | None = None) -> RowMasks | None:
     """The next step's masks of a batch whose rows have these steerings.
 
     Args:
       rows: the rows to give a mask (None: those steered now; then None is returned if there are
         none). Their count is padded to a power of two, so a few programs serve every count.
-      fill: compute the masks (False: every token allowed, the shapes alone matter).
     """
     if rows is None:
         rows = [row for row, steering in enumerate(steerings) if steering is not None and steering.needs_mask]
@@ -301,7 +300,7 @@ def step_masks(steerings: Sequence[RowSteering | None], vocab_size: int,
     masked[:len(rows)] = rows
     bits = np.full((count, mask_words(vocab_size)), 0xFFFFFFFF, np.uint32)
     for mask, row in zip(bits, rows):
-        if fill and steerings[row] is not None and steerings[row].needs_mask:
+        if steerings[row] is not None and steerings[row].needs_mask:
             steerings[row].fill_mask(mask)
     return RowMasks(masked, bits)
 

@@ -139,11 +139,14 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
     ``masks``: the steered rows' allowed tokens at the first step, or None (every token allowed to
     every row). Without ``next_masks`` they apply at every step.
 
-    ``next_masks``: (static) a host function, called after each step with that step's tokens
-    (int32 ``[rows]``), which rows made one (bool ``[rows]``) and whether another step follows
-    (bool); it returns the masks of the next step, of the same rows and shapes as ``masks`` (which
-    must be given). A row whose next allowed tokens depend on its last one is steered token by
-    token this way, within a burst, so the rows beside it keep their multi-step bursts.
+    ``next_masks``: (static) a host function, called at the start of each step with one int32
+    array ``[1 + 2 * rows]``: the step's index, the tokens of the step before and which rows made
+    one (1 or 0) (one array, as each argument costs a conversion on the host); it returns the
+    bits of the step's masks for ``masks.rows`` (which must be given; at step 0 it returns
+    ``masks.bits``). A row whose next allowed tokens depend on its last one is steered token by
+    token this way, within a burst, so the rows beside it keep their multi-step bursts. The call
+    depends on the step's input tokens only, not on its forward pass, so the host may compute the
+    masks while the model runs. The last step's tokens reach the host with the burst's output.
     """
     model = nnx.merge(graphdef, state)
     batch = rows.last_tokens.shape[0]
@@ -162,11 +165,17 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
         return (step < steps) & jnp.any(rows.active)
 
     def one_step(carry):
-        step, row_cache, rows, out_tokens, out_valid, out_logprobs, masks = carry
+        step, row_cache, rows, out_tokens, out_valid, out_logprobs = carry
+        step_masks = masks
+        if next_masks is not None:
+            made = out_valid[:, jnp.maximum(step - 1, 0)] & (step > 0)
+            handed = jnp.concatenate([step[None], rows.last_tokens, made.astype(jnp.int32)])
+            bits = io_callback(next_masks, jax.ShapeDtypeStruct(masks.bits.shape, masks.bits.dtype), handed)
+            step_masks = masks._replace(bits=bits)
         fed_positions = jnp.where(rows.active, rows.positions, -1)
         logits, row_cache = model.with_cache(rows.last_tokens[:, None], fed_positions[:, None], row_cache)
         logits = logits[:, 0]
-        tokens = jnp.where(rows.active, sample_rows(_masked(logits, masks), rows.generated, sampling), 0)
+        tokens = jnp.where(rows.active, sample_rows(_masked(logits, step_masks), rows.generated, sampling), 0)
         if logprobs:
             step_logprobs = _logprobs(logits, tokens)
             out_logprobs = jax.tree.map(lambda out, new: out.at[:, step].set(new), out_logprobs, step_logprobs)
@@ -179,13 +188,9 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
             active=active & ~finished,
             generated=generated,
         )
-        if next_masks is not None:
-            another = (step + 1 < steps) & jnp.any(rows.active)
-            masks = io_callback(next_masks, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), masks),
-                                tokens, active, another)
         return (step + 1, row_cache, rows, out_tokens.at[:, step].set(tokens),
-                out_valid.at[:, step].set(active), out_logprobs, masks)
+                out_valid.at[:, step].set(active), out_logprobs)
 
-    carry = (jnp.int32(0), _take_rows(cache, slots), rows, out_tokens, out_valid, out_logprobs, masks)
-    _, row_cache, rows, out_tokens, out_valid, out_logprobs, _ = jax.lax.while_loop(keep_going, one_step, carry)
+    carry = (jnp.int32(0), _take_rows(cache, slots), rows, out_tokens, out_valid, out_logprobs)
+    _, row_cache, rows, out_tokens, out_valid, out_logprobs = jax.lax.while_loop(keep_going, one_step, carry)
     return Burst(_put_rows(cache, slots, row_cache), rows, out_tokens, out_valid, out_logprobs)

@@ -181,8 +181,11 @@ class Engine:
 
         self._slots: list[_Slot | None] = [None] * slots
         self._steering: list[constraints.RowSteering | None] = [None] * slots
-        # The running burst's steerings by row, while it calls back (see _steer_step).
+        # The running burst's steerings by row, its first masks and the tokens its callbacks have
+        # handed each row's steering (see _steer_step).
         self._burst_steerings: list[constraints.RowSteering | None] = []
+        self._burst_masks: programs.RowMasks | None = None
+        self._burst_accepted = np.zeros(0, np.int32)
         # Finished requests' saves to the prefix pool, written together (see _save_finished).
         self._finished_saves: list[tuple[int, int, int]] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -562,7 +565,8 @@ class Engine:
         pauses = constraints.pause_tokens(steerings) if not by_token else np.full(size, -1, np.int32)
         rows.stop_tokens[:, -1] = pauses
         wants_logprobs = any(self._slots[index].handle.params.logprobs for index in decoding)
-        self._burst_steerings = steerings
+        self._burst_steerings, self._burst_masks = steerings, masks
+        self._burst_accepted = np.zeros(size, np.int32)
         burst, seconds = self._decode(self._graphdef, self._state, self._cache, jnp.asarray(slots),
                                       jax.tree.map(jnp.asarray, rows), self._sampling(taken, live),
                                       jnp.int32(steps), jax.tree.map(jnp.asarray, masks),
@@ -570,7 +574,7 @@ class Engine:
         self.compile_seconds += seconds
         self._cache = burst.cache
         new_rows, tokens, valid, logprobs = jax.device_get((burst.rows, burst.tokens, burst.valid, burst.logprobs))
-        self._burst_steerings = []
+        self._burst_steerings, self._burst_masks = [], None
         now = time.perf_counter()
         for field, new in zip(self._rows, new_rows):
             field[decoding] = new[:decoding.size]
@@ -578,8 +582,8 @@ class Engine:
         for row, index in enumerate(decoding):
             slot = self._slots[index]
             steps_valid = np.flatnonzero(valid[row])
-            if self._steering[index] is not None and not by_token:
-                for token in tokens[row, steps_valid].tolist():
+            if self._steering[index] is not None:  # the tokens its callbacks have not handed it
+                for token in tokens[row, steps_valid[self._burst_accepted[row]:]].tolist():
                     self._steering[index].accept(token)
             self._hand_over(index, tokens[row, steps_valid].tolist(), logprobs, row, steps_valid, now)
             if not self._rows.active[index]:
@@ -590,17 +594,26 @@ class Engine:
                 else:
                     self._release(index, "stop" if stopped else "length")
 
-    def _steer_step(self, tokens: np.ndarray, made: np.ndarray, another: np.ndarray) -> np.ndarray:
+    def _steer_step(self, handed: jax.Array) -> np.ndarray:
         """The host's turn within a burst steered token by token (``next_masks`` of
-        :func:`programs.decode_burst`): the step's tokens (int32 ``[rows]``) to the steered rows that
-        made one (bool ``[rows]``), then the next step's masks of the steered rows (every token
-        allowed when no step follows)."""
+        :func:`programs.decode_burst`), while the device may run the step's forward pass: the
+        tokens of the step before to the steered rows that made one, then the bits of the step's
+        masks for the steered rows (at step 0, the burst's first masks).
+
+        ``handed``: int32 ``[1 + 2 * rows]``: the step, each row's token, whether it made one.
+        """
+        handed = np.asarray(handed)
+        rows = (handed.size - 1) // 2
+        step, tokens, made = handed[0], handed[1:1 + rows], handed[1 + rows:]
+        if step == 0:
+            return self._burst_masks.bits
         steerings = self._burst_steerings
         steered = [row for row, steering in enumerate(steerings) if steering is not None]
         for row in steered:
             if made[row]:
                 steerings[row].accept(int(tokens[row]))
-        return constraints.step_masks(steerings, self.model.config.vocab_size, steered, fill=bool(another))
+                self._burst_accepted[row] += 1
+        return constraints.step_masks(steerings, self.model.config.vocab_size, steered).bits
 
     def _hand_over(self, index: int, tokens: list[int], logprobs: programs.TokenLogprobs | None, row: int,
                    steps: np.ndarray, now: float) -> None:
