@@ -83,7 +83,7 @@ def test_the_plan_lists_every_step_with_the_commit_and_the_output_folder(tmp_pat
     printed = capsys.readouterr().out
     names = [line.split(" (")[0] for line in printed.splitlines() if not line.startswith(" ")]
     assert names == ["env", "gptoss-env", "kernel-check", "kernel-tests", "moe-kernel", "moe-mma", "attention-kernel",
-                     "e2e-20b", "e2e-120b", "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b",
+                     "structured", "e2e-20b", "e2e-120b", "e2e-120b-32k", "e2e-20b-xla", "moe-sweep", "engine-20b", "serve-20b",
                      "engine-traffic-20b"]
     e2e_lines = [line for line in printed.splitlines() if "benchmarks.gpu.e2e" in line]
     assert len(e2e_lines) == 4

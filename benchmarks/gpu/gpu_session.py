@@ -19,6 +19,10 @@ order (``--list`` prints their commands):
   barrier forever hangs the GPU rather than fail);
 * ``moe-kernel``, ``attention-kernel``: the kernel benchmarks against the XLA paths and the
   device's peaks;
+* ``structured``: one JSON-constrained row beside 15 free ones on the demo model
+  (``benchmarks.throughput.structured``): the decode loop's host callback on CUDA, and its cost.
+  It needs llguidance, which the device's image lacks: carry its wheel (the device tool's
+  README says how; ``cp39-abi3-manylinux_2_31_x86_64``, 8 MB), else the step fails saying so;
 * ``moe-mma``: the ``mma.sync`` expert kernel (Ampere's, Ada's and Blackwell's, which runs on
   Hopper too) at gpt-oss-20b's decode sizes, as Hopper and as an sm_80 device lower it, timed
   beside the WGMMA kernel and checked against the reference (its compiled tests run in
@@ -174,6 +178,10 @@ def session_steps(out: Path, commit: str | None) -> list[Step]:
         Step("moe-mma", (python, "-m", "benchmarks.gpu.moe_kernel", "--mma", "--models", "20b", "--tokens", "1", "8",
                          "64"), 150),
         Step("attention-kernel", (python, "-m", "benchmarks.gpu.attention_kernel"), 180),
+        # A JSON-constrained row is steered by a host callback inside the decode loop: does that
+        # run on CUDA, and what does it cost the 15 rows beside it there (the demo model)?
+        Step("structured", (python, "-m", "benchmarks.throughput.structured", "--tokens", "64", "--runs", "3",
+                            "--repeats", "0"), 150),
         # One batch size each, as e2e's --quick: every batch size compiles again.
         e2e("e2e-20b", GenerateCase("gpt-oss-20b", "pallas", 1, 1024, 256), 300, "--profile", TRACE_DIR),
         e2e("e2e-120b", GenerateCase("gpt-oss-120b", "pallas", 1, 1024, 256), 300),
