@@ -51,6 +51,16 @@ class LayerCache(NamedTuple):
         )
 
 
+    def resized(self, slots: int) -> LayerCache:
+        """The same ring with ``slots`` slots: the newest ``slots`` positions it holds (all of them
+        when it grows), each at ``p % slots``."""
+        batch, _, heads, head_dim = self.keys.shape
+        empty = LayerCache(jnp.zeros((batch, slots, heads, head_dim), self.keys.dtype),
+                           jnp.zeros((batch, slots, heads, head_dim), self.values.dtype),
+                           jnp.full((batch, slots), EMPTY_SLOT, jnp.int32))
+        return empty.write(self.keys, self.values, self.positions)
+
+
 class KVCache(NamedTuple):
     """Every layer's :class:`LayerCache`, in layer order."""
 

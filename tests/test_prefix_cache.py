@@ -140,6 +140,30 @@ def test_prompts_sharing_part_of_a_block_hit_only_the_whole_blocks(cached, uncac
     assert result.tokens == uncached.submit(second, params).result(60).tokens
 
 
+def test_a_chunk_spanning_several_blocks_keeps_each_with_its_rings(model, uncached, monkeypatch):
+    # Chunks of 4 blocks: a lone prompt goes in 2 calls, not 6, and every block a chunk completes
+    # is kept with its sliding rings as they were at its end: a prompt that shares 3 of them
+    # (the middle of the first chunk) restores 3 blocks and gets its uncached tokens.
+    rng = np.random.default_rng(16)
+    first = _tokens(rng, 5 * BLOCK + 7)
+    second = first[:3 * BLOCK + 4] + _tokens(rng, 2 * BLOCK)
+    params = SETTINGS["seeded"]
+    with _engine(model, prefill_chunk=4 * BLOCK, prefill_budget=4 * BLOCK) as engine:
+        widths = []
+        prefill = engine._prefill
+
+        def counted(*args, **kwargs):
+            widths.append(args[4].shape[1])  # tokens [rows, width]
+            return prefill(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_prefill", counted)
+        engine.submit(first, params).result(60)
+        assert widths == [4 * BLOCK, 2 * BLOCK]
+        result = engine.submit(second, params).result(60)
+    assert result.cached_tokens == 3 * BLOCK
+    _same_result(result, uncached.submit(second, params).result(60))
+
+
 def test_a_prompt_of_whole_cached_blocks_computes_its_last_token(cached, uncached):
     prompt = _tokens(np.random.default_rng(11), 3 * BLOCK)
     params = SETTINGS["seeded"]
@@ -187,17 +211,18 @@ def test_a_request_cancelled_during_prefill_leaves_its_follower_and_the_cache_ex
     with _engine(model, prefill_budget=16) as engine:
         leader = engine.submit(prompt, params)
         follower = engine.submit(prompt, params)
-        save = engine._save_blocks
+        plan = engine._completed_blocks
 
-        def save_then_cancel(chunks):
-            save(chunks)
-            leader.cancel()  # after its first block is in: mid-prefill
+        def plan_then_cancel(call):
+            saves = plan(call)
+            leader.cancel()  # as its first block goes in: mid-prefill
+            return saves
 
-        monkeypatch.setattr(engine, "_save_blocks", save_then_cancel)
+        monkeypatch.setattr(engine, "_completed_blocks", plan_then_cancel)
         assert leader.result(60).finish_reason == "cancelled"
         expected = uncached.submit(prompt, params).result(60).tokens
         assert follower.result(60).tokens == expected
-        monkeypatch.setattr(engine, "_save_blocks", save)
+        monkeypatch.setattr(engine, "_completed_blocks", plan)
         again = engine.submit(prompt, params).result(60)
         assert again.tokens == expected and again.cached_tokens == 5 * BLOCK
 

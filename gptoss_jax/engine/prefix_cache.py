@@ -127,25 +127,35 @@ def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: 
     return KVCache(tuple(layers))
 
 
-def save_blocks(cache: KVCache, pool: BlockPool, slots: jax.Array, starts: jax.Array,
-                block_ids: jax.Array) -> BlockPool:
-    """Copy each row's block (its full layers' positions from ``start``, its rings as they are) into the pool.
+def save_blocks(cache: KVCache, pool: BlockPool, slots: jax.Array, starts: jax.Array, block_ids: jax.Array, *,
+                sliding: Sequence[bool] | None = None, window: int | None = None) -> BlockPool:
+    """Copy each row's block (its full layers' positions from ``start``, its rings at the block's end) into the pool.
 
     Args:
-      slots, starts, block_ids: int32 ``[rows]``: the slot, the block's first position and the
-        pool block to write; a block id past the pool's last is padding (dropped). The rings are
-        the block's only where the slot's cache ends at the block's end (a block just prefilled,
-        or a tail); an interior block's are not, and the index never restores them.
+      cache: the engine's cache, or a prefill call's rows.
+      slots, starts, block_ids: int32 ``[rows]``: the row of ``cache``, the block's first position
+        and the pool block to write; a block id past the pool's last is padding (dropped). A ring
+        of one window is copied as it is: it is the block's where the row ends at the block's end
+        (a block just prefilled, or a tail, whose ``start`` is its block's); an interior block's
+        is not, and the index never restores it. A longer ring (a prefill call's, widened) gives
+        the window before the block's end.
+      sliding, window: which layers are sliding ones, and their window (None: the layers whose
+        ring is shorter than the full layers, and the pool's ring width).
     """
+    if sliding is None:
+        sliding = [_sliding(cache, layer) for layer in cache.layers]
     layers = []
-    for layer, (pool_keys, pool_values) in zip(cache.layers, pool.layers):
-        if _sliding(cache, layer):
-            keys = jnp.take(layer.keys, slots, axis=0, mode="clip")
-            values = jnp.take(layer.values, slots, axis=0, mode="clip")
+    for layer, ring, (pool_keys, pool_values) in zip(cache.layers, sliding, pool.layers):
+        rows = jnp.minimum(slots, layer.keys.shape[0] - 1)[:, None]
+        if ring:
+            # Pool entry i holds the position congruent to i below the block's end (a multiple of
+            # the window); in a ring of one window that is slot i itself.
+            width = window or pool_keys.shape[1]
+            block_tokens = next(keys.shape[1] for (keys, _), other in zip(pool.layers, sliding) if not other)
+            positions = (starts[:, None] + block_tokens - width + jnp.arange(width)) % layer.slots
         else:
-            rows = jnp.minimum(slots, layer.keys.shape[0] - 1)[:, None]
             positions = starts[:, None] + jnp.arange(pool_keys.shape[1])
-            keys, values = layer.keys[rows, positions], layer.values[rows, positions]
+        keys, values = layer.keys[rows, positions], layer.values[rows, positions]
         layers.append((pool_keys.at[block_ids].set(keys.astype(pool_keys.dtype), mode="drop"),
                        pool_values.at[block_ids].set(values.astype(pool_values.dtype), mode="drop")))
     return BlockPool(tuple(layers))
@@ -185,7 +195,9 @@ class PrefixIndex:
 
     Three kinds of entries share the pool and its LRU order:
 
-    * a block computed by a prefill chunk ending at its end: all its layers are valid;
+    * a block computed by a prefill chunk (kept with its rings as they were at its end, though
+      the chunk went on: see :func:`gptoss_jax.engine.programs.prefill_chunk`): all its layers
+      are valid;
     * an interior block, saved from a finished request's cache (where the rings had moved on):
       only its full layers are valid, so a restored prefix never ends on one;
     * a tail, saved from a finished request's cache of ``q`` positions: the full layers of

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import io_callback
 
+from gptoss_jax.engine.prefix_cache import BlockPool, save_blocks
 from gptoss_jax.engine.requests import MAX_TOP_LOGPROBS
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.sampling import RowSampling, sample_rows, top_logprobs
@@ -63,8 +64,17 @@ class Burst(NamedTuple):
     logprobs: TokenLogprobs | None
 
 
+class BlockSaves(NamedTuple):
+    """The prefix-cache blocks a prefill call completes, to keep in the pool: all int32 ``[n]``."""
+
+    rows: jax.Array  # the call's row that computes the block
+    starts: jax.Array  # the block's first position
+    blocks: jax.Array  # the pool block to write; past the pool's last: padding (dropped)
+
+
 def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax.Array, positions: jax.Array,
-                  last_index: jax.Array, *, first: bool) -> tuple[jax.Array, KVCache]:
+                  last_index: jax.Array, pool: BlockPool | None = None, saves: BlockSaves | None = None, *,
+                  first: bool) -> tuple[jax.Array, KVCache] | tuple[jax.Array, KVCache, BlockPool]:
     """Run one prompt chunk of a few rows against their part of the cache.
 
     Args:
@@ -73,11 +83,17 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax
         dropped).
       tokens, positions: int32 ``[rows, chunk]`` (positions -1 after a prompt's end).
       last_index: int32 ``[rows]``: the chunk index whose logits to return.
+      pool, saves: with the prefix cache, its pool and the blocks the chunks complete, each written
+        with its full layers' keys and values and its sliding layers' rings as they are at the
+        block's end. A ring of one window keeps only the chunk's end, so while the call runs its
+        rows' rings are widened to a window plus the chunk (:meth:`LayerCache.resized`): a chunk
+        may then span several blocks and every block it completes is kept whole.
       first: (static) the chunk is each row's first: their slots are emptied first, and
         attention stays within the chunk (the prefill kernel's case).
 
     Returns:
-      (float32 logits ``[rows, V]``, the cache with the chunk written).
+      (float32 logits ``[rows, V]``, the cache with the chunk written), and the pool after the
+      saves when ``saves`` is given.
     """
     model = nnx.merge(graphdef, state)
     rows = _take_rows(cache, slots)
@@ -85,8 +101,19 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax
         # A slot keeps its last request's keys; emptying the positions is what makes them unseen.
         rows = KVCache(tuple(layer._replace(positions=jnp.full_like(layer.positions, EMPTY_SLOT))
                              for layer in rows.layers))
+    if saves is None:
+        logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
+        return logits, _put_rows(cache, slots, rows)
+    window = model.config.sliding_window
+    sliding = [layer.slots < rows.max_length for layer in rows.layers]
+    rows = _rings_resized(rows, sliding, window + tokens.shape[1])
     logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
-    return logits, _put_rows(cache, slots, rows)
+    pool = save_blocks(rows, pool, saves.rows, saves.starts, saves.blocks, sliding=sliding, window=window)
+    return logits, _put_rows(cache, slots, _rings_resized(rows, sliding, window)), pool
+
+
+def _rings_resized(cache: KVCache, sliding: list[bool], slots: int) -> KVCache:
+    return KVCache(tuple(layer.resized(slots) if ring else layer for layer, ring in zip(cache.layers, sliding)))
 
 
 def allowed_tokens(masks: jax.Array, vocab: int) -> jax.Array:

@@ -86,7 +86,7 @@ class Engine:
         ``data`` axis (rows split over it).
       max_context: positions per slot: a request's prompt plus its tokens.
       prefill_chunk: the most prompt tokens of one request per prefill call (a power of two, at
-        least 16). With the prefix cache on, a chunk also ends at each block end.
+        least 16). With the prefix cache on, every block a chunk completes is kept.
       prefill_budget: the most tokens (rows x chunk width, padding included) one prefill call
         runs: it takes the next chunks of as many waiting prompts as fit (at least
         ``prefill_chunk``).
@@ -146,7 +146,7 @@ class Engine:
         slots = self.max_batch
         self._graphdef, self._state = nnx.split(model)
         self._cache = KVCache.create(config, slots, max_context, model.dtype, model.mesh)
-        self._prefill = CompiledByShape(programs.prefill_chunk, donated("cache"), ("first",))
+        self._prefill = CompiledByShape(programs.prefill_chunk, donated("cache") + donated("pool"), ("first",))
         self._decode = CompiledByShape(programs.decode_burst, donated("cache"), ("logprobs", "next_masks"))
         self._first_tokens = jax.jit(programs.first_tokens, static_argnames="logprobs")
         # Copies between the cache and the prefix pool: small programs, compiled by jit as they come.
@@ -398,10 +398,7 @@ class Engine:
     def _next_chunk(self, index: int) -> prefill.Chunk:
         slot = self._slots[index]
         start, size = slot.prefilled, slot.handle.prompt.size
-        end = min(start + self.prefill_chunk, size)
-        if self.prefix_index is not None:  # end at a block end, where the rings hold the whole block
-            end = min(end, (start // self.prefix_block + 1) * self.prefix_block)
-        return prefill.Chunk(index, slot.handle.prompt, start, end, first=start == 0)
+        return prefill.Chunk(index, slot.handle.prompt, start, min(start + self.prefill_chunk, size), first=start == 0)
 
     def _prefill_one_call(self) -> None:
         """Run the next chunks of the oldest waiting prompts, as many as the budget holds, in one call."""
@@ -411,9 +408,16 @@ class Engine:
             return
         call = prefill.plan_call([self._next_chunk(index) for _, index in pending], self.prefill_budget,
                                  self.data_shards, self.max_batch, pad_slot=self.max_batch)
-        (logits, self._cache), seconds = self._prefill(
-            self._graphdef, self._state, self._cache, jnp.asarray(call.slots), jnp.asarray(call.tokens),
-            jnp.asarray(call.positions), jnp.asarray(call.last_index), first=call.first)
+        arrays = [jnp.asarray(array) for array in (call.slots, call.tokens, call.positions, call.last_index)]
+        if self.prefix_index is None:
+            (logits, self._cache), seconds = self._prefill(self._graphdef, self._state, self._cache, *arrays,
+                                                           first=call.first)
+        else:
+            saves = self._completed_blocks(call)
+            (logits, self._cache, self._pool), seconds = self._prefill(
+                self._graphdef, self._state, self._cache, *arrays, self._pool, jax.tree.map(jnp.asarray, saves),
+                first=call.first)
+            self.prefix_index.unpin(saves.blocks[saves.blocks < self.prefix_index.capacity].tolist())
         self.compile_seconds += seconds
         finished = []
         for row, chunk in enumerate(call.chunks):
@@ -422,24 +426,25 @@ class Engine:
             if slot.prefilled == slot.handle.prompt.size:
                 finished += [(row, chunk.slot)] + [(row, index) for index, other in enumerate(self._slots)
                                                    if other is not None and other.leader is slot]
-        self._save_blocks(call.chunks)
         if finished:
             self._start_decoding(logits, finished)
 
-    def _save_blocks(self, chunks: list[prefill.Chunk]) -> None:
-        """Put each block a chunk has just completed in the pool, unless it is there already."""
-        if self.prefix_index is None:
-            return
+    def _completed_blocks(self, call: prefill.PrefillCall) -> programs.BlockSaves:
+        """The blocks ``call``'s chunks complete that the pool lacks, each given a pool block (pinned
+        until the call has written it); padded to a length the call's shape fixes."""
+        block = self.prefix_block
         saves = []
-        for chunk in chunks:
-            block = chunk.end // self.prefix_block - 1
-            if chunk.end % self.prefix_block or block < 0:
-                continue
+        for row, chunk in enumerate(call.chunks):
             digests = self._slots[chunk.slot].digests
-            if not self.prefix_index.complete(digests[block]):
-                self._claim(saves, chunk.slot, block * self.prefix_block, self.prefix_index.allocate(digests[block]))
-            self.prefix_index.touch(digests[:block + 1])
-        self._write_pool(saves)
+            for index in range(chunk.start // block, chunk.end // block):  # the blocks ending in (start, end]
+                if not self.prefix_index.complete(digests[index]):
+                    self._claim(saves, row, index * block, self.prefix_index.allocate(digests[index]))
+            self.prefix_index.touch(digests[:chunk.end // block])
+        count = call.slots.size * (call.tokens.shape[1] // block + 1)  # at most a chunk's blocks + 1 a row
+        rows, starts, blocks = (np.full(count, pad, np.int32) for pad in (0, 0, self.prefix_index.capacity))
+        if saves:
+            rows[:len(saves)], starts[:len(saves)], blocks[:len(saves)] = zip(*saves)
+        return programs.BlockSaves(rows, starts, blocks)
 
     def _save_finished(self, index: int) -> None:
         """Keep what a finished request's cache row holds: its prompt and all but its last generated token.
@@ -473,7 +478,8 @@ class Engine:
         self._finished_saves += saves
 
     def _claim(self, saves: list[tuple[int, int, int]], index: int, start: int, block: int | None) -> None:
-        """Add a save of slot ``index`` from ``start`` to pool block ``block`` (None: none allocated).
+        """Add a save of row ``index`` (a slot, or a prefill call's row) from ``start`` to pool block
+        ``block`` (None: none allocated).
 
         The block stays pinned until the save is written, so a later allocation of the same
         save program does not take it.
