@@ -409,11 +409,11 @@ class Engine:
         call = prefill.plan_call([self._next_chunk(index) for _, index in pending], self.prefill_budget,
                                  self.data_shards, self.max_batch, pad_slot=self.max_batch)
         arrays = [jnp.asarray(array) for array in (call.slots, call.tokens, call.positions, call.last_index)]
-        if self.prefix_index is None:
+        saves = None if self.prefix_index is None else self._completed_blocks(call)
+        if saves is None:
             (logits, self._cache), seconds = self._prefill(self._graphdef, self._state, self._cache, *arrays,
                                                            first=call.first)
         else:
-            saves = self._completed_blocks(call)
             (logits, self._cache, self._pool), seconds = self._prefill(
                 self._graphdef, self._state, self._cache, *arrays, self._pool, jax.tree.map(jnp.asarray, saves),
                 first=call.first)
@@ -429,9 +429,10 @@ class Engine:
         if finished:
             self._start_decoding(logits, finished)
 
-    def _completed_blocks(self, call: prefill.PrefillCall) -> programs.BlockSaves:
+    def _completed_blocks(self, call: prefill.PrefillCall) -> programs.BlockSaves | None:
         """The blocks ``call``'s chunks complete that the pool lacks, each given a pool block (pinned
-        until the call has written it); padded to a length the call's shape fixes."""
+        until the call has written it), padded to a length the call's shape fixes; None when there
+        are none (the call then runs without the pool, which the CPU backend would copy)."""
         block = self.prefix_block
         saves = []
         for row, chunk in enumerate(call.chunks):
@@ -440,10 +441,11 @@ class Engine:
                 if not self.prefix_index.complete(digests[index]):
                     self._claim(saves, row, index * block, self.prefix_index.allocate(digests[index]))
             self.prefix_index.touch(digests[:chunk.end // block])
+        if not saves:
+            return None
         count = call.slots.size * (call.tokens.shape[1] // block + 1)  # at most a chunk's blocks + 1 a row
         rows, starts, blocks = (np.full(count, pad, np.int32) for pad in (0, 0, self.prefix_index.capacity))
-        if saves:
-            rows[:len(saves)], starts[:len(saves)], blocks[:len(saves)] = zip(*saves)
+        rows[:len(saves)], starts[:len(saves)], blocks[:len(saves)] = zip(*saves)
         return programs.BlockSaves(rows, starts, blocks)
 
     def _save_finished(self, index: int) -> None:
