@@ -186,8 +186,6 @@ class Engine:
         self._burst_steerings: list[constraints.RowSteering | None] = []
         self._burst_masks: programs.RowMasks | None = None
         self._burst_accepted = np.zeros(0, np.int32)
-        # Finished requests' saves to the prefix pool, written together (see _save_finished).
-        self._finished_saves: list[tuple[int, int, int]] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._condition = threading.Condition()
         self._closing = False
@@ -300,7 +298,6 @@ class Engine:
         self._prefill_one_call()
         if self._rows.active.any():
             self._decode_one_burst()
-        self._write_finished()  # before the next turn admits a request into a finished one's slot
         return True
 
     def _admit(self) -> None:
@@ -453,9 +450,7 @@ class Engine:
 
         The row holds positions ``[0, q)`` with its rings at ``q``: the blocks not cached yet go to
         the pool as interior blocks (complete if one ends at ``q``), ``[last block end, q)`` as a
-        tail, so the next round of a conversation, which repeats the reply, restores it. The saves
-        wait in ``_finished_saves`` (their blocks pinned, the slot not reused before) so that the
-        rows finishing in one burst are written by one save program (:meth:`_write_finished`).
+        tail, so the next round of a conversation, which repeats the reply, restores it.
         """
         if self.prefix_index is None:
             return
@@ -477,7 +472,7 @@ class Engine:
             self._claim(saves, index, start, self.prefix_index.allocate_tail(digests[-1] if digests else b"",
                                                                              tokens[start:q]))
         self.prefix_index.unpin(chain)
-        self._finished_saves += saves
+        self._write_pool(saves)
 
     def _claim(self, saves: list[tuple[int, int, int]], index: int, start: int, block: int | None) -> None:
         """Add a save of row ``index`` (a slot, or a prefill call's row) from ``start`` to pool block
@@ -489,12 +484,6 @@ class Engine:
         if block is not None:
             self.prefix_index.pin([block])
             saves.append((index, start, block))
-
-    def _write_finished(self) -> None:
-        """Write the saves of the requests that finished since the last call, in one program."""
-        if self._finished_saves:
-            saves, self._finished_saves = self._finished_saves, []
-            self._write_pool(saves)
 
     def _write_pool(self, saves: list[tuple[int, int, int]]) -> None:
         """One save program for (slot, first position, pool block) rows; unpins their blocks."""
