@@ -7,9 +7,9 @@ it for the allowed tokens, as a bitmask row (``uint32 [vocab / 32]``, bit ``t % 
 the step the engine hands it the token.
 
 A mask depends on the tokens before it, so a steered row's next mask is computed after each of
-its tokens: the decode burst calls the host back after every step (``io_callback``), which hands
-the steerings the step's tokens and returns the next step's masks, so the rows beside it keep
-their multi-step bursts at the cost of a host round trip per step. Where the grammar is free
+its tokens: the decode burst calls the host back at the start of every step (``io_callback``),
+which hands the steerings the last step's tokens and returns this step's masks, so the rows
+beside it keep their multi-step bursts at the cost of a host round trip per step. Where the grammar is free
 text there is not even that: in an analysis message of a Harmony reply grammar (one that begins
 with :data:`FREE_PRELUDE`) the mask stays the same until ``<|end|>``, so the row runs multi-step
 bursts under that one mask, pausing at ``<|end|>``. An engine spread over several processes

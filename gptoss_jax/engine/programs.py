@@ -167,8 +167,8 @@ def decode_burst(graphdef, state, cache: KVCache, slots: jax.Array, rows: Rows, 
     every row). Without ``next_masks`` they apply at every step.
 
     ``next_masks``: (static) a host function, called at the start of each step with one int32
-    array ``[1 + 2 * rows]``: the step's index, the tokens of the step before and which rows made
-    one (1 or 0) (one array, as each argument costs a conversion on the host); it returns the
+    array ``[1 + 2 * rows]`` (one, as each argument costs the host a conversion): the step's index,
+    the tokens of the step before, and 1 where a row made one; it returns the
     bits of the step's masks for ``masks.rows`` (which must be given; at step 0 it returns
     ``masks.bits``). A row whose next allowed tokens depend on its last one is steered token by
     token this way, within a burst, so the rows beside it keep their multi-step bursts. The call

@@ -103,8 +103,8 @@ class Engine:
         rest is for the programs' temporaries.
       tokenizer: the model's tokenizer; requests with ``json_schema``, ``regex``, ``grammar`` or
         ``thinking_token_budget`` need it. While such a request is steered outside free text,
-        its next token mask depends on its last token: the burst calls the host back after each
-        step for the next masks, and the other rows keep their multi-step bursts (see
+        its next token mask depends on its last token: the burst calls the host back at each
+        step for the steered rows' masks, and the other rows keep their multi-step bursts (see
         :mod:`gptoss_jax.engine.constraints`).
 
     Raises:
