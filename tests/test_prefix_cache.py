@@ -7,8 +7,10 @@ spans many blocks. The mesh case runs in a subprocess with 8 CPU devices, as tes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +24,7 @@ from flax import nnx
 from gptoss_jax.config import preset
 from gptoss_jax.engine import Engine, EngineSizeError, SamplingParams
 from gptoss_jax.engine import prefix_cache
-from gptoss_jax.engine.programs import prefill_chunk
+from gptoss_jax.engine.programs import BlockSaves, prefill_chunk
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.model import GptOss
 from pallas_kernels.attention_reference import EMPTY_SLOT
@@ -304,6 +306,33 @@ def test_the_copies_lower_for_cuda_at_gpt_oss_shapes():
         assert exported.platforms == ("cuda",)
         assert jax.tree.map(lambda out: out.shape, exported.out_avals) == jax.tree.map(
             lambda out: out.shape, tuple(jax.tree.leaves(pool if function is prefix_cache.save_blocks else cache)))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_prefill_call_that_keeps_blocks_lowers_for_cuda_with_the_kernels(first):
+    """The engine's prefill call with the pool (rings widened to a window plus the chunk, the
+    completed blocks written) at gpt-oss-20b's widths, two layers (a sliding and a full one),
+    ``kernels="pallas"``: it lowers for CUDA with a Mosaic GPU call for attention and both
+    expert matmuls, and returns the pool and the cache at their shapes."""
+    config = dataclasses.replace(preset("gpt-oss-20b"), num_hidden_layers=2)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GptOss(config, kernels="pallas", rngs=nnx.Rngs(0))))
+    rows, width = 4, 256
+    cache = jax.eval_shape(lambda: KVCache.create(config, 8, 4096))
+    pool = jax.eval_shape(lambda: prefix_cache.create_pool(config, 64, 128, jnp.bfloat16))
+    vector, chunk = jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows, width), jnp.int32)
+    saves_shape = jax.ShapeDtypeStruct((rows * (width // 128 + 1),), jnp.int32)
+    saves = BlockSaves(saves_shape, saves_shape, saves_shape)
+
+    def call(state, cache, slots, tokens, positions, last_index, pool, saves):
+        return prefill_chunk(graphdef, state, cache, slots, tokens, positions, last_index, pool, saves, first=first)
+
+    exported = jax.export.export(jax.jit(call), platforms=["cuda"])(state, cache, vector, chunk, chunk, vector,
+                                                                      pool, saves)
+    assert len(re.findall(r"stablehlo\.custom_call @mosaic_gpu", exported.mlir_module())) >= 3
+    pool_leaves = len(jax.tree.leaves(pool))
+    cache_out, pool_out = exported.out_avals[1:-pool_leaves], exported.out_avals[-pool_leaves:]
+    assert [out.shape for out in cache_out] == [leaf.shape for leaf in jax.tree.leaves(cache)]
+    assert [out.shape for out in pool_out] == [leaf.shape for leaf in jax.tree.leaves(pool)]
 
 
 def test_bad_prefix_settings_are_refused_with_the_reason(model):
