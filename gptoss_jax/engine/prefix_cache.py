@@ -85,11 +85,15 @@ def create_pool(config: GptOssConfig, blocks: int, block_tokens: int, dtype: jnp
 
 
 # --- device programs (the engine compiles them by shape) ------------------------------------------
-# A layer is a sliding one when its cache holds fewer positions than the full layers' (the engine
-# keeps the prefix cache off unless its context exceeds a block, which is at least a window).
 
-def _sliding(cache: KVCache, layer: LayerCache) -> bool:
-    return layer.slots < cache.max_length
+def sliding_layers(cache: KVCache) -> list[bool]:
+    """Which layers are sliding ones: those whose cache holds fewer positions than the full layers'
+    (the engine keeps the prefix cache off unless its context exceeds a block, at least a window)."""
+    return [layer.slots < cache.max_length for layer in cache.layers]
+
+
+def _block_tokens(pool: BlockPool, sliding: Sequence[bool]) -> int:
+    return next(keys.shape[1] for (keys, _), ring in zip(pool.layers, sliding) if not ring)
 
 
 def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: jax.Array,
@@ -105,11 +109,11 @@ def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: 
         ``ring_end - 1`` end: a block end (``length`` is that or one less) or a tail's end
         (``length`` equals it).
     """
+    sliding = sliding_layers(cache)
+    block_tokens = _block_tokens(pool, sliding)
     layers = []
-    for layer, (pool_keys, pool_values) in zip(cache.layers, pool.layers):
-        if _sliding(cache, layer):
-            block_tokens = next(keys.shape[1] for (keys, _), full in zip(pool.layers, cache.layers)
-                                if not _sliding(cache, full))
+    for layer, ring, (pool_keys, pool_values) in zip(cache.layers, sliding, pool.layers):
+        if ring:
             # Ring slot r holds the position congruent to r below ring_end (negative: none yet).
             held = ring_end - 1 - (ring_end - 1 - jnp.arange(layer.slots)) % layer.slots
             ring_block = block_ids[(ring_end - 1) // block_tokens]
@@ -128,7 +132,7 @@ def restore_prefix(cache: KVCache, pool: BlockPool, slot: jax.Array, block_ids: 
 
 
 def save_blocks(cache: KVCache, pool: BlockPool, slots: jax.Array, starts: jax.Array, block_ids: jax.Array, *,
-                sliding: Sequence[bool] | None = None, window: int | None = None) -> BlockPool:
+                sliding: Sequence[bool] | None = None) -> BlockPool:
     """Copy each row's block (its full layers' positions from ``start``, its rings at the block's end) into the pool.
 
     Args:
@@ -139,20 +143,20 @@ def save_blocks(cache: KVCache, pool: BlockPool, slots: jax.Array, starts: jax.A
         (a block just prefilled, or a tail, whose ``start`` is its block's); an interior block's
         is not, and the index never restores it. A longer ring (a prefill call's, widened) gives
         the window before the block's end.
-      sliding, window: which layers are sliding ones, and their window (None: the layers whose
-        ring is shorter than the full layers, and the pool's ring width).
+      sliding: which layers are sliding ones (None: :func:`sliding_layers`; a widened ring may
+        be as long as the full layers).
     """
     if sliding is None:
-        sliding = [_sliding(cache, layer) for layer in cache.layers]
+        sliding = sliding_layers(cache)
+    block_tokens = _block_tokens(pool, sliding)
     layers = []
     for layer, ring, (pool_keys, pool_values) in zip(cache.layers, sliding, pool.layers):
         rows = jnp.minimum(slots, layer.keys.shape[0] - 1)[:, None]
         if ring:
             # Pool entry i holds the position congruent to i below the block's end (a multiple of
             # the window); in a ring of one window that is slot i itself.
-            width = window or pool_keys.shape[1]
-            block_tokens = next(keys.shape[1] for (keys, _), other in zip(pool.layers, sliding) if not other)
-            positions = (starts[:, None] + block_tokens - width + jnp.arange(width)) % layer.slots
+            window = pool_keys.shape[1]
+            positions = (starts[:, None] + block_tokens - window + jnp.arange(window)) % layer.slots
         else:
             positions = starts[:, None] + jnp.arange(pool_keys.shape[1])
         keys, values = layer.keys[rows, positions], layer.values[rows, positions]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import io_callback
 
-from gptoss_jax.engine.prefix_cache import BlockPool, save_blocks
+from gptoss_jax.engine.prefix_cache import BlockPool, save_blocks, sliding_layers
 from gptoss_jax.engine.requests import MAX_TOP_LOGPROBS
 from gptoss_jax.kv_cache import KVCache
 from gptoss_jax.sampling import RowSampling, sample_rows, top_logprobs
@@ -105,10 +105,10 @@ def prefill_chunk(graphdef, state, cache: KVCache, slots: jax.Array, tokens: jax
         logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
         return logits, _put_rows(cache, slots, rows)
     window = model.config.sliding_window
-    sliding = [layer.slots < rows.max_length for layer in rows.layers]
+    sliding = sliding_layers(rows)
     rows = _rings_resized(rows, sliding, window + tokens.shape[1])
     logits, rows = model.with_cache(tokens, positions, rows, last_index, cache_is_empty=first)
-    pool = save_blocks(rows, pool, saves.rows, saves.starts, saves.blocks, sliding=sliding, window=window)
+    pool = save_blocks(rows, pool, saves.rows, saves.starts, saves.blocks, sliding=sliding)
     return logits, _put_rows(cache, slots, _rings_resized(rows, sliding, window)), pool
 
 

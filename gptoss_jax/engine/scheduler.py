@@ -552,9 +552,10 @@ class Engine:
         taken = np.minimum(slots, self.max_batch - 1)
         live = np.arange(size) < decoding.size
         steerings = [self._steering[index] for index in decoding] + [None] * (size - decoding.size)
-        by_token = constraints.burst_steps(steerings, steps) < steps and jax.process_count() == 1
+        under_one_mask = constraints.burst_steps(steerings, steps)
+        by_token = under_one_mask < steps and jax.process_count() == 1
         if not by_token:
-            steps = constraints.burst_steps(steerings, steps)
+            steps = under_one_mask
         masks = constraints.step_masks(steerings, self.model.config.vocab_size,
                                        [row for row, steering in enumerate(steerings) if steering] if by_token else None)
         rows = programs.Rows(*(np.where(live.reshape(-1, *[1] * (field.ndim - 1)), field[taken], 0).astype(field.dtype)
